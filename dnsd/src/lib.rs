@@ -1,0 +1,1 @@
+//! The service-discovery DNS server (see DESIGN.md). Arrives with the dnsd issue.
