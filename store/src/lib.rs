@@ -15,6 +15,8 @@ mod error;
 mod etcd;
 mod sqlite;
 #[cfg(feature = "testing")]
+mod test_store;
+#[cfg(feature = "testing")]
 pub mod testing;
 
 use std::sync::Arc;

@@ -5,56 +5,10 @@
 //! with a free port and a temporary data dir.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tempfile::TempDir;
-use weft_store::testing::EtcdServer;
-use weft_store::{
-    CasOutcome, DynStore, EtcdStore, Event, EventKind, Expect, SqliteStore, StoreError, Watch,
-};
-
-/// A store under test, plus what keeps it alive.
-struct Fixture {
-    store: DynStore,
-    backend: Backend,
-}
-
-enum Backend {
-    Sqlite(TempDir),
-    Etcd(EtcdServer),
-}
-
-impl Fixture {
-    async fn sqlite() -> Fixture {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path().join("store.db")).unwrap();
-        Fixture {
-            store: Arc::new(store),
-            backend: Backend::Sqlite(dir),
-        }
-    }
-
-    async fn etcd() -> Fixture {
-        let server = EtcdServer::start().expect("start etcd (apt-get install etcd-server)");
-        let store = EtcdStore::connect(server.config()).await.unwrap();
-        Fixture {
-            store: Arc::new(store),
-            backend: Backend::Etcd(server),
-        }
-    }
-
-    /// A second, independent handle on the same store: another connection,
-    /// as another process would have.
-    async fn another_handle(&self) -> DynStore {
-        match &self.backend {
-            Backend::Sqlite(dir) => {
-                Arc::new(SqliteStore::open(dir.path().join("store.db")).unwrap())
-            }
-            Backend::Etcd(server) => Arc::new(EtcdStore::connect(server.config()).await.unwrap()),
-        }
-    }
-}
+use weft_store::testing::TestStore;
+use weft_store::{CasOutcome, Event, EventKind, Expect, SqliteStore, StoreError, Watch};
 
 async fn next_event(w: &mut Watch) -> Event {
     match tokio::time::timeout(Duration::from_secs(10), w.recv()).await {
@@ -72,8 +26,8 @@ async fn no_event(w: &mut Watch, wait: Duration) {
     }
 }
 
-async fn put_get_delete(f: Fixture) {
-    let s = &f.store;
+async fn put_get_delete(f: TestStore) {
+    let s = &f.store();
     assert_eq!(s.get("/t/a").await.unwrap(), None);
     let r1 = s.put("/t/a", b"one", None).await.unwrap();
     let kv = s.get("/t/a").await.unwrap().unwrap();
@@ -103,8 +57,8 @@ async fn put_get_delete(f: Fixture) {
     assert_eq!((kv.create_revision, kv.version), (r3, 1));
 }
 
-async fn prefix_is_sorted_and_bounded(f: Fixture) {
-    let s = &f.store;
+async fn prefix_is_sorted_and_bounded(f: TestStore) {
+    let s = &f.store();
     for key in ["/p/b", "/p/a", "/p/a/1", "/p", "/q/a", "/p0", "/o/z"] {
         s.put(key, key.as_bytes(), None).await.unwrap();
     }
@@ -120,8 +74,8 @@ async fn prefix_is_sorted_and_bounded(f: Fixture) {
     assert!(s.get_prefix("/nothing/").await.unwrap().kvs.is_empty());
 }
 
-async fn cas_conflicts(f: Fixture) {
-    let s = &f.store;
+async fn cas_conflicts(f: TestStore) {
+    let s = &f.store();
     let rev = match s
         .compare_and_swap("/c/k", Expect::Absent, b"v1", None)
         .await
@@ -179,8 +133,8 @@ async fn cas_conflicts(f: Fixture) {
 
 /// Many writers doing read-modify-write through CAS on two handles: no
 /// increment is lost.
-async fn cas_no_lost_update(f: Fixture) {
-    let handles = [f.store.clone(), f.another_handle().await];
+async fn cas_no_lost_update(f: TestStore) {
+    let handles = [f.store(), f.another_handle().await];
     let mut tasks = Vec::new();
     for t in 0..8 {
         let s = handles[t % 2].clone();
@@ -214,7 +168,7 @@ async fn cas_no_lost_update(f: Fixture) {
     for t in tasks {
         conflicts += t.await.unwrap();
     }
-    let kv = f.store.get("/c/counter").await.unwrap().unwrap();
+    let kv = f.store().get("/c/counter").await.unwrap().unwrap();
     assert_eq!(
         kv.value, b"120",
         "8 writers x 15 increments ({conflicts} CAS conflicts retried)"
@@ -222,8 +176,8 @@ async fn cas_no_lost_update(f: Fixture) {
     assert_eq!(kv.version, 120);
 }
 
-async fn lease_expiry(f: Fixture) {
-    let s = &f.store;
+async fn lease_expiry(f: TestStore) {
+    let s = &f.store();
     let mut watch = s.watch_prefix("/l/", 0).await.unwrap();
     // etcd raises TTLs below its minimum (about 2 s with default timing).
     let lease = s.lease_grant(Duration::from_secs(2)).await.unwrap();
@@ -284,8 +238,8 @@ async fn lease_expiry(f: Fixture) {
     s.lease_revoke(lease2).await.unwrap();
 }
 
-async fn watch_ordering(f: Fixture) {
-    let s = &f.store;
+async fn watch_ordering(f: TestStore) {
+    let s = &f.store();
     let other = f.another_handle().await;
     let mut watch = s.watch_prefix("/w/", 0).await.unwrap();
     // Writes from another handle, interleaved with keys outside the prefix.
@@ -324,9 +278,9 @@ async fn watch_ordering(f: Fixture) {
 }
 
 /// A change reaches a watcher on another handle in under 200 ms (median of 10).
-async fn watch_latency(f: Fixture) {
+async fn watch_latency(f: TestStore) {
     let writer = f.another_handle().await;
-    let mut watch = f.store.watch_prefix("/lat/", 0).await.unwrap();
+    let mut watch = f.store().watch_prefix("/lat/", 0).await.unwrap();
     let mut took = Vec::new();
     for i in 0..10 {
         let t = Instant::now();
@@ -349,8 +303,8 @@ async fn watch_latency(f: Fixture) {
 /// A watcher that stops and restarts (a new handle, as after a process
 /// restart) resumes from the revision after the last one it saw and gets
 /// exactly the changes it missed.
-async fn watch_resume(f: Fixture) {
-    let s = &f.store;
+async fn watch_resume(f: TestStore) {
+    let s = &f.store();
     let mut watch = s.watch_prefix("/r/", 0).await.unwrap();
     for i in 0..5 {
         s.put(&format!("/r/{i}"), b"a", None).await.unwrap();
@@ -390,8 +344,8 @@ async fn watch_resume(f: Fixture) {
 
 /// Watching from a snapshot's revision + 1 sees exactly the later changes:
 /// the list-then-watch pattern the daemon uses.
-async fn list_then_watch(f: Fixture) {
-    let s = &f.store;
+async fn list_then_watch(f: TestStore) {
+    let s = &f.store();
     let mut model = BTreeMap::new();
     for i in 0..10 {
         s.put(&format!("/lw/{i}"), b"0", None).await.unwrap();
@@ -426,7 +380,7 @@ macro_rules! contract {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $test() {
-                    super::$test(super::Fixture::sqlite().await).await
+                    super::$test(weft_store::testing::TestStore::sqlite().await).await
                 }
             )*
         }
@@ -435,7 +389,7 @@ macro_rules! contract {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $test() {
-                    super::$test(super::Fixture::etcd().await).await
+                    super::$test(weft_store::testing::TestStore::etcd().await).await
                 }
             )*
         }
@@ -459,13 +413,11 @@ contract!(
 /// the same handle works again and nothing was lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_unreachable_then_back() {
-    let mut f = Fixture::etcd().await;
-    let s = f.store.clone();
+    let mut f = TestStore::etcd().await;
+    let s = f.store();
     s.put("/u/kept", b"before", None).await.unwrap();
     let mut watch = s.watch_prefix("/u/", 0).await.unwrap();
-    let Backend::Etcd(server) = &mut f.backend else {
-        unreachable!()
-    };
+    let server = f.etcd_server().unwrap();
     server.stop();
 
     let t = Instant::now();
@@ -536,9 +488,9 @@ fn sqlite_bad_path_is_clear_error() {
 /// across them is exclusive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_shared_file() {
-    let f = Fixture::sqlite().await;
+    let f = TestStore::sqlite().await;
     let b = f.another_handle().await;
-    f.store.put("/s/a", b"1", None).await.unwrap();
+    f.store().put("/s/a", b"1", None).await.unwrap();
     assert_eq!(b.get("/s/a").await.unwrap().unwrap().value, b"1");
     let kv = b.get("/s/a").await.unwrap().unwrap();
     assert!(b
@@ -547,10 +499,10 @@ async fn sqlite_shared_file() {
         .unwrap()
         .is_done());
     assert!(!f
-        .store
+        .store()
         .compare_and_swap("/s/a", Expect::ModRevision(kv.mod_revision), b"3", None)
         .await
         .unwrap()
         .is_done());
-    assert_eq!(f.store.get("/s/a").await.unwrap().unwrap().value, b"2");
+    assert_eq!(f.store().get("/s/a").await.unwrap().unwrap().value, b"2");
 }

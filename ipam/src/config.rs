@@ -1,0 +1,242 @@
+//! The address plan's configuration and its validation.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use ipnetwork::Ipv4Network;
+use serde::{Deserialize, Serialize};
+
+/// Smallest block that still holds a network address, a gateway, one
+/// endpoint and a broadcast address.
+pub const MAX_BLOCK_PREFIX: u8 = 30;
+
+/// The cluster's address plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpamConfig {
+    /// Every container address comes from this range.
+    pub cluster_range: Ipv4Network,
+    /// Prefix length of the block each host leases (24 = a /24 per host).
+    pub block_prefix: u8,
+    /// How long a block stays reserved for its host after the host stopped
+    /// renewing it (a dead host gets the same block back within this time).
+    #[serde(with = "secs")]
+    pub block_grace: Duration,
+}
+
+impl Default for IpamConfig {
+    fn default() -> Self {
+        Self {
+            cluster_range: Ipv4Network::new(Ipv4Addr::new(10, 42, 0, 0), 16)
+                .unwrap_or_else(|_| unreachable!("10.42.0.0/16 is a valid network")),
+            block_prefix: 24,
+            block_grace: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// A configuration that cannot work, with what to change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "cluster range {given} is not a network address: its host bits are set \
+         (did you mean {network}/{prefix}?)"
+    )]
+    NotNetworkAddress {
+        given: Ipv4Network,
+        network: Ipv4Addr,
+        prefix: u8,
+    },
+    #[error(
+        "host block /{block_prefix} is larger than the cluster range {range}: \
+         use a block prefix of at least /{min}"
+    )]
+    BlockLargerThanRange {
+        block_prefix: u8,
+        range: Ipv4Network,
+        min: u8,
+    },
+    #[error(
+        "host block /{block_prefix} is too small: a block needs a network address, \
+         a gateway, at least one container and a broadcast address (use /{MAX_BLOCK_PREFIX} or larger)"
+    )]
+    BlockTooSmall { block_prefix: u8 },
+    #[error("cluster range {range} overlaps {what} {other}: pick a cluster range that does not")]
+    Overlap {
+        range: Ipv4Network,
+        what: String,
+        other: Ipv4Network,
+    },
+    #[error("block grace period must be longer than zero")]
+    ZeroGrace,
+}
+
+impl IpamConfig {
+    /// Checks that the plan can work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let range = self.cluster_range;
+        if range.network() != range.ip() {
+            return Err(ConfigError::NotNetworkAddress {
+                given: range,
+                network: range.network(),
+                prefix: range.prefix(),
+            });
+        }
+        if self.block_prefix < range.prefix() {
+            return Err(ConfigError::BlockLargerThanRange {
+                block_prefix: self.block_prefix,
+                range,
+                min: range.prefix(),
+            });
+        }
+        if self.block_prefix > MAX_BLOCK_PREFIX {
+            return Err(ConfigError::BlockTooSmall {
+                block_prefix: self.block_prefix,
+            });
+        }
+        if self.block_grace.is_zero() {
+            return Err(ConfigError::ZeroGrace);
+        }
+        Ok(())
+    }
+
+    /// Checks that the cluster range shares no address with other networks
+    /// the host uses (its underlay subnets, other runtimes' bridges, ...).
+    /// Each entry is (what it is, for the message; the network).
+    pub fn check_no_overlap<'a>(
+        &self,
+        others: impl IntoIterator<Item = (&'a str, Ipv4Network)>,
+    ) -> Result<(), ConfigError> {
+        for (what, other) in others {
+            if overlaps(self.cluster_range, other) {
+                return Err(ConfigError::Overlap {
+                    range: self.cluster_range,
+                    what: what.to_owned(),
+                    other,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// How many host blocks the range holds.
+    pub fn block_count(&self) -> u64 {
+        1u64 << (self.block_prefix - self.cluster_range.prefix())
+    }
+
+    /// The `index`-th block of the range, in address order.
+    pub fn block(&self, index: u64) -> Option<Ipv4Network> {
+        if index >= self.block_count() {
+            return None;
+        }
+        let size = 1u64 << (32 - self.block_prefix);
+        let base = u64::from(u32::from(self.cluster_range.network()));
+        let addr = u32::try_from(base + index * size).ok()?;
+        Ipv4Network::new(Ipv4Addr::from(addr), self.block_prefix).ok()
+    }
+}
+
+/// True when the two networks share at least one address.
+pub fn overlaps(a: Ipv4Network, b: Ipv4Network) -> bool {
+    a.contains(b.network()) || b.contains(a.network())
+}
+
+mod secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_secs())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> Ipv4Network {
+        s.parse().unwrap()
+    }
+
+    fn cfg(range: &str, block_prefix: u8) -> IpamConfig {
+        IpamConfig {
+            cluster_range: net(range),
+            block_prefix,
+            ..IpamConfig::default()
+        }
+    }
+
+    #[test]
+    fn default_is_valid() {
+        let c = IpamConfig::default();
+        c.validate().unwrap();
+        assert_eq!(c.cluster_range, net("10.42.0.0/16"));
+        assert_eq!(c.block_count(), 256);
+        assert_eq!(c.block(0), Some(net("10.42.0.0/24")));
+        assert_eq!(c.block(255), Some(net("10.42.255.0/24")));
+        assert_eq!(c.block(256), None);
+    }
+
+    #[test]
+    fn rejects_host_bits() {
+        let e = cfg("10.42.0.1/16", 24).validate().unwrap_err();
+        assert!(matches!(e, ConfigError::NotNetworkAddress { .. }));
+        assert!(e.to_string().contains("did you mean 10.42.0.0/16"), "{e}");
+    }
+
+    #[test]
+    fn rejects_block_larger_than_range() {
+        let e = cfg("10.42.0.0/16", 15).validate().unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("larger than the cluster range 10.42.0.0/16"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("at least /16"), "{e}");
+    }
+
+    #[test]
+    fn rejects_tiny_blocks_and_zero_grace() {
+        assert!(matches!(
+            cfg("10.42.0.0/16", 31).validate(),
+            Err(ConfigError::BlockTooSmall { block_prefix: 31 })
+        ));
+        cfg("10.42.0.0/16", 30).validate().unwrap();
+        let mut c = IpamConfig::default();
+        c.block_grace = Duration::ZERO;
+        assert_eq!(c.validate(), Err(ConfigError::ZeroGrace));
+    }
+
+    #[test]
+    fn block_equal_to_range_is_one_block() {
+        let c = cfg("10.42.7.0/24", 24);
+        c.validate().unwrap();
+        assert_eq!(c.block_count(), 1);
+        assert_eq!(c.block(0), Some(net("10.42.7.0/24")));
+    }
+
+    #[test]
+    fn overlap_is_detected_both_ways() {
+        let c = IpamConfig::default();
+        let e = c
+            .check_no_overlap([("underlay", net("10.42.3.0/24"))])
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("overlaps underlay 10.42.3.0/24"),
+            "{e}"
+        );
+        assert!(c
+            .check_no_overlap([("docker0", net("10.0.0.0/8"))])
+            .is_err());
+        c.check_no_overlap([
+            ("underlay", net("192.168.1.0/24")),
+            ("docker0", net("172.17.0.0/16")),
+            ("neighbour", net("10.43.0.0/16")),
+        ])
+        .unwrap();
+    }
+}

@@ -1,0 +1,99 @@
+//! A store under test on either backend, for contract and IPAM tests.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::testing::EtcdServer;
+use crate::{DynStore, EtcdConfig, EtcdStore, SqliteStore};
+
+/// A fresh store on one backend plus what keeps it alive: a temporary
+/// SQLite file, or a throwaway etcd server. Panics on setup failure (it is
+/// for tests).
+pub struct TestStore {
+    store: DynStore,
+    backend: Backend,
+}
+
+enum Backend {
+    Sqlite(tempfile::TempDir, PathBuf),
+    Etcd(EtcdServer),
+}
+
+impl TestStore {
+    /// A new SQLite file in a temporary directory.
+    pub async fn sqlite() -> TestStore {
+        let dir = match tempfile::tempdir() {
+            Ok(d) => d,
+            Err(e) => panic!("cannot create a temp dir: {e}"),
+        };
+        let path = dir.path().join("store.db");
+        let store = match SqliteStore::open(&path) {
+            Ok(s) => s,
+            Err(e) => panic!("{e}"),
+        };
+        TestStore {
+            store: Arc::new(store),
+            backend: Backend::Sqlite(dir, path),
+        }
+    }
+
+    /// A new etcd server on 127.0.0.1 (Debian's `etcd-server`).
+    pub async fn etcd() -> TestStore {
+        let server = match EtcdServer::start() {
+            Ok(s) => s,
+            Err(e) => panic!("cannot start etcd for the test: {e}"),
+        };
+        let store = match EtcdStore::connect(server.config()).await {
+            Ok(s) => s,
+            Err(e) => panic!("{e}"),
+        };
+        TestStore {
+            store: Arc::new(store),
+            backend: Backend::Etcd(server),
+        }
+    }
+
+    /// The shared handle.
+    pub fn store(&self) -> DynStore {
+        self.store.clone()
+    }
+
+    /// A second, independent handle on the same store (its own connection,
+    /// as another process would have).
+    pub async fn another_handle(&self) -> DynStore {
+        match &self.backend {
+            Backend::Sqlite(_, path) => match SqliteStore::open(path) {
+                Ok(s) => Arc::new(s),
+                Err(e) => panic!("{e}"),
+            },
+            Backend::Etcd(server) => match EtcdStore::connect(server.config()).await {
+                Ok(s) => Arc::new(s),
+                Err(e) => panic!("{e}"),
+            },
+        }
+    }
+
+    /// The SQLite file, for the embedded backend.
+    pub fn sqlite_path(&self) -> Option<&Path> {
+        match &self.backend {
+            Backend::Sqlite(_, path) => Some(path),
+            Backend::Etcd(_) => None,
+        }
+    }
+
+    /// The client config, for the etcd backend.
+    pub fn etcd_config(&self) -> Option<EtcdConfig> {
+        match &self.backend {
+            Backend::Etcd(server) => Some(server.config()),
+            Backend::Sqlite(..) => None,
+        }
+    }
+
+    /// The etcd server, to stop and restart it.
+    pub fn etcd_server(&mut self) -> Option<&mut EtcdServer> {
+        match &mut self.backend {
+            Backend::Etcd(server) => Some(server),
+            Backend::Sqlite(..) => None,
+        }
+    }
+}
