@@ -206,8 +206,10 @@ mod tests {
             Err(ConfigError::BlockTooSmall { block_prefix: 31 })
         ));
         cfg("10.42.0.0/16", 30).validate().unwrap();
-        let mut c = IpamConfig::default();
-        c.block_grace = Duration::ZERO;
+        let c = IpamConfig {
+            block_grace: Duration::ZERO,
+            ..IpamConfig::default()
+        };
         assert_eq!(c.validate(), Err(ConfigError::ZeroGrace));
     }
 

@@ -2,6 +2,8 @@
 //! 8 processes allocating concurrently, and a property test against a model.
 //! Test names say the backend (`sqlite::…`, `etcd::…`).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};

@@ -15,7 +15,10 @@ pub struct TestStore {
 }
 
 enum Backend {
-    Sqlite(tempfile::TempDir, PathBuf),
+    Sqlite {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+    },
     Etcd(EtcdServer),
 }
 
@@ -33,7 +36,7 @@ impl TestStore {
         };
         TestStore {
             store: Arc::new(store),
-            backend: Backend::Sqlite(dir, path),
+            backend: Backend::Sqlite { _dir: dir, path },
         }
     }
 
@@ -62,7 +65,7 @@ impl TestStore {
     /// as another process would have).
     pub async fn another_handle(&self) -> DynStore {
         match &self.backend {
-            Backend::Sqlite(_, path) => match SqliteStore::open(path) {
+            Backend::Sqlite { path, .. } => match SqliteStore::open(path) {
                 Ok(s) => Arc::new(s),
                 Err(e) => panic!("{e}"),
             },
@@ -76,7 +79,7 @@ impl TestStore {
     /// The SQLite file, for the embedded backend.
     pub fn sqlite_path(&self) -> Option<&Path> {
         match &self.backend {
-            Backend::Sqlite(_, path) => Some(path),
+            Backend::Sqlite { path, .. } => Some(path),
             Backend::Etcd(_) => None,
         }
     }
@@ -85,7 +88,7 @@ impl TestStore {
     pub fn etcd_config(&self) -> Option<EtcdConfig> {
         match &self.backend {
             Backend::Etcd(server) => Some(server.config()),
-            Backend::Sqlite(..) => None,
+            Backend::Sqlite { .. } => None,
         }
     }
 
@@ -93,7 +96,7 @@ impl TestStore {
     pub fn etcd_server(&mut self) -> Option<&mut EtcdServer> {
         match &mut self.backend {
             Backend::Etcd(server) => Some(server),
-            Backend::Sqlite(..) => None,
+            Backend::Sqlite { .. } => None,
         }
     }
 }

@@ -4,6 +4,8 @@
 //! The etcd tests start Debian's `etcd` (package `etcd-server`) on 127.0.0.1
 //! with a free port and a temporary data dir.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Installs the system packages weft's build and tests need (Debian/Ubuntu).
+# Idempotent: installs only what is missing. Needs root.
+set -euo pipefail
+
+# command -> Debian package
+declare -A need=(
+  [ip]=iproute2
+  [iptables]=iptables
+  [etcd]=etcd-server
+  [protoc]=protobuf-compiler
+  [iperf3]=iperf3
+  [dig]=dnsutils
+  [tcpdump]=tcpdump
+  [ping]=iputils-ping
+  [conntrack]=conntrack
+  [setpriv]=util-linux
+  [pkill]=procps
+)
+
+missing=()
+for cmd in "${!need[@]}"; do
+  command -v "$cmd" >/dev/null 2>&1 || missing+=("${need[$cmd]}")
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install-deps: everything is installed"
+  exit 0
+fi
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install-deps: missing packages: ${missing[*]}; run as root: sudo $0" >&2
+  exit 1
+fi
+
+echo "install-deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# Debian's etcd-server package starts a system etcd on 2379; weft's tests
+# start their own on free ports and do not need it.
+if command -v systemctl >/dev/null 2>&1; then
+  systemctl disable --now etcd >/dev/null 2>&1 || true
+fi
+echo "install-deps: done"
