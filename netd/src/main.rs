@@ -1,6 +1,173 @@
-//! netd, the per-host weft daemon. Arrives with the single-host issue.
+//! netd: weft's per-host daemon and its operator CLI.
 
-fn main() {
-    eprintln!("netd: not implemented yet (see DESIGN.md)");
-    std::process::exit(1);
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+use weft_api::client::Client;
+use weft_netd::config::{Config, FileConfig, Overrides, DEFAULT_CONFIG};
+
+#[derive(Parser)]
+#[command(name = "netd", version, about = "weft's per-host overlay network daemon")]
+struct Cli {
+    /// Config file (TOML). Missing at the default path means all defaults.
+    #[arg(long, short, global = true, env = "WEFT_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon (until SIGTERM/SIGINT; kernel state stays in place).
+    Run {
+        #[command(flatten)]
+        overrides: Overrides,
+    },
+    /// Show this host's status.
+    Status {
+        /// Control socket of the netd to ask.
+        #[arg(long, env = "WEFT_SOCKET", default_value = weft_api::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List this host's endpoints.
+    Endpoints {
+        #[arg(long, env = "WEFT_SOCKET", default_value = weft_api::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove everything weft made on this host: bridge, container veths,
+    /// iptables chains, the control socket. Stop netd first.
+    Teardown {
+        #[command(flatten)]
+        overrides: Overrides,
+        /// Also give this host's block and endpoint records back to the store.
+        #[arg(long)]
+        release_block: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("netd: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(path: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<Config> {
+    let explicit = path.is_some();
+    let path = path.unwrap_or_else(|| DEFAULT_CONFIG.into());
+    let file = FileConfig::load(&path, explicit)?;
+    Ok(Config::resolve(file, overrides)?)
+}
+
+fn init_logs(level: &str) {
+    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { overrides } => {
+            let cfg = load_config(cli.config, overrides)?;
+            init_logs(&cfg.log_level);
+            runtime()?.block_on(weft_netd::run(cfg))
+        }
+        Command::Status { socket, json } => {
+            let s = Client::new(socket).status()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!("host        {}", s.host_id);
+                println!("block       {} (gateway {}, {} of {} addresses used)", s.block, s.gateway, s.endpoints, s.capacity);
+                println!("cluster     {}", s.cluster_range);
+                println!("bridge      {} (mtu {})", s.bridge, s.mtu);
+                println!("store       {} ({})", s.store, if s.store_ok { "ok" } else { "UNREACHABLE" });
+                println!("iptables    {}", s.iptables);
+                println!("version     {}", s.version);
+            }
+            Ok(())
+        }
+        Command::Endpoints { socket, json } => {
+            let mut eps = Client::new(socket).list_endpoints()?;
+            eps.sort_by_key(|e| e.address.ip());
+            if json {
+                println!("{}", serde_json::to_string_pretty(&eps)?);
+                return Ok(());
+            }
+            let rows: Vec<[String; 6]> = eps
+                .iter()
+                .map(|e| {
+                    [
+                        e.container_id.chars().take(12).collect(),
+                        e.ifname.clone(),
+                        e.address.to_string(),
+                        e.name.clone().unwrap_or_default(),
+                        match (&e.service, &e.stack) {
+                            (Some(s), Some(st)) => format!("{s}.{st}"),
+                            (Some(s), None) => s.clone(),
+                            _ => String::new(),
+                        },
+                        e.port_mappings
+                            .iter()
+                            .map(|p| format!("{}->{}/{}", p.host_port, p.container_port, p.protocol.as_str()))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    ]
+                })
+                .collect();
+            print_table(&["CONTAINER", "IF", "ADDRESS", "NAME", "SERVICE", "PORTS"], &rows);
+            Ok(())
+        }
+        Command::Teardown {
+            overrides,
+            release_block,
+        } => {
+            let cfg = load_config(cli.config, overrides)?;
+            init_logs(&cfg.log_level);
+            runtime()?.block_on(weft_netd::teardown(&cfg, release_block))
+        }
+    }
+}
+
+fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let text: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", text.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
 }

@@ -1,0 +1,432 @@
+//! netd's configuration: defaults, then a TOML file, then environment
+//! variables and flags (see `netd run --help`). Every setting has a default
+//! that works on one host with no file at all.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnetwork::Ipv4Network;
+use serde::Deserialize;
+use weft_ipam::IpamConfig;
+use weft_store::{EtcdConfig, StoreConfig};
+
+use crate::nat::Backend;
+
+pub const DEFAULT_CONFIG: &str = "/etc/weft/netd.toml";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/weft";
+pub const DEFAULT_BRIDGE: &str = "weft0";
+pub const DEFAULT_DOMAIN: &str = "weft.internal";
+pub const DEFAULT_PREFIX: &str = "/weft/";
+
+/// The TOML file. Every field is optional.
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub host_id: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
+    pub bridge: Option<String>,
+    pub mtu: Option<u32>,
+    pub domain: Option<String>,
+    pub log_level: Option<String>,
+    /// `auto`, `legacy` or `nft`.
+    pub iptables: Option<String>,
+    #[serde(default)]
+    pub ipam: FileIpam,
+    #[serde(default)]
+    pub store: FileStore,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileIpam {
+    pub cluster_range: Option<Ipv4Network>,
+    pub block_prefix: Option<u8>,
+    pub block_grace_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileStore {
+    /// `sqlite` (default) or `etcd`.
+    pub backend: Option<String>,
+    /// The SQLite file (default `<state_dir>/store.db`).
+    pub path: Option<PathBuf>,
+    /// etcd endpoints, e.g. `["http://10.0.0.1:2379"]`.
+    pub endpoints: Option<Vec<String>>,
+    /// Key prefix of the cluster in the store.
+    pub prefix: Option<String>,
+}
+
+/// Values given on the command line or in the environment; they win over
+/// the file.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct Overrides {
+    /// Host id (default: generated on first start, kept in the state dir).
+    #[arg(long, env = "WEFT_HOST_ID")]
+    pub host_id: Option<String>,
+    /// Directory for the host id, keys and the embedded store.
+    #[arg(long, env = "WEFT_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// The control socket.
+    #[arg(long, env = "WEFT_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// The bridge containers attach to.
+    #[arg(long, env = "WEFT_BRIDGE")]
+    pub bridge: Option<String>,
+    /// MTU of the bridge and container interfaces (default: from the
+    /// default-route interface, minus the tunnel overhead).
+    #[arg(long, env = "WEFT_MTU")]
+    pub mtu: Option<u32>,
+    /// DNS domain of the cluster.
+    #[arg(long, env = "WEFT_DOMAIN")]
+    pub domain: Option<String>,
+    /// Log filter, e.g. `info` or `weft_netd=debug`.
+    #[arg(long, env = "WEFT_LOG")]
+    pub log_level: Option<String>,
+    /// iptables backend: auto, legacy or nft.
+    #[arg(long, env = "WEFT_IPTABLES")]
+    pub iptables: Option<String>,
+    /// Cluster range, e.g. 10.42.0.0/16.
+    #[arg(long, env = "WEFT_CLUSTER_RANGE")]
+    pub cluster_range: Option<Ipv4Network>,
+    /// Prefix length of each host's block, e.g. 24.
+    #[arg(long, env = "WEFT_BLOCK_PREFIX")]
+    pub block_prefix: Option<u8>,
+    /// Seconds a dead host's block is kept before another host may take it.
+    #[arg(long, env = "WEFT_BLOCK_GRACE_SECS")]
+    pub block_grace_secs: Option<u64>,
+    /// Store: `sqlite:PATH` or `etcd:URL[,URL...]`.
+    #[arg(long, env = "WEFT_STORE")]
+    pub store: Option<String>,
+    /// Key prefix of the cluster in the store.
+    #[arg(long, env = "WEFT_STORE_PREFIX")]
+    pub store_prefix: Option<String>,
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub host_id: Option<String>,
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    pub bridge: String,
+    pub mtu: Option<u32>,
+    pub domain: String,
+    pub log_level: String,
+    pub iptables: Option<Backend>,
+    pub ipam: IpamConfig,
+    pub store: StoreConfig,
+    pub store_prefix: String,
+    pub dns_addr: Ipv4Addr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is invalid: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid setting {setting}: {why}")]
+    Invalid { setting: &'static str, why: String },
+    #[error(transparent)]
+    Ipam(#[from] weft_ipam::ConfigError),
+}
+
+impl FileConfig {
+    /// Reads the file; a missing file at the default path is an empty config.
+    pub fn load(path: &Path, explicit: bool) -> Result<FileConfig, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                return Ok(FileConfig::default())
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.into(),
+                    source,
+                })
+            }
+        };
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            source: Box::new(e),
+        })
+    }
+}
+
+impl Config {
+    /// Defaults, then the file, then the overrides.
+    pub fn resolve(file: FileConfig, o: Overrides) -> Result<Config, ConfigError> {
+        let state_dir = o
+            .state_dir
+            .or(file.state_dir)
+            .unwrap_or_else(|| DEFAULT_STATE_DIR.into());
+        let socket = o
+            .socket
+            .or(file.socket)
+            .unwrap_or_else(|| weft_api::DEFAULT_SOCKET.into());
+        let bridge = o
+            .bridge
+            .or(file.bridge)
+            .unwrap_or_else(|| DEFAULT_BRIDGE.into());
+        if !weft_api::valid_ifname(&bridge) {
+            return Err(ConfigError::Invalid {
+                setting: "bridge",
+                why: format!("{bridge:?} is not a valid interface name (1-15 characters, no '/', ':' or spaces)"),
+            });
+        }
+        let mtu = o.mtu.or(file.mtu);
+        if let Some(m) = mtu {
+            if !(576..=65535).contains(&m) {
+                return Err(ConfigError::Invalid {
+                    setting: "mtu",
+                    why: format!("{m} is outside 576..=65535"),
+                });
+            }
+        }
+        let domain = o
+            .domain
+            .or(file.domain)
+            .unwrap_or_else(|| DEFAULT_DOMAIN.into())
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
+        if !weft_api::valid_dns_name(&domain) {
+            return Err(ConfigError::Invalid {
+                setting: "domain",
+                why: format!("{domain:?} is not a DNS name"),
+            });
+        }
+        let iptables = match o.iptables.or(file.iptables).as_deref() {
+            None | Some("auto") => None,
+            Some("legacy") => Some(Backend::Legacy),
+            Some("nft") => Some(Backend::Nft),
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    setting: "iptables",
+                    why: format!("{other:?}: use auto, legacy or nft"),
+                })
+            }
+        };
+        let defaults = IpamConfig::default();
+        let ipam = IpamConfig {
+            cluster_range: o
+                .cluster_range
+                .or(file.ipam.cluster_range)
+                .unwrap_or(defaults.cluster_range),
+            block_prefix: o
+                .block_prefix
+                .or(file.ipam.block_prefix)
+                .unwrap_or(defaults.block_prefix),
+            block_grace: o
+                .block_grace_secs
+                .or(file.ipam.block_grace_secs)
+                .map(Duration::from_secs)
+                .unwrap_or(defaults.block_grace),
+        };
+        ipam.validate()?;
+        let store = match o.store {
+            Some(spec) => parse_store(&spec)?,
+            None => match file.store.backend.as_deref() {
+                None | Some("sqlite") => StoreConfig::Sqlite {
+                    path: file
+                        .store
+                        .path
+                        .unwrap_or_else(|| state_dir.join("store.db")),
+                },
+                Some("etcd") => StoreConfig::Etcd(EtcdConfig::new(
+                    file.store.endpoints.unwrap_or_default(),
+                )),
+                Some(other) => {
+                    return Err(ConfigError::Invalid {
+                        setting: "store.backend",
+                        why: format!("{other:?}: use sqlite or etcd"),
+                    })
+                }
+            },
+        };
+        if let StoreConfig::Etcd(e) = &store {
+            if e.endpoints.is_empty() {
+                return Err(ConfigError::Invalid {
+                    setting: "store.endpoints",
+                    why: "the etcd backend needs at least one endpoint".into(),
+                });
+            }
+        }
+        let store_prefix = o
+            .store_prefix
+            .or(file.store.prefix)
+            .unwrap_or_else(|| DEFAULT_PREFIX.into());
+        let host_id = o.host_id.or(file.host_id);
+        if let Some(id) = &host_id {
+            if !weft_api::valid_container_id(id) {
+                return Err(ConfigError::Invalid {
+                    setting: "host_id",
+                    why: format!("{id:?}: use letters, digits, '.', '_' and '-'"),
+                });
+            }
+        }
+        Ok(Config {
+            host_id,
+            state_dir,
+            socket,
+            bridge,
+            mtu,
+            domain,
+            log_level: o
+                .log_level
+                .or(file.log_level)
+                .unwrap_or_else(|| "info".into()),
+            iptables,
+            ipam,
+            store,
+            store_prefix,
+            dns_addr: weft_api::DNS_ADDR,
+        })
+    }
+}
+
+/// `sqlite:/path` or `etcd:http://a:2379,http://b:2379`.
+pub fn parse_store(spec: &str) -> Result<StoreConfig, ConfigError> {
+    match spec.split_once(':') {
+        Some(("sqlite", path)) if !path.is_empty() => Ok(StoreConfig::Sqlite { path: path.into() }),
+        Some(("etcd", urls)) if !urls.is_empty() => Ok(StoreConfig::Etcd(EtcdConfig::new(
+            urls.split(',').map(|s| s.trim().to_owned()).collect(),
+        ))),
+        _ => Err(ConfigError::Invalid {
+            setting: "store",
+            why: format!("{spec:?}: use sqlite:PATH or etcd:URL[,URL...]"),
+        }),
+    }
+}
+
+/// The host id: configured, or kept in `<state_dir>/host-id`, or made up
+/// from the hostname and a random suffix on first start.
+pub fn host_id(cfg: &Config) -> std::io::Result<String> {
+    if let Some(id) = &cfg.host_id {
+        return Ok(id.clone());
+    }
+    let path = cfg.state_dir.join("host-id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim();
+        if weft_api::valid_container_id(id) {
+            return Ok(id.to_owned());
+        }
+    }
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap_or_else(|_| "host".into())
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(40)
+        .collect::<String>();
+    let mut random = [0u8; 3];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random))?;
+    let id = format!(
+        "{}-{:02x}{:02x}{:02x}",
+        if hostname.is_empty() { "host" } else { &hostname },
+        random[0],
+        random[1],
+        random[2]
+    );
+    std::fs::create_dir_all(&cfg.state_dir)?;
+    std::fs::write(&path, format!("{id}\n"))?;
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_work_without_a_file() {
+        let c = Config::resolve(FileConfig::default(), Overrides::default()).unwrap();
+        assert_eq!(c.bridge, "weft0");
+        assert_eq!(c.socket, PathBuf::from("/run/weft/netd.sock"));
+        assert_eq!(c.ipam, IpamConfig::default());
+        assert_eq!(
+            c.store,
+            StoreConfig::Sqlite {
+                path: "/var/lib/weft/store.db".into()
+            }
+        );
+        assert_eq!(c.domain, "weft.internal");
+        assert_eq!(c.iptables, None);
+    }
+
+    #[test]
+    fn file_then_flags() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            bridge = "br-file"
+            state_dir = "/tmp/x"
+            iptables = "legacy"
+            [ipam]
+            cluster_range = "10.50.0.0/16"
+            block_prefix = 26
+            [store]
+            backend = "etcd"
+            endpoints = ["http://127.0.0.1:2379"]
+            "#,
+        )
+        .unwrap();
+        let o = Overrides {
+            bridge: Some("br-flag".into()),
+            ..Overrides::default()
+        };
+        let c = Config::resolve(file, o).unwrap();
+        assert_eq!(c.bridge, "br-flag");
+        assert_eq!(c.state_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(c.ipam.block_prefix, 26);
+        assert_eq!(c.iptables, Some(Backend::Legacy));
+        assert!(matches!(c.store, StoreConfig::Etcd(_)));
+    }
+
+    #[test]
+    fn bad_settings_say_what_is_wrong() {
+        let err = |o: Overrides| Config::resolve(FileConfig::default(), o).unwrap_err().to_string();
+        let e = err(Overrides {
+            cluster_range: Some("10.42.0.1/16".parse().unwrap()),
+            ..Overrides::default()
+        });
+        assert!(e.contains("not a network address"), "{e}");
+        let e = err(Overrides {
+            bridge: Some("much-too-long-bridge".into()),
+            ..Overrides::default()
+        });
+        assert!(e.contains("bridge"), "{e}");
+        let e = err(Overrides {
+            store: Some("redis:x".into()),
+            ..Overrides::default()
+        });
+        assert!(e.contains("sqlite:PATH"), "{e}");
+        let e = err(Overrides {
+            iptables: Some("ebpf".into()),
+            ..Overrides::default()
+        });
+        assert!(e.contains("auto, legacy or nft"), "{e}");
+        assert!(toml::from_str::<FileConfig>("brige = 'x'").is_err(), "unknown keys are refused");
+    }
+
+    #[test]
+    fn store_specs() {
+        assert_eq!(
+            parse_store("sqlite:/a/b.db").unwrap(),
+            StoreConfig::Sqlite { path: "/a/b.db".into() }
+        );
+        let StoreConfig::Etcd(e) = parse_store("etcd:http://a:1,http://b:2").unwrap() else {
+            panic!()
+        };
+        assert_eq!(e.endpoints, ["http://a:1", "http://b:2"]);
+        assert!(parse_store("etcd:").is_err());
+    }
+}

@@ -1,0 +1,105 @@
+//! netd, weft's per-host daemon: host setup (bridge, addresses, sysctls),
+//! iptables NAT and published ports, endpoints and their addresses, and the
+//! control API on a Unix socket.
+
+pub mod api;
+pub mod config;
+pub mod daemon;
+pub mod host;
+pub mod nat;
+
+use anyhow::Context;
+
+use crate::config::Config;
+use crate::daemon::Daemon;
+
+/// Runs the daemon until SIGTERM or SIGINT. Stopping leaves the kernel state
+/// (bridge, routes, iptables) in place, so containers keep working while
+/// netd restarts.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let daemon = Daemon::start(cfg).await?;
+    let socket = daemon.config().socket.clone();
+    let listener = api::bind(&socket)?;
+    tracing::info!(
+        host = %daemon.host_id(), block = %daemon.block().block, socket = %socket.display(),
+        "netd ready"
+    );
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let maintain = tokio::spawn(daemon.clone().maintain(stop_rx));
+    let server = axum::serve(listener, api::router(daemon.clone()))
+        .with_graceful_shutdown(shutdown_signal());
+    let result = server.await.context("serving the control API");
+    let _ = stop_tx.send(true);
+    let _ = maintain.await;
+    let _ = std::fs::remove_file(&socket);
+    tracing::info!("netd stopped; kernel state left in place");
+    result
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop netd with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    }
+}
+
+/// Removes everything weft made on this host: the container veths on the
+/// bridge, the bridge (and with it the gateway and DNS addresses), weft's
+/// iptables chains and the control socket. With `release_block`, also this
+/// host's endpoint records and block lease in the store.
+pub async fn teardown(cfg: &Config, release_block: bool) -> anyhow::Result<()> {
+    let net = host::HostNet::connect()?;
+    if let Some(bridge) = net.link(&cfg.bridge).await? {
+        for link in net.links().await? {
+            if link.controller == Some(bridge.index) {
+                net.delete_link(&link.name).await?;
+                tracing::info!(link = %link.name, "deleted container veth");
+            }
+        }
+        net.delete_link(&cfg.bridge).await?;
+        tracing::info!(bridge = %cfg.bridge, "deleted bridge");
+    }
+    let nat = match cfg.iptables {
+        Some(b) => nat::Iptables::with_backend(b),
+        None => tokio::task::spawn_blocking(nat::Iptables::detect).await??,
+    };
+    tokio::task::spawn_blocking(move || nat.teardown()).await??;
+    tracing::info!("removed weft's iptables chains");
+    match std::fs::remove_file(&cfg.socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(socket = %cfg.socket.display(), error = %e, "cannot remove the socket"),
+    }
+    if release_block {
+        let host_id = config::host_id(cfg)?;
+        let store = weft_store::open(&cfg.store).await?;
+        let ipam = weft_ipam::Ipam::new(store.clone(), cfg.ipam.clone(), &cfg.store_prefix).await?;
+        let prefix = format!("{}endpoints/{host_id}/", cfg.store_prefix);
+        for kv in store.get_prefix(&prefix).await?.kvs {
+            store.delete(&kv.key).await?;
+        }
+        let mine = ipam
+            .block_leases()
+            .await?
+            .into_iter()
+            .find(|b| b.host_id == host_id);
+        if let Some(b) = mine {
+            let block = weft_ipam::HostBlock {
+                block: b.block,
+                host_id: host_id.clone(),
+                gateway: weft_ipam::plan::gateway(b.block),
+            };
+            ipam.release_block(&block).await?;
+            tracing::info!(block = %b.block, "released this host's block");
+        }
+    }
+    Ok(())
+}
