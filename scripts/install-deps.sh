@@ -16,12 +16,21 @@ declare -A need=(
   [conntrack]=conntrack
   [setpriv]=util-linux
   [pkill]=procps
+  [ss]=iproute2
+  [python3]=python3
+  [podman]=podman
+  [runc]=runc
+  [busybox]=busybox-static
 )
 
 missing=()
 for cmd in "${!need[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${need[$cmd]}")
 done
+
+# The reference CNI plugins (bridge, host-local, portmap) for chaining tests
+# and the CNI benchmark.
+[ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
 
 if [ ${#missing[@]} -eq 0 ]; then
   echo "install-deps: everything is installed"
