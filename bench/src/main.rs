@@ -3,6 +3,11 @@
 //! `weft-bench ipam-alloc`: endpoint allocation and release rate of one
 //! process, on the embedded SQLite store and on a real etcd (started on
 //! 127.0.0.1 for the run), side by side.
+//!
+//! `weft-bench cni-latency`: CNI ADD/DEL latency, weft beside the reference
+//! bridge + host-local plugins (root).
+
+mod cni;
 
 use std::time::{Duration, Instant};
 
@@ -33,6 +38,14 @@ enum Bench {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+
+    /// CNI ADD/DEL latency of weft beside the reference bridge + host-local
+    /// plugins (needs root; builds a lab host in a network namespace).
+    CniLatency {
+        /// Containers per plugin.
+        #[arg(long, default_value_t = 50)]
+        containers: usize,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug)]
@@ -49,6 +62,9 @@ async fn main() -> Result<()> {
             blocks,
             runs,
         } => ipam_alloc(&backend, blocks, runs.max(1)).await,
+        Bench::CniLatency { containers } => {
+            tokio::task::spawn_blocking(move || cni::run(containers.max(1))).await?
+        }
     }
 }
 

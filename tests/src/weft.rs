@@ -104,7 +104,9 @@ impl Netd {
             }
             if Instant::now() > deadline {
                 let log = self.child.as_ref().map(|c| c.stderr()).unwrap_or_default();
-                return Err(Error::Options(format!("netd not ready after {timeout:?}:\n{log}")));
+                return Err(Error::Options(format!(
+                    "netd not ready after {timeout:?}:\n{log}"
+                )));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -211,12 +213,29 @@ pub struct CniCall<'a> {
 }
 
 impl CniCall<'_> {
+    /// Runs weft's plugin (the `type` in the config is not looked at).
     pub fn run(&self) -> Result<CniOutput> {
         let bin = bin("weft")?;
-        let cni_path = bin
+        let dir = bin
             .parent()
             .map(|p| p.display().to_string())
             .unwrap_or_default();
+        self.run_plugin(&bin, &dir)
+    }
+
+    /// Runs the plugin named by the config's `type` from `cni_path` (e.g.
+    /// the reference plugins in /usr/lib/cni).
+    pub fn run_with_path(&self, cni_path: &str) -> Result<CniOutput> {
+        let config: serde_json::Value = serde_json::from_str(self.config)
+            .map_err(|e| Error::Options(format!("CNI config is not JSON: {e}")))?;
+        let kind = config["type"]
+            .as_str()
+            .ok_or_else(|| Error::Options("CNI config has no type".into()))?;
+        let plugin = Path::new(cni_path).join(kind);
+        self.run_plugin(&plugin, cni_path)
+    }
+
+    fn run_plugin(&self, bin: &Path, cni_path: &str) -> Result<CniOutput> {
         let mut cmd = self.host.command([bin.as_os_str()]);
         cmd.env("CNI_COMMAND", self.command)
             .env("CNI_CONTAINERID", self.container_id)
@@ -227,7 +246,9 @@ impl CniCall<'_> {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = cmd.spawn().map_err(|e| Error::io("running the CNI plugin", e))?;
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| Error::io("running the CNI plugin", e))?;
         if let Some(mut stdin) = child.stdin.take() {
             stdin
                 .write_all(self.config.as_bytes())
@@ -268,7 +289,10 @@ pub fn tcp_server(ns: &Netns, port: u16, tag: &str) -> Result<NsChild> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Err(Error::Timeout(format!("tcp server on port {port} in {}", ns.name())))
+    Err(Error::Timeout(format!(
+        "tcp server on port {port} in {}",
+        ns.name()
+    )))
 }
 
 /// Connects from `ns` to `addr:port` and returns the first line the server
@@ -279,5 +303,6 @@ pub fn tcp_probe(ns: &Netns, addr: &str, port: u16) -> Result<String> {
          s = socket.create_connection(('{addr}', {port}), timeout=3)\n\
          print(s.makefile().readline().strip())\n"
     );
-    ns.exec(["python3", "-c", &script]).map(|s| s.trim().to_owned())
+    ns.exec(["python3", "-c", &script])
+        .map(|s| s.trim().to_owned())
 }

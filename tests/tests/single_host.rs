@@ -38,7 +38,13 @@ fn cni(netd: &Netd, command: &str, c: &Container, id: &str, args: &str, config: 
 
 fn add(netd: &Netd, c: &Container, id: &str, args: &str, config: &str) -> String {
     let out = cni(netd, "ADD", c, id, args, config);
-    assert!(out.ok(), "ADD {id} failed ({}): {}{}", out.code, out.stdout, out.stderr);
+    assert!(
+        out.ok(),
+        "ADD {id} failed ({}): {}{}",
+        out.code,
+        out.stdout,
+        out.stderr
+    );
     let result = out.json();
     let ip = result["ips"][0]["address"].as_str().unwrap().to_owned();
     ip.split('/').next().unwrap().to_owned()
@@ -71,17 +77,40 @@ fn containers_ping_reach_outside_and_publish_ports() {
         &a,
         "ctr-a",
         args,
-        &config_with_ports(&netd, r#"{"hostPort":8080,"containerPort":80,"protocol":"tcp"}"#),
+        &config_with_ports(
+            &netd,
+            r#"{"hostPort":8080,"containerPort":80,"protocol":"tcp"}"#,
+        ),
     );
     assert!(out.ok(), "{} {}", out.stdout, out.stderr);
     let result = out.json();
-    let ip_a = result["ips"][0]["address"].as_str().unwrap().split('/').next().unwrap().to_owned();
+    let ip_a = result["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
     assert_eq!(result["dns"]["nameservers"][0], "169.254.169.250");
-    let search: Vec<&str> = result["dns"]["search"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    let search: Vec<&str> = result["dns"]["search"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
     assert_eq!(search[0], "shop.weft.internal", "{result}");
-    let ip_b = add(&netd, &b, "ctr-b", "IgnoreUnknown=1;K8S_POD_NAME=db-1", &netd.cni_config("1.0.0"));
+    let ip_b = add(
+        &netd,
+        &b,
+        "ctr-b",
+        "IgnoreUnknown=1;K8S_POD_NAME=db-1",
+        &netd.cni_config("1.0.0"),
+    );
     assert_ne!(ip_a, ip_b);
-    assert!(ip_a.starts_with("10.42.") && ip_b.starts_with("10.42."), "{ip_a} {ip_b}");
+    assert!(
+        ip_a.starts_with("10.42.") && ip_b.starts_with("10.42."),
+        "{ip_a} {ip_b}"
+    );
 
     // The interface inside the container.
     let addr = a.exec(["ip", "-4", "-o", "addr", "show", "eth0"]).unwrap();
@@ -97,7 +126,11 @@ fn containers_ping_reach_outside_and_publish_ports() {
     // Outside: MASQUERADE, the outside sees the host's underlay address.
     let _srv = tcp_server(outside, 9000, "outside").unwrap();
     let seen = tcp_probe(&a, &outside.addr().to_string(), 9000).unwrap();
-    assert_eq!(seen, format!("outside {}", host.addr()), "source must be the host's underlay address");
+    assert_eq!(
+        seen,
+        format!("outside {}", host.addr()),
+        "source must be the host's underlay address"
+    );
     // Container to container: not NATed.
     let _srv_b = tcp_server(&b, 7000, "b").unwrap();
     assert_eq!(tcp_probe(&a, &ip_b, 7000).unwrap(), format!("b {ip_a}"));
@@ -127,15 +160,24 @@ fn containers_ping_reach_outside_and_publish_ports() {
     // The CLI lists both.
     let table = netd.cli(&["endpoints"]).unwrap();
     let table = String::from_utf8_lossy(&table.stdout);
-    assert!(table.contains(&ip_a) && table.contains("web.shop") && table.contains("8080->80/tcp"), "{table}");
+    assert!(
+        table.contains(&ip_a) && table.contains("web.shop") && table.contains("8080->80/tcp"),
+        "{table}"
+    );
 
     // DEL removes the interface, the port and the address; twice is fine.
     for _ in 0..2 {
         let del = cni(&netd, "DEL", &a, "ctr-a", args, &netd.cni_config("1.0.0"));
         assert!(del.ok(), "DEL: {} {}", del.stdout, del.stderr);
     }
-    assert!(a.exec(["ip", "link", "show", "eth0"]).is_err(), "eth0 must be gone");
-    assert!(tcp_probe(outside, &host.addr().to_string(), 8080).is_err(), "port unpublished");
+    assert!(
+        a.exec(["ip", "link", "show", "eth0"]).is_err(),
+        "eth0 must be gone"
+    );
+    assert!(
+        tcp_probe(outside, &host.addr().to_string(), 8080).is_err(),
+        "port unpublished"
+    );
     let eps = netd.cli(&["endpoints", "--json"]).unwrap();
     let eps: serde_json::Value = serde_json::from_slice(&eps.stdout).unwrap();
     assert_eq!(eps.as_array().unwrap().len(), 1);
@@ -149,9 +191,18 @@ fn netd_restarts_twenty_times_without_dropping_traffic() {
     let mut netd = Netd::start(&lab, 0, &sqlite(&lab), &[]).unwrap();
     let a = lab.container(0, "a").unwrap();
     let b = lab.container(0, "b").unwrap();
-    let cfg = config_with_ports(&netd, r#"{"hostPort":8080,"containerPort":80,"protocol":"tcp"}"#);
+    let cfg = config_with_ports(
+        &netd,
+        r#"{"hostPort":8080,"containerPort":80,"protocol":"tcp"}"#,
+    );
     add(&netd, &a, "ctr-a", "IgnoreUnknown=1", &cfg);
-    let ip_b = add(&netd, &b, "ctr-b", "IgnoreUnknown=1", &netd.cni_config("1.0.0"));
+    let ip_b = add(
+        &netd,
+        &b,
+        "ctr-b",
+        "IgnoreUnknown=1",
+        &netd.cni_config("1.0.0"),
+    );
 
     let interval = 0.05;
     let ping = a
@@ -183,11 +234,21 @@ fn netd_restarts_twenty_times_without_dropping_traffic() {
     eprintln!("20 restarts in {took:?} (slowest {slowest:?}); ping: {summary}");
     assert!(sent > 20, "{summary}");
     // The kernel state stays while netd restarts: no ping may be lost.
-    assert!(sent - received <= 1, "lost {} pings during restarts: {summary}", sent - received);
+    assert!(
+        sent - received <= 1,
+        "lost {} pings during restarts: {summary}",
+        sent - received
+    );
     assert_weft_rules_once(lab.host(0).netns());
     // And the restarted netd still serves: a new container works.
     let c = lab.container(0, "c").unwrap();
-    let ip_c = add(&netd, &c, "ctr-c", "IgnoreUnknown=1", &netd.cni_config("1.0.0"));
+    let ip_c = add(
+        &netd,
+        &c,
+        "ctr-c",
+        "IgnoreUnknown=1",
+        &netd.cni_config("1.0.0"),
+    );
     c.exec(["ping", "-c1", "-W2", &ip_b]).unwrap();
     assert_ne!(ip_c, ip_b);
 }
@@ -197,19 +258,28 @@ fn sixteen_concurrent_adds_get_distinct_addresses() {
     weft_tests::require_root!();
     let lab = Arc::new(Lab::new(LabOptions::hosts(1)).unwrap());
     let netd = Arc::new(Netd::start(&lab, 0, &sqlite(&lab), &[]).unwrap());
-    let containers: Vec<Container> = (0..16).map(|i| lab.container(0, &format!("c{i}")).unwrap()).collect();
+    let containers: Vec<Container> = (0..16)
+        .map(|i| lab.container(0, &format!("c{i}")).unwrap())
+        .collect();
     let threads: Vec<_> = containers
         .into_iter()
         .enumerate()
         .map(|(i, c)| {
             let netd = netd.clone();
             std::thread::spawn(move || {
-                let ip = add(&netd, &c, &format!("ctr{i}"), "IgnoreUnknown=1", &netd.cni_config("1.1.0"));
+                let ip = add(
+                    &netd,
+                    &c,
+                    &format!("ctr{i}"),
+                    "IgnoreUnknown=1",
+                    &netd.cni_config("1.1.0"),
+                );
                 (c, ip)
             })
         })
         .collect();
-    let results: Vec<(Container, String)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let results: Vec<(Container, String)> =
+        threads.into_iter().map(|t| t.join().unwrap()).collect();
     let ips: BTreeSet<&str> = results.iter().map(|(_, ip)| ip.as_str()).collect();
     assert_eq!(ips.len(), 16, "{ips:?}");
     // Every one of them works.
@@ -227,7 +297,9 @@ fn netd_killed_mid_add_then_retry_leaks_nothing() {
     weft_tests::require_root!();
     let lab = Lab::new(LabOptions::hosts(1)).unwrap();
     let mut netd = Netd::start(&lab, 0, &sqlite(&lab), &[]).unwrap();
-    let containers: Vec<Container> = (0..24).map(|i| lab.container(0, &format!("k{i}")).unwrap()).collect();
+    let containers: Vec<Container> = (0..24)
+        .map(|i| lab.container(0, &format!("k{i}")).unwrap())
+        .collect();
     let cfg = netd.cni_config("1.0.0");
     let socket = netd.socket();
     let host = netd.host().clone();
@@ -273,18 +345,40 @@ fn netd_killed_mid_add_then_retry_leaks_nothing() {
         if r.ok() {
             continue;
         }
-        assert_eq!(r.json()["code"], 11, "ADD ctr{i} must fail with 11 (try again later): {} {}", r.stdout, r.stderr);
+        assert_eq!(
+            r.json()["code"],
+            11,
+            "ADD ctr{i} must fail with 11 (try again later): {} {}",
+            r.stdout,
+            r.stderr
+        );
         // Nothing half-made in the container.
         let links = containers[i].exec(["ip", "-o", "link"]).unwrap();
-        assert!(!links.contains("eth0"), "ctr{i} left an eth0 behind: {links}");
+        assert!(
+            !links.contains("eth0"),
+            "ctr{i} left an eth0 behind: {links}"
+        );
         failed.push(i);
     }
-    assert!(!failed.is_empty(), "netd was killed, some ADD must have failed");
-    eprintln!("{} of {} ADDs failed with code 11 while netd was down", failed.len(), results.len());
+    assert!(
+        !failed.is_empty(),
+        "netd was killed, some ADD must have failed"
+    );
+    eprintln!(
+        "{} of {} ADDs failed with code 11 while netd was down",
+        failed.len(),
+        results.len()
+    );
 
     netd.start_again().unwrap();
     for &i in &failed {
-        add(&netd, &containers[i], &format!("ctr{i}"), "IgnoreUnknown=1", &cfg);
+        add(
+            &netd,
+            &containers[i],
+            &format!("ctr{i}"),
+            "IgnoreUnknown=1",
+            &cfg,
+        );
     }
     // GC with every container as valid must find nothing to free, and the
     // store must hold exactly one address per container.
@@ -308,18 +402,24 @@ fn netd_killed_mid_add_then_retry_leaks_nothing() {
     .run()
     .unwrap();
     assert!(gc.ok(), "GC: {} {}", gc.stdout, gc.stderr);
-    let eps = weft_api::client::Client::new(netd.socket()).list_endpoints().unwrap();
+    let eps = weft_api::client::Client::new(netd.socket())
+        .list_endpoints()
+        .unwrap();
     assert_eq!(eps.len(), containers.len());
     let ips: BTreeSet<_> = eps.iter().map(|e| e.address.ip()).collect();
     assert_eq!(ips.len(), containers.len());
-    let status = weft_api::client::Client::new(netd.socket()).status().unwrap();
+    let status = weft_api::client::Client::new(netd.socket())
+        .status()
+        .unwrap();
     assert_eq!(status.endpoints, containers.len());
     // IPAM itself holds exactly these addresses (nothing allocated and lost).
     let rt = tokio::runtime::Runtime::new().unwrap();
     let allocated = rt.block_on(async {
         let store: weft_store::DynStore =
             Arc::new(weft_store::SqliteStore::open(lab.dir().join("store.db")).unwrap());
-        let ipam = weft_ipam::Ipam::new(store, weft_ipam::IpamConfig::default(), "/weft/").await.unwrap();
+        let ipam = weft_ipam::Ipam::new(store, weft_ipam::IpamConfig::default(), "/weft/")
+            .await
+            .unwrap();
         let block = ipam.lease_block("host0").await.unwrap();
         ipam.list(&block).await.unwrap()
     });
@@ -344,7 +444,13 @@ fn netd_killed_mid_add_then_retry_leaks_nothing() {
     .run()
     .unwrap();
     assert!(gc.ok(), "GC: {} {}", gc.stdout, gc.stderr);
-    assert_eq!(weft_api::client::Client::new(netd.socket()).list_endpoints().unwrap().len(), 4);
+    assert_eq!(
+        weft_api::client::Client::new(netd.socket())
+            .list_endpoints()
+            .unwrap()
+            .len(),
+        4
+    );
 }
 
 #[test]
@@ -362,10 +468,23 @@ fn exhausted_pool_and_status_errors() {
     let out = cni(&netd, "ADD", &c, "ctr5", "IgnoreUnknown=1", &cfg);
     assert!(!out.ok());
     let err = out.json();
-    assert!(err["code"].as_u64().unwrap() >= 100, "pool exhausted is plugin-specific: {err}");
-    assert!(err["msg"].as_str().unwrap().to_lowercase().contains("exhausted")
-        || err["details"].as_str().unwrap_or("").contains("full"), "{err}");
-    assert!(!c.exec(["ip", "-o", "link"]).unwrap().contains("eth0"), "nothing half-made");
+    assert!(
+        err["code"].as_u64().unwrap() >= 100,
+        "pool exhausted is plugin-specific: {err}"
+    );
+    assert!(
+        err["msg"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("exhausted")
+            || err["details"].as_str().unwrap_or("").contains("full"),
+        "{err}"
+    );
+    assert!(
+        !c.exec(["ip", "-o", "link"]).unwrap().contains("eth0"),
+        "nothing half-made"
+    );
 
     // STATUS: ok while netd runs, 50 when it is down.
     let status_cfg = netd.cni_config("1.1.0");
