@@ -88,15 +88,15 @@ cni_plugin_dirs = ["{}", "/usr/lib/cni"]
     )
     .unwrap();
     let podman = |args: &[&str]| {
-        let mut argv = vec![
-            "podman".to_owned(),
-            format!("--root={}", dir.join("root").display()),
-            format!("--runroot={}", dir.join("runroot").display()),
-            "--cgroup-manager=cgroupfs".to_owned(),
-            "--events-backend=file".to_owned(),
-        ];
-        argv.extend(args.iter().map(|s| s.to_string()));
-        let mut cmd = host.command(&argv);
+        // nsenter, not `ip netns exec`: the latter remounts /sys, which
+        // hides the cgroup mounts runc needs.
+        let mut cmd = std::process::Command::new("nsenter");
+        cmd.arg(format!("--net={}", host.path().display()))
+            .arg("podman")
+            .arg(format!("--root={}", dir.join("root").display()))
+            .arg(format!("--runroot={}", dir.join("runroot").display()))
+            .args(["--cgroup-manager=cgroupfs", "--events-backend=file"])
+            .args(args);
         cmd.env("CONTAINERS_CONF", &containers_conf);
         cmd.output().unwrap()
     };
