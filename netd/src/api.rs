@@ -54,9 +54,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
             get(get_one).delete(delete),
         )
         .route("/v1/gc", axum::routing::post(gc))
-        .fallback(|| async {
-            Failure(ApiError::new(ErrorKind::NotFound, "no such API route"))
-        })
+        .fallback(|| async { Failure(ApiError::new(ErrorKind::NotFound, "no such API route")) })
         .with_state(daemon)
 }
 

@@ -243,9 +243,9 @@ impl Config {
                         .path
                         .unwrap_or_else(|| state_dir.join("store.db")),
                 },
-                Some("etcd") => StoreConfig::Etcd(EtcdConfig::new(
-                    file.store.endpoints.unwrap_or_default(),
-                )),
+                Some("etcd") => {
+                    StoreConfig::Etcd(EtcdConfig::new(file.store.endpoints.unwrap_or_default()))
+                }
                 Some(other) => {
                     return Err(ConfigError::Invalid {
                         setting: "store.backend",
@@ -330,10 +330,15 @@ pub fn host_id(cfg: &Config) -> std::io::Result<String> {
         .take(40)
         .collect::<String>();
     let mut random = [0u8; 3];
-    std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random))?;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random))?;
     let id = format!(
         "{}-{:02x}{:02x}{:02x}",
-        if hostname.is_empty() { "host" } else { &hostname },
+        if hostname.is_empty() {
+            "host"
+        } else {
+            &hostname
+        },
         random[0],
         random[1],
         random[2]
@@ -393,7 +398,11 @@ mod tests {
 
     #[test]
     fn bad_settings_say_what_is_wrong() {
-        let err = |o: Overrides| Config::resolve(FileConfig::default(), o).unwrap_err().to_string();
+        let err = |o: Overrides| {
+            Config::resolve(FileConfig::default(), o)
+                .unwrap_err()
+                .to_string()
+        };
         let e = err(Overrides {
             cluster_range: Some("10.42.0.1/16".parse().unwrap()),
             ..Overrides::default()
@@ -414,14 +423,19 @@ mod tests {
             ..Overrides::default()
         });
         assert!(e.contains("auto, legacy or nft"), "{e}");
-        assert!(toml::from_str::<FileConfig>("brige = 'x'").is_err(), "unknown keys are refused");
+        assert!(
+            toml::from_str::<FileConfig>("brige = 'x'").is_err(),
+            "unknown keys are refused"
+        );
     }
 
     #[test]
     fn store_specs() {
         assert_eq!(
             parse_store("sqlite:/a/b.db").unwrap(),
-            StoreConfig::Sqlite { path: "/a/b.db".into() }
+            StoreConfig::Sqlite {
+                path: "/a/b.db".into()
+            }
         );
         let StoreConfig::Etcd(e) = parse_store("etcd:http://a:1,http://b:2").unwrap() else {
             panic!()

@@ -45,15 +45,21 @@ impl Daemon {
     /// Opens the store, leases this host's block, sets up the host and
     /// reconciles NAT with the endpoints recorded for this host.
     pub async fn start(cfg: Config) -> anyhow::Result<Arc<Daemon>> {
-        let host_id = crate::config::host_id(&cfg)
-            .with_context(|| format!("reading or creating the host id in {}", cfg.state_dir.display()))?;
+        let host_id = crate::config::host_id(&cfg).with_context(|| {
+            format!(
+                "reading or creating the host id in {}",
+                cfg.state_dir.display()
+            )
+        })?;
         if let weft_store::StoreConfig::Sqlite { path } = &cfg.store {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("creating the store directory {}", dir.display()))?;
             }
         }
-        let store = weft_store::open(&cfg.store).await.context("opening the store")?;
+        let store = weft_store::open(&cfg.store)
+            .await
+            .context("opening the store")?;
         let ipam = Ipam::new(store.clone(), cfg.ipam.clone(), &cfg.store_prefix)
             .await
             .context("checking the address plan")?;
@@ -67,7 +73,10 @@ impl Daemon {
         let mtu = match cfg.mtu {
             Some(m) => m,
             None => {
-                let underlay = net.default_route_link().await.context("finding the default route")?;
+                let underlay = net
+                    .default_route_link()
+                    .await
+                    .context("finding the default route")?;
                 let base = underlay.as_ref().map_or(1500, |l| l.mtu);
                 tracing::info!(
                     underlay = underlay.as_ref().map_or("none", |l| l.name.as_str()),
@@ -120,7 +129,10 @@ impl Daemon {
     pub async fn reconcile(&self) -> anyhow::Result<()> {
         let _guard = self.lock.lock().await;
         self.reconcile_host().await?;
-        let endpoints = self.own_endpoints().await.context("reading this host's endpoints")?;
+        let endpoints = self
+            .own_endpoints()
+            .await
+            .context("reading this host's endpoints")?;
         self.apply_nat(&endpoints).await?;
         Ok(())
     }
@@ -134,10 +146,13 @@ impl Daemon {
             .ensure_addresses(&bridge, &[gateway, dns], &owned)
             .await?;
         let mut sysctls = vec![
-            ("net.ipv4.ip_forward".to_owned(), "1".to_owned()),
+            ("net/ipv4/ip_forward".to_owned(), "1".to_owned()),
             // Loose reverse-path filtering at least on the bridge: the
             // kernel uses the larger of `all` and the device's value.
-            (format!("net.ipv4.conf.{}.rp_filter", self.cfg.bridge), "2".to_owned()),
+            (
+                format!("net/ipv4/conf/{}/rp_filter", self.cfg.bridge),
+                "2".to_owned(),
+            ),
         ];
         sysctls.extend(crate::nat::required_sysctls(&self.nat_spec(&[])));
         for (path, value) in sysctls {
@@ -183,10 +198,8 @@ impl Daemon {
     }
 
     fn note_store<T>(&self, r: Result<T, StoreError>) -> Result<T, StoreError> {
-        self.store_ok.store(
-            !matches!(&r, Err(e) if e.is_transient()),
-            Ordering::Relaxed,
-        );
+        self.store_ok
+            .store(!matches!(&r, Err(e) if e.is_transient()), Ordering::Relaxed);
         r
     }
 
@@ -199,13 +212,19 @@ impl Daemon {
         for kv in range.kvs {
             match serde_json::from_slice::<Endpoint>(&kv.value) {
                 Ok(ep) => out.push(ep),
-                Err(e) => tracing::warn!(key = %kv.key, error = %e, "skipping a corrupt endpoint record"),
+                Err(e) => {
+                    tracing::warn!(key = %kv.key, error = %e, "skipping a corrupt endpoint record")
+                }
             }
         }
         Ok(out)
     }
 
-    pub async fn get_endpoint(&self, container_id: &str, ifname: &str) -> Result<Endpoint, ApiError> {
+    pub async fn get_endpoint(
+        &self,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<Endpoint, ApiError> {
         let key = self.endpoint_key(container_id, ifname);
         let kv = self
             .note_store(self.store.get(&key).await)
@@ -213,11 +232,17 @@ impl Daemon {
             .ok_or_else(|| {
                 ApiError::new(
                     ErrorKind::NotFound,
-                    format!("no endpoint for container {container_id} interface {ifname} on host {}", self.host_id),
+                    format!(
+                        "no endpoint for container {container_id} interface {ifname} on host {}",
+                        self.host_id
+                    ),
                 )
             })?;
         serde_json::from_slice(&kv.value).map_err(|e| {
-            ApiError::new(ErrorKind::Internal, format!("endpoint record {key} is corrupt: {e}"))
+            ApiError::new(
+                ErrorKind::Internal,
+                format!("endpoint record {key} is corrupt: {e}"),
+            )
         })
     }
 
@@ -235,7 +260,11 @@ impl Daemon {
         }
         check_port_conflicts(&req, &existing)?;
         let owner = Owner::new(&req.container_id, &req.ifname);
-        let alloc = self.ipam.allocate(&self.block, &owner).await.map_err(ipam_error)?;
+        let alloc = self
+            .ipam
+            .allocate(&self.block, &owner)
+            .await
+            .map_err(ipam_error)?;
         let endpoint = Endpoint {
             container_id: req.container_id.clone(),
             ifname: req.ifname.clone(),
@@ -272,7 +301,10 @@ impl Daemon {
                 let _ = self.ipam.release(&self.block, &owner).await;
                 all.pop();
                 let _ = self.apply_nat(&all).await;
-                return Err(ApiError::new(ErrorKind::Internal, format!("publishing ports failed: {e:#}")));
+                return Err(ApiError::new(
+                    ErrorKind::Internal,
+                    format!("publishing ports failed: {e:#}"),
+                ));
             }
         }
         tracing::info!(
@@ -286,7 +318,11 @@ impl Daemon {
 
     /// Removes the endpoint: record, published ports, conntrack entries and
     /// address. Deleting an unknown endpoint succeeds.
-    pub async fn delete_endpoint(&self, container_id: &str, ifname: &str) -> Result<Deleted, ApiError> {
+    pub async fn delete_endpoint(
+        &self,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<Deleted, ApiError> {
         if !weft_api::valid_container_id(container_id) || !weft_api::valid_ifname(ifname) {
             return Err(ApiError::new(
                 ErrorKind::InvalidRequest,
@@ -318,12 +354,16 @@ impl Daemon {
     async fn remove_endpoints(&self, gone: &[Endpoint], rest: &[Endpoint]) -> Result<(), ApiError> {
         for ep in gone {
             let key = self.endpoint_key(&ep.container_id, &ep.ifname);
-            self.note_store(self.store.delete(&key).await).map_err(store_error)?;
+            self.note_store(self.store.delete(&key).await)
+                .map_err(store_error)?;
         }
         if gone.iter().any(|e| !e.port_mappings.is_empty()) {
-            self.apply_nat(rest)
-                .await
-                .map_err(|e| ApiError::new(ErrorKind::Internal, format!("updating published ports failed: {e:#}")))?;
+            self.apply_nat(rest).await.map_err(|e| {
+                ApiError::new(
+                    ErrorKind::Internal,
+                    format!("updating published ports failed: {e:#}"),
+                )
+            })?;
         }
         Ok(())
     }
@@ -349,7 +389,11 @@ impl Daemon {
         for a in &freed {
             flush_conntrack(a.addr).await;
         }
-        tracing::info!(endpoints = gone.len(), addresses = freed.len(), "garbage collected");
+        tracing::info!(
+            endpoints = gone.len(),
+            addresses = freed.len(),
+            "garbage collected"
+        );
         Ok(GcResult { released: gone })
     }
 
@@ -393,7 +437,8 @@ impl Daemon {
 
     /// Renews the block lease and reconciles the kernel until `stop` fires.
     pub async fn maintain(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let renew_every = (self.cfg.ipam.block_grace / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        let renew_every =
+            (self.cfg.ipam.block_grace / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
         let mut renew = tokio::time::interval(renew_every);
         let mut reconcile = tokio::time::interval(Duration::from_secs(30));
         renew.tick().await;
@@ -413,6 +458,9 @@ impl Daemon {
                     }
                 }
                 _ = reconcile.tick() => {
+                    // Someone may have flushed the rules behind our back:
+                    // compare with the kernel, not with what we applied last.
+                    self.nat.invalidate();
                     if let Err(e) = self.reconcile().await {
                         tracing::warn!(error = %format!("{e:#}"), "reconcile failed");
                     }
@@ -439,18 +487,29 @@ fn validate_add(req: &AddEndpoint) -> Result<(), ApiError> {
         ));
     }
     if !weft_api::valid_ifname(&req.ifname) {
-        return bad(format!("invalid interface name {:?}: 1-15 characters, no '/', ':' or spaces", req.ifname));
+        return bad(format!(
+            "invalid interface name {:?}: 1-15 characters, no '/', ':' or spaces",
+            req.ifname
+        ));
     }
-    for (what, name) in [("name", &req.name), ("service", &req.service), ("stack", &req.stack)] {
+    for (what, name) in [
+        ("name", &req.name),
+        ("service", &req.service),
+        ("stack", &req.stack),
+    ] {
         if let Some(n) = name {
             if !weft_api::valid_dns_name(n) {
-                return bad(format!("invalid {what} {n:?}: use letters, digits, '-' and '_' (DNS labels)"));
+                return bad(format!(
+                    "invalid {what} {n:?}: use letters, digits, '-' and '_' (DNS labels)"
+                ));
             }
         }
     }
     for a in &req.aliases {
         if !weft_api::valid_dns_name(a) {
-            return bad(format!("invalid alias {a:?}: use letters, digits, '-' and '_' (DNS labels)"));
+            return bad(format!(
+                "invalid alias {a:?}: use letters, digits, '-' and '_' (DNS labels)"
+            ));
         }
     }
     let mut seen = HashSet::new();
@@ -464,7 +523,11 @@ fn validate_add(req: &AddEndpoint) -> Result<(), ApiError> {
             ));
         }
         if !seen.insert((m.host_port, m.protocol)) {
-            return bad(format!("host port {}/{} is mapped twice", m.host_port, m.protocol.as_str()));
+            return bad(format!(
+                "host port {}/{} is mapped twice",
+                m.host_port,
+                m.protocol.as_str()
+            ));
         }
     }
     Ok(())
@@ -554,15 +617,26 @@ mod tests {
         validate_add(&add(vec![pm(8080, 80, Protocol::Tcp)])).unwrap();
         let mut r = add(vec![]);
         r.container_id = "../x".into();
-        assert!(validate_add(&r).unwrap_err().message.contains("container id"));
+        assert!(validate_add(&r)
+            .unwrap_err()
+            .message
+            .contains("container id"));
         let mut r = add(vec![]);
         r.service = Some("we b".into());
         assert!(validate_add(&r).unwrap_err().message.contains("service"));
         let e = validate_add(&add(vec![pm(0, 80, Protocol::Tcp)])).unwrap_err();
         assert_eq!(e.kind, ErrorKind::InvalidRequest);
-        let e = validate_add(&add(vec![pm(80, 80, Protocol::Tcp), pm(80, 81, Protocol::Tcp)])).unwrap_err();
+        let e = validate_add(&add(vec![
+            pm(80, 80, Protocol::Tcp),
+            pm(80, 81, Protocol::Tcp),
+        ]))
+        .unwrap_err();
         assert!(e.message.contains("mapped twice"), "{}", e.message);
-        validate_add(&add(vec![pm(80, 80, Protocol::Tcp), pm(80, 80, Protocol::Udp)])).unwrap();
+        validate_add(&add(vec![
+            pm(80, 80, Protocol::Tcp),
+            pm(80, 80, Protocol::Udp),
+        ]))
+        .unwrap();
     }
 
     #[test]

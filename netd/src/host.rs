@@ -124,7 +124,12 @@ impl HostNet {
 
     /// The link named `name`, if it exists.
     pub async fn link(&self, name: &str) -> Result<Option<Link>> {
-        let mut links = self.handle.link().get().match_name(name.to_owned()).execute();
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
         match links.try_next().await {
             Ok(Some(m)) => Ok(Some(Link::from_message(&m))),
             Ok(None) => Ok(None),
@@ -159,10 +164,12 @@ impl HostNet {
                     .execute()
                     .await
                     .map_err(nl(format!("creating bridge {name}")))?;
-                self.link(name).await?.ok_or_else(|| HostError::NotABridge {
-                    name: name.into(),
-                    kind: "vanished".into(),
-                })?
+                self.link(name)
+                    .await?
+                    .ok_or_else(|| HostError::NotABridge {
+                        name: name.into(),
+                        kind: "vanished".into(),
+                    })?
             }
         };
         if link.kind.as_deref() != Some("bridge") {
@@ -180,7 +187,11 @@ impl HostNet {
                 .await
                 .map_err(nl(format!("setting MTU/up on {name}")))?;
         }
-        Ok(Link { mtu, up: true, ..link })
+        Ok(Link {
+            mtu,
+            up: true,
+            ..link
+        })
     }
 
     /// The IPv4 addresses on a link.
@@ -290,9 +301,11 @@ impl HostNet {
     }
 }
 
-/// Writes a sysctl under /proc/sys if it does not have the value already.
+/// Writes a sysctl if it does not have the value already. `path` is
+/// relative to /proc/sys with slashes (`net/ipv4/ip_forward`), so interface
+/// names with dots stay intact.
 pub fn ensure_sysctl(path: &str, value: &str) -> Result<()> {
-    let full = format!("/proc/sys/{}", path.trim_start_matches('/').replace('.', "/"));
+    let full = format!("/proc/sys/{}", path.trim_start_matches('/'));
     let err = |source| HostError::Sysctl {
         path: full.clone(),
         value: value.to_owned(),
@@ -318,11 +331,19 @@ mod tests {
     #[test]
     fn diff_adds_missing_and_removes_only_owned_stale() {
         let owned = [n("10.42.0.0/16"), n("169.254.169.250/32")];
-        let have = [n("10.42.7.1/24"), n("192.168.1.5/24"), n("169.254.169.250/32")];
+        let have = [
+            n("10.42.7.1/24"),
+            n("192.168.1.5/24"),
+            n("169.254.169.250/32"),
+        ];
         let want = [n("10.42.3.1/24"), n("169.254.169.250/32")];
         let (add, remove) = address_diff(&have, &want, &owned);
         assert_eq!(add, [n("10.42.3.1/24")]);
-        assert_eq!(remove, [n("10.42.7.1/24")], "the operator's 192.168.1.5 stays");
+        assert_eq!(
+            remove,
+            [n("10.42.7.1/24")],
+            "the operator's 192.168.1.5 stays"
+        );
     }
 
     #[test]

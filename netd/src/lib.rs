@@ -76,7 +76,9 @@ pub async fn teardown(cfg: &Config, release_block: bool) -> anyhow::Result<()> {
     match std::fs::remove_file(&cfg.socket) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(socket = %cfg.socket.display(), error = %e, "cannot remove the socket"),
+        Err(e) => {
+            tracing::warn!(socket = %cfg.socket.display(), error = %e, "cannot remove the socket")
+        }
     }
     if release_block {
         let host_id = config::host_id(cfg)?;

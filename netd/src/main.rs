@@ -10,7 +10,11 @@ use weft_api::client::Client;
 use weft_netd::config::{Config, FileConfig, Overrides, DEFAULT_CONFIG};
 
 #[derive(Parser)]
-#[command(name = "netd", version, about = "weft's per-host overlay network daemon")]
+#[command(
+    name = "netd",
+    version,
+    about = "weft's per-host overlay network daemon"
+)]
 struct Cli {
     /// Config file (TOML). Missing at the default path means all defaults.
     #[arg(long, short, global = true, env = "WEFT_CONFIG")]
@@ -100,10 +104,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
                 println!("host        {}", s.host_id);
-                println!("block       {} (gateway {}, {} of {} addresses used)", s.block, s.gateway, s.endpoints, s.capacity);
+                println!(
+                    "block       {} (gateway {}, {} of {} addresses used)",
+                    s.block, s.gateway, s.endpoints, s.capacity
+                );
                 println!("cluster     {}", s.cluster_range);
                 println!("bridge      {} (mtu {})", s.bridge, s.mtu);
-                println!("store       {} ({})", s.store, if s.store_ok { "ok" } else { "UNREACHABLE" });
+                println!(
+                    "store       {} ({})",
+                    s.store,
+                    if s.store_ok { "ok" } else { "UNREACHABLE" }
+                );
                 println!("iptables    {}", s.iptables);
                 println!("version     {}", s.version);
             }
@@ -131,13 +142,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         },
                         e.port_mappings
                             .iter()
-                            .map(|p| format!("{}->{}/{}", p.host_port, p.container_port, p.protocol.as_str()))
+                            .map(|p| {
+                                format!(
+                                    "{}->{}/{}",
+                                    p.host_port,
+                                    p.container_port,
+                                    p.protocol.as_str()
+                                )
+                            })
                             .collect::<Vec<_>>()
                             .join(","),
                     ]
                 })
                 .collect();
-            print_table(&["CONTAINER", "IF", "ADDRESS", "NAME", "SERVICE", "PORTS"], &rows);
+            print_table(
+                &["CONTAINER", "IF", "ADDRESS", "NAME", "SERVICE", "PORTS"],
+                &rows,
+            );
             Ok(())
         }
         Command::Teardown {
