@@ -492,3 +492,119 @@ fn exhausted_pool_and_status_errors() {
     let out = cni(&netd, "ADD", &c, "ctr5", "IgnoreUnknown=1", &cfg);
     assert_eq!(out.json()["code"], 11, "{} {}", out.stdout, out.stderr);
 }
+
+/// Sends a raw HTTP request to netd's socket; returns status line and body.
+fn raw_request(socket: &std::path::Path, request: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let status = answer.lines().next().unwrap_or_default().to_owned();
+    let body = answer
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    (status, body)
+}
+
+#[test]
+fn api_rejects_bad_requests_with_clear_errors_and_teardown_cleans_up() {
+    weft_tests::require_root!();
+    let lab = Lab::new(LabOptions::hosts(1)).unwrap();
+    let mut netd = Netd::start(&lab, 0, &sqlite(&lab), &[]).unwrap();
+    let sock = netd.socket();
+    let mode = std::fs::metadata(&sock).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+
+    let post = |body: &str| {
+        raw_request(
+            &sock,
+            &format!(
+                "POST /v1/endpoints HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            ),
+        )
+    };
+    let (status, body) = post("{not json");
+    assert!(status.contains("400"), "{status}");
+    assert!(
+        body.contains("invalid_request") && body.contains("invalid request body"),
+        "{body}"
+    );
+    let (status, body) = post(r#"{"container_id":"../etc","ifname":"eth0"}"#);
+    assert!(
+        status.contains("400") && body.contains("invalid container id"),
+        "{status} {body}"
+    );
+    let (status, body) = post(
+        r#"{"container_id":"c1","ifname":"eth0","port_mappings":[{"host_port":0,"container_port":80,"protocol":"tcp"}]}"#,
+    );
+    assert!(
+        status.contains("400") && body.contains("ports must be 1-65535"),
+        "{status} {body}"
+    );
+    let (status, body) = post(
+        r#"{"container_id":"c1","ifname":"eth0","port_mappings":[{"host_port":80,"container_port":80,"protocol":"sctp"}]}"#,
+    );
+    assert!(status.contains("400"), "{status} {body}");
+    let (status, _) = raw_request(
+        &sock,
+        "GET /v1/nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(status.contains("404"), "{status}");
+    // Two containers cannot publish the same host port.
+    let a = lab.container(0, "a").unwrap();
+    let b = lab.container(0, "b").unwrap();
+    let cfg = config_with_ports(
+        &netd,
+        r#"{"hostPort":8080,"containerPort":80,"protocol":"tcp"}"#,
+    );
+    add(&netd, &a, "ctr-a", "IgnoreUnknown=1", &cfg);
+    let clash = cni(&netd, "ADD", &b, "ctr-b", "IgnoreUnknown=1", &cfg);
+    assert!(
+        !clash.ok() && clash.stdout.contains("already published"),
+        "{} {}",
+        clash.stdout,
+        clash.stderr
+    );
+    assert!(
+        !b.exec(["ip", "-o", "link"]).unwrap().contains("eth0"),
+        "nothing half-made"
+    );
+
+    // Teardown (after a clean stop) removes everything weft made.
+    netd.stop().unwrap();
+    let host = lab.host(0);
+    assert!(
+        host.exec(["iptables-save"]).unwrap().contains("WEFT"),
+        "rules stay while netd is stopped"
+    );
+    a.exec(["ping", "-c1", "-W2", "10.42.0.1"]).unwrap();
+    let bin = weft_tests::weft::bin("netd").unwrap();
+    host.exec([
+        bin.to_str().unwrap(),
+        "teardown",
+        &format!("--state-dir={}", netd.dir().display()),
+        &format!("--socket={}", sock.display()),
+        &format!("--store={}", sqlite(&lab)),
+        "--host-id=host0",
+        "--release-block",
+    ])
+    .unwrap();
+    assert!(!host.exec(["iptables-save"]).unwrap().contains("WEFT"));
+    let links = host.exec(["ip", "-o", "link"]).unwrap();
+    assert!(
+        !links.contains("weft0") && !links.contains("master"),
+        "{links}"
+    );
+    assert!(
+        !a.exec(["ip", "-o", "link"]).unwrap().contains("eth0"),
+        "the container's veth went with its host side"
+    );
+    assert!(!sock.exists());
+}
