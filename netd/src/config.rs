@@ -11,6 +11,7 @@ use serde::Deserialize;
 use weft_ipam::IpamConfig;
 use weft_store::{EtcdConfig, StoreConfig};
 
+use crate::mesh::TunnelBackend;
 use crate::nat::Backend;
 
 pub const DEFAULT_CONFIG: &str = "/etc/weft/netd.toml";
@@ -33,9 +34,26 @@ pub struct FileConfig {
     /// `auto`, `legacy` or `nft`.
     pub iptables: Option<String>,
     #[serde(default)]
+    pub mesh: FileMesh,
+    #[serde(default)]
     pub ipam: FileIpam,
     #[serde(default)]
     pub store: FileStore,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileMesh {
+    /// `wireguard` (default) or `vxlan`.
+    pub backend: Option<String>,
+    /// This host's underlay address (default: the address of the interface
+    /// of the default route).
+    pub underlay_addr: Option<Ipv4Addr>,
+    /// Seconds a host stays in the mesh after its netd stops renewing.
+    pub host_ttl_secs: Option<u64>,
+    pub wg_port: Option<u16>,
+    pub vxlan_port: Option<u16>,
+    pub vni: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq)]
@@ -88,6 +106,24 @@ pub struct Overrides {
     /// iptables backend: auto, legacy or nft.
     #[arg(long, env = "WEFT_IPTABLES")]
     pub iptables: Option<String>,
+    /// Tunnel backend: wireguard (encrypted, default) or vxlan (plain).
+    #[arg(long, env = "WEFT_BACKEND")]
+    pub backend: Option<String>,
+    /// This host's underlay address (default: from the default route).
+    #[arg(long, env = "WEFT_UNDERLAY_ADDR")]
+    pub underlay_addr: Option<Ipv4Addr>,
+    /// Seconds a host stays in the mesh after its netd stops renewing.
+    #[arg(long, env = "WEFT_HOST_TTL_SECS")]
+    pub host_ttl_secs: Option<u64>,
+    /// WireGuard UDP port.
+    #[arg(long, env = "WEFT_WG_PORT")]
+    pub wg_port: Option<u16>,
+    /// VXLAN UDP port.
+    #[arg(long, env = "WEFT_VXLAN_PORT")]
+    pub vxlan_port: Option<u16>,
+    /// VXLAN network identifier.
+    #[arg(long, env = "WEFT_VNI")]
+    pub vni: Option<u32>,
     /// Cluster range, e.g. 10.42.0.0/16.
     #[arg(long, env = "WEFT_CLUSTER_RANGE")]
     pub cluster_range: Option<Ipv4Network>,
@@ -105,6 +141,17 @@ pub struct Overrides {
     pub store_prefix: Option<String>,
 }
 
+/// How this host joins the mesh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshConfig {
+    pub backend: TunnelBackend,
+    pub underlay_addr: Option<Ipv4Addr>,
+    pub host_ttl: Duration,
+    pub wg_port: u16,
+    pub vxlan_port: u16,
+    pub vni: u32,
+}
+
 /// The resolved configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -116,6 +163,7 @@ pub struct Config {
     pub domain: String,
     pub log_level: String,
     pub iptables: Option<Backend>,
+    pub mesh: MeshConfig,
     pub ipam: IpamConfig,
     pub store: StoreConfig,
     pub store_prefix: String,
@@ -217,6 +265,28 @@ impl Config {
                 })
             }
         };
+        let backend = match o.backend.or(file.mesh.backend) {
+            None => TunnelBackend::Wireguard,
+            Some(b) => b.parse().map_err(|why| ConfigError::Invalid {
+                setting: "backend",
+                why,
+            })?,
+        };
+        let host_ttl = Duration::from_secs(o.host_ttl_secs.or(file.mesh.host_ttl_secs).unwrap_or(15));
+        if host_ttl < Duration::from_secs(2) {
+            return Err(ConfigError::Invalid {
+                setting: "host_ttl_secs",
+                why: "must be at least 2 seconds".into(),
+            });
+        }
+        let mesh = MeshConfig {
+            backend,
+            underlay_addr: o.underlay_addr.or(file.mesh.underlay_addr),
+            host_ttl,
+            wg_port: o.wg_port.or(file.mesh.wg_port).unwrap_or(51820),
+            vxlan_port: o.vxlan_port.or(file.mesh.vxlan_port).unwrap_or(4789),
+            vni: o.vni.or(file.mesh.vni).unwrap_or(42),
+        };
         let defaults = IpamConfig::default();
         let ipam = IpamConfig {
             cluster_range: o
@@ -287,6 +357,7 @@ impl Config {
                 .or(file.log_level)
                 .unwrap_or_else(|| "info".into()),
             iptables,
+            mesh,
             ipam,
             store,
             store_prefix,

@@ -6,7 +6,8 @@
 //! this host's endpoints runs under one lock and ends with a NAT reconcile,
 //! so the published ports in iptables always match the records.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
+use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -21,11 +22,9 @@ use weft_ipam::{HostBlock, Ipam, IpamError, Owner};
 use weft_store::{DynStore, StoreError};
 
 use crate::config::Config;
-use crate::host::HostNet;
+use crate::host::{HostNet, Link, VxlanSpec};
+use crate::mesh::{HostRecord, Peer, TunnelBackend};
 use crate::nat::{Iptables, NatSpec, PublishedPort};
-
-/// WireGuard's overhead on an IPv4 underlay, the default tunnel backend.
-pub const TUNNEL_OVERHEAD: u32 = 60;
 
 pub struct Daemon {
     cfg: Config,
@@ -39,7 +38,16 @@ pub struct Daemon {
     store_ok: AtomicBool,
     /// Serialises endpoint changes and the NAT reconcile that follows each.
     lock: tokio::sync::Mutex<()>,
+    underlay: Ipv4Addr,
+    underlay_link: Link,
+    /// The host records last seen in the store, and the peers made of them.
+    /// The lock also serialises data-plane changes.
+    mesh: tokio::sync::Mutex<BTreeMap<String, HostRecord>>,
+    peers: std::sync::Mutex<Vec<Peer>>,
 }
+
+/// VXLAN device name.
+pub const VXLAN_DEVICE: &str = "weft-vxlan";
 
 impl Daemon {
     /// Opens the store, leases this host's block, sets up the host and
@@ -70,22 +78,25 @@ impl Daemon {
         tracing::info!(host = %host_id, block = %block.block, store = %store.describe(), "block leased");
 
         let net = HostNet::connect().context("opening netlink")?;
-        let mtu = match cfg.mtu {
-            Some(m) => m,
-            None => {
-                let underlay = net
-                    .default_route_link()
-                    .await
-                    .context("finding the default route")?;
-                let base = underlay.as_ref().map_or(1500, |l| l.mtu);
-                tracing::info!(
-                    underlay = underlay.as_ref().map_or("none", |l| l.name.as_str()),
-                    underlay_mtu = base,
-                    "overlay MTU from the default-route interface"
-                );
-                base.saturating_sub(TUNNEL_OVERHEAD).max(576)
-            }
-        };
+        let (underlay_link, underlay) = net
+            .underlay(cfg.mesh.underlay_addr)
+            .await
+            .context("finding the underlay interface")?
+            .ok_or_else(|| match cfg.mesh.underlay_addr {
+                Some(a) => anyhow::anyhow!("no interface holds the configured underlay address {a}"),
+                None => anyhow::anyhow!(
+                    "no default route with an IPv4 address to find the underlay from: \
+                     set --underlay-addr (WEFT_UNDERLAY_ADDR)"
+                ),
+            })?;
+        let overhead = cfg.mesh.backend.overhead();
+        let mtu = cfg
+            .mtu
+            .unwrap_or_else(|| underlay_link.mtu.saturating_sub(overhead).max(576));
+        tracing::info!(
+            underlay = %underlay, interface = %underlay_link.name, underlay_mtu = underlay_link.mtu,
+            backend = cfg.mesh.backend.as_str(), overlay_mtu = mtu, "underlay and MTU"
+        );
         let nat = match cfg.iptables {
             Some(backend) => Iptables::with_backend(backend),
             None => tokio::task::spawn_blocking(Iptables::detect)
@@ -103,6 +114,10 @@ impl Daemon {
             nat: Arc::new(nat),
             store_ok: AtomicBool::new(true),
             lock: tokio::sync::Mutex::new(()),
+            underlay,
+            underlay_link,
+            mesh: tokio::sync::Mutex::new(BTreeMap::new()),
+            peers: std::sync::Mutex::new(Vec::new()),
         });
         daemon.reconcile().await?;
         Ok(daemon)
@@ -435,6 +450,97 @@ impl Daemon {
         }
     }
 
+    /// What this host publishes in the store.
+    pub fn host_record(&self) -> HostRecord {
+        HostRecord {
+            host_id: self.host_id.clone(),
+            underlay: self.underlay,
+            block: self.block.block,
+            backend: self.cfg.mesh.backend,
+            wg_public_key: None,
+            wg_port: self.cfg.mesh.wg_port,
+            vtep_mac: crate::mesh::format_mac(&crate::mesh::vtep_mac(&self.host_id)),
+            vxlan_port: self.cfg.mesh.vxlan_port,
+            vni: self.cfg.mesh.vni,
+            mtu: self.mtu,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        }
+    }
+
+    /// Registers this host and follows the others until `stop` fires.
+    pub async fn run_mesh(self: Arc<Self>, stop: tokio::sync::watch::Receiver<bool>) {
+        let prefix = self.cfg.store_prefix.clone();
+        let register = tokio::spawn(crate::mesh::register(
+            self.store.clone(),
+            crate::mesh::host_key(&prefix, &self.host_id),
+            self.host_record(),
+            self.cfg.mesh.host_ttl,
+            stop.clone(),
+        ));
+        let me = self.clone();
+        crate::mesh::follow(self.store.clone(), prefix, stop, move |hosts| {
+            let me = me.clone();
+            async move {
+                if let Err(e) = me.apply_mesh(Some(hosts)).await {
+                    tracing::warn!(error = %format!("{e:#}"), "updating the tunnel peers failed; will retry");
+                }
+            }
+        })
+        .await;
+        let _ = register.await;
+    }
+
+    /// Brings the tunnel device, its peers and routes in line with the host
+    /// records (`None`: with the last ones seen).
+    pub async fn apply_mesh(&self, hosts: Option<BTreeMap<String, HostRecord>>) -> anyhow::Result<()> {
+        let mut known = self.mesh.lock().await;
+        if let Some(h) = hosts {
+            *known = h;
+        }
+        let me = self.host_record();
+        let (peers, skipped) = crate::mesh::desired_peers(&me, &known);
+        if !skipped.is_empty() {
+            tracing::warn!(hosts = ?skipped, backend = me.backend.as_str(), "hosts left out of the mesh: other backend, same block or unusable record");
+        }
+        let routes = crate::mesh::peer_routes(me.backend, &peers);
+        match me.backend {
+            TunnelBackend::Vxlan => {
+                let link = self
+                    .net
+                    .ensure_vxlan(&VxlanSpec {
+                        name: VXLAN_DEVICE.into(),
+                        vni: self.cfg.mesh.vni,
+                        port: self.cfg.mesh.vxlan_port,
+                        local: self.underlay,
+                        underlay_index: self.underlay_link.index,
+                        mac: crate::mesh::vtep_mac(&self.host_id),
+                        mtu: self.underlay_link.mtu.saturating_sub(TunnelBackend::Vxlan.overhead()),
+                    })
+                    .await?;
+                self.net
+                    .ensure_vtep_peers(link.index, &crate::mesh::vtep_peers(&peers))
+                    .await?;
+                self.net
+                    .ensure_peer_routes(link.index, self.block.gateway, &routes)
+                    .await?;
+            }
+            TunnelBackend::Wireguard => {
+                anyhow::bail!("the wireguard data path is not wired into netd yet; use --backend vxlan");
+            }
+        }
+        let mut current = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if *current != peers {
+            tracing::info!(peers = peers.len(), "tunnel peers updated");
+            *current = peers;
+        }
+        Ok(())
+    }
+
+    /// The peers the data plane has now.
+    pub fn peers(&self) -> Vec<Peer> {
+        self.peers.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// Renews the block lease and reconciles the kernel until `stop` fires.
     pub async fn maintain(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
         let renew_every =
@@ -463,6 +569,9 @@ impl Daemon {
                     self.nat.invalidate();
                     if let Err(e) = self.reconcile().await {
                         tracing::warn!(error = %format!("{e:#}"), "reconcile failed");
+                    }
+                    if let Err(e) = self.apply_mesh(None).await {
+                        tracing::warn!(error = %format!("{e:#}"), "reconciling the tunnel peers failed");
                     }
                 }
             }

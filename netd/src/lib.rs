@@ -6,7 +6,9 @@ pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod host;
+pub mod mesh;
 pub mod nat;
+pub mod wg;
 
 use anyhow::Context;
 
@@ -25,12 +27,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         "netd ready"
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let maintain = tokio::spawn(daemon.clone().maintain(stop_rx));
+    let maintain = tokio::spawn(daemon.clone().maintain(stop_rx.clone()));
+    let mesh = tokio::spawn(daemon.clone().run_mesh(stop_rx));
     let server = axum::serve(listener, api::router(daemon.clone()))
         .with_graceful_shutdown(shutdown_signal());
     let result = server.await.context("serving the control API");
     let _ = stop_tx.send(true);
     let _ = maintain.await;
+    let _ = mesh.await;
     let _ = std::fs::remove_file(&socket);
     tracing::info!("netd stopped; kernel state left in place");
     result

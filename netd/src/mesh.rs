@@ -1,0 +1,421 @@
+//! Membership: every netd registers its host in the store under a lease
+//! (`<prefix>hosts/<host id>`, kept alive while netd runs) and watches the
+//! hosts prefix; the data plane is reconciled to the set of live peers.
+//!
+//! Losing the store never touches the data path: peers stay as they are
+//! until the store answers again. A clean netd stop does not revoke the
+//! lease, so a restart is invisible to the other hosts.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use ipnetwork::Ipv4Network;
+use serde::{Deserialize, Serialize};
+use weft_store::{DynStore, EventKind, LeaseId, StoreError};
+
+use crate::host::{PeerRoute, VtepPeer};
+
+/// Which tunnel connects the hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TunnelBackend {
+    /// Userspace WireGuard (boringtun): encrypted. The default.
+    Wireguard,
+    /// Kernel VXLAN: plain, for trusted networks.
+    Vxlan,
+}
+
+impl TunnelBackend {
+    /// Bytes of encapsulation on an IPv4 underlay.
+    pub fn overhead(self) -> u32 {
+        match self {
+            // outer IPv4 20 + UDP 8 + WireGuard data header 16 + tag 16
+            TunnelBackend::Wireguard => 60,
+            // outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
+            TunnelBackend::Vxlan => 50,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TunnelBackend::Wireguard => "wireguard",
+            TunnelBackend::Vxlan => "vxlan",
+        }
+    }
+}
+
+impl std::str::FromStr for TunnelBackend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "wireguard" | "wg" => Ok(TunnelBackend::Wireguard),
+            "vxlan" => Ok(TunnelBackend::Vxlan),
+            other => Err(format!("{other:?}: use wireguard or vxlan")),
+        }
+    }
+}
+
+/// What a host publishes about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRecord {
+    pub host_id: String,
+    pub underlay: Ipv4Addr,
+    pub block: Ipv4Network,
+    pub backend: TunnelBackend,
+    /// WireGuard public key (base64), for the wireguard backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wg_public_key: Option<String>,
+    pub wg_port: u16,
+    /// The VXLAN device's MAC, `aa:bb:cc:dd:ee:ff`.
+    pub vtep_mac: String,
+    pub vxlan_port: u16,
+    pub vni: u32,
+    /// The host's overlay MTU.
+    pub mtu: u32,
+    pub version: String,
+}
+
+/// A peer as the data plane needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub host_id: String,
+    pub underlay: Ipv4Addr,
+    pub block: Ipv4Network,
+    pub wg_public_key: Option<[u8; 32]>,
+    pub wg_port: u16,
+    pub vtep_mac: Option<[u8; 6]>,
+}
+
+/// The peers `me` should have: every other host on the same backend, with a
+/// block of its own. Hosts on another backend, or whose records are
+/// unusable, are left out (and named in the log by the caller).
+pub fn desired_peers(me: &HostRecord, hosts: &BTreeMap<String, HostRecord>) -> (Vec<Peer>, Vec<String>) {
+    let mut peers = Vec::new();
+    let mut skipped = Vec::new();
+    for h in hosts.values() {
+        if h.host_id == me.host_id {
+            continue;
+        }
+        let usable = h.backend == me.backend
+            && h.block != me.block
+            && match me.backend {
+                TunnelBackend::Wireguard => h.wg_public_key.as_deref().and_then(decode_key).is_some(),
+                TunnelBackend::Vxlan => parse_mac(&h.vtep_mac).is_some() && h.vni == me.vni,
+            };
+        if !usable {
+            skipped.push(h.host_id.clone());
+            continue;
+        }
+        peers.push(Peer {
+            host_id: h.host_id.clone(),
+            underlay: h.underlay,
+            block: h.block,
+            wg_public_key: h.wg_public_key.as_deref().and_then(decode_key),
+            wg_port: h.wg_port,
+            vtep_mac: parse_mac(&h.vtep_mac),
+        });
+    }
+    (peers, skipped)
+}
+
+/// Routes for the peers: through the VXLAN device via the peer block's
+/// network address (onlink), or straight into the WireGuard TUN.
+pub fn peer_routes(backend: TunnelBackend, peers: &[Peer]) -> Vec<PeerRoute> {
+    peers
+        .iter()
+        .map(|p| PeerRoute {
+            block: p.block,
+            via: match backend {
+                TunnelBackend::Vxlan => Some(p.block.network()),
+                TunnelBackend::Wireguard => None,
+            },
+        })
+        .collect()
+}
+
+/// Neighbour and FDB entries for the VXLAN peers.
+pub fn vtep_peers(peers: &[Peer]) -> Vec<VtepPeer> {
+    peers
+        .iter()
+        .filter_map(|p| {
+            Some(VtepPeer {
+                addr: p.block.network(),
+                mac: p.vtep_mac?,
+                underlay: p.underlay,
+            })
+        })
+        .collect()
+}
+
+/// A stable, locally administered MAC for the host's VTEP, derived from its
+/// host id, so a re-created device keeps its address.
+pub fn vtep_mac(host_id: &str) -> [u8; 6] {
+    // FNV-1a, stable across Rust versions (unlike DefaultHasher).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in host_id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let b = h.to_be_bytes();
+    [0x02, b[1], b[2], b[3], b[4], b[5]]
+}
+
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in &mut mac {
+        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// Decodes a base64 WireGuard key.
+pub fn decode_key(s: &str) -> Option<[u8; 32]> {
+    let bytes = base64_decode(s)?;
+    bytes.try_into().ok()
+}
+
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let s = s.trim_end_matches('=');
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let mut acc: u32 = 0;
+    let mut bits = 0;
+    for c in s.bytes() {
+        let v = ALPHABET.iter().position(|&a| a == c)? as u32;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+/// The store key of a host's record.
+pub fn host_key(prefix: &str, host_id: &str) -> String {
+    format!("{prefix}hosts/{host_id}")
+}
+
+/// Keeps this host's record in the store under a lease until `stop` fires.
+/// Re-registers when the lease was lost (store outage longer than the TTL);
+/// store errors only delay, never stop, the loop.
+pub async fn register(
+    store: DynStore,
+    key: String,
+    record: HostRecord,
+    ttl: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let value = match serde_json::to_vec(&record) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode the host record");
+            return;
+        }
+    };
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let lease: Result<LeaseId, StoreError> = async {
+            let lease = store.lease_grant(ttl).await?;
+            store.put(&key, &value, Some(lease)).await?;
+            Ok(lease)
+        }
+        .await;
+        let lease = match lease {
+            Ok(l) => {
+                tracing::info!(key = %key, ttl_s = ttl.as_secs_f32(), "host registered");
+                backoff = Duration::from_millis(200);
+                l
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "registering the host failed; retrying");
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        let mut tick = tokio::time::interval((ttl / 3).max(Duration::from_millis(200)));
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = tick.tick() => {}
+            }
+            match store.lease_keep_alive(lease).await {
+                Ok(()) => {}
+                Err(StoreError::LeaseNotFound { .. }) => {
+                    tracing::warn!("host lease expired (store was unreachable too long); registering again");
+                    break;
+                }
+                Err(e) => tracing::warn!(error = %e, "keeping the host lease alive failed; retrying"),
+            }
+        }
+    }
+}
+
+/// Follows the hosts prefix (list, then watch from the list's revision) and
+/// calls `apply` with the full set of host records after every change.
+/// Survives store outages: keeps the last state, re-lists with backoff.
+pub async fn follow<F, Fut>(
+    store: DynStore,
+    prefix: String,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    mut apply: F,
+) where
+    F: FnMut(BTreeMap<String, HostRecord>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let hosts_prefix = format!("{prefix}hosts/");
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let listed = match store.get_prefix(&hosts_prefix).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing hosts failed; keeping the current peers");
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        let mut hosts = BTreeMap::new();
+        for kv in &listed.kvs {
+            insert_record(&mut hosts, &hosts_prefix, &kv.key, &kv.value);
+        }
+        apply(hosts.clone()).await;
+        let mut watch = match store.watch_prefix(&hosts_prefix, listed.revision + 1).await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "watching hosts failed; retrying");
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(200);
+        loop {
+            let item = tokio::select! {
+                _ = stop.changed() => return,
+                item = watch.recv() => item,
+            };
+            match item {
+                Some(Ok(ev)) => {
+                    match ev.kind {
+                        EventKind::Put => insert_record(&mut hosts, &hosts_prefix, &ev.kv.key, &ev.kv.value),
+                        EventKind::Delete => {
+                            if let Some(id) = ev.kv.key.strip_prefix(&hosts_prefix) {
+                                if hosts.remove(id).is_some() {
+                                    tracing::info!(host = %id, "host left (lease expired or removed)");
+                                }
+                            }
+                        }
+                    }
+                    apply(hosts.clone()).await;
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "hosts watch broke; keeping the current peers and re-listing");
+                    break;
+                }
+                None => break,
+            }
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+    }
+}
+
+fn insert_record(hosts: &mut BTreeMap<String, HostRecord>, prefix: &str, key: &str, value: &[u8]) {
+    let Some(id) = key.strip_prefix(prefix) else { return };
+    match serde_json::from_slice::<HostRecord>(value) {
+        Ok(r) if r.host_id == id => {
+            if hosts.insert(id.to_owned(), r.clone()).as_ref() != Some(&r) {
+                tracing::info!(host = %id, underlay = %r.underlay, block = %r.block, "host joined or changed");
+            }
+        }
+        Ok(r) => tracing::warn!(key, record_host = %r.host_id, "host record under the wrong key; ignored"),
+        Err(e) => tracing::warn!(key, error = %e, "unreadable host record; ignored"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(id: &str, third: u8, backend: TunnelBackend) -> HostRecord {
+        HostRecord {
+            host_id: id.into(),
+            underlay: Ipv4Addr::new(192, 168, 77, 10 + third),
+            block: Ipv4Network::new(Ipv4Addr::new(10, 42, third, 0), 24).unwrap(),
+            backend,
+            wg_public_key: Some("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into()),
+            wg_port: 51820,
+            vtep_mac: format_mac(&vtep_mac(id)),
+            vxlan_port: 4789,
+            vni: 42,
+            mtu: 1440,
+            version: "test".into(),
+        }
+    }
+
+    #[test]
+    fn peers_are_the_other_hosts_on_the_same_backend() {
+        let me = rec("a", 0, TunnelBackend::Vxlan);
+        let mut hosts = BTreeMap::new();
+        for r in [
+            me.clone(),
+            rec("b", 1, TunnelBackend::Vxlan),
+            rec("c", 2, TunnelBackend::Wireguard),
+        ] {
+            hosts.insert(r.host_id.clone(), r);
+        }
+        let mut bad = rec("d", 3, TunnelBackend::Vxlan);
+        bad.vtep_mac = "zz".into();
+        hosts.insert("d".into(), bad);
+        let (peers, skipped) = desired_peers(&me, &hosts);
+        assert_eq!(peers.iter().map(|p| p.host_id.as_str()).collect::<Vec<_>>(), ["b"]);
+        assert_eq!(skipped, ["c", "d"]);
+        let routes = peer_routes(TunnelBackend::Vxlan, &peers);
+        assert_eq!(routes[0].via, Some(Ipv4Addr::new(10, 42, 1, 0)));
+        let vteps = vtep_peers(&peers);
+        assert_eq!(vteps[0].underlay, Ipv4Addr::new(192, 168, 77, 11));
+        assert_eq!(vteps[0].mac, vtep_mac("b"));
+        assert_eq!(peer_routes(TunnelBackend::Wireguard, &peers)[0].via, None);
+    }
+
+    #[test]
+    fn macs_and_keys_round_trip() {
+        let mac = vtep_mac("host-1");
+        assert_eq!(mac[0], 0x02, "locally administered unicast");
+        assert_eq!(vtep_mac("host-1"), mac, "stable");
+        assert_ne!(vtep_mac("host-2"), mac);
+        assert_eq!(parse_mac(&format_mac(&mac)), Some(mac));
+        assert_eq!(parse_mac("02:00:00:00:00"), None);
+        let key = decode_key("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=").unwrap();
+        assert_eq!(key[31], 31);
+        assert_eq!(decode_key("short"), None);
+    }
+
+    #[test]
+    fn overheads() {
+        assert_eq!(TunnelBackend::Wireguard.overhead(), 60);
+        assert_eq!(TunnelBackend::Vxlan.overhead(), 50);
+        assert_eq!("vxlan".parse::<TunnelBackend>(), Ok(TunnelBackend::Vxlan));
+    }
+}

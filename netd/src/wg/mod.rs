@@ -1,0 +1,1 @@
+//! WireGuard data path.

@@ -1,0 +1,378 @@
+//! The peer table: who gets a packet from the TUN (by destination address),
+//! who sent a datagram (by receiver index or, for handshake initiations, by
+//! static public key).
+//!
+//! A table is immutable; `set_peers` builds a new one and the data-path
+//! threads pick it up between batches. Peers that stay keep their `Arc<Peer>`
+//! (and so their sessions and counters).
+
+use std::collections::HashMap;
+use std::net::SocketAddrV4;
+use std::sync::Arc;
+
+use ipnetwork::Ipv4Network;
+
+use super::peer::Peer;
+
+/// boringtun indices are 24 bits (it shifts them left by 8).
+const INDEX_MASK: u32 = 0x00ff_ffff;
+
+/// Disjoint IPv4 ranges, each owned by a slot, sorted by start.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Routes {
+    routes: Vec<(u32, u32, u32)>, // (first, last, slot)
+}
+
+impl Routes {
+    /// Adds `net` for `slot` unless it overlaps a range already there; then
+    /// returns the slot that owns the overlapping range.
+    pub(crate) fn insert(&mut self, net: Ipv4Network, slot: u32) -> Result<(), u32> {
+        let first = u32::from(net.network());
+        let last = u32::from(net.broadcast());
+        let i = self.routes.partition_point(|r| r.0 <= first);
+        if i > 0 && self.routes[i - 1].1 >= first {
+            return Err(self.routes[i - 1].2);
+        }
+        if let Some(next) = self.routes.get(i) {
+            if next.0 <= last {
+                return Err(next.2);
+            }
+        }
+        self.routes.insert(i, (first, last, slot));
+        Ok(())
+    }
+
+    /// The slot whose range holds `addr`.
+    #[inline]
+    pub(crate) fn lookup(&self, addr: u32) -> Option<u32> {
+        let i = self.routes.partition_point(|r| r.0 <= addr);
+        match i.checked_sub(1).map(|j| self.routes[j]) {
+            Some((_, last, slot)) if addr <= last => Some(slot),
+            _ => None,
+        }
+    }
+}
+
+pub(crate) struct Entry {
+    pub(crate) peer: Arc<Peer>,
+    pub(crate) allowed: Ipv4Network,
+}
+
+/// A peer as configured (see [`super::WgPeer`]), IPv4 endpoint only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Want {
+    pub(crate) public_key: [u8; 32],
+    pub(crate) endpoint: SocketAddrV4,
+    pub(crate) allowed: Ipv4Network,
+}
+
+#[derive(Default)]
+pub(crate) struct PeerTable {
+    slots: Vec<Option<Entry>>,
+    routes: Routes,
+    by_key: HashMap<[u8; 32], u32>,
+    index_base: u32,
+}
+
+/// What [`PeerTable::reconcile`] did.
+#[derive(Default)]
+pub(crate) struct Changes {
+    pub(crate) added: Vec<Arc<Peer>>,
+    pub(crate) removed: Vec<Arc<Peer>>,
+    /// Peers that were kept, with their endpoint changed by configuration.
+    pub(crate) moved: Vec<(Arc<Peer>, SocketAddrV4)>,
+    /// Peers left out, with why.
+    pub(crate) rejected: Vec<([u8; 32], String)>,
+}
+
+impl PeerTable {
+    pub(crate) fn new(index_base: u32) -> PeerTable {
+        PeerTable {
+            index_base: index_base & INDEX_MASK,
+            ..PeerTable::default()
+        }
+    }
+
+    fn index_of_slot(&self, slot: u32) -> u32 {
+        self.index_base.wrapping_add(slot) & INDEX_MASK
+    }
+
+    /// The peer owning destination `dst` (host byte order).
+    #[inline]
+    pub(crate) fn by_dst(&self, dst: u32) -> Option<&Entry> {
+        let slot = self.routes.lookup(dst)?;
+        self.slots.get(slot as usize)?.as_ref()
+    }
+
+    /// The peer owning a session index (`receiver_idx` of a data packet,
+    /// handshake response or cookie reply).
+    #[inline]
+    pub(crate) fn by_receiver_idx(&self, receiver_idx: u32) -> Option<&Entry> {
+        let index = receiver_idx >> 8;
+        let slot = index.wrapping_sub(self.index_base) & INDEX_MASK;
+        let e = self.slots.get(slot as usize)?.as_ref()?;
+        (e.peer.index == index).then_some(e)
+    }
+
+    /// The peer with static public key `key`.
+    pub(crate) fn by_key(&self, key: &[u8; 32]) -> Option<&Entry> {
+        let slot = *self.by_key.get(key)?;
+        self.slots.get(slot as usize)?.as_ref()
+    }
+
+    pub(crate) fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.slots.iter().flatten()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    /// A new table with exactly the peers in `want` (first one wins on a
+    /// duplicate key or overlapping network). Peers already here are kept
+    /// (same `Arc`, same sessions) with their endpoint updated; new ones are
+    /// made by `make(want, index)`.
+    pub(crate) fn reconcile(
+        &self,
+        want: &[Want],
+        own_key: &[u8; 32],
+        mut make: impl FnMut(&Want, u32) -> Arc<Peer>,
+    ) -> (PeerTable, Changes) {
+        let mut changes = Changes::default();
+        let mut next = PeerTable::new(self.index_base);
+        // Keep the slots of staying peers so their indices do not change.
+        let mut new_peers: Vec<&Want> = Vec::new();
+        next.slots = (0..self.slots.len()).map(|_| None).collect();
+        for w in want {
+            if &w.public_key == own_key {
+                changes
+                    .rejected
+                    .push((w.public_key, "it is this host's own key".into()));
+                continue;
+            }
+            if next.by_key.contains_key(&w.public_key) {
+                changes
+                    .rejected
+                    .push((w.public_key, "the same public key is listed twice".into()));
+                continue;
+            }
+            match self.by_key.get(&w.public_key) {
+                Some(&slot) => {
+                    let Some(old) = self.slots[slot as usize].as_ref() else {
+                        continue;
+                    };
+                    if let Err(other) = next.routes.insert(w.allowed, slot) {
+                        changes.rejected.push((w.public_key, overlap_reason(&next, other, w)));
+                        continue;
+                    }
+                    next.slots[slot as usize] = Some(Entry {
+                        peer: Arc::clone(&old.peer),
+                        allowed: w.allowed,
+                    });
+                    next.by_key.insert(w.public_key, slot);
+                    if old.peer.endpoint() != w.endpoint {
+                        changes.moved.push((Arc::clone(&old.peer), w.endpoint));
+                    }
+                }
+                None => {
+                    // Reserve the key now so a duplicate later in `want` is
+                    // caught; the slot is chosen below.
+                    next.by_key.insert(w.public_key, u32::MAX);
+                    new_peers.push(w);
+                }
+            }
+        }
+        for w in new_peers {
+            next.by_key.remove(&w.public_key);
+            let slot = match next.slots.iter().position(Option::is_none) {
+                Some(s) => s as u32,
+                None => {
+                    next.slots.push(None);
+                    (next.slots.len() - 1) as u32
+                }
+            };
+            if let Err(other) = next.routes.insert(w.allowed, slot) {
+                changes.rejected.push((w.public_key, overlap_reason(&next, other, w)));
+                continue;
+            }
+            let peer = make(w, next.index_of_slot(slot));
+            changes.added.push(Arc::clone(&peer));
+            next.slots[slot as usize] = Some(Entry {
+                peer,
+                allowed: w.allowed,
+            });
+            next.by_key.insert(w.public_key, slot);
+        }
+        while matches!(next.slots.last(), Some(None)) {
+            next.slots.pop();
+        }
+        for e in self.entries() {
+            if !next.by_key.contains_key(&e.peer.public_key) {
+                changes.removed.push(Arc::clone(&e.peer));
+            }
+        }
+        (next, changes)
+    }
+}
+
+fn overlap_reason(t: &PeerTable, other_slot: u32, w: &Want) -> String {
+    let other = t
+        .slots
+        .get(other_slot as usize)
+        .and_then(Option::as_ref)
+        .map(|e| (super::key::key_to_base64(&e.peer.public_key), e.allowed.to_string()))
+        .unwrap_or_default();
+    format!(
+        "its allowed network {} overlaps {} of peer {}",
+        w.allowed, other.1, other.0
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn net(s: &str) -> Ipv4Network {
+        s.parse().unwrap()
+    }
+    fn ip(s: &str) -> u32 {
+        u32::from(s.parse::<Ipv4Addr>().unwrap())
+    }
+
+    #[test]
+    fn routes_lookup_and_overlap() {
+        let mut r = Routes::default();
+        r.insert(net("10.42.3.0/24"), 3).unwrap();
+        r.insert(net("10.42.1.0/24"), 1).unwrap();
+        r.insert(net("10.42.8.0/22"), 8).unwrap();
+        r.insert(net("10.42.0.7/32"), 0).unwrap();
+        assert_eq!(r.lookup(ip("10.42.3.0")), Some(3));
+        assert_eq!(r.lookup(ip("10.42.3.255")), Some(3));
+        assert_eq!(r.lookup(ip("10.42.1.9")), Some(1));
+        assert_eq!(r.lookup(ip("10.42.11.200")), Some(8));
+        assert_eq!(r.lookup(ip("10.42.0.7")), Some(0));
+        assert_eq!(r.lookup(ip("10.42.0.8")), None);
+        assert_eq!(r.lookup(ip("10.42.2.1")), None);
+        assert_eq!(r.lookup(ip("10.42.12.0")), None);
+        assert_eq!(r.lookup(ip("0.0.0.0")), None);
+        assert_eq!(r.lookup(ip("255.255.255.255")), None);
+        assert_eq!(r.insert(net("10.42.3.128/25"), 9), Err(3));
+        assert_eq!(r.insert(net("10.42.0.0/16"), 9), Err(0));
+        assert_eq!(r.insert(net("10.42.9.0/24"), 9), Err(8));
+        r.insert(net("10.42.2.0/24"), 2).unwrap();
+        assert_eq!(r.lookup(ip("10.42.2.1")), Some(2));
+    }
+
+    #[test]
+    fn routes_full_cluster_of_256_blocks() {
+        let mut r = Routes::default();
+        for b in (0..=255u32).rev() {
+            r.insert(net(&format!("10.42.{b}.0/24")), b).unwrap();
+        }
+        for b in 0..=255u32 {
+            assert_eq!(r.lookup(ip(&format!("10.42.{b}.77"))), Some(b));
+        }
+        assert_eq!(r.lookup(ip("10.43.0.1")), None);
+        assert_eq!(r.lookup(ip("10.41.255.255")), None);
+    }
+
+    fn key(n: u8) -> [u8; 32] {
+        let mut k = [0u8; 32];
+        k[0] = n;
+        k
+    }
+
+    fn want(n: u8, allowed: &str) -> Want {
+        Want {
+            public_key: key(n),
+            endpoint: SocketAddrV4::new(Ipv4Addr::new(192, 168, 77, n), 51820),
+            allowed: net(allowed),
+        }
+    }
+
+    fn make(private: [u8; 32]) -> impl FnMut(&Want, u32) -> Arc<Peer> {
+        move |w, index| Arc::new(Peer::new(&private, w.public_key, w.endpoint, None, index))
+    }
+
+    #[test]
+    fn reconcile_adds_keeps_removes() {
+        let own = [7u8; 32];
+        let t0 = PeerTable::new(0xfffffe); // indices wrap around 2^24
+        let (t1, c) = t0.reconcile(
+            &[want(1, "10.42.1.0/24"), want(2, "10.42.2.0/24"), want(3, "10.42.3.0/24")],
+            &[9u8; 32],
+            make(own),
+        );
+        assert_eq!(c.added.len(), 3);
+        assert!(c.removed.is_empty() && c.rejected.is_empty());
+        assert_eq!(t1.len(), 3);
+        let p2 = Arc::clone(&t1.by_dst(ip("10.42.2.200")).unwrap().peer);
+        assert_eq!(p2.public_key, key(2));
+        // Distinct indices, each found again by receiver index.
+        let mut indices: Vec<u32> = t1.entries().map(|e| e.peer.index).collect();
+        indices.sort();
+        indices.dedup();
+        assert_eq!(indices.len(), 3);
+        for e in t1.entries() {
+            assert!(e.peer.index <= INDEX_MASK);
+            let found = t1.by_receiver_idx(e.peer.index << 8 | 0x5a).unwrap();
+            assert!(Arc::ptr_eq(&found.peer, &e.peer));
+            assert!(Arc::ptr_eq(&t1.by_key(&e.peer.public_key).unwrap().peer, &e.peer));
+        }
+        assert!(t1.by_receiver_idx(0x1234_5600).is_none());
+        assert!(t1.by_dst(ip("10.42.4.1")).is_none());
+
+        // Peer 1 goes, 2 moves (endpoint and network), 3 stays, 4 comes.
+        let mut w2 = want(2, "10.42.20.0/23");
+        w2.endpoint = "192.168.78.2:4000".parse().unwrap();
+        let (t2, c) = t1.reconcile(
+            &[w2, want(3, "10.42.3.0/24"), want(4, "10.42.4.0/24")],
+            &[9u8; 32],
+            make(own),
+        );
+        assert_eq!(c.added.len(), 1);
+        assert_eq!(c.added[0].public_key, key(4));
+        assert_eq!(c.removed.len(), 1);
+        assert_eq!(c.removed[0].public_key, key(1));
+        assert_eq!(c.moved.len(), 1);
+        assert_eq!(c.moved[0].1, "192.168.78.2:4000".parse().unwrap());
+        let e2 = t2.by_dst(ip("10.42.21.1")).unwrap();
+        assert!(Arc::ptr_eq(&e2.peer, &p2), "an existing peer keeps its state");
+        assert!(t2.by_dst(ip("10.42.2.1")).is_none());
+        assert!(t2.by_dst(ip("10.42.1.1")).is_none());
+        // The new peer reuses the freed slot, and lookups by index still work.
+        let p4 = &t2.by_dst(ip("10.42.4.1")).unwrap().peer;
+        assert!(Arc::ptr_eq(&t2.by_receiver_idx(p4.index << 8).unwrap().peer, p4));
+        assert!(Arc::ptr_eq(&t2.by_receiver_idx(p2.index << 8 | 3).unwrap().peer, &p2));
+        assert_eq!(t2.len(), 3);
+
+        // Empty: everything removed.
+        let (t3, c) = t2.reconcile(&[], &[9u8; 32], make(own));
+        assert_eq!(c.removed.len(), 3);
+        assert_eq!(t3.len(), 0);
+        assert!(t3.by_receiver_idx(p2.index << 8).is_none());
+    }
+
+    #[test]
+    fn reconcile_rejects_conflicts() {
+        let own = [7u8; 32];
+        let t0 = PeerTable::new(1);
+        let (t1, c) = t0.reconcile(
+            &[
+                want(1, "10.42.1.0/24"),
+                want(1, "10.42.5.0/24"),   // duplicate key
+                want(2, "10.42.1.128/25"), // overlaps peer 1
+                want(9, "10.42.9.0/24"),   // our own key
+                want(3, "10.42.3.0/24"),
+            ],
+            &key(9),
+            make(own),
+        );
+        assert_eq!(t1.len(), 2);
+        assert_eq!(c.rejected.len(), 3, "{:?}", c.rejected);
+        assert!(c.rejected.iter().any(|(_, why)| why.contains("overlaps")));
+        assert!(t1.by_dst(ip("10.42.5.1")).is_none());
+        assert_eq!(t1.by_dst(ip("10.42.1.200")).unwrap().peer.public_key, key(1));
+    }
+}

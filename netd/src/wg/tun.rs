@@ -1,0 +1,232 @@
+//! The persistent TUN device: create or reattach by name, MTU, up, remove.
+//!
+//! Everything works on the calling thread's network namespace: the device is
+//! created where `/dev/net/tun` is opened, and the link ioctls go through a
+//! socket made in the same namespace. Once open, the file descriptor stays
+//! bound to that device whichever thread uses it.
+
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
+
+use super::error::WgError;
+
+const TUN_PATH: &CStr = c"/dev/net/tun";
+
+/// Flags weft's TUN uses. Reattaching needs the same TUN/TAP type and
+/// multi-queue setting as the device was created with.
+const TUN_FLAGS: libc::c_int = libc::IFF_TUN | libc::IFF_NO_PI;
+
+/// Checks an interface name the way the kernel does (`dev_valid_name`).
+pub(crate) fn check_ifname(name: &str) -> Result<(), WgError> {
+    let ok = !name.is_empty()
+        && name.len() < libc::IFNAMSIZ
+        && name != "."
+        && name != ".."
+        && !name
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b == 0 || b.is_ascii_whitespace());
+    if ok {
+        Ok(())
+    } else {
+        Err(WgError::IfName(name.to_string()))
+    }
+}
+
+fn ifreq(name: &str) -> libc::ifreq {
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    req
+}
+
+fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// The index of interface `name` in the calling thread's namespace, if it
+/// exists.
+pub(crate) fn ifindex_of(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: `c` is a valid NUL-terminated string.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (idx != 0).then_some(idx)
+}
+
+/// An open TUN queue (IFF_TUN | IFF_NO_PI, nonblocking).
+#[derive(Debug)]
+pub(crate) struct Tun {
+    fd: OwnedFd,
+    name: String,
+}
+
+impl Tun {
+    /// Attaches to the TUN device `name`, creating it if it does not exist,
+    /// and makes it persistent (it outlives this process with its addresses
+    /// and routes). Returns whether the device was created.
+    pub(crate) fn open_persistent(name: &str) -> Result<(Tun, bool), WgError> {
+        check_ifname(name)?;
+        let existed = ifindex_of(name).is_some();
+        let tun = Tun::attach(name)?;
+        // SAFETY: TUNSETPERSIST takes an integer argument.
+        cvt(unsafe { libc::ioctl(tun.fd.as_raw_fd(), libc::TUNSETPERSIST, 1 as libc::c_ulong) })
+            .map_err(|e| WgError::tun(name, "make the device persistent (TUNSETPERSIST)", e))?;
+        Ok((tun, !existed))
+    }
+
+    fn attach(name: &str) -> Result<Tun, WgError> {
+        // SAFETY: a valid path and flags; the result is checked.
+        let fd = unsafe {
+            libc::open(
+                TUN_PATH.as_ptr(),
+                libc::O_RDWR | libc::O_CLOEXEC | libc::O_NONBLOCK,
+            )
+        };
+        let fd = cvt(fd).map_err(|e| WgError::tun(name, "open /dev/net/tun", e))?;
+        // SAFETY: `fd` was just opened and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut req = ifreq(name);
+        req.ifr_ifru.ifru_flags = TUN_FLAGS as libc::c_short;
+        // SAFETY: TUNSETIFF reads and writes a struct ifreq.
+        cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req) })
+            .map_err(|e| WgError::tun(name, "attach (TUNSETIFF)", e))?;
+        Ok(Tun {
+            fd,
+            name: name.to_string(),
+        })
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Reads one packet; `WouldBlock` when none is queued.
+    pub(crate) fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: the pointer and length describe a live, writable buffer.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    /// Writes one packet.
+    pub(crate) fn write(&self, pkt: &[u8]) -> io::Result<usize> {
+        // SAFETY: the pointer and length describe a live buffer.
+        let n = unsafe { libc::write(self.fd.as_raw_fd(), pkt.as_ptr().cast(), pkt.len()) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+}
+
+/// Link settings through ioctls on a socket of the calling thread's
+/// namespace.
+pub(crate) struct Link {
+    sock: OwnedFd,
+    name: String,
+}
+
+impl Link {
+    pub(crate) fn new(name: &str) -> Result<Link, WgError> {
+        check_ifname(name)?;
+        // SAFETY: plain socket(2) call; the result is checked.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        let fd = cvt(fd).map_err(|e| WgError::tun(name, "open a control socket", e))?;
+        Ok(Link {
+            // SAFETY: `fd` was just created and is owned by nobody else.
+            sock: unsafe { OwnedFd::from_raw_fd(fd) },
+            name: name.to_string(),
+        })
+    }
+
+    fn ioctl(&self, req: libc::c_ulong, ifr: &mut libc::ifreq) -> io::Result<()> {
+        // SAFETY: every request used here reads/writes one struct ifreq.
+        cvt(unsafe { libc::ioctl(self.sock.as_raw_fd(), req, ifr as *mut libc::ifreq) })?;
+        Ok(())
+    }
+
+    pub(crate) fn set_mtu(&self, mtu: u32) -> Result<(), WgError> {
+        let mut ifr = ifreq(&self.name);
+        ifr.ifr_ifru.ifru_mtu = mtu as libc::c_int;
+        self.ioctl(libc::SIOCSIFMTU, &mut ifr)
+            .map_err(|e| WgError::tun(&self.name, format!("set MTU {mtu}"), e))
+    }
+
+    pub(crate) fn mtu(&self) -> Result<u32, WgError> {
+        let mut ifr = ifreq(&self.name);
+        self.ioctl(libc::SIOCGIFMTU, &mut ifr)
+            .map_err(|e| WgError::tun(&self.name, "read the MTU", e))?;
+        // SAFETY: SIOCGIFMTU filled the mtu member.
+        Ok(unsafe { ifr.ifr_ifru.ifru_mtu } as u32)
+    }
+
+    pub(crate) fn set_up(&self) -> Result<(), WgError> {
+        let mut ifr = ifreq(&self.name);
+        self.ioctl(libc::SIOCGIFFLAGS, &mut ifr)
+            .map_err(|e| WgError::tun(&self.name, "read the link flags", e))?;
+        // SAFETY: SIOCGIFFLAGS filled the flags member.
+        let flags = unsafe { ifr.ifr_ifru.ifru_flags };
+        if flags & libc::IFF_UP as libc::c_short != 0 {
+            return Ok(());
+        }
+        ifr.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+        self.ioctl(libc::SIOCSIFFLAGS, &mut ifr)
+            .map_err(|e| WgError::tun(&self.name, "bring the link up", e))
+    }
+
+    pub(crate) fn index(&self) -> Result<u32, WgError> {
+        let mut ifr = ifreq(&self.name);
+        self.ioctl(libc::SIOCGIFINDEX, &mut ifr)
+            .map_err(|e| WgError::tun(&self.name, "read the interface index", e))?;
+        // SAFETY: SIOCGIFINDEX filled the ifindex member.
+        Ok(unsafe { ifr.ifr_ifru.ifru_ifindex } as u32)
+    }
+}
+
+/// Removes the persistent TUN device `name` from the calling thread's
+/// namespace. A device that does not exist is not an error; one in use by a
+/// running process is (`EBUSY`).
+pub fn destroy(name: &str) -> Result<(), super::WgError> {
+    check_ifname(name)?;
+    if ifindex_of(name).is_none() {
+        return Ok(());
+    }
+    let tun = Tun::attach(name)?;
+    // SAFETY: TUNSETPERSIST takes an integer argument.
+    cvt(unsafe { libc::ioctl(tun.fd.as_raw_fd(), libc::TUNSETPERSIST, 0 as libc::c_ulong) })
+        .map_err(|e| WgError::tun(name, "clear persistence (TUNSETPERSIST 0)", e))?;
+    // Closing the last file descriptor of a non-persistent device removes it.
+    drop(tun);
+    tracing::info!(ifname = name, "removed the WireGuard TUN device");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ifnames() {
+        assert!(check_ifname("weft-wg").is_ok());
+        assert!(check_ifname("a234567890abcde").is_ok());
+        assert!(check_ifname("a234567890abcdef").is_err());
+        assert!(check_ifname("").is_err());
+        assert!(check_ifname("a/b").is_err());
+        assert!(check_ifname("a b").is_err());
+        assert!(check_ifname("..").is_err());
+    }
+}
