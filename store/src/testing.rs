@@ -38,6 +38,10 @@ pub struct EtcdServer {
     peer_port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Where it listens: 127.0.0.1, or an address inside `netns`.
+    listen: Ipv4Addr,
+    /// A network namespace (`ip netns` name) to run in.
+    netns: Option<String>,
 }
 
 impl std::fmt::Debug for EtcdServer {
@@ -69,6 +73,8 @@ impl EtcdServer {
                 peer_port,
                 dir: tempfile::Builder::new().prefix("weft-etcd-").tempdir()?,
                 child: None,
+                listen: Ipv4Addr::LOCALHOST,
+                netns: None,
             };
             match server.launch() {
                 Ok(()) => return Ok(server),
@@ -78,9 +84,30 @@ impl EtcdServer {
         Err(last_err.unwrap_or_else(|| io::Error::other("etcd did not start")))
     }
 
-    /// The client URL, `http://127.0.0.1:PORT`.
+    /// Starts etcd inside network namespace `netns` (an `ip netns` name),
+    /// listening on `listen`, an address of that namespace: for daemons in
+    /// test namespaces that cannot reach the root namespace's loopback.
+    pub fn start_in_netns(netns: &str, listen: Ipv4Addr) -> io::Result<EtcdServer> {
+        let binary = find_etcd()?;
+        let (client_port, peer_port) = free_ports()?;
+        let n = SERVER_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let mut server = EtcdServer {
+            binary,
+            name: format!("weft-test-{}-{n}", std::process::id()),
+            client_port,
+            peer_port,
+            dir: tempfile::Builder::new().prefix("weft-etcd-").tempdir()?,
+            child: None,
+            listen,
+            netns: Some(netns.to_owned()),
+        };
+        server.launch()?;
+        Ok(server)
+    }
+
+    /// The client URL, `http://<listen address>:PORT`.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        format!("http://{}:{}", self.listen, self.client_port)
     }
 
     /// A store config for this server with short timeouts for tests:
@@ -140,12 +167,19 @@ impl EtcdServer {
     /// returns an error with the tail of its log.
     fn launch(&mut self) -> io::Result<()> {
         let client_url = self.endpoint();
-        let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
+        let peer_url = format!("http://{}:{}", self.listen, self.peer_port);
         let log = OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.log_path())?;
-        let mut cmd = Command::new(&self.binary);
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.binary);
+                c
+            }
+            None => Command::new(&self.binary),
+        };
         // Settings from the environment (ETCD_*) would override nothing we
         // pass, but could add listeners or change behaviour: drop them.
         for (key, _) in std::env::vars_os() {
@@ -200,7 +234,7 @@ impl EtcdServer {
 
     fn wait_healthy(&mut self) -> io::Result<()> {
         let deadline = Instant::now() + STARTUP_LIMIT;
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.client_port));
+        let addr = SocketAddr::from((self.listen, self.client_port));
         loop {
             if let Some(child) = self.child.as_mut() {
                 if let Some(status) = child.try_wait()? {
@@ -208,7 +242,7 @@ impl EtcdServer {
                     return Err(io::Error::other(format!("etcd exited early with {status}")));
                 }
             }
-            if health_ok(addr) {
+            if health_ok_in(self.netns.as_deref(), addr) {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -254,6 +288,29 @@ fn free_ports() -> io::Result<(u16, u16)> {
     let a = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
     let b = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
     Ok((a.local_addr()?.port(), b.local_addr()?.port()))
+}
+
+/// [`health_ok`] from inside network namespace `netns` (a thread of its
+/// own enters it), or from here.
+fn health_ok_in(netns: Option<&str>, addr: SocketAddr) -> bool {
+    let Some(ns) = netns else {
+        return health_ok(addr);
+    };
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let Ok(file) = File::open(&path) else {
+            return false;
+        };
+        // SAFETY: setns(2) on a valid namespace fd affects only this thread,
+        // which exits right after the check.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return false;
+        }
+        health_ok(addr)
+    })
+    .join()
+    .unwrap_or(false)
 }
 
 /// Whether etcd at `addr` answers `GET /health` with `"health":"true"`.
