@@ -38,8 +38,11 @@ pub struct Daemon {
     store_ok: AtomicBool,
     /// Serialises endpoint changes and the NAT reconcile that follows each.
     lock: tokio::sync::Mutex<()>,
-    underlay: Ipv4Addr,
-    underlay_link: Link,
+    /// The underlay interface and address; re-detected while running, so a
+    /// host whose address changes (roaming) updates its record in place.
+    underlay: std::sync::Mutex<(Link, Ipv4Addr)>,
+    /// The record this host publishes; the registration follows changes.
+    record: tokio::sync::watch::Sender<Option<HostRecord>>,
     /// The host records last seen in the store, and the peers made of them.
     /// The lock also serialises data-plane changes.
     mesh: tokio::sync::Mutex<BTreeMap<String, HostRecord>>,
@@ -114,8 +117,8 @@ impl Daemon {
             nat: Arc::new(nat),
             store_ok: AtomicBool::new(true),
             lock: tokio::sync::Mutex::new(()),
-            underlay,
-            underlay_link,
+            underlay: std::sync::Mutex::new((underlay_link, underlay)),
+            record: tokio::sync::watch::Sender::new(None),
             mesh: tokio::sync::Mutex::new(BTreeMap::new()),
             peers: std::sync::Mutex::new(Vec::new()),
         });
@@ -454,7 +457,7 @@ impl Daemon {
     pub fn host_record(&self) -> HostRecord {
         HostRecord {
             host_id: self.host_id.clone(),
-            underlay: self.underlay,
+            underlay: self.underlay().1,
             block: self.block.block,
             backend: self.cfg.mesh.backend,
             wg_public_key: None,
@@ -467,13 +470,35 @@ impl Daemon {
         }
     }
 
+    fn underlay(&self) -> (Link, Ipv4Addr) {
+        self.underlay.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Re-detects the underlay address; on a change, updates the published
+    /// record and the data plane in place.
+    async fn check_underlay(&self) -> anyhow::Result<()> {
+        let found = self.net.underlay(self.cfg.mesh.underlay_addr).await?;
+        let Some((link, addr)) = found else {
+            return Ok(());
+        };
+        let (old_link, old_addr) = self.underlay();
+        if addr == old_addr && link.index == old_link.index {
+            return Ok(());
+        }
+        tracing::info!(from = %old_addr, to = %addr, interface = %link.name, "underlay address changed");
+        *self.underlay.lock().unwrap_or_else(|p| p.into_inner()) = (link, addr);
+        self.record.send_replace(Some(self.host_record()));
+        self.apply_mesh(None).await
+    }
+
     /// Registers this host and follows the others until `stop` fires.
     pub async fn run_mesh(self: Arc<Self>, stop: tokio::sync::watch::Receiver<bool>) {
         let prefix = self.cfg.store_prefix.clone();
+        self.record.send_replace(Some(self.host_record()));
         let register = tokio::spawn(crate::mesh::register(
             self.store.clone(),
             crate::mesh::host_key(&prefix, &self.host_id),
-            self.host_record(),
+            self.record.subscribe(),
             self.cfg.mesh.host_ttl,
             stop.clone(),
         ));
@@ -503,6 +528,7 @@ impl Daemon {
             tracing::warn!(hosts = ?skipped, backend = me.backend.as_str(), "hosts left out of the mesh: other backend, same block or unusable record");
         }
         let routes = crate::mesh::peer_routes(me.backend, &peers);
+        let (underlay_link, underlay) = self.underlay();
         match me.backend {
             TunnelBackend::Vxlan => {
                 let link = self
@@ -511,10 +537,10 @@ impl Daemon {
                         name: VXLAN_DEVICE.into(),
                         vni: self.cfg.mesh.vni,
                         port: self.cfg.mesh.vxlan_port,
-                        local: self.underlay,
-                        underlay_index: self.underlay_link.index,
+                        local: underlay,
+                        underlay_index: underlay_link.index,
                         mac: crate::mesh::vtep_mac(&self.host_id),
-                        mtu: self.underlay_link.mtu.saturating_sub(TunnelBackend::Vxlan.overhead()),
+                        mtu: underlay_link.mtu.saturating_sub(TunnelBackend::Vxlan.overhead()),
                     })
                     .await?;
                 self.net
@@ -547,8 +573,10 @@ impl Daemon {
             (self.cfg.ipam.block_grace / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
         let mut renew = tokio::time::interval(renew_every);
         let mut reconcile = tokio::time::interval(Duration::from_secs(30));
+        let mut underlay = tokio::time::interval(Duration::from_secs(2));
         renew.tick().await;
         reconcile.tick().await;
+        underlay.tick().await;
         loop {
             tokio::select! {
                 _ = stop.changed() => return,
@@ -561,6 +589,11 @@ impl Daemon {
                             }
                             tracing::warn!(error = %e, "renewing the block lease failed");
                         }
+                    }
+                }
+                _ = underlay.tick() => {
+                    if let Err(e) = self.check_underlay().await {
+                        tracing::warn!(error = %format!("{e:#}"), "checking the underlay address failed");
                     }
                 }
                 _ = reconcile.tick() => {

@@ -204,25 +204,25 @@ pub fn host_key(prefix: &str, host_id: &str) -> String {
     format!("{prefix}hosts/{host_id}")
 }
 
-/// Keeps this host's record in the store under a lease until `stop` fires.
-/// Re-registers when the lease was lost (store outage longer than the TTL);
-/// store errors only delay, never stop, the loop.
+/// Keeps this host's record in the store under a lease until `stop` fires,
+/// re-writing it whenever `record` changes (roaming). Re-registers when the
+/// lease was lost (store outage longer than the TTL); store errors only
+/// delay, never stop, the loop.
 pub async fn register(
     store: DynStore,
     key: String,
-    record: HostRecord,
+    mut record: tokio::sync::watch::Receiver<Option<HostRecord>>,
     ttl: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let value = match serde_json::to_vec(&record) {
-        Ok(v) => v,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot encode the host record");
-            return;
-        }
-    };
+    let encode = |r: &Option<HostRecord>| r.as_ref().and_then(|r| serde_json::to_vec(r).ok());
     let mut backoff = Duration::from_millis(200);
     loop {
+        let current = encode(&record.borrow_and_update());
+        let Some(value) = current else {
+            tracing::error!("no host record to publish");
+            return;
+        };
         let lease: Result<LeaseId, StoreError> = async {
             let lease = store.lease_grant(ttl).await?;
             store.put(&key, &value, Some(lease)).await?;
@@ -250,6 +250,21 @@ pub async fn register(
         loop {
             tokio::select! {
                 _ = stop.changed() => return,
+                changed = record.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    // Re-publish under the same lease.
+                    let current = encode(&record.borrow_and_update());
+                    if let Some(value) = current {
+                        if let Err(e) = store.put(&key, &value, Some(lease)).await {
+                            tracing::warn!(error = %e, "updating the host record failed; re-registering");
+                            break;
+                        }
+                        tracing::info!(key = %key, "host record updated");
+                    }
+                    continue;
+                }
                 _ = tick.tick() => {}
             }
             match store.lease_keep_alive(lease).await {

@@ -1,1 +1,460 @@
-//! WireGuard data path.
+//! weft's WireGuard data path: one persistent TUN device, one UDP socket and
+//! one boringtun `noise::Tunn` per peer, driven by weft's own threads (see
+//! [`datapath`] for the thread and batching design).
+//!
+//! ```no_run
+//! use weft_netd::wg::{load_or_create_key, WgConfig, WgDevice, WgPeer};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let key = load_or_create_key(std::path::Path::new("/var/lib/weft"))?;
+//! let dev = WgDevice::start(WgConfig {
+//!     ifname: "weft-wg".into(),
+//!     listen_port: 51820,
+//!     mtu: 1440,
+//!     private_key: key.private_key(),
+//!     keepalive: Some(25),
+//! })?;
+//! dev.set_peers(vec![WgPeer {
+//!     public_key: weft_netd::wg::key_from_base64("HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=")?,
+//!     endpoint: "192.168.77.11:51820".parse()?,
+//!     allowed: "10.42.1.0/24".parse()?,
+//! }]);
+//! // routes 10.42.1.0/24 dev weft-wg are the caller's job
+//! dev.stop(); // the TUN stays, with its addresses and routes
+//! # Ok(()) }
+//! ```
+//!
+//! Everything is created in the calling thread's network namespace.
+
+pub mod datapath;
+mod error;
+mod key;
+mod peer;
+mod table;
+mod tun;
+mod udp;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use boringtun::x25519;
+use ipnetwork::Ipv4Network;
+
+pub use error::WgError;
+pub use key::{key_from_base64, key_to_base64, load_or_create_key, KeyPair, KEY_FILE};
+pub use tun::destroy;
+
+use datapath::{DeviceCounters, Shared, DATA_OVERHEAD};
+use peer::Peer;
+use table::{PeerTable, Want};
+
+/// Default UDP port.
+pub const DEFAULT_PORT: u16 = 51820;
+/// Bytes WireGuard adds on an IPv4 underlay (IPv4 20 + UDP 8 + WireGuard 32):
+/// overlay MTU = underlay MTU − 60.
+pub const OVERHEAD_IPV4: u32 = 60;
+
+/// How to start the device.
+#[derive(Clone)]
+pub struct WgConfig {
+    /// Name of the TUN device (created if missing, reattached otherwise).
+    pub ifname: String,
+    /// UDP port to listen on (0.0.0.0); 0 picks a free one.
+    pub listen_port: u16,
+    /// MTU of the TUN device (overlay MTU).
+    pub mtu: u32,
+    /// This host's private key.
+    pub private_key: [u8; 32],
+    /// Persistent keepalive interval in seconds, for every peer.
+    pub keepalive: Option<u16>,
+}
+
+impl std::fmt::Debug for WgConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WgConfig")
+            .field("ifname", &self.ifname)
+            .field("listen_port", &self.listen_port)
+            .field("mtu", &self.mtu)
+            .field("private_key", &"<redacted>")
+            .field("keepalive", &self.keepalive)
+            .finish()
+    }
+}
+
+/// One peer host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WgPeer {
+    /// Its static public key.
+    pub public_key: [u8; 32],
+    /// Where to send to until it roams (IPv4 only for now).
+    pub endpoint: SocketAddr,
+    /// Its network (block): packets to it go to this peer, packets from this
+    /// peer must come from it.
+    pub allowed: Ipv4Network,
+}
+
+/// Counters of one peer (inner packets and bytes; since the peer was added).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerStats {
+    pub public_key: [u8; 32],
+    pub endpoint: SocketAddr,
+    pub allowed: Ipv4Network,
+    /// Index given to boringtun (session indices are `index << 8 | n`).
+    pub index: u32,
+    /// Decrypted and written to the TUN.
+    pub rx_bytes: u64,
+    pub rx_packets: u64,
+    /// Read from the TUN and encrypted to this peer.
+    pub tx_bytes: u64,
+    pub tx_packets: u64,
+    /// Time since the current session's handshake; `None` without a session.
+    pub last_handshake: Option<Duration>,
+    /// Decrypted packets whose source is outside `allowed` (crypto-key routing).
+    pub drops_bad_source: u64,
+    /// Data messages that did not decrypt (bad tag, replay, no session).
+    pub drops_decrypt: u64,
+    /// Packets too big for the TUN MTU (received) or the send buffer (sent).
+    pub drops_oversize: u64,
+    /// Handshake messages rejected (bad MAC, stale timestamp, ...).
+    pub handshake_errors: u64,
+    /// Writes to the TUN that failed.
+    pub drops_tun_write: u64,
+}
+
+/// Device-wide counters: drops that belong to no peer, and batching.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceStats {
+    /// Packets from the TUN to an address no peer owns.
+    pub drops_no_peer: u64,
+    /// Packets from the TUN that are not IPv4.
+    pub drops_non_ipv4: u64,
+    /// UDP datagrams that are not WireGuard messages (or fail mac1).
+    pub drops_malformed: u64,
+    /// WireGuard messages for an unknown index or from an unknown key.
+    pub drops_unknown_peer: u64,
+    /// Datagrams the socket refused to send.
+    pub drops_send: u64,
+    /// Failed reads from the TUN.
+    pub drops_tun_read: u64,
+    /// Cookie replies sent under handshake load.
+    pub cookies_sent: u64,
+    /// sendmmsg calls and datagrams sent by the transmit thread.
+    pub tx_syscalls: u64,
+    pub tx_datagrams: u64,
+    /// recvmmsg calls and datagrams received.
+    pub rx_syscalls: u64,
+    pub rx_datagrams: u64,
+}
+
+/// The running WireGuard device.
+pub struct WgDevice {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    ifname: String,
+    ifindex: u32,
+    public_key: [u8; 32],
+    control: Mutex<()>,
+    stopped: AtomicBool,
+}
+
+impl std::fmt::Debug for WgDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WgDevice")
+            .field("ifname", &self.ifname)
+            .field("ifindex", &self.ifindex)
+            .field("listen_port", &self.shared.udp.port())
+            .field("public_key", &key_to_base64(&self.public_key))
+            .finish()
+    }
+}
+
+impl WgDevice {
+    /// Creates (or reattaches to) the persistent TUN device, sets its MTU and
+    /// brings it up, binds the UDP socket and starts the data-path threads.
+    /// The device starts without peers: call [`WgDevice::set_peers`].
+    pub fn start(cfg: WgConfig) -> Result<WgDevice, WgError> {
+        tun::check_ifname(&cfg.ifname)?;
+        if !(576..=65_535 - OVERHEAD_IPV4).contains(&cfg.mtu) {
+            return Err(WgError::Config(format!(
+                "MTU {} out of range 576 to {}",
+                cfg.mtu,
+                65_535 - OVERHEAD_IPV4
+            )));
+        }
+        let (tun, created) = tun::Tun::open_persistent(&cfg.ifname)?;
+        let link = tun::Link::new(&cfg.ifname)?;
+        link.set_mtu(cfg.mtu)?;
+        link.set_up()?;
+        let ifindex = link.index()?;
+        let mtu = link.mtu()?;
+        let dev = WgDevice::launch(tun, ifindex, mtu, &cfg)?;
+        tracing::info!(
+            ifname = %cfg.ifname, ifindex, mtu, port = dev.listen_port(),
+            public_key = %key_to_base64(&dev.public_key), created, "WireGuard device started"
+        );
+        Ok(dev)
+    }
+
+    /// Binds the socket and starts the threads on an open TUN.
+    fn launch(tun: tun::Tun, ifindex: u32, mtu: u32, cfg: &WgConfig) -> Result<WgDevice, WgError> {
+        let keys = KeyPair::from_private(cfg.private_key);
+        let udp = udp::Udp::bind(cfg.listen_port)?;
+        let secret = x25519::StaticSecret::from(keys.private_key());
+        let public = x25519::PublicKey::from(&secret);
+        let mut base = [0u8; 4];
+        key::random_bytes(&mut base).map_err(|e| WgError::KeyIo {
+            path: "getrandom(2)".into(),
+            what: "get random bytes".into(),
+            source: e,
+        })?;
+        let tx_slot = (mtu as usize + DATA_OVERHEAD + 63) / 64 * 64;
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            tun,
+            udp,
+            mtu: mtu as usize,
+            tx_slot: tx_slot.max(256),
+            private_key: keys.private_key(),
+            limiter: datapath::new_limiter(&public),
+            secret,
+            public,
+            keepalive: cfg.keepalive,
+            table: Mutex::new(Arc::new(PeerTable::new(u32::from_le_bytes(base)))),
+            generation: AtomicU64::new(0),
+            counters: DeviceCounters::default(),
+        });
+        let mut dev = WgDevice {
+            shared: Arc::clone(&shared),
+            threads: Vec::new(),
+            ifname: cfg.ifname.clone(),
+            ifindex,
+            public_key: keys.public_key(),
+            control: Mutex::new(()),
+            stopped: AtomicBool::new(false),
+        };
+        type Loop = fn(Arc<Shared>);
+        let loops: [(&str, Loop); 3] = [
+            ("weft-wg-rx", datapath::rx_loop),
+            ("weft-wg-tx", datapath::tx_loop),
+            ("weft-wg-timer", datapath::timer_loop),
+        ];
+        for (name, f) in loops {
+            let sh = Arc::clone(&shared);
+            let h = std::thread::Builder::new()
+                .name(name.to_string())
+                .spawn(move || f(sh))
+                .map_err(|source| WgError::Thread {
+                    name: name.to_string(),
+                    source,
+                })?;
+            dev.threads.push(h);
+        }
+        Ok(dev)
+    }
+
+    /// Makes the peer set exactly `peers`: adds new ones (and starts a
+    /// handshake with each), removes those gone, and updates the endpoint and
+    /// allowed network of those that stay without touching their sessions.
+    /// Peers that cannot be used (IPv6 endpoint, own key, a duplicate key, an
+    /// allowed network overlapping another peer's) are left out with a
+    /// warning.
+    pub fn set_peers(&self, peers: Vec<WgPeer>) {
+        let _g = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        let mut want = Vec::with_capacity(peers.len());
+        for p in peers {
+            match p.endpoint {
+                SocketAddr::V4(endpoint) => want.push(Want {
+                    public_key: p.public_key,
+                    endpoint,
+                    allowed: p.allowed,
+                }),
+                SocketAddr::V6(_) => tracing::warn!(
+                    peer = %key_to_base64(&p.public_key), endpoint = %p.endpoint,
+                    "peer left out: IPv6 endpoints are not supported yet"
+                ),
+            }
+        }
+        let sh = &self.shared;
+        let old = sh.table();
+        let (next, changes) = old.reconcile(&want, &self.public_key, |w, index| {
+            Arc::new(Peer::new(
+                &sh.private_key,
+                w.public_key,
+                w.endpoint,
+                sh.keepalive,
+                index,
+            ))
+        });
+        for (peer, endpoint) in &changes.moved {
+            peer.lock().endpoint = *endpoint;
+            tracing::info!(peer = %key_to_base64(&peer.public_key), %endpoint, "peer endpoint set");
+        }
+        sh.publish(next);
+        for (key, why) in &changes.rejected {
+            tracing::warn!(peer = %key_to_base64(key), "peer left out: {why}");
+        }
+        for p in &changes.removed {
+            tracing::info!(peer = %key_to_base64(&p.public_key), "peer removed");
+        }
+        for p in &changes.added {
+            tracing::info!(peer = %key_to_base64(&p.public_key), endpoint = %p.endpoint(),
+                index = p.index, "peer added");
+            datapath::initiate(sh, p);
+        }
+    }
+
+    /// The TUN device's name.
+    pub fn ifname(&self) -> &str {
+        &self.ifname
+    }
+
+    /// The TUN device's interface index.
+    pub fn ifindex(&self) -> u32 {
+        self.ifindex
+    }
+
+    /// The UDP port in use.
+    pub fn listen_port(&self) -> u16 {
+        self.shared.udp.port()
+    }
+
+    /// The TUN's MTU as set at start.
+    pub fn mtu(&self) -> u32 {
+        self.shared.mtu as u32
+    }
+
+    /// This host's public key.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.public_key
+    }
+
+    /// Counters per peer.
+    pub fn stats(&self) -> Vec<PeerStats> {
+        let t = self.shared.table();
+        t.entries()
+            .map(|e| {
+                let p = &e.peer;
+                let (endpoint, last_handshake) = {
+                    let st = p.lock();
+                    (st.endpoint, st.tunn.time_since_last_handshake())
+                };
+                PeerStats {
+                    public_key: p.public_key,
+                    endpoint: SocketAddr::V4(endpoint),
+                    allowed: e.allowed,
+                    index: p.index,
+                    rx_bytes: p.rx.bytes.load(Relaxed),
+                    rx_packets: p.rx.packets.load(Relaxed),
+                    tx_bytes: p.tx.bytes.load(Relaxed),
+                    tx_packets: p.tx.packets.load(Relaxed),
+                    last_handshake,
+                    drops_bad_source: p.rx.drops_bad_source.load(Relaxed),
+                    drops_decrypt: p.rx.drops_decrypt.load(Relaxed),
+                    drops_oversize: p.rx.drops_oversize.load(Relaxed)
+                        + p.tx.drops_oversize.load(Relaxed),
+                    handshake_errors: p.rx.handshake_errors.load(Relaxed),
+                    drops_tun_write: p.rx.drops_tun_write.load(Relaxed),
+                }
+            })
+            .collect()
+    }
+
+    /// Device-wide counters.
+    pub fn device_stats(&self) -> DeviceStats {
+        let c = &self.shared.counters;
+        DeviceStats {
+            drops_no_peer: c.drops_no_peer.load(Relaxed),
+            drops_non_ipv4: c.drops_non_ipv4.load(Relaxed),
+            drops_malformed: c.drops_malformed.load(Relaxed),
+            drops_unknown_peer: c.drops_unknown_peer.load(Relaxed),
+            drops_send: c.drops_send.load(Relaxed),
+            drops_tun_read: c.drops_tun_read.load(Relaxed),
+            cookies_sent: c.cookies_sent.load(Relaxed),
+            tx_syscalls: c.tx_syscalls.load(Relaxed),
+            tx_datagrams: c.tx_datagrams.load(Relaxed),
+            rx_syscalls: c.rx_syscalls.load(Relaxed),
+            rx_datagrams: c.rx_datagrams.load(Relaxed),
+        }
+    }
+
+    /// Stops the threads and closes the socket and the TUN file descriptor.
+    /// The TUN device stays (persistent), with its addresses and routes;
+    /// [`WgDevice::start`] with the same name attaches to it again.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if self.stopped.swap(true, Relaxed) {
+            return;
+        }
+        self.shared.stop.store(true, Relaxed);
+        for h in self.threads.drain(..) {
+            let name = h.thread().name().unwrap_or("?").to_string();
+            if h.join().is_err() {
+                tracing::error!(thread = %name, "WireGuard thread panicked");
+            }
+        }
+        tracing::info!(ifname = %self.ifname, "WireGuard device stopped (TUN left in place)");
+    }
+}
+
+impl Drop for WgDevice {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// The MTU to give the TUN for an underlay MTU (IPv4 underlay).
+pub fn overlay_mtu(underlay_mtu: u32) -> u32 {
+    underlay_mtu.saturating_sub(OVERHEAD_IPV4)
+}
+
+#[cfg(test)]
+mod loopback_tests;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_debug_hides_the_key() {
+        let cfg = WgConfig {
+            ifname: "w".into(),
+            listen_port: 1,
+            mtu: 1440,
+            private_key: [0x41; 32],
+            keepalive: None,
+        };
+        let text = format!("{cfg:?}");
+        assert!(text.contains("redacted"));
+        assert!(!text.contains(&key_to_base64(&[0x41; 32])));
+        assert!(!text.contains("65, 65"));
+    }
+
+    #[test]
+    fn mtu_arithmetic() {
+        assert_eq!(overlay_mtu(1500), 1440);
+        assert_eq!(overlay_mtu(9000), 8940);
+        assert_eq!(overlay_mtu(10), 0);
+    }
+
+    #[test]
+    fn start_rejects_bad_config_before_touching_the_system() {
+        let base = WgConfig {
+            ifname: "weft-wg".into(),
+            listen_port: 0,
+            mtu: 1440,
+            private_key: [1; 32],
+            keepalive: None,
+        };
+        let mut c = base.clone();
+        c.mtu = 100;
+        assert!(matches!(WgDevice::start(c), Err(WgError::Config(_))));
+        let mut c = base;
+        c.ifname = "this-name-is-too-long".into();
+        assert!(matches!(WgDevice::start(c), Err(WgError::IfName(_))));
+    }
+}

@@ -3,7 +3,6 @@
 use std::net::{IpAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
 
 use boringtun::noise::Tunn;
 use boringtun::x25519;
@@ -24,7 +23,6 @@ pub(crate) struct TxCounters {
     pub(crate) bytes: AtomicU64,
     pub(crate) packets: AtomicU64,
     pub(crate) drops_oversize: AtomicU64,
-    pub(crate) drops_send: AtomicU64,
 }
 
 /// Counters the receive side writes.
@@ -83,10 +81,6 @@ impl Peer {
 
     pub(crate) fn endpoint(&self) -> SocketAddrV4 {
         self.lock().endpoint
-    }
-
-    pub(crate) fn last_handshake(&self) -> Option<Duration> {
-        self.lock().tunn.time_since_last_handshake()
     }
 }
 

@@ -124,6 +124,7 @@ impl PeerTable {
         self.slots.iter().flatten()
     }
 
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.by_key.len()
     }

@@ -102,6 +102,17 @@ impl Tun {
         })
     }
 
+    /// Wraps any packet-oriented file descriptor (a SOCK_SEQPACKET socket
+    /// pair in unit tests) as if it were the TUN.
+    #[cfg(test)]
+    pub(crate) fn from_fd(fd: OwnedFd, name: &str) -> Tun {
+        Tun {
+            fd,
+            name: name.to_string(),
+        }
+    }
+
+    #[allow(dead_code)]
     pub(crate) fn name(&self) -> &str {
         &self.name
     }
@@ -121,14 +132,31 @@ impl Tun {
         }
     }
 
-    /// Writes one packet.
+    /// Writes one packet. A TUN never pushes back, but should the file
+    /// descriptor ever be full, wait a little for room instead of dropping.
     pub(crate) fn write(&self, pkt: &[u8]) -> io::Result<usize> {
-        // SAFETY: the pointer and length describe a live buffer.
-        let n = unsafe { libc::write(self.fd.as_raw_fd(), pkt.as_ptr().cast(), pkt.len()) };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
+        let mut waited = false;
+        loop {
+            // SAFETY: the pointer and length describe a live buffer.
+            let n = unsafe { libc::write(self.fd.as_raw_fd(), pkt.as_ptr().cast(), pkt.len()) };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock if !waited => {
+                    waited = true;
+                    let mut p = libc::pollfd {
+                        fd: self.fd.as_raw_fd(),
+                        events: libc::POLLOUT,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd.
+                    unsafe { libc::poll(&mut p, 1, 100) };
+                }
+                _ => return Err(e),
+            }
         }
     }
 }

@@ -231,12 +231,13 @@ impl SendBatch {
                 let e = io::Error::last_os_error();
                 match e.raw_os_error() {
                     Some(libc::EINTR) => continue,
-                    Some(libc::EIO) | Some(libc::EINVAL) | Some(libc::ENOPROTOOPT)
-                        if self.runs[done].1 > 1 =>
-                    {
-                        // The kernel or the route cannot do GSO: stop using it
-                        // and send this run one datagram at a time.
-                        if udp.gso.swap(false, Relaxed) {
+                    Some(code) if self.runs[done].1 > 1 => {
+                        // The kernel or the route cannot do GSO for this run:
+                        // send it one datagram at a time. EIO/ENOPROTOOPT mean
+                        // never (no checksum offload, old kernel): stop trying.
+                        if matches!(code, libc::EIO | libc::ENOPROTOOPT)
+                            && udp.gso.swap(false, Relaxed)
+                        {
                             tracing::warn!(error = %e, "UDP GSO refused; sending datagrams one by one");
                         }
                         let (first, count) = self.runs[done];

@@ -1,0 +1,446 @@
+//! The data-path threads.
+//!
+//! * **tx** (`weft-wg-tx`): reads packets from the TUN until it is empty or a
+//!   batch (64) is full, looks up the peer by destination address,
+//!   encrypts into a slot of one reused buffer, and sends the batch with one
+//!   `sendmmsg` (runs to one peer as UDP GSO messages).
+//! * **rx** (`weft-wg-rx`): `recvmmsg` of up to 32 messages (with UDP GRO each
+//!   may hold many datagrams), finds the peer by receiver index (or by the
+//!   static key in a handshake initiation), decrypts, applies crypto-key
+//!   routing and writes each packet to the TUN.
+//! * **timer** (`weft-wg-timer`): every 100 ms runs every peer's
+//!   `update_timers` (handshake retries, rekey, keepalives) and resets the
+//!   handshake rate limiter.
+//!
+//! Each peer's noise state sits behind its own mutex, held only while one
+//! packet is encrypted or decrypted. The peer table is an immutable
+//! `Arc<PeerTable>`; the threads re-read it only when its generation number
+//! changes, so the per-packet path takes no global lock.
+
+use std::io;
+use std::net::{IpAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519;
+
+use super::peer::{add, check_decrypted, Peer, Verdict};
+use super::table::{Entry, PeerTable};
+use super::tun::Tun;
+use super::udp::{wait_readable, RecvBatch, SendBatch, Udp};
+
+/// Packets read from the TUN per batch.
+pub(crate) const TX_BATCH: usize = 64;
+/// Messages per `recvmmsg`.
+pub(crate) const RX_BATCH: usize = 32;
+/// Receive slot: a whole GRO-coalesced message fits.
+pub(crate) const RX_SLOT: usize = 65_536;
+/// How long an idle thread sleeps in poll(2) before checking for stop.
+const POLL_MS: i32 = 100;
+/// Timer tick.
+pub(crate) const TICK: Duration = Duration::from_millis(100);
+/// Handshake initiations per second accepted before cookies are demanded.
+const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// WireGuard data message overhead (header 16 + tag 16).
+pub(crate) const DATA_OVERHEAD: usize = 32;
+const MSG_DATA: u8 = 4;
+const MSG_COOKIE_REPLY: u8 = 3;
+
+/// Device-wide counters (drops that belong to no peer).
+#[derive(Default)]
+pub(crate) struct DeviceCounters {
+    pub(crate) drops_no_peer: AtomicU64,
+    pub(crate) drops_non_ipv4: AtomicU64,
+    pub(crate) drops_malformed: AtomicU64,
+    pub(crate) drops_unknown_peer: AtomicU64,
+    pub(crate) drops_send: AtomicU64,
+    pub(crate) drops_tun_read: AtomicU64,
+    pub(crate) cookies_sent: AtomicU64,
+    pub(crate) tx_syscalls: AtomicU64,
+    pub(crate) tx_datagrams: AtomicU64,
+    pub(crate) rx_syscalls: AtomicU64,
+    pub(crate) rx_datagrams: AtomicU64,
+}
+
+pub(crate) struct Shared {
+    pub(crate) stop: AtomicBool,
+    pub(crate) tun: Tun,
+    pub(crate) udp: Udp,
+    pub(crate) mtu: usize,
+    pub(crate) tx_slot: usize,
+    pub(crate) private_key: [u8; 32],
+    pub(crate) secret: x25519::StaticSecret,
+    pub(crate) public: x25519::PublicKey,
+    pub(crate) keepalive: Option<u16>,
+    pub(crate) limiter: RateLimiter,
+    pub(crate) table: Mutex<Arc<PeerTable>>,
+    pub(crate) generation: AtomicU64,
+    pub(crate) counters: DeviceCounters,
+}
+
+impl Shared {
+    pub(crate) fn table(&self) -> Arc<PeerTable> {
+        Arc::clone(&self.table.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub(crate) fn publish(&self, t: PeerTable) {
+        let mut g = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        *g = Arc::new(t);
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+}
+
+/// A thread's cached view of the peer table.
+struct View {
+    generation: u64,
+    table: Arc<PeerTable>,
+}
+
+impl View {
+    fn new(sh: &Shared) -> View {
+        let generation = sh.generation.load(Ordering::Acquire);
+        View {
+            generation,
+            table: sh.table(),
+        }
+    }
+
+    #[inline]
+    fn refresh(&mut self, sh: &Shared) {
+        let g = sh.generation.load(Ordering::Acquire);
+        if g != self.generation {
+            self.table = sh.table();
+            self.generation = g;
+        }
+    }
+}
+
+/// Counts an encrypted data message (not a handshake, not a keepalive) as
+/// sent.
+#[inline]
+fn count_tx(peer: &Peer, msg: &[u8]) {
+    if msg.first() == Some(&MSG_DATA) && msg.len() > DATA_OVERHEAD {
+        add(&peer.tx.bytes, (msg.len() - DATA_OVERHEAD) as u64);
+        add(&peer.tx.packets, 1);
+    }
+}
+
+/// Rate-limited logging of repeated I/O errors.
+struct ErrLog {
+    last: Option<Instant>,
+}
+
+impl ErrLog {
+    fn log(&mut self, what: &str, e: &io::Error) {
+        let now = Instant::now();
+        let due = match self.last {
+            None => true,
+            Some(t) => now.duration_since(t) > Duration::from_secs(10),
+        };
+        if due {
+            self.last = Some(now);
+            tracing::warn!(error = %e, "{what}");
+        }
+    }
+}
+
+pub(crate) fn tx_loop(sh: Arc<Shared>) {
+    let stride = sh.tx_slot;
+    let mut out = vec![0u8; TX_BATCH * stride];
+    let mut lens = [0usize; TX_BATCH];
+    let mut dests = [SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0); TX_BATCH];
+    let mut rbuf = vec![0u8; RX_SLOT];
+    let mut batch = SendBatch::new(TX_BATCH);
+    let mut view = View::new(&sh);
+    let mut errs = ErrLog { last: None };
+    let c = &sh.counters;
+    while !sh.stopping() {
+        view.refresh(&sh);
+        let table = &*view.table;
+        let mut n = 0;
+        let mut idle = false;
+        while n < TX_BATCH {
+            let len = match sh.tun.read(&mut rbuf) {
+                Ok(len) => len,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    idle = true;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    add(&c.drops_tun_read, 1);
+                    errs.log("reading the TUN device failed", &e);
+                    std::thread::sleep(Duration::from_millis(10));
+                    break;
+                }
+            };
+            let pkt = &rbuf[..len];
+            if len < 20 || pkt[0] >> 4 != 4 {
+                add(&c.drops_non_ipv4, 1);
+                continue;
+            }
+            let dst = u32::from_be_bytes([pkt[16], pkt[17], pkt[18], pkt[19]]);
+            let Some(e) = table.by_dst(dst) else {
+                add(&c.drops_no_peer, 1);
+                continue;
+            };
+            if len + DATA_OVERHEAD > stride {
+                add(&e.peer.tx.drops_oversize, 1);
+                continue;
+            }
+            let slot = &mut out[n * stride..(n + 1) * stride];
+            let mut st = e.peer.lock();
+            match st.tunn.encapsulate(pkt, slot) {
+                TunnResult::WriteToNetwork(msg) => {
+                    count_tx(&e.peer, msg);
+                    lens[n] = msg.len();
+                    dests[n] = st.endpoint;
+                    n += 1;
+                }
+                TunnResult::Err(err) => {
+                    tracing::debug!(error = ?err, "encapsulate failed");
+                }
+                // Queued inside boringtun until the handshake completes.
+                _ => {}
+            }
+        }
+        if n > 0 {
+            let sent = batch.send(&sh.udp, &out, stride, &lens[..n], &dests[..n]);
+            add(&c.tx_syscalls, sent.syscalls as u64);
+            add(&c.tx_datagrams, sent.datagrams as u64);
+            if sent.failed > 0 {
+                add(&c.drops_send, sent.failed as u64);
+            }
+        }
+        if idle {
+            wait_readable(sh.tun.raw_fd(), POLL_MS);
+        }
+    }
+}
+
+/// Per-thread buffers of the receive path.
+struct Rx {
+    dec: Vec<u8>,
+    cookie: [u8; 128],
+    errs: ErrLog,
+}
+
+pub(crate) fn rx_loop(sh: Arc<Shared>) {
+    let mut batch = RecvBatch::new(RX_BATCH, RX_SLOT);
+    let mut rx = Rx {
+        dec: vec![0u8; RX_SLOT],
+        cookie: [0u8; 128],
+        errs: ErrLog { last: None },
+    };
+    let mut view = View::new(&sh);
+    let c = &sh.counters;
+    while !sh.stopping() {
+        view.refresh(&sh);
+        let n = match batch.recv(&sh.udp) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                wait_readable(sh.udp.raw_fd(), POLL_MS);
+                continue;
+            }
+            Err(e) => {
+                rx.errs.log("receiving from the UDP socket failed", &e);
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        add(&c.rx_syscalls, 1);
+        for k in 0..n {
+            let r = batch.get(k);
+            if r.truncated {
+                add(&c.drops_malformed, 1);
+                continue;
+            }
+            match r.segment {
+                Some(seg) if seg < r.data.len() => {
+                    for d in r.data.chunks(seg) {
+                        handle_datagram(&sh, &view.table, &mut rx, d, r.from);
+                    }
+                }
+                _ => handle_datagram(&sh, &view.table, &mut rx, r.data, r.from),
+            }
+        }
+    }
+}
+
+fn handle_datagram(sh: &Shared, table: &PeerTable, rx: &mut Rx, d: &[u8], from: SocketAddrV4) {
+    let c = &sh.counters;
+    add(&c.rx_datagrams, 1);
+    let from_ip = IpAddr::V4(*from.ip());
+    let Ok(packet) = Tunn::parse_incoming_packet(d) else {
+        add(&c.drops_malformed, 1);
+        return;
+    };
+    let is_data = matches!(packet, Packet::PacketData(_));
+    let entry: Option<&Entry> = match packet {
+        Packet::HandshakeInit(ref p) => {
+            // mac1 and the device-wide rate limit first: no Diffie-Hellman
+            // for unauthenticated floods.
+            match sh.limiter.verify_packet(Some(from_ip), d, &mut rx.cookie) {
+                Ok(_) => {}
+                Err(TunnResult::WriteToNetwork(cookie)) => {
+                    add(&c.cookies_sent, 1);
+                    let _ = sh.udp.send_to(cookie, from);
+                    return;
+                }
+                Err(_) => {
+                    add(&c.drops_malformed, 1);
+                    return;
+                }
+            }
+            match parse_handshake_anon(&sh.secret, &sh.public, p) {
+                Ok(half) => table.by_key(&half.peer_static_public),
+                Err(_) => None,
+            }
+        }
+        Packet::HandshakeResponse(ref p) => table.by_receiver_idx(p.receiver_idx),
+        Packet::PacketCookieReply(ref p) => table.by_receiver_idx(p.receiver_idx),
+        Packet::PacketData(ref p) => table.by_receiver_idx(p.receiver_idx),
+    };
+    let Some(entry) = entry else {
+        add(&c.drops_unknown_peer, 1);
+        return;
+    };
+    let peer = &entry.peer;
+    let mut st = peer.lock();
+    let mut authenticated = false;
+    let mut flush = false;
+    match st.tunn.decapsulate(Some(from_ip), d, &mut rx.dec) {
+        TunnResult::WriteToTunnelV4(pkt, src) => {
+            authenticated = true;
+            let pkt: &[u8] = pkt;
+            match check_decrypted(&entry.allowed, IpAddr::V4(src), pkt.len(), sh.mtu) {
+                Verdict::Accept => {
+                    roam(&mut st, from, peer);
+                    drop(st);
+                    match sh.tun.write(pkt) {
+                        Ok(_) => {
+                            add(&peer.rx.bytes, pkt.len() as u64);
+                            add(&peer.rx.packets, 1);
+                        }
+                        Err(e) => {
+                            add(&peer.rx.drops_tun_write, 1);
+                            rx.errs.log("writing to the TUN device failed", &e);
+                        }
+                    }
+                    return;
+                }
+                Verdict::BadSource => {
+                    add(&peer.rx.drops_bad_source, 1);
+                    tracing::trace!(%src, allowed = %entry.allowed, "dropped: source outside the peer's network");
+                }
+                Verdict::TooBig => add(&peer.rx.drops_oversize, 1),
+            }
+        }
+        TunnResult::WriteToTunnelV6(_, _) => {
+            authenticated = true;
+            add(&peer.rx.drops_bad_source, 1);
+        }
+        TunnResult::WriteToNetwork(msg) => {
+            // A handshake response, a keepalive after a completed handshake,
+            // or (under load) a cookie reply, which proves nothing.
+            authenticated = msg.first() != Some(&MSG_COOKIE_REPLY);
+            flush = authenticated;
+            count_tx(peer, msg);
+            if let Err(e) = sh.udp.send_to(msg, from) {
+                add(&c.drops_send, 1);
+                tracing::debug!(error = %e, "sending a handshake message failed");
+            }
+        }
+        TunnResult::Done => authenticated = true,
+        TunnResult::Err(e) => {
+            if is_data {
+                add(&peer.rx.drops_decrypt, 1);
+            } else {
+                add(&peer.rx.handshake_errors, 1);
+                if !matches!(e, WireGuardError::DuplicateCounter) {
+                    tracing::debug!(error = ?e, peer = %super::key::key_to_base64(&peer.public_key),
+                        "handshake message rejected");
+                }
+            }
+        }
+    }
+    if authenticated {
+        roam(&mut st, from, peer);
+    }
+    if flush {
+        // Packets boringtun queued while the handshake was going on.
+        let to = st.endpoint;
+        while let TunnResult::WriteToNetwork(msg) = st.tunn.decapsulate(None, &[], &mut rx.dec) {
+            count_tx(peer, msg);
+            if sh.udp.send_to(msg, to).is_err() {
+                add(&c.drops_send, 1);
+            }
+        }
+    }
+}
+
+/// Roaming: an authenticated message from a new address moves the peer's
+/// endpoint there.
+#[inline]
+fn roam(st: &mut super::peer::PeerState, from: SocketAddrV4, peer: &Peer) {
+    if st.endpoint != from {
+        tracing::info!(peer = %super::key::key_to_base64(&peer.public_key), old = %st.endpoint,
+            new = %from, "peer endpoint changed");
+        st.endpoint = from;
+    }
+}
+
+pub(crate) fn timer_loop(sh: Arc<Shared>) {
+    let mut buf = vec![0u8; 2048];
+    let mut view = View::new(&sh);
+    while !sh.stopping() {
+        std::thread::sleep(TICK);
+        sh.limiter.reset_count();
+        view.refresh(&sh);
+        for e in view.table.entries() {
+            tick_peer(&sh, &e.peer, &mut buf);
+        }
+    }
+}
+
+pub(crate) fn tick_peer(sh: &Shared, peer: &Peer, buf: &mut [u8]) {
+    let mut st = peer.lock();
+    let to = st.endpoint;
+    match st.tunn.update_timers(buf) {
+        TunnResult::WriteToNetwork(msg) => {
+            if let Err(e) = sh.udp.send_to(msg, to) {
+                add(&sh.counters.drops_send, 1);
+                tracing::debug!(error = %e, %to, "sending a timer message failed");
+            }
+        }
+        TunnResult::Err(WireGuardError::ConnectionExpired) => {}
+        TunnResult::Err(e) => tracing::debug!(error = ?e, "update_timers"),
+        _ => {}
+    }
+}
+
+/// Starts a handshake with a newly added peer, so that sessions exist before
+/// the first packet (and come back at once after a restart).
+pub(crate) fn initiate(sh: &Shared, peer: &Peer) {
+    let mut buf = [0u8; 256];
+    let mut st = peer.lock();
+    let to = st.endpoint;
+    if let TunnResult::WriteToNetwork(msg) = st.tunn.format_handshake_initiation(&mut buf, false) {
+        if let Err(e) = sh.udp.send_to(msg, to) {
+            tracing::debug!(error = %e, %to, "sending a handshake initiation failed");
+        }
+    }
+}
+
+pub(crate) fn new_limiter(public: &x25519::PublicKey) -> RateLimiter {
+    RateLimiter::new(public, HANDSHAKE_RATE_LIMIT)
+}
