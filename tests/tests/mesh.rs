@@ -402,3 +402,52 @@ fn vxlan_roaming_updates_peers_in_place() {
     weft_tests::require_root!();
     roaming("vxlan");
 }
+
+/// The store goes away for longer than the host TTL: the data path is not
+/// touched; when the store returns, membership works again.
+#[test]
+fn store_outage_leaves_the_data_path_alone() {
+    weft_tests::require_root!();
+    let lab = Lab::new(LabOptions::hosts(2)).unwrap();
+    let mut etcd =
+        EtcdServer::start_in_netns(lab.underlay().name(), lab.host(0).gateway()).unwrap();
+    let store = format!("etcd:{}", etcd.endpoint());
+    let mut netds: Vec<Netd> = (0..2)
+        .map(|i| Netd::start(&lab, i, &store, &["--backend=vxlan", "--host-ttl-secs=3"]).unwrap())
+        .collect();
+    let a = attach(&netds[0], lab.container(0, "a").unwrap(), "a");
+    let b = attach(&netds[1], lab.container(1, "b").unwrap(), "b");
+    ping_within(&a.c, &b.ip, Duration::from_secs(3));
+    let routes_before = lab.host(0).exec(["ip", "route"]).unwrap();
+    etcd.stop();
+    // Twice the host TTL without a store: pings keep flowing.
+    let out = a.c.exec(["ping", "-c30", "-i0.2", "-W1", &b.ip]).unwrap();
+    assert!(out.contains(" 0% packet loss"), "{out}");
+    assert_eq!(
+        lab.host(0).exec(["ip", "route"]).unwrap(),
+        routes_before,
+        "routes untouched"
+    );
+    let status = netds[0].cli(&["status", "--json"]).unwrap();
+    assert!(
+        status.status.success(),
+        "netd still answers without its store"
+    );
+    etcd.restart().unwrap();
+    // Membership works again: a host killed now is removed after its TTL.
+    std::thread::sleep(Duration::from_secs(2));
+    netds[1].kill();
+    let t = Instant::now();
+    while lab
+        .host(0)
+        .exec(["ip", "route"])
+        .unwrap()
+        .contains(&b.ip[..b.ip.rfind('.').unwrap()])
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "host 1 not removed after the store came back"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
