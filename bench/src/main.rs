@@ -6,8 +6,13 @@
 //!
 //! `weft-bench cni-latency`: CNI ADD/DEL latency, weft beside the reference
 //! bridge + host-local plugins (root).
+//!
+//! `weft-bench dns`: dnsd beside dnsmasq and unbound under dnsperf, on
+//! 127.0.0.1 (see bench/src/dns.rs).
 
 mod cni;
+mod dns;
+mod tunnel;
 
 use std::time::{Duration, Instant};
 
@@ -39,12 +44,46 @@ enum Bench {
         runs: usize,
     },
 
+    /// Container-to-container TCP throughput over weft's tunnels beside the
+    /// raw underlay (needs root).
+    Tunnel {
+        /// Backends to measure.
+        #[arg(long, default_values_t = ["wireguard".to_string(), "vxlan".to_string()])]
+        backend: Vec<String>,
+        /// Seconds per iperf3 run.
+        #[arg(long, default_value_t = 5)]
+        secs: u32,
+    },
     /// CNI ADD/DEL latency of weft beside the reference bridge + host-local
     /// plugins (needs root; builds a lab host in a network namespace).
     CniLatency {
         /// Containers per plugin.
         #[arg(long, default_value_t = 50)]
         containers: usize,
+    },
+    /// DNS rate of dnsd beside dnsmasq and unbound (dnsperf, 127.0.0.1).
+    Dns {
+        /// Services to serve (10 per stack, 2 containers each).
+        #[arg(long, default_value_t = 2000)]
+        services: usize,
+        /// Seconds of the saturated run per server.
+        #[arg(long, default_value_t = 10)]
+        secs: u32,
+        /// The fixed rate of the latency run.
+        #[arg(long, default_value_t = 20_000)]
+        latency_qps: u32,
+        /// Seconds of the latency run per server.
+        #[arg(long, default_value_t = 5)]
+        latency_secs: u32,
+        /// dnsperf clients (sockets) in the saturated run.
+        #[arg(long, default_value_t = 8)]
+        clients: u32,
+        /// dnsperf threads in the saturated run.
+        #[arg(long, default_value_t = 2)]
+        threads: u32,
+        /// Threads of dnsd and unbound (dnsmasq has one).
+        #[arg(long, default_value_t = 2)]
+        server_threads: u32,
     },
 }
 
@@ -62,6 +101,29 @@ async fn main() -> Result<()> {
             blocks,
             runs,
         } => ipam_alloc(&backend, blocks, runs.max(1)).await,
+        Bench::Tunnel { backend, secs } => {
+            tokio::task::spawn_blocking(move || tunnel::run(&backend, secs.max(1))).await?
+        }
+        Bench::Dns {
+            services,
+            secs,
+            latency_qps,
+            latency_secs,
+            clients,
+            threads,
+            server_threads,
+        } => {
+            dns::run(dns::Options {
+                services: services.max(10),
+                seconds: secs.max(1),
+                latency_qps: latency_qps.max(1),
+                latency_seconds: latency_secs.max(1),
+                clients: clients.max(1),
+                threads: threads.max(1),
+                server_threads: server_threads.max(1),
+            })
+            .await
+        }
         Bench::CniLatency { containers } => {
             tokio::task::spawn_blocking(move || cni::run(containers.max(1))).await?
         }

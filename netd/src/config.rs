@@ -272,7 +272,8 @@ impl Config {
                 why,
             })?,
         };
-        let host_ttl = Duration::from_secs(o.host_ttl_secs.or(file.mesh.host_ttl_secs).unwrap_or(15));
+        let host_ttl =
+            Duration::from_secs(o.host_ttl_secs.or(file.mesh.host_ttl_secs).unwrap_or(15));
         if host_ttl < Duration::from_secs(2) {
             return Err(ConfigError::Invalid {
                 setting: "host_ttl_secs",

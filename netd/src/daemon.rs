@@ -86,7 +86,9 @@ impl Daemon {
             .await
             .context("finding the underlay interface")?
             .ok_or_else(|| match cfg.mesh.underlay_addr {
-                Some(a) => anyhow::anyhow!("no interface holds the configured underlay address {a}"),
+                Some(a) => {
+                    anyhow::anyhow!("no interface holds the configured underlay address {a}")
+                }
                 None => anyhow::anyhow!(
                     "no default route with an IPv4 address to find the underlay from: \
                      set --underlay-addr (WEFT_UNDERLAY_ADDR)"
@@ -362,7 +364,10 @@ impl Daemon {
             .map_err(ipam_error)?
             .or_else(|| gone.first().map(|e| e.address.ip()));
         if let Some(addr) = released {
-            flush_conntrack(addr).await;
+            // In the background: the answer does not wait for conntrack (a
+            // few external commands). The address is not handed out again
+            // soon (IPAM moves on), so nothing can inherit the old flows.
+            tokio::spawn(flush_conntrack(addr));
             tracing::info!(container = %container_id, %ifname, %addr, "endpoint deleted");
         }
         Ok(Deleted { released })
@@ -405,7 +410,7 @@ impl Daemon {
             .collect();
         let freed = self.ipam.gc(&self.block, &live).await.map_err(ipam_error)?;
         for a in &freed {
-            flush_conntrack(a.addr).await;
+            tokio::spawn(flush_conntrack(a.addr));
         }
         tracing::info!(
             endpoints = gone.len(),
@@ -471,7 +476,10 @@ impl Daemon {
     }
 
     fn underlay(&self) -> (Link, Ipv4Addr) {
-        self.underlay.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.underlay
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Re-detects the underlay address; on a change, updates the published
@@ -517,7 +525,10 @@ impl Daemon {
 
     /// Brings the tunnel device, its peers and routes in line with the host
     /// records (`None`: with the last ones seen).
-    pub async fn apply_mesh(&self, hosts: Option<BTreeMap<String, HostRecord>>) -> anyhow::Result<()> {
+    pub async fn apply_mesh(
+        &self,
+        hosts: Option<BTreeMap<String, HostRecord>>,
+    ) -> anyhow::Result<()> {
         let mut known = self.mesh.lock().await;
         if let Some(h) = hosts {
             *known = h;
@@ -540,7 +551,9 @@ impl Daemon {
                         local: underlay,
                         underlay_index: underlay_link.index,
                         mac: crate::mesh::vtep_mac(&self.host_id),
-                        mtu: underlay_link.mtu.saturating_sub(TunnelBackend::Vxlan.overhead()),
+                        mtu: underlay_link
+                            .mtu
+                            .saturating_sub(TunnelBackend::Vxlan.overhead()),
                     })
                     .await?;
                 self.net
@@ -551,7 +564,9 @@ impl Daemon {
                     .await?;
             }
             TunnelBackend::Wireguard => {
-                anyhow::bail!("the wireguard data path is not wired into netd yet; use --backend vxlan");
+                anyhow::bail!(
+                    "the wireguard data path is not wired into netd yet; use --backend vxlan"
+                );
             }
         }
         let mut current = self.peers.lock().unwrap_or_else(|p| p.into_inner());

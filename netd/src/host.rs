@@ -395,7 +395,12 @@ impl HostNet {
                 if link.mtu != spec.mtu || !link.up {
                     self.handle
                         .link()
-                        .set(LinkUnspec::new_with_index(link.index).mtu(spec.mtu).up().build())
+                        .set(
+                            LinkUnspec::new_with_index(link.index)
+                                .mtu(spec.mtu)
+                                .up()
+                                .build(),
+                        )
                         .execute()
                         .await
                         .map_err(nl(format!("setting MTU/up on {}", spec.name)))?;
@@ -425,10 +430,12 @@ impl HostNet {
             .execute()
             .await
             .map_err(nl(format!("creating VXLAN device {}", spec.name)))?;
-        self.link(&spec.name).await?.ok_or_else(|| HostError::NotABridge {
-            name: spec.name.clone(),
-            kind: "vanished".into(),
-        })
+        self.link(&spec.name)
+            .await?
+            .ok_or_else(|| HostError::NotABridge {
+                name: spec.name.clone(),
+                kind: "vanished".into(),
+            })
     }
 
     async fn vxlan_matches(&self, link: &Link, spec: &VxlanSpec) -> Result<bool> {
@@ -465,7 +472,10 @@ impl HostNet {
     }
 
     /// IPv4 routes leaving through link `index`, as (destination, gateway).
-    async fn routes_via(&self, index: u32) -> Result<Vec<(RouteMessage, Ipv4Network, Option<Ipv4Addr>)>> {
+    async fn routes_via(
+        &self,
+        index: u32,
+    ) -> Result<Vec<(RouteMessage, Ipv4Network, Option<Ipv4Addr>)>> {
         use netlink_packet_route::route::RouteAddress;
         let routes: Vec<RouteMessage> = self
             .handle
@@ -503,7 +513,12 @@ impl HostNet {
     /// peer block via the device with `src` as preferred source (so traffic
     /// the host itself sends into the overlay carries an address of its own
     /// block). Routes of other blocks on the device are removed.
-    pub async fn ensure_peer_routes(&self, index: u32, src: Ipv4Addr, want: &[PeerRoute]) -> Result<()> {
+    pub async fn ensure_peer_routes(
+        &self,
+        index: u32,
+        src: Ipv4Addr,
+        want: &[PeerRoute],
+    ) -> Result<()> {
         use netlink_packet_route::route::{RouteProtocol, RouteScope};
         let have = self.routes_via(index).await?;
         for (msg, net, gw) in &have {
@@ -519,7 +534,10 @@ impl HostNet {
             }
         }
         for w in want {
-            if have.iter().any(|(_, net, gw)| *net == w.block && *gw == w.via) {
+            if have
+                .iter()
+                .any(|(_, net, gw)| *net == w.block && *gw == w.via)
+            {
                 continue;
             }
             tracing::info!(dest = %w.block, via = ?w.via, "adding peer route");
@@ -573,14 +591,16 @@ impl HostNet {
             }
             let stale = match m.header.family {
                 AddressFamily::Inet => match dst {
-                    Some(d) => !want.iter().any(|w| w.addr == d && lla.as_deref() == Some(&w.mac[..])),
+                    Some(d) => !want
+                        .iter()
+                        .any(|w| w.addr == d && lla.as_deref() == Some(&w.mac[..])),
                     None => false,
                 },
                 AddressFamily::Bridge => match (&lla, dst) {
                     // Only unicast FDB entries with a destination are ours.
-                    (Some(mac), Some(d)) if mac.first().is_some_and(|b| b & 1 == 0) => {
-                        !want.iter().any(|w| w.underlay == d && mac.as_slice() == w.mac)
-                    }
+                    (Some(mac), Some(d)) if mac.first().is_some_and(|b| b & 1 == 0) => !want
+                        .iter()
+                        .any(|w| w.underlay == d && mac.as_slice() == w.mac),
                     _ => false,
                 },
                 _ => false,
@@ -632,7 +652,12 @@ impl HostNet {
         match addr {
             Some(addr) => {
                 for link in self.links().await? {
-                    if self.addresses(link.index).await?.iter().any(|n| n.ip() == addr) {
+                    if self
+                        .addresses(link.index)
+                        .await?
+                        .iter()
+                        .any(|n| n.ip() == addr)
+                    {
                         return Ok(Some((link, addr)));
                     }
                 }

@@ -90,7 +90,10 @@ pub struct Peer {
 /// The peers `me` should have: every other host on the same backend, with a
 /// block of its own. Hosts on another backend, or whose records are
 /// unusable, are left out (and named in the log by the caller).
-pub fn desired_peers(me: &HostRecord, hosts: &BTreeMap<String, HostRecord>) -> (Vec<Peer>, Vec<String>) {
+pub fn desired_peers(
+    me: &HostRecord,
+    hosts: &BTreeMap<String, HostRecord>,
+) -> (Vec<Peer>, Vec<String>) {
     let mut peers = Vec::new();
     let mut skipped = Vec::new();
     for h in hosts.values() {
@@ -100,7 +103,9 @@ pub fn desired_peers(me: &HostRecord, hosts: &BTreeMap<String, HostRecord>) -> (
         let usable = h.backend == me.backend
             && h.block != me.block
             && match me.backend {
-                TunnelBackend::Wireguard => h.wg_public_key.as_deref().and_then(decode_key).is_some(),
+                TunnelBackend::Wireguard => {
+                    h.wg_public_key.as_deref().and_then(decode_key).is_some()
+                }
                 TunnelBackend::Vxlan => parse_mac(&h.vtep_mac).is_some() && h.vni == me.vni,
             };
         if !usable {
@@ -162,7 +167,10 @@ pub fn vtep_mac(host_id: &str) -> [u8; 6] {
 }
 
 pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
@@ -270,10 +278,14 @@ pub async fn register(
             match store.lease_keep_alive(lease).await {
                 Ok(()) => {}
                 Err(StoreError::LeaseNotFound { .. }) => {
-                    tracing::warn!("host lease expired (store was unreachable too long); registering again");
+                    tracing::warn!(
+                        "host lease expired (store was unreachable too long); registering again"
+                    );
                     break;
                 }
-                Err(e) => tracing::warn!(error = %e, "keeping the host lease alive failed; retrying"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "keeping the host lease alive failed; retrying")
+                }
             }
         }
     }
@@ -331,7 +343,9 @@ pub async fn follow<F, Fut>(
             match item {
                 Some(Ok(ev)) => {
                     match ev.kind {
-                        EventKind::Put => insert_record(&mut hosts, &hosts_prefix, &ev.kv.key, &ev.kv.value),
+                        EventKind::Put => {
+                            insert_record(&mut hosts, &hosts_prefix, &ev.kv.key, &ev.kv.value)
+                        }
                         EventKind::Delete => {
                             if let Some(id) = ev.kv.key.strip_prefix(&hosts_prefix) {
                                 if hosts.remove(id).is_some() {
@@ -357,14 +371,18 @@ pub async fn follow<F, Fut>(
 }
 
 fn insert_record(hosts: &mut BTreeMap<String, HostRecord>, prefix: &str, key: &str, value: &[u8]) {
-    let Some(id) = key.strip_prefix(prefix) else { return };
+    let Some(id) = key.strip_prefix(prefix) else {
+        return;
+    };
     match serde_json::from_slice::<HostRecord>(value) {
         Ok(r) if r.host_id == id => {
             if hosts.insert(id.to_owned(), r.clone()).as_ref() != Some(&r) {
                 tracing::info!(host = %id, underlay = %r.underlay, block = %r.block, "host joined or changed");
             }
         }
-        Ok(r) => tracing::warn!(key, record_host = %r.host_id, "host record under the wrong key; ignored"),
+        Ok(r) => {
+            tracing::warn!(key, record_host = %r.host_id, "host record under the wrong key; ignored")
+        }
         Err(e) => tracing::warn!(key, error = %e, "unreadable host record; ignored"),
     }
 }
@@ -404,7 +422,10 @@ mod tests {
         bad.vtep_mac = "zz".into();
         hosts.insert("d".into(), bad);
         let (peers, skipped) = desired_peers(&me, &hosts);
-        assert_eq!(peers.iter().map(|p| p.host_id.as_str()).collect::<Vec<_>>(), ["b"]);
+        assert_eq!(
+            peers.iter().map(|p| p.host_id.as_str()).collect::<Vec<_>>(),
+            ["b"]
+        );
         assert_eq!(skipped, ["c", "d"]);
         let routes = peer_routes(TunnelBackend::Vxlan, &peers);
         assert_eq!(routes[0].via, Some(Ipv4Addr::new(10, 42, 1, 0)));

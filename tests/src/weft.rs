@@ -15,21 +15,31 @@ static BUILD: Mutex<()> = Mutex::new(());
 /// this build's target directory. Builds it (debug) if it is missing.
 pub fn bin(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe().map_err(|e| Error::io("finding the test binary", e))?;
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let profile_dir = exe
+    // Tests run from target/<profile>/deps/, binaries (benches) from
+    // target/<profile>/: the weft binaries are in target/<profile>/.
+    let exe_dir = exe
         .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| Error::Options(format!("unexpected test binary path {}", exe.display())))?;
+        .ok_or_else(|| Error::Options(format!("unexpected binary path {}", exe.display())))?;
+    let profile_dir = if exe_dir.ends_with("deps") {
+        exe_dir.parent().unwrap_or(exe_dir)
+    } else {
+        exe_dir
+    };
     let path = profile_dir.join(name);
     let _guard = BUILD.lock().unwrap_or_else(|p| p.into_inner());
     if !path.exists() {
         let package = match name {
             "netd" => "weft-netd",
             "weft" => "weft-cni",
+            "dnsd" => "weft-dnsd",
             other => return Err(Error::Options(format!("unknown weft binary {other}"))),
         };
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "-p", package, "--bin", name])
+        let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cargo.args(["build", "-p", package, "--bin", name]);
+        if profile_dir.ends_with("release") {
+            cargo.arg("--release");
+        }
+        let status = cargo
             .status()
             .map_err(|e| Error::io("running cargo build", e))?;
         if !status.success() || !path.exists() {

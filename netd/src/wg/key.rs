@@ -256,7 +256,7 @@ mod tests {
         assert!(matches!(err, WgError::KeyFormat { .. }), "{err}");
         assert!(err.to_string().contains("move it away"), "{err}");
         assert_eq!(fs::read_to_string(&path).unwrap(), "not a key\n");
-        fs::write(&path, key_to_base64(&[1u8; 32])[..20].to_string()).unwrap();
+        fs::write(&path, &key_to_base64(&[1u8; 32])[..20]).unwrap();
         assert!(load_or_create_key(dir.path()).is_err());
     }
 
@@ -269,7 +269,10 @@ mod tests {
             pair.public_key(),
             hex32("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a")
         );
-        assert_eq!(key_from_base64(&pair.public_base64()).unwrap(), pair.public_key());
+        assert_eq!(
+            key_from_base64(&pair.public_base64()).unwrap(),
+            pair.public_key()
+        );
     }
 
     fn hex32(s: &str) -> [u8; 32] {

@@ -162,7 +162,11 @@ fn two_devices_over_loopback() {
     // Too big for B's TUN MTU (1440) though A's (2000) took it.
     wa.send(&ipv4([10, 42, 0, 5], [10, 42, 1, 5], 1500, 0));
     wait_for("drops_oversize", || only(b.stats()).drops_oversize == 1);
-    assert_eq!(wb.recv(Duration::from_millis(200)), None, "nothing reached B's TUN");
+    assert_eq!(
+        wb.recv(Duration::from_millis(200)),
+        None,
+        "nothing reached B's TUN"
+    );
     assert_eq!(only(b.stats()).rx_packets, 1);
 
     // No peer for the destination; not IPv4.
@@ -213,7 +217,12 @@ fn two_devices_over_loopback() {
             got
         });
         for i in 0..n {
-            wa.send(&ipv4([10, 42, 0, 5], [10, 42, 1, (i % 250) as u8], 1400, i as u8));
+            wa.send(&ipv4(
+                [10, 42, 0, 5],
+                [10, 42, 1, (i % 250) as u8],
+                1400,
+                i as u8,
+            ));
         }
         reader.join().unwrap()
     });
@@ -235,7 +244,11 @@ fn two_devices_over_loopback() {
     assert!(s.tx_packets > 0, "counters kept");
     wb.send(&q);
     assert_eq!(wa.recv(Duration::from_secs(2)).as_deref(), Some(&q[..]));
-    assert_eq!(only(a.stats()).endpoint, local(b.listen_port()), "roamed back");
+    assert_eq!(
+        only(a.stats()).endpoint,
+        local(b.listen_port()),
+        "roamed back"
+    );
     wa.send(&p);
     assert_eq!(wb.recv(Duration::from_secs(2)).as_deref(), Some(&p[..]));
 
@@ -245,7 +258,9 @@ fn two_devices_over_loopback() {
     a.set_peers(vec![moved]);
     let no_peer = a.device_stats().drops_no_peer;
     wa.send(&p);
-    wait_for("old block unrouted", || a.device_stats().drops_no_peer == no_peer + 1);
+    wait_for("old block unrouted", || {
+        a.device_stats().drops_no_peer == no_peer + 1
+    });
     let p2 = ipv4([10, 42, 0, 5], [10, 42, 2, 5], 100, 1);
     wa.send(&p2);
     assert_eq!(wb.recv(Duration::from_secs(2)).as_deref(), Some(&p2[..]));

@@ -209,7 +209,7 @@ impl WgDevice {
             what: "get random bytes".into(),
             source: e,
         })?;
-        let tx_slot = (mtu as usize + DATA_OVERHEAD + 63) / 64 * 64;
+        let tx_slot = (mtu as usize + DATA_OVERHEAD).div_ceil(64) * 64;
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             tun,

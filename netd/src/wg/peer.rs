@@ -98,7 +98,12 @@ pub(crate) enum Verdict {
 /// Crypto-key routing: a packet decrypted from a peer goes to the TUN only if
 /// its source address is inside that peer's allowed network, and only if it
 /// fits the TUN's MTU.
-pub(crate) fn check_decrypted(allowed: &Ipv4Network, src: IpAddr, len: usize, mtu: usize) -> Verdict {
+pub(crate) fn check_decrypted(
+    allowed: &Ipv4Network,
+    src: IpAddr,
+    len: usize,
+    mtu: usize,
+) -> Verdict {
     match src {
         IpAddr::V4(a) if allowed.contains(a) => {
             if len > mtu {

@@ -163,7 +163,9 @@ impl PeerTable {
                         continue;
                     };
                     if let Err(other) = next.routes.insert(w.allowed, slot) {
-                        changes.rejected.push((w.public_key, overlap_reason(&next, other, w)));
+                        changes
+                            .rejected
+                            .push((w.public_key, overlap_reason(&next, other, w)));
                         continue;
                     }
                     next.slots[slot as usize] = Some(Entry {
@@ -193,7 +195,9 @@ impl PeerTable {
                 }
             };
             if let Err(other) = next.routes.insert(w.allowed, slot) {
-                changes.rejected.push((w.public_key, overlap_reason(&next, other, w)));
+                changes
+                    .rejected
+                    .push((w.public_key, overlap_reason(&next, other, w)));
                 continue;
             }
             let peer = make(w, next.index_of_slot(slot));
@@ -221,7 +225,12 @@ fn overlap_reason(t: &PeerTable, other_slot: u32, w: &Want) -> String {
         .slots
         .get(other_slot as usize)
         .and_then(Option::as_ref)
-        .map(|e| (super::key::key_to_base64(&e.peer.public_key), e.allowed.to_string()))
+        .map(|e| {
+            (
+                super::key::key_to_base64(&e.peer.public_key),
+                e.allowed.to_string(),
+            )
+        })
         .unwrap_or_default();
     format!(
         "its allowed network {} overlaps {} of peer {}",
@@ -301,7 +310,11 @@ mod tests {
         let own = [7u8; 32];
         let t0 = PeerTable::new(0xfffffe); // indices wrap around 2^24
         let (t1, c) = t0.reconcile(
-            &[want(1, "10.42.1.0/24"), want(2, "10.42.2.0/24"), want(3, "10.42.3.0/24")],
+            &[
+                want(1, "10.42.1.0/24"),
+                want(2, "10.42.2.0/24"),
+                want(3, "10.42.3.0/24"),
+            ],
             &[9u8; 32],
             make(own),
         );
@@ -319,7 +332,10 @@ mod tests {
             assert!(e.peer.index <= INDEX_MASK);
             let found = t1.by_receiver_idx(e.peer.index << 8 | 0x5a).unwrap();
             assert!(Arc::ptr_eq(&found.peer, &e.peer));
-            assert!(Arc::ptr_eq(&t1.by_key(&e.peer.public_key).unwrap().peer, &e.peer));
+            assert!(Arc::ptr_eq(
+                &t1.by_key(&e.peer.public_key).unwrap().peer,
+                &e.peer
+            ));
         }
         assert!(t1.by_receiver_idx(0x1234_5600).is_none());
         assert!(t1.by_dst(ip("10.42.4.1")).is_none());
@@ -339,13 +355,22 @@ mod tests {
         assert_eq!(c.moved.len(), 1);
         assert_eq!(c.moved[0].1, "192.168.78.2:4000".parse().unwrap());
         let e2 = t2.by_dst(ip("10.42.21.1")).unwrap();
-        assert!(Arc::ptr_eq(&e2.peer, &p2), "an existing peer keeps its state");
+        assert!(
+            Arc::ptr_eq(&e2.peer, &p2),
+            "an existing peer keeps its state"
+        );
         assert!(t2.by_dst(ip("10.42.2.1")).is_none());
         assert!(t2.by_dst(ip("10.42.1.1")).is_none());
         // The new peer reuses the freed slot, and lookups by index still work.
         let p4 = &t2.by_dst(ip("10.42.4.1")).unwrap().peer;
-        assert!(Arc::ptr_eq(&t2.by_receiver_idx(p4.index << 8).unwrap().peer, p4));
-        assert!(Arc::ptr_eq(&t2.by_receiver_idx(p2.index << 8 | 3).unwrap().peer, &p2));
+        assert!(Arc::ptr_eq(
+            &t2.by_receiver_idx(p4.index << 8).unwrap().peer,
+            p4
+        ));
+        assert!(Arc::ptr_eq(
+            &t2.by_receiver_idx(p2.index << 8 | 3).unwrap().peer,
+            &p2
+        ));
         assert_eq!(t2.len(), 3);
 
         // Empty: everything removed.
@@ -374,6 +399,9 @@ mod tests {
         assert_eq!(c.rejected.len(), 3, "{:?}", c.rejected);
         assert!(c.rejected.iter().any(|(_, why)| why.contains("overlaps")));
         assert!(t1.by_dst(ip("10.42.5.1")).is_none());
-        assert_eq!(t1.by_dst(ip("10.42.1.200")).unwrap().peer.public_key, key(1));
+        assert_eq!(
+            t1.by_dst(ip("10.42.1.200")).unwrap().peer.public_key,
+            key(1)
+        );
     }
 }

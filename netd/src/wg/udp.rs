@@ -36,7 +36,12 @@ pub(crate) struct Udp {
     gro: bool,
 }
 
-fn setsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: `value` lives for the call; the length matches its type.
     let rc = unsafe {
         libc::setsockopt(
@@ -398,7 +403,13 @@ mod tests {
         let mut lens = Vec::new();
         for i in 0..n {
             // 30 equal ones (one GSO run), a short one, then odd sizes.
-            let len = if i < 30 { 1400 } else if i == 30 { 100 } else { 200 + i };
+            let len = if i < 30 {
+                1400
+            } else if i == 30 {
+                100
+            } else {
+                200 + i
+            };
             buf[i * stride..i * stride + len].fill(i as u8);
             lens.push(len);
         }

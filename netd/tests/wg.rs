@@ -1,0 +1,617 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! weft's WireGuard data path between lab hosts (needs root). Each host gets
+//! a block 10.42.H.0/24 with 10.42.H.1 on a bridge `weft0`, a `WgDevice` on
+//! TUN `weft-wg` (created inside the host's namespace by a thread that joined
+//! it) and a route for the other host's block via the TUN. Proves: handshake
+//! and pings both ways, a TCP transfer (throughput printed next to the raw
+//! underlay), nothing in clear on the underlay, crypto-key routing, the TUN
+//! MTU with DF, and restart/reattach of the persistent TUN plus `destroy`.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use weft_netd::wg::{self, KeyPair, WgConfig, WgDevice, WgPeer};
+use weft_tests::{signal, wait_until, Host, Lab, LabOptions, Netns};
+
+const TUN: &str = "weft-wg";
+const PORT: u16 = 51820;
+const UNDERLAY_MTU: u32 = 1500;
+const MTU: u32 = UNDERLAY_MTU - wg::OVERHEAD_IPV4;
+
+/// One test at a time: the throughput numbers mean more without neighbours,
+/// and two cores do not run several labs well.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs `f` on a thread that has joined `ns`'s network namespace: the TUN and
+/// sockets it creates live there (and stay there whichever thread uses them).
+fn in_netns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let file = File::open(ns.path()).unwrap();
+            // SAFETY: setns(2) on a valid namespace fd; affects this thread only.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+struct Node {
+    host: Host,
+    index: usize,
+    keys: KeyPair,
+    dev: Option<WgDevice>,
+}
+
+impl Node {
+    fn block(&self) -> String {
+        format!("10.42.{}.0/24", self.index)
+    }
+    fn gw(&self) -> String {
+        format!("10.42.{}.1", self.index)
+    }
+    fn dev(&self) -> &WgDevice {
+        self.dev.as_ref().unwrap()
+    }
+    fn start(&mut self) {
+        let cfg = WgConfig {
+            ifname: TUN.into(),
+            listen_port: PORT,
+            mtu: MTU,
+            private_key: self.keys.private_key(),
+            keepalive: None,
+        };
+        self.dev = Some(in_netns(self.host.netns(), || {
+            WgDevice::start(cfg).unwrap()
+        }));
+    }
+    fn peer(&self) -> WgPeer {
+        WgPeer {
+            public_key: self.keys.public_key(),
+            endpoint: format!("{}:{PORT}", self.host.addr()).parse().unwrap(),
+            allowed: self.block().parse().unwrap(),
+        }
+    }
+    fn stats_for(&self, other: &Node) -> wg::PeerStats {
+        self.dev()
+            .stats()
+            .into_iter()
+            .find(|s| s.public_key == other.keys.public_key())
+            .unwrap()
+    }
+}
+
+/// Two hosts, each with its block on bridge `weft0`, a running device, the
+/// other's block routed via the TUN, and each other as peers.
+fn pair(lab: &Lab) -> (Node, Node) {
+    let mut nodes: Vec<Node> = (0..2)
+        .map(|i| {
+            let host = lab.host(i).clone();
+            host.ip(["link", "add", "weft0", "type", "bridge"]).unwrap();
+            host.ip(["addr", "add", &format!("10.42.{i}.1/24"), "dev", "weft0"])
+                .unwrap();
+            host.ip(["link", "set", "weft0", "up"]).unwrap();
+            host.exec(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+                .unwrap();
+            Node {
+                host,
+                index: i,
+                keys: KeyPair::generate().unwrap(),
+                dev: None,
+            }
+        })
+        .collect();
+    for n in &mut nodes {
+        n.start();
+    }
+    let b = nodes.pop().unwrap();
+    let a = nodes.pop().unwrap();
+    assert_eq!(a.dev().mtu(), MTU);
+    // As netd does: the peer's block via the TUN, sourced from our gateway.
+    a.host
+        .ip(["route", "add", &b.block(), "dev", TUN, "src", &a.gw()])
+        .unwrap();
+    b.host
+        .ip(["route", "add", &a.block(), "dev", TUN, "src", &b.gw()])
+        .unwrap();
+    a.dev().set_peers(vec![b.peer()]);
+    b.dev().set_peers(vec![a.peer()]);
+    (a, b)
+}
+
+fn ping(from: &Node, to: &Node, extra: &[&str]) -> std::process::Output {
+    let gw_from = from.gw();
+    let gw_to = to.gw();
+    let mut argv = vec![
+        "ping", "-n", "-c", "3", "-i", "0.2", "-W", "2", "-I", &gw_from,
+    ];
+    argv.extend_from_slice(extra);
+    argv.push(&gw_to);
+    from.host.output(&argv).unwrap()
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// CPU seconds used so far by this process's WireGuard threads (both
+/// hosts' devices run in this process).
+fn wg_cpu_seconds() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let mut ticks = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        if !stat[open + 1..close].starts_with("weft-wg") {
+            continue;
+        }
+        let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of stat(5); index 11 and 12 here.
+        ticks += fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    }
+    ticks as f64 / hz
+}
+
+/// Runs an iperf3 transfer of `bytes` from `client` to `server_addr` (bound to
+/// `client_addr`); returns (bytes received, bits per second).
+fn iperf(
+    server: &Host,
+    client: &Host,
+    server_addr: &str,
+    client_addr: &str,
+    port: u16,
+    bytes: &str,
+) -> (f64, f64) {
+    let port = port.to_string();
+    let mut srv = server
+        .spawn(["iperf3", "-s", "-1", "-B", server_addr, "-p", &port])
+        .unwrap();
+    let mut out = None;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let o = client
+            .output([
+                "iperf3",
+                "-c",
+                server_addr,
+                "-B",
+                client_addr,
+                "-p",
+                &port,
+                "-n",
+                bytes,
+                "-J",
+            ])
+            .unwrap();
+        // iperf3 -J exits 0 even when it could not connect; the JSON says.
+        let ok = o.status.success()
+            && serde_json::from_slice::<serde_json::Value>(&o.stdout)
+                .is_ok_and(|v| v.get("error").is_none());
+        if ok {
+            out = Some(o);
+            break;
+        }
+        // The server may not listen yet.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = out.unwrap_or_else(|| panic!("iperf3 never succeeded; server: {}", srv.stderr()));
+    let _ = srv.wait_timeout(Duration::from_secs(5));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let recv = &v["end"]["sum_received"];
+    match (recv["bytes"].as_f64(), recv["bits_per_second"].as_f64()) {
+        (Some(b), Some(bps)) => (b, bps),
+        _ => panic!(
+            "unexpected iperf3 output: {}",
+            String::from_utf8_lossy(&out.stdout)
+        ),
+    }
+}
+
+#[test]
+fn handshake_ping_both_ways_and_tcp_throughput() {
+    weft_tests::require_root!();
+    let _s = serial();
+    let lab = Lab::new(LabOptions::hosts(2).mtu(UNDERLAY_MTU)).unwrap();
+    let (a, b) = pair(&lab);
+
+    let o = ping(&a, &b, &[]);
+    assert!(o.status.success(), "a -> b: {}", text(&o));
+    let o = ping(&b, &a, &[]);
+    assert!(o.status.success(), "b -> a: {}", text(&o));
+    for (x, y) in [(&a, &b), (&b, &a)] {
+        let s = x.stats_for(y);
+        assert!(s.last_handshake.is_some(), "{s:?}");
+        assert!(s.rx_packets >= 3 && s.tx_packets >= 3, "{s:?}");
+        assert_eq!(s.drops_bad_source, 0);
+    }
+
+    let cpu0 = wg_cpu_seconds();
+    let t0 = Instant::now();
+    let (bytes, wg_bps) = iperf(&b.host, &a.host, &b.gw(), &a.gw(), 5201, "200M");
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = wg_cpu_seconds() - cpu0;
+    assert!(bytes >= 50e6, "only {bytes} bytes arrived");
+    let (_, raw_bps) = iperf(
+        &b.host,
+        &a.host,
+        &b.host.addr().to_string(),
+        &a.host.addr().to_string(),
+        5202,
+        "200M",
+    );
+    let gb = bytes / 1e9;
+    println!(
+        "THROUGHPUT (one TCP stream, iperf3 -n 200M, debug={}): weft wg {:.2} Gbit/s, raw underlay {:.2} Gbit/s; \
+         wg threads (both ends) used {:.2} CPU-s in {:.2} s = {:.2} CPU-s per GB",
+        cfg!(debug_assertions),
+        wg_bps / 1e9,
+        raw_bps / 1e9,
+        cpu,
+        secs,
+        cpu / gb
+    );
+    println!("a device stats: {:?}", a.dev().device_stats());
+    println!("b device stats: {:?}", b.dev().device_stats());
+    println!("a's view of b: {:?}", a.stats_for(&b));
+}
+
+#[test]
+fn nothing_in_clear_on_the_underlay() {
+    weft_tests::require_root!();
+    let _s = serial();
+    let lab = Lab::new(LabOptions::hosts(2)).unwrap();
+    let (a, b) = pair(&lab);
+    // "weft-marker-pls!" in hex: ping repeats it through the payload.
+    let marker = b"weft-marker-pls!";
+    let hex: String = marker.iter().map(|c| format!("{c:02x}")).collect();
+    let under = lab.dir().join("underlay.pcap");
+    let clear = lab.dir().join("tun.pcap");
+    let port = lab.host(0).underlay_port().to_string();
+    let cap_under = lab
+        .underlay()
+        .spawn([
+            "tcpdump",
+            "-n",
+            "-U",
+            "--immediate-mode",
+            "-i",
+            &port,
+            "-w",
+            under.to_str().unwrap(),
+        ])
+        .unwrap();
+    let cap_tun = a
+        .host
+        .spawn([
+            "tcpdump",
+            "-n",
+            "-U",
+            "--immediate-mode",
+            "-i",
+            TUN,
+            "-w",
+            clear.to_str().unwrap(),
+        ])
+        .unwrap();
+    for c in [&cap_under, &cap_tun] {
+        wait_until(Duration::from_secs(10), "tcpdump listening", || {
+            c.stderr().contains("listening on")
+        })
+        .unwrap();
+    }
+    let o = ping(&a, &b, &["-p", &hex, "-s", "200"]);
+    assert!(o.status.success(), "{}", text(&o));
+    // Some TCP too: the marker in a TCP payload (the route's src makes
+    // 10.42.0.1 the source).
+    let listener = in_netns(b.host.netns(), || {
+        std::net::TcpListener::bind((b.gw().as_str(), 7000)).unwrap()
+    });
+    let mut conn = in_netns(a.host.netns(), || {
+        std::net::TcpStream::connect((b.gw().as_str(), 7000)).unwrap()
+    });
+    let (mut served, _) = listener.accept().unwrap();
+    std::io::Write::write_all(&mut conn, &marker.repeat(3)).unwrap();
+    drop(conn);
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut served, &mut got).unwrap();
+    assert_eq!(got, marker.repeat(3));
+    std::thread::sleep(Duration::from_millis(300));
+    let u = cap_under
+        .stop_with(signal::SIGINT, Duration::from_secs(5))
+        .unwrap();
+    let t = cap_tun
+        .stop_with(signal::SIGINT, Duration::from_secs(5))
+        .unwrap();
+    println!("tcpdump underlay: {}tcpdump tun: {}", u.stderr, t.stderr);
+
+    let contains = |hay: &[u8]| hay.windows(marker.len()).any(|w| w == marker);
+    let clear_bytes = std::fs::read(&clear).unwrap();
+    assert!(
+        contains(&clear_bytes),
+        "control: the marker must be visible on the TUN (else this test proves nothing):\n{}",
+        text(
+            &a.host
+                .output(["tcpdump", "-n", "-X", "-r", clear.to_str().unwrap()])
+                .unwrap()
+        )
+    );
+    let under_bytes = std::fs::read(&under).unwrap();
+    assert!(
+        !contains(&under_bytes),
+        "the marker crossed the underlay in clear"
+    );
+
+    let listing = lab
+        .underlay()
+        .exec(["tcpdump", "-n", "-r", under.to_str().unwrap()])
+        .unwrap();
+    let mut udp = 0;
+    let ours = [a.host.addr().to_string(), b.host.addr().to_string()];
+    for line in listing.lines() {
+        assert!(
+            !line.contains("10.42."),
+            "overlay address in clear on the underlay: {line}"
+        );
+        // Only the hosts' own traffic counts (the switch itself sends IGMP).
+        let involves = |o: &String| {
+            line.split_whitespace()
+                .map(|t| t.trim_end_matches([':', ',']))
+                .any(|t| t == o || t.starts_with(&format!("{o}.")))
+        };
+        if !line.contains(" IP ") || !ours.iter().any(involves) {
+            continue;
+        }
+        assert!(
+            line.contains(&format!(".{PORT}: UDP")),
+            "non-WireGuard packet on the underlay: {line}"
+        );
+        udp += 1;
+    }
+    assert!(udp >= 6, "too few WireGuard datagrams captured:\n{listing}");
+    println!("underlay capture: {udp} WireGuard datagrams, marker absent");
+}
+
+#[test]
+fn crypto_key_routing_drops_foreign_sources() {
+    weft_tests::require_root!();
+    let _s = serial();
+    let lab = Lab::new(LabOptions::hosts(2)).unwrap();
+    let (a, b) = pair(&lab);
+    let o = ping(&b, &a, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    // B owns 10.42.1.0/24 only; 10.42.99.1 is routed into the tunnel anyway.
+    b.host
+        .ip(["addr", "add", "10.42.99.1/32", "dev", "weft0"])
+        .unwrap();
+    let before = a.stats_for(&b);
+    let o = b
+        .host
+        .output([
+            "ping",
+            "-n",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            "-I",
+            "10.42.99.1",
+            &a.gw(),
+        ])
+        .unwrap();
+    assert!(
+        !o.status.success(),
+        "spoofed ping got through: {}",
+        text(&o)
+    );
+    let after = a.stats_for(&b);
+    assert!(
+        after.drops_bad_source >= before.drops_bad_source + 3,
+        "{before:?}\n{after:?}"
+    );
+    assert_eq!(
+        after.rx_packets, before.rx_packets,
+        "nothing written to the TUN"
+    );
+    // B's own block still works.
+    let o = ping(&b, &a, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    println!("drops_bad_source = {}", after.drops_bad_source);
+}
+
+#[test]
+fn df_packets_respect_the_tun_mtu() {
+    weft_tests::require_root!();
+    let _s = serial();
+    let lab = Lab::new(LabOptions::hosts(2).mtu(UNDERLAY_MTU)).unwrap();
+    let (a, b) = pair(&lab);
+    assert_eq!(a.host.link_mtu(TUN).unwrap(), MTU);
+    let fits = (MTU - 28).to_string();
+    let over = (MTU - 27).to_string();
+
+    // From the host itself: the kernel refuses locally.
+    let o = ping(&a, &b, &["-M", "do", "-s", &fits]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = ping(&a, &b, &["-M", "do", "-s", &over]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("message too long"), "{}", text(&o));
+
+    // From a container behind the host (veth MTU 1500): the host answers with
+    // ICMP fragmentation needed, mtu = TUN MTU.
+    let c = lab.container(0, "c0").unwrap();
+    a.host
+        .ip([
+            "link",
+            "add",
+            "c0h",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            c.name(),
+        ])
+        .unwrap();
+    a.host
+        .ip(["link", "set", "c0h", "master", "weft0", "up"])
+        .unwrap();
+    c.ip(["addr", "add", "10.42.0.2/24", "dev", "eth0"])
+        .unwrap();
+    c.ip(["link", "set", "eth0", "up"]).unwrap();
+    c.ip(["route", "add", "default", "via", "10.42.0.1"])
+        .unwrap();
+    let ping_c = |size: &str| {
+        c.output([
+            "ping",
+            "-n",
+            "-c",
+            "2",
+            "-i",
+            "0.3",
+            "-W",
+            "2",
+            "-M",
+            "do",
+            "-s",
+            size,
+            &b.gw(),
+        ])
+        .unwrap()
+    };
+    let o = ping_c(&fits);
+    assert!(o.status.success(), "container, fits: {}", text(&o));
+    let o = ping_c(&over);
+    assert!(!o.status.success(), "container, too big: {}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains(&format!("Frag needed and DF set (mtu = {MTU})"))
+            || t.contains(&format!("message too long, mtu={MTU}")),
+        "{t}"
+    );
+    println!(
+        "container DF ping of {over} bytes: {}",
+        t.lines().nth(1).unwrap_or("")
+    );
+    // Nothing oversize reached the peer.
+    assert_eq!(b.stats_for(&a).drops_oversize, 0);
+}
+
+#[test]
+fn restart_reattaches_the_persistent_tun_and_destroy_removes_it() {
+    weft_tests::require_root!();
+    let _s = serial();
+    let lab = Lab::new(LabOptions::hosts(2)).unwrap();
+    let (a, mut b) = pair(&lab);
+    let o = ping(&a, &b, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let ifindex = b.dev().ifindex();
+
+    // A pings B's block every 20 ms for 6 s while B's device restarts.
+    let interval_ms = 20.0;
+    let pinger = a
+        .host
+        .spawn([
+            "ping",
+            "-n",
+            "-i",
+            "0.02",
+            "-w",
+            "6",
+            "-W",
+            "1",
+            "-I",
+            &a.gw(),
+            &b.gw(),
+        ])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    b.dev.take().unwrap().stop();
+    // The TUN, its address and route outlive the device.
+    let link = b.host.ip(["-o", "link", "show", TUN]).unwrap();
+    assert!(link.contains(TUN), "{link}");
+    let routes = b.host.ip(["route", "show", "dev", TUN]).unwrap();
+    assert!(routes.contains(&a.block()), "{routes}");
+    std::thread::sleep(Duration::from_millis(500));
+    let restarted = Instant::now();
+    b.start();
+    b.dev().set_peers(vec![a.peer()]);
+    assert_eq!(b.dev().ifindex(), ifindex, "reattached to the same device");
+    let out = pinger.wait().unwrap();
+    let summary = out
+        .stdout
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or("")
+        .to_string();
+    let num = |word: &str| -> u64 {
+        let i = summary
+            .find(word)
+            .unwrap_or_else(|| panic!("{}", out.stdout));
+        summary[..i]
+            .split_whitespace()
+            .last()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (sent, got) = (num(" packets transmitted"), num(" received"));
+    let last_seq: u64 = out
+        .stdout
+        .lines()
+        .filter_map(|l| l.split("icmp_seq=").nth(1))
+        .filter_map(|s| s.split_whitespace().next()?.parse().ok())
+        .max()
+        .unwrap_or(0);
+    let lost = sent - got;
+    println!(
+        "restart: {sent} pings sent, {got} answered, {lost} lost = ~{:.0} ms gap \
+         (device down ~500 ms; {:?} since restart when ping ended)",
+        lost as f64 * interval_ms,
+        restarted.elapsed()
+    );
+    assert!(got > 0 && lost > 0, "{}", out.stdout);
+    assert!(
+        last_seq + 10 >= sent,
+        "traffic did not resume after the restart:\n{}",
+        out.stdout
+    );
+    assert!(
+        (lost as f64) * interval_ms < 3000.0,
+        "gap too long:\n{}",
+        out.stdout
+    );
+
+    // destroy: refused while a device is attached, then removes the TUN.
+    let busy = in_netns(b.host.netns(), || wg::destroy(TUN));
+    let err = busy.expect_err("destroy while attached");
+    assert!(err.to_string().contains("stop the other netd"), "{err}");
+    b.dev.take().unwrap().stop();
+    in_netns(b.host.netns(), || wg::destroy(TUN)).unwrap();
+    assert!(!b.host.links().unwrap().iter().any(|l| l == TUN));
+    // Idempotent.
+    in_netns(b.host.netns(), || wg::destroy(TUN)).unwrap();
+    drop(a);
+}
