@@ -110,6 +110,10 @@ impl Client {
         self.call("DELETE", &endpoint_path(container_id, ifname), None::<&()>)
     }
 
+    pub fn peers(&self) -> Result<Vec<crate::PeerInfo>, ClientError> {
+        self.call("GET", "/v1/peers", None::<&()>)
+    }
+
     pub fn gc(&self, req: &GcRequest) -> Result<GcResult, ClientError> {
         self.call("POST", "/v1/gc", Some(req))
     }

@@ -9,6 +9,7 @@
 //! | `GET /v1/endpoints/{container_id}/{ifname}` | | [`Endpoint`] or 404 |
 //! | `DELETE /v1/endpoints/{container_id}/{ifname}` | | [`Deleted`] (idempotent) |
 //! | `POST /v1/gc` | [`GcRequest`] | [`GcResult`] |
+//! | `GET /v1/peers` | | `Vec<`[`PeerInfo`]`>` |
 //!
 //! Errors are a 4xx/5xx status with an [`ApiError`] body. The types are plain
 //! data; the [`client`] is a small blocking client for the CNI plugin and the
@@ -162,6 +163,23 @@ pub struct Status {
     /// Endpoint addresses the block can hold.
     pub capacity: u32,
     pub iptables: String,
+}
+
+/// Another host as this host's data plane sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    pub host_id: String,
+    pub underlay: Ipv4Addr,
+    pub block: Ipv4Network,
+    /// `wireguard` or `vxlan`.
+    pub backend: String,
+    /// Seconds since the last WireGuard handshake (none yet, or VXLAN).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handshake_age_secs: Option<u64>,
+    #[serde(default)]
+    pub rx_bytes: u64,
+    #[serde(default)]
+    pub tx_bytes: u64,
 }
 
 /// Machine-readable error kinds, so clients can map them (the CNI plugin

@@ -54,6 +54,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
             get(get_one).delete(delete),
         )
         .route("/v1/gc", axum::routing::post(gc))
+        .route("/v1/peers", get(peers))
         .fallback(|| async { Failure(ApiError::new(ErrorKind::NotFound, "no such API route")) })
         .with_state(daemon)
 }
@@ -82,6 +83,10 @@ async fn delete(
     UrlPath((container_id, ifname)): UrlPath<(String, String)>,
 ) -> Answer<weft_api::Deleted> {
     Ok(Json(d.delete_endpoint(&container_id, &ifname).await?))
+}
+
+async fn peers(State(d): State<Arc<Daemon>>) -> Answer<Vec<weft_api::PeerInfo>> {
+    Ok(Json(d.peer_info()))
 }
 
 async fn gc(State(d): State<Arc<Daemon>>, bytes: Bytes) -> Answer<weft_api::GcResult> {

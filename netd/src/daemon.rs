@@ -577,6 +577,22 @@ impl Daemon {
         Ok(())
     }
 
+    /// The peers for the API and CLI.
+    pub fn peer_info(&self) -> Vec<weft_api::PeerInfo> {
+        self.peers()
+            .into_iter()
+            .map(|p| weft_api::PeerInfo {
+                host_id: p.host_id,
+                underlay: p.underlay,
+                block: p.block,
+                backend: self.cfg.mesh.backend.as_str().to_owned(),
+                handshake_age_secs: None,
+                rx_bytes: 0,
+                tx_bytes: 0,
+            })
+            .collect()
+    }
+
     /// The peers the data plane has now.
     pub fn peers(&self) -> Vec<Peer> {
         self.peers.lock().unwrap_or_else(|p| p.into_inner()).clone()

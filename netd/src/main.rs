@@ -46,6 +46,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the other hosts this host has tunnels to.
+    Peers {
+        #[arg(long, env = "WEFT_SOCKET", default_value = weft_api::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove everything weft made on this host: bridge, container veths,
     /// iptables chains, the control socket. Stop netd first.
     Teardown {
@@ -157,6 +164,40 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .collect();
             print_table(
                 &["CONTAINER", "IF", "ADDRESS", "NAME", "SERVICE", "PORTS"],
+                &rows,
+            );
+            Ok(())
+        }
+        Command::Peers { socket, json } => {
+            let mut peers = Client::new(socket).peers()?;
+            peers.sort_by_key(|p| p.block);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&peers)?);
+                return Ok(());
+            }
+            let rows: Vec<[String; 6]> = peers
+                .iter()
+                .map(|p| {
+                    [
+                        p.host_id.clone(),
+                        p.underlay.to_string(),
+                        p.block.to_string(),
+                        p.backend.clone(),
+                        p.handshake_age_secs
+                            .map_or("-".into(), |s| format!("{s}s ago")),
+                        format!("{} / {}", p.rx_bytes, p.tx_bytes),
+                    ]
+                })
+                .collect();
+            print_table(
+                &[
+                    "HOST",
+                    "UNDERLAY",
+                    "BLOCK",
+                    "BACKEND",
+                    "HANDSHAKE",
+                    "RX / TX BYTES",
+                ],
                 &rows,
             );
             Ok(())

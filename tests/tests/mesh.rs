@@ -121,6 +121,17 @@ fn full_mesh(lab: &Lab, store: &str, backend: &str) {
             }
         }
     }
+    // Each host lists the two others as peers.
+    let peers = netds[0].cli(&["peers", "--json"]).unwrap();
+    let peers: serde_json::Value = serde_json::from_slice(&peers.stdout).unwrap();
+    let ids: Vec<&str> = peers
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["host_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2, "{peers}");
+    assert!(ids.contains(&"host1") && ids.contains(&"host2"), "{peers}");
     // A TCP transfer across hosts.
     let gbps = transfer(&ctrs[0][0], &ctrs[1][0], 20);
     eprintln!("{backend}: 20 MB host0 -> host1 at {gbps:.2} Gbit/s");
