@@ -373,9 +373,11 @@ fn endpoint_names(ep: &Endpoint, domain: &str) -> Option<EndpointNames> {
         texts.push(format!("{c}.{domain}"));
         texts.push(c.clone());
     }
-    let services = lower(&ep.service)
-        .into_iter()
-        .chain(ep.aliases.iter().map(|a| a.trim_end_matches('.').to_ascii_lowercase()));
+    let services = lower(&ep.service).into_iter().chain(
+        ep.aliases
+            .iter()
+            .map(|a| a.trim_end_matches('.').to_ascii_lowercase()),
+    );
     for svc in services {
         match &stack {
             Some(s) => {
@@ -420,7 +422,7 @@ fn reverse_zone(range: Ipv4Network) -> (Vec<u8>, bool) {
     }
     text.push_str("in-addr.arpa");
     let wire = name_from_str(&text).unwrap_or_else(|| IN_ADDR_ARPA.to_vec());
-    (wire, range.prefix() % 8 == 0)
+    (wire, range.prefix().is_multiple_of(8))
 }
 
 /// A decimal octet label (`0` to `255`).
@@ -521,10 +523,38 @@ pub(crate) mod tests {
 
     pub(crate) fn sample() -> Vec<Endpoint> {
         vec![
-            endpoint("c1", "10.42.0.2", Some("web-1"), Some("web"), Some("shop"), &["www"]),
-            endpoint("c2", "10.42.1.2", Some("web-2"), Some("Web"), Some("SHOP"), &[]),
-            endpoint("c3", "10.42.0.3", Some("db-1"), Some("db"), Some("shop"), &[]),
-            endpoint("c4", "10.42.1.3", Some("web-1"), Some("web"), Some("blog"), &[]),
+            endpoint(
+                "c1",
+                "10.42.0.2",
+                Some("web-1"),
+                Some("web"),
+                Some("shop"),
+                &["www"],
+            ),
+            endpoint(
+                "c2",
+                "10.42.1.2",
+                Some("web-2"),
+                Some("Web"),
+                Some("SHOP"),
+                &[],
+            ),
+            endpoint(
+                "c3",
+                "10.42.0.3",
+                Some("db-1"),
+                Some("db"),
+                Some("shop"),
+                &[],
+            ),
+            endpoint(
+                "c4",
+                "10.42.1.3",
+                Some("web-1"),
+                Some("web"),
+                Some("blog"),
+                &[],
+            ),
             endpoint("0123456789abcdef", "10.42.0.9", None, None, None, &[]),
         ]
     }
@@ -562,31 +592,55 @@ pub(crate) mod tests {
             addrs(&t, "web-1.shop.weft.internal", OUTSIDE),
             Some(vec!["10.42.0.2".into()])
         );
-        assert_eq!(addrs(&t, "web-1.blog", OUTSIDE), Some(vec!["10.42.1.3".into()]));
+        assert_eq!(
+            addrs(&t, "web-1.blog", OUTSIDE),
+            Some(vec!["10.42.1.3".into()])
+        );
         // The alias resolves like the service name.
-        assert_eq!(addrs(&t, "www.shop.weft.internal", OUTSIDE), Some(vec!["10.42.0.2".into()]));
-        assert_eq!(addrs(&t, "www.shop", OUTSIDE), Some(vec!["10.42.0.2".into()]));
+        assert_eq!(
+            addrs(&t, "www.shop.weft.internal", OUTSIDE),
+            Some(vec!["10.42.0.2".into()])
+        );
+        assert_eq!(
+            addrs(&t, "www.shop", OUTSIDE),
+            Some(vec!["10.42.0.2".into()])
+        );
         // Bare container names are global (both web-1s).
         assert_eq!(
             addrs(&t, "web-1", OUTSIDE),
             Some(vec!["10.42.0.2".into(), "10.42.1.3".into()])
         );
-        assert_eq!(addrs(&t, "web-1.weft.internal", OUTSIDE), addrs(&t, "web-1", OUTSIDE));
+        assert_eq!(
+            addrs(&t, "web-1.weft.internal", OUTSIDE),
+            addrs(&t, "web-1", OUTSIDE)
+        );
         // A bare service name from a container of stack shop: its stack.
         assert_eq!(addrs(&t, "web", "10.42.0.3"), both);
         assert_eq!(addrs(&t, "db", "10.42.1.2"), Some(vec!["10.42.0.3".into()]));
         // ... and from stack blog, blog's.
-        assert_eq!(addrs(&t, "web", "10.42.1.3"), Some(vec!["10.42.1.3".into()]));
+        assert_eq!(
+            addrs(&t, "web", "10.42.1.3"),
+            Some(vec!["10.42.1.3".into()])
+        );
         // A bare container name from a stack prefers the client's stack.
-        assert_eq!(addrs(&t, "web-1", "10.42.1.3"), Some(vec!["10.42.1.3".into()]));
+        assert_eq!(
+            addrs(&t, "web-1", "10.42.1.3"),
+            Some(vec!["10.42.1.3".into()])
+        );
         // From outside any stack, a bare service name is not ours.
-        assert!(matches!(t.resolve(&q("web"), OUTSIDE.parse().unwrap()), Resolution::External));
+        assert!(matches!(
+            t.resolve(&q("web"), OUTSIDE.parse().unwrap()),
+            Resolution::External
+        ));
         // Without a name: the short container id; without a stack: <name>.<domain>.
         assert_eq!(
             addrs(&t, "0123456789ab.weft.internal", OUTSIDE),
             Some(vec!["10.42.0.9".into()])
         );
-        assert_eq!(t.lookup("db.shop.weft.internal"), Some(&["10.42.0.3".parse().unwrap()][..]));
+        assert_eq!(
+            t.lookup("db.shop.weft.internal"),
+            Some(&["10.42.0.3".parse().unwrap()][..])
+        );
     }
 
     #[test]
@@ -606,8 +660,14 @@ pub(crate) mod tests {
             t.resolve(&q("shop.weft.internal"), c),
             Resolution::NoData(Zone::Domain)
         ));
-        assert!(matches!(t.resolve(&q("weft.internal"), c), Resolution::Apex(Zone::Domain)));
-        assert!(matches!(t.resolve(&q("example.com"), c), Resolution::External));
+        assert!(matches!(
+            t.resolve(&q("weft.internal"), c),
+            Resolution::Apex(Zone::Domain)
+        ));
+        assert!(matches!(
+            t.resolve(&q("example.com"), c),
+            Resolution::External
+        ));
         assert!(matches!(t.resolve(&q("internal"), c), Resolution::External));
     }
 
@@ -623,7 +683,9 @@ pub(crate) mod tests {
             _ => panic!("no PTR"),
         }
         match t.resolve(&q("9.0.42.10.IN-ADDR.ARPA"), c) {
-            Resolution::Ptr(rec) => assert!(rec.ends_with(b"\x0c0123456789ab\x04weft\x08internal\x00")),
+            Resolution::Ptr(rec) => {
+                assert!(rec.ends_with(b"\x0c0123456789ab\x04weft\x08internal\x00"))
+            }
             _ => panic!("no PTR"),
         }
         assert!(matches!(
@@ -643,8 +705,14 @@ pub(crate) mod tests {
             Resolution::NxDomain(Zone::Reverse)
         ));
         // Outside the cluster range: forwarded.
-        assert!(matches!(t.resolve(&q("1.1.168.192.in-addr.arpa"), c), Resolution::External));
-        assert!(matches!(t.resolve(&q("1.0.43.10.in-addr.arpa"), c), Resolution::External));
+        assert!(matches!(
+            t.resolve(&q("1.1.168.192.in-addr.arpa"), c),
+            Resolution::External
+        ));
+        assert!(matches!(
+            t.resolve(&q("1.0.43.10.in-addr.arpa"), c),
+            Resolution::External
+        ));
     }
 
     #[test]
@@ -656,21 +724,41 @@ pub(crate) mod tests {
         let eps = sample();
         let t = Table::build(&cfg, &eps, 1);
         let c: IpAddr = OUTSIDE.parse().unwrap();
-        assert!(matches!(t.resolve(&q("2.0.42.10.in-addr.arpa"), c), Resolution::Ptr(_)));
+        assert!(matches!(
+            t.resolve(&q("2.0.42.10.in-addr.arpa"), c),
+            Resolution::Ptr(_)
+        ));
         assert!(matches!(
             t.resolve(&q("2.0.41.10.in-addr.arpa"), c),
             Resolution::NxDomain(Zone::Reverse)
         ));
         // 10.50.x is outside 10.40.0.0/13 though inside 10.in-addr.arpa.
-        assert!(matches!(t.resolve(&q("2.0.50.10.in-addr.arpa"), c), Resolution::External));
-        assert!(matches!(t.resolve(&q("42.10.in-addr.arpa"), c), Resolution::External));
-        assert!(t.soa(Zone::Reverse).starts_with(b"\x0210\x07in-addr\x04arpa\x00"));
+        assert!(matches!(
+            t.resolve(&q("2.0.50.10.in-addr.arpa"), c),
+            Resolution::External
+        ));
+        assert!(matches!(
+            t.resolve(&q("42.10.in-addr.arpa"), c),
+            Resolution::External
+        ));
+        assert!(t
+            .soa(Zone::Reverse)
+            .starts_with(b"\x0210\x07in-addr\x04arpa\x00"));
     }
 
     #[test]
     fn round_robin_rotates_every_query() {
         let eps: Vec<Endpoint> = (2..6)
-            .map(|i| endpoint(&format!("c{i}"), &format!("10.42.0.{i}"), None, Some("s"), Some("k"), &[]))
+            .map(|i| {
+                endpoint(
+                    &format!("c{i}"),
+                    &format!("10.42.0.{i}"),
+                    None,
+                    Some("s"),
+                    Some("k"),
+                    &[],
+                )
+            })
             .collect();
         let t = Table::build(&cfg(), &eps, 1);
         let c: IpAddr = OUTSIDE.parse().unwrap();
@@ -693,11 +781,28 @@ pub(crate) mod tests {
     #[test]
     fn invalid_names_are_skipped() {
         let eps = vec![
-            endpoint("c1", "10.42.0.2", Some("bad name"), Some("web"), Some("shop"), &[]),
-            endpoint("c2", "10.42.0.3", Some("ok"), Some("web"), Some("shop"), &[]),
+            endpoint(
+                "c1",
+                "10.42.0.2",
+                Some("bad name"),
+                Some("web"),
+                Some("shop"),
+                &[],
+            ),
+            endpoint(
+                "c2",
+                "10.42.0.3",
+                Some("ok"),
+                Some("web"),
+                Some("shop"),
+                &[],
+            ),
         ];
         let t = Table::build(&cfg(), &eps, 1);
         assert_eq!(t.endpoints(), 1);
-        assert_eq!(t.lookup("web.shop"), Some(&["10.42.0.3".parse().unwrap()][..]));
+        assert_eq!(
+            t.lookup("web.shop"),
+            Some(&["10.42.0.3".parse().unwrap()][..])
+        );
     }
 }

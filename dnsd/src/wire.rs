@@ -430,7 +430,8 @@ pub fn parse_query(p: &[u8]) -> Result<Query, ParseError> {
 /// opcode, RD and CD, RA (dnsd recurses for its clients), and `rcode`.
 #[inline]
 pub fn answer_flags(qflags: u16, rcode: u8, authoritative: bool, truncated: bool) -> u16 {
-    let mut f = FLAG_QR | FLAG_RA | (qflags & (MASK_OPCODE | FLAG_RD | FLAG_CD)) | (rcode & 0xF) as u16;
+    let mut f =
+        FLAG_QR | FLAG_RA | (qflags & (MASK_OPCODE | FLAG_RD | FLAG_CD)) | (rcode & 0xF) as u16;
     if authoritative {
         f |= FLAG_AA;
     }
@@ -471,7 +472,15 @@ pub fn write_reject(out: &mut [u8], id: u16, qflags: u16, rcode: u8) -> usize {
     if out.len() < HEADER_LEN {
         return 0;
     }
-    write_header(out, id, answer_flags(qflags, rcode, false, false), 0, 0, 0, 0);
+    write_header(
+        out,
+        id,
+        answer_flags(qflags, rcode, false, false),
+        0,
+        0,
+        0,
+        0,
+    );
     HEADER_LEN
 }
 
@@ -518,8 +527,9 @@ mod tests {
         );
         assert_eq!(q.udp_limit(), 1232);
         // Tiny sizes count as 512.
-        p[p.len() - 8] = 0;
-        p[p.len() - 9] = 0;
+        let at = p.len() - 8;
+        p[at] = 0;
+        p[at + 1] = 0;
         let q = parse_query(&p).unwrap();
         assert_eq!(q.udp_limit(), 512);
     }
@@ -534,24 +544,36 @@ mod tests {
         p[5] = 2; // two questions
         assert!(matches!(
             parse_query(&p),
-            Err(ParseError::Reject { rcode: RCODE_FORMERR, .. })
+            Err(ParseError::Reject {
+                rcode: RCODE_FORMERR,
+                ..
+            })
         ));
         let p = query("a", TYPE_A);
         assert!(matches!(
             parse_query(&p[..p.len() - 1]),
-            Err(ParseError::Reject { rcode: RCODE_FORMERR, .. })
+            Err(ParseError::Reject {
+                rcode: RCODE_FORMERR,
+                ..
+            })
         ));
         let mut p = query("a", TYPE_A);
         p[2] = 0x28; // opcode UPDATE
         assert!(matches!(
             parse_query(&p),
-            Err(ParseError::Reject { rcode: RCODE_NOTIMP, .. })
+            Err(ParseError::Reject {
+                rcode: RCODE_NOTIMP,
+                ..
+            })
         ));
         // A compression pointer in the question.
         let mut p = vec![0, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xC0, 12, 0, 1, 0, 1];
         assert!(matches!(
             parse_query(&p),
-            Err(ParseError::Reject { rcode: RCODE_FORMERR, .. })
+            Err(ParseError::Reject {
+                rcode: RCODE_FORMERR,
+                ..
+            })
         ));
         // Two OPT records.
         p = query("a", TYPE_A);
@@ -561,7 +583,10 @@ mod tests {
         }
         assert!(matches!(
             parse_query(&p),
-            Err(ParseError::Reject { rcode: RCODE_FORMERR, .. })
+            Err(ParseError::Reject {
+                rcode: RCODE_FORMERR,
+                ..
+            })
         ));
     }
 
@@ -579,7 +604,10 @@ mod tests {
         assert_eq!(name_from_str("A.b."), Some(b"\x01a\x01b\x00".to_vec()));
         // The longest legal name parses; one byte more does not.
         let mut p = vec![0, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
-        let max: Vec<u8> = std::iter::repeat_n([1u8, b'x'], 127).flatten().chain([0]).collect();
+        let max: Vec<u8> = std::iter::repeat_n([1u8, b'x'], 127)
+            .flatten()
+            .chain([0])
+            .collect();
         assert_eq!(max.len(), 255);
         p.extend(&max);
         p.extend([0, 1, 0, 1]);

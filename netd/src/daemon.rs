@@ -47,7 +47,15 @@ pub struct Daemon {
     /// The lock also serialises data-plane changes.
     mesh: tokio::sync::Mutex<BTreeMap<String, HostRecord>>,
     peers: std::sync::Mutex<Vec<Peer>>,
+    /// The WireGuard data path (wireguard backend only).
+    wg: Option<crate::wg::WgDevice>,
+    wg_public: Option<String>,
 }
+
+/// WireGuard TUN device name.
+pub const WG_DEVICE: &str = "weft-wg";
+/// Persistent keepalive towards every peer (keeps NAT mappings open).
+pub const WG_KEEPALIVE_SECS: u16 = 25;
 
 /// VXLAN device name.
 pub const VXLAN_DEVICE: &str = "weft-vxlan";
@@ -108,6 +116,23 @@ impl Daemon {
                 .await
                 .context("detecting the iptables backend")??,
         };
+        let (wg, wg_public) = match cfg.mesh.backend {
+            TunnelBackend::Wireguard => {
+                let keys = crate::wg::load_or_create_key(&cfg.state_dir)
+                    .context("loading the WireGuard key")?;
+                let device = crate::wg::WgDevice::start(crate::wg::WgConfig {
+                    ifname: WG_DEVICE.into(),
+                    listen_port: cfg.mesh.wg_port,
+                    mtu,
+                    private_key: keys.private_key(),
+                    keepalive: Some(WG_KEEPALIVE_SECS),
+                })
+                .context("starting the WireGuard data path")?;
+                tracing::info!(device = WG_DEVICE, port = device.listen_port(), public_key = %keys.public_base64(), "WireGuard up");
+                (Some(device), Some(keys.public_base64()))
+            }
+            TunnelBackend::Vxlan => (None, None),
+        };
         let daemon = Arc::new(Daemon {
             cfg,
             host_id,
@@ -123,6 +148,8 @@ impl Daemon {
             record: tokio::sync::watch::Sender::new(None),
             mesh: tokio::sync::Mutex::new(BTreeMap::new()),
             peers: std::sync::Mutex::new(Vec::new()),
+            wg,
+            wg_public,
         });
         daemon.reconcile().await?;
         Ok(daemon)
@@ -465,8 +492,11 @@ impl Daemon {
             underlay: self.underlay().1,
             block: self.block.block,
             backend: self.cfg.mesh.backend,
-            wg_public_key: None,
-            wg_port: self.cfg.mesh.wg_port,
+            wg_public_key: self.wg_public.clone(),
+            wg_port: self
+                .wg
+                .as_ref()
+                .map_or(self.cfg.mesh.wg_port, |d| d.listen_port()),
             vtep_mac: crate::mesh::format_mac(&crate::mesh::vtep_mac(&self.host_id)),
             vxlan_port: self.cfg.mesh.vxlan_port,
             vni: self.cfg.mesh.vni,
@@ -564,9 +594,23 @@ impl Daemon {
                     .await?;
             }
             TunnelBackend::Wireguard => {
-                anyhow::bail!(
-                    "the wireguard data path is not wired into netd yet; use --backend vxlan"
-                );
+                let Some(dev) = &self.wg else {
+                    anyhow::bail!("the WireGuard data path is not running");
+                };
+                let wg_peers = peers
+                    .iter()
+                    .filter_map(|p| {
+                        Some(crate::wg::WgPeer {
+                            public_key: p.wg_public_key?,
+                            endpoint: std::net::SocketAddr::from((p.underlay, p.wg_port)),
+                            allowed: p.block,
+                        })
+                    })
+                    .collect();
+                dev.set_peers(wg_peers);
+                self.net
+                    .ensure_peer_routes(dev.ifindex(), self.block.gateway, &routes)
+                    .await?;
             }
         }
         let mut current = self.peers.lock().unwrap_or_else(|p| p.into_inner());
@@ -579,16 +623,20 @@ impl Daemon {
 
     /// The peers for the API and CLI.
     pub fn peer_info(&self) -> Vec<weft_api::PeerInfo> {
+        let stats = self.wg.as_ref().map(|d| d.stats()).unwrap_or_default();
         self.peers()
             .into_iter()
-            .map(|p| weft_api::PeerInfo {
-                host_id: p.host_id,
-                underlay: p.underlay,
-                block: p.block,
-                backend: self.cfg.mesh.backend.as_str().to_owned(),
-                handshake_age_secs: None,
-                rx_bytes: 0,
-                tx_bytes: 0,
+            .map(|p| {
+                let s = stats.iter().find(|s| Some(s.public_key) == p.wg_public_key);
+                weft_api::PeerInfo {
+                    host_id: p.host_id,
+                    underlay: p.underlay,
+                    block: p.block,
+                    backend: self.cfg.mesh.backend.as_str().to_owned(),
+                    handshake_age_secs: s.and_then(|s| s.last_handshake).map(|d| d.as_secs()),
+                    rx_bytes: s.map_or(0, |s| s.rx_bytes),
+                    tx_bytes: s.map_or(0, |s| s.tx_bytes),
+                }
             })
             .collect()
     }

@@ -71,6 +71,13 @@ pub async fn teardown(cfg: &Config, release_block: bool) -> anyhow::Result<()> {
         net.delete_link(&cfg.bridge).await?;
         tracing::info!(bridge = %cfg.bridge, "deleted bridge");
     }
+    if net.delete_link(daemon::VXLAN_DEVICE).await? {
+        tracing::info!(device = daemon::VXLAN_DEVICE, "deleted the VXLAN device");
+    }
+    if net.link(daemon::WG_DEVICE).await?.is_some() {
+        crate::wg::destroy(daemon::WG_DEVICE)?;
+        tracing::info!(device = daemon::WG_DEVICE, "deleted the WireGuard device");
+    }
     let nat = match cfg.iptables {
         Some(b) => nat::Iptables::with_backend(b),
         None => tokio::task::spawn_blocking(nat::Iptables::detect).await??,

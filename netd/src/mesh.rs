@@ -184,27 +184,7 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 
 /// Decodes a base64 WireGuard key.
 pub fn decode_key(s: &str) -> Option<[u8; 32]> {
-    let bytes = base64_decode(s)?;
-    bytes.try_into().ok()
-}
-
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let s = s.trim_end_matches('=');
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let mut acc: u32 = 0;
-    let mut bits = 0;
-    for c in s.bytes() {
-        let v = ALPHABET.iter().position(|&a| a == c)? as u32;
-        acc = (acc << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
+    crate::wg::key_from_base64(s).ok()
 }
 
 /// The store key of a host's record.

@@ -1,13 +1,16 @@
 //! The data-path threads.
 //!
-//! * **tx** (`weft-wg-tx`): reads packets from the TUN until it is empty or a
-//!   batch (64) is full, looks up the peer by destination address,
-//!   encrypts into a slot of one reused buffer, and sends the batch with one
-//!   `sendmmsg` (runs to one peer as UDP GSO messages).
-//! * **rx** (`weft-wg-rx`): `recvmmsg` of up to 32 messages (with UDP GRO each
-//!   may hold many datagrams), finds the peer by receiver index (or by the
-//!   static key in a handshake initiation), decrypts, applies crypto-key
-//!   routing and writes each packet to the TUN.
+//! * **tx** (`weft-wg-tx`): reads from the TUN (nonblocking, until it is empty
+//!   or 64 datagrams wait). With TUN offloads the kernel hands over TCP
+//!   packets of up to 64 KiB, which are cut into MTU-sized segments in place
+//!   ([`super::offload`]). Each packet's peer is found by destination address;
+//!   it is encrypted into a slot of one reused buffer, and the batch (up to
+//!   128) goes out with one `sendmmsg`, runs to one peer as UDP GSO messages.
+//! * **rx** (`weft-wg-rx`): `recvmmsg` of up to 32 messages, each of which may
+//!   hold many datagrams coalesced by UDP GRO; finds the peer by receiver
+//!   index (or by the static key in a handshake initiation), decrypts,
+//!   applies crypto-key routing, and writes to the TUN, merging consecutive
+//!   segments of a TCP flow into one large write (GRO towards the kernel).
 //! * **timer** (`weft-wg-timer`): every 100 ms runs every peer's
 //!   `update_timers` (handshake retries, rekey, keepalives) and resets the
 //!   handshake rate limiter.
@@ -15,7 +18,8 @@
 //! Each peer's noise state sits behind its own mutex, held only while one
 //! packet is encrypted or decrypted. The peer table is an immutable
 //! `Arc<PeerTable>`; the threads re-read it only when its generation number
-//! changes, so the per-packet path takes no global lock.
+//! changes, so the per-packet path takes no global lock. Nothing is
+//! allocated per packet.
 
 use std::io;
 use std::net::{IpAddr, SocketAddrV4};
@@ -29,13 +33,14 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519;
 
+use super::offload::{self, Gro, VnetHdr, VNET_HDR_LEN};
 use super::peer::{add, check_decrypted, Peer, Verdict};
 use super::table::{Entry, PeerTable};
 use super::tun::Tun;
 use super::udp::{wait_readable, RecvBatch, SendBatch, Udp};
 
-/// Packets read from the TUN per batch.
-pub(crate) const TX_BATCH: usize = 64;
+/// Datagrams per `sendmmsg`.
+pub(crate) const TX_BATCH: usize = 128;
 /// Messages per `recvmmsg`.
 pub(crate) const RX_BATCH: usize = 32;
 /// Receive slot: a whole GRO-coalesced message fits.
@@ -48,6 +53,11 @@ pub(crate) const TICK: Duration = Duration::from_millis(100);
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
 /// WireGuard data message overhead (header 16 + tag 16).
 pub(crate) const DATA_OVERHEAD: usize = 32;
+/// Largest decrypted packet written to the TUN. Not the TUN's MTU: a peer
+/// with a larger MTU may send more, and the kernel then routes the packet
+/// and answers "fragmentation needed" where it does not fit, instead of a
+/// silent drop here.
+const MAX_INNER: usize = 65_535;
 const MSG_DATA: u8 = 4;
 const MSG_COOKIE_REPLY: u8 = 3;
 
@@ -153,22 +163,90 @@ impl ErrLog {
     }
 }
 
+/// Encrypted datagrams waiting for one `sendmmsg`, in one reused buffer.
+struct TxBatch {
+    out: Vec<u8>,
+    stride: usize,
+    lens: Vec<usize>,
+    dests: Vec<SocketAddrV4>,
+    n: usize,
+    send: SendBatch,
+}
+
+impl TxBatch {
+    fn new(stride: usize) -> TxBatch {
+        TxBatch {
+            out: vec![0u8; TX_BATCH * stride],
+            stride,
+            lens: vec![0; TX_BATCH],
+            dests: vec![SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0); TX_BATCH],
+            n: 0,
+            send: SendBatch::new(TX_BATCH),
+        }
+    }
+
+    /// Encrypts one packet for `peer` into the next slot (sending the batch
+    /// first if it is full).
+    #[inline]
+    fn encrypt(&mut self, sh: &Shared, peer: &Peer, pkt: &[u8]) {
+        if self.n == TX_BATCH {
+            self.flush(sh);
+        }
+        if pkt.len() + DATA_OVERHEAD > self.stride {
+            add(&peer.tx.drops_oversize, 1);
+            return;
+        }
+        let n = self.n;
+        let slot = &mut self.out[n * self.stride..(n + 1) * self.stride];
+        let mut st = peer.lock();
+        match st.tunn.encapsulate(pkt, slot) {
+            TunnResult::WriteToNetwork(msg) => {
+                count_tx(peer, msg);
+                self.lens[n] = msg.len();
+                self.dests[n] = st.endpoint;
+                self.n += 1;
+            }
+            TunnResult::Err(err) => tracing::debug!(error = ?err, "encapsulate failed"),
+            // Queued inside boringtun until the handshake completes.
+            _ => {}
+        }
+    }
+
+    fn flush(&mut self, sh: &Shared) {
+        if self.n == 0 {
+            return;
+        }
+        let c = &sh.counters;
+        let n = self.n;
+        self.n = 0;
+        let sent = self.send.send(
+            &sh.udp,
+            &self.out,
+            self.stride,
+            &self.lens[..n],
+            &self.dests[..n],
+        );
+        add(&c.tx_syscalls, sent.syscalls as u64);
+        add(&c.tx_datagrams, sent.datagrams as u64);
+        if sent.failed > 0 {
+            add(&c.drops_send, sent.failed as u64);
+        }
+    }
+}
+
 pub(crate) fn tx_loop(sh: Arc<Shared>) {
-    let stride = sh.tx_slot;
-    let mut out = vec![0u8; TX_BATCH * stride];
-    let mut lens = [0usize; TX_BATCH];
-    let mut dests = [SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0); TX_BATCH];
-    let mut rbuf = vec![0u8; RX_SLOT];
-    let mut batch = SendBatch::new(TX_BATCH);
+    let mut batch = TxBatch::new(sh.tx_slot);
+    let mut rbuf = vec![0u8; VNET_HDR_LEN + RX_SLOT];
     let mut view = View::new(&sh);
     let mut errs = ErrLog { last: None };
     let c = &sh.counters;
     while !sh.stopping() {
         view.refresh(&sh);
         let table = &*view.table;
-        let mut n = 0;
         let mut idle = false;
-        while n < TX_BATCH {
+        // Read until the TUN is empty or half a batch is waiting (a TSO
+        // packet may need up to 45 slots more).
+        while batch.n < TX_BATCH / 2 {
             let len = match sh.tun.read(&mut rbuf) {
                 Ok(len) => len,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -183,8 +261,12 @@ pub(crate) fn tx_loop(sh: Arc<Shared>) {
                     break;
                 }
             };
-            let pkt = &rbuf[..len];
-            if len < 20 || pkt[0] >> 4 != 4 {
+            let Some(h) = VnetHdr::parse(&rbuf[..len]) else {
+                add(&c.drops_tun_read, 1);
+                continue;
+            };
+            let pkt = &mut rbuf[VNET_HDR_LEN..len];
+            if pkt.len() < 20 || pkt[0] >> 4 != 4 {
                 add(&c.drops_non_ipv4, 1);
                 continue;
             }
@@ -193,34 +275,15 @@ pub(crate) fn tx_loop(sh: Arc<Shared>) {
                 add(&c.drops_no_peer, 1);
                 continue;
             };
-            if len + DATA_OVERHEAD > stride {
-                add(&e.peer.tx.drops_oversize, 1);
-                continue;
-            }
-            let slot = &mut out[n * stride..(n + 1) * stride];
-            let mut st = e.peer.lock();
-            match st.tunn.encapsulate(pkt, slot) {
-                TunnResult::WriteToNetwork(msg) => {
-                    count_tx(&e.peer, msg);
-                    lens[n] = msg.len();
-                    dests[n] = st.endpoint;
-                    n += 1;
+            match offload::classify(pkt, &h) {
+                offload::Read::Single => batch.encrypt(&sh, &e.peer, pkt),
+                offload::Read::Tso { hdr_len, mss } => {
+                    offload::tso_segments(pkt, hdr_len, mss, |seg| batch.encrypt(&sh, &e.peer, seg))
                 }
-                TunnResult::Err(err) => {
-                    tracing::debug!(error = ?err, "encapsulate failed");
-                }
-                // Queued inside boringtun until the handshake completes.
-                _ => {}
+                offload::Read::Bad => add(&c.drops_tun_read, 1),
             }
         }
-        if n > 0 {
-            let sent = batch.send(&sh.udp, &out, stride, &lens[..n], &dests[..n]);
-            add(&c.tx_syscalls, sent.syscalls as u64);
-            add(&c.tx_datagrams, sent.datagrams as u64);
-            if sent.failed > 0 {
-                add(&c.drops_send, sent.failed as u64);
-            }
-        }
+        batch.flush(&sh);
         if idle {
             wait_readable(sh.tun.raw_fd(), POLL_MS);
         }
@@ -232,6 +295,41 @@ struct Rx {
     dec: Vec<u8>,
     cookie: [u8; 128],
     errs: ErrLog,
+    gro: Gro,
+    /// Whose packets are pending in `gro`.
+    gro_peer: Option<Arc<Peer>>,
+}
+
+impl Rx {
+    /// Writes a decrypted, accepted packet: merged into the pending large
+    /// packet when it continues its TCP flow, else after flushing it.
+    fn deliver(&mut self, sh: &Shared, peer: &Arc<Peer>, pkt: &[u8]) {
+        if self.gro.merge(pkt) {
+            return;
+        }
+        self.flush(sh);
+        if self.gro.start(pkt) {
+            self.gro_peer = Some(Arc::clone(peer));
+            return;
+        }
+        if let Err(e) = sh.tun.write_packet(pkt) {
+            add(&peer.rx.drops_tun_write, 1);
+            self.errs.log("writing to the TUN device failed", &e);
+        }
+    }
+
+    /// Writes the pending merged packet, if any.
+    fn flush(&mut self, sh: &Shared) {
+        let peer = self.gro_peer.take();
+        if let Some(frame) = self.gro.take() {
+            if let Err(e) = sh.tun.write_frame(frame) {
+                if let Some(p) = peer {
+                    add(&p.rx.drops_tun_write, 1);
+                }
+                self.errs.log("writing to the TUN device failed", &e);
+            }
+        }
+    }
 }
 
 pub(crate) fn rx_loop(sh: Arc<Shared>) {
@@ -240,6 +338,8 @@ pub(crate) fn rx_loop(sh: Arc<Shared>) {
         dec: vec![0u8; RX_SLOT],
         cookie: [0u8; 128],
         errs: ErrLog { last: None },
+        gro: Gro::new(),
+        gro_peer: None,
     };
     let mut view = View::new(&sh);
     let c = &sh.counters;
@@ -273,6 +373,8 @@ pub(crate) fn rx_loop(sh: Arc<Shared>) {
                 _ => handle_datagram(&sh, &view.table, &mut rx, r.data, r.from),
             }
         }
+        // Never hold a packet back across a wait.
+        rx.flush(&sh);
     }
 }
 
@@ -322,20 +424,18 @@ fn handle_datagram(sh: &Shared, table: &PeerTable, rx: &mut Rx, d: &[u8], from: 
         TunnResult::WriteToTunnelV4(pkt, src) => {
             authenticated = true;
             let pkt: &[u8] = pkt;
-            match check_decrypted(&entry.allowed, IpAddr::V4(src), pkt.len(), sh.mtu) {
+            match check_decrypted(&entry.allowed, IpAddr::V4(src), pkt.len(), MAX_INNER) {
                 Verdict::Accept => {
                     roam(&mut st, from, peer);
                     drop(st);
-                    match sh.tun.write(pkt) {
-                        Ok(_) => {
-                            add(&peer.rx.bytes, pkt.len() as u64);
-                            add(&peer.rx.packets, 1);
-                        }
-                        Err(e) => {
-                            add(&peer.rx.drops_tun_write, 1);
-                            rx.errs.log("writing to the TUN device failed", &e);
-                        }
-                    }
+                    add(&peer.rx.bytes, pkt.len() as u64);
+                    add(&peer.rx.packets, 1);
+                    // `pkt` lives in rx.dec; deliver copies it out.
+                    let len = pkt.len();
+                    let Rx { dec, .. } = rx;
+                    let pkt = std::mem::take(dec);
+                    rx.deliver(sh, peer, &pkt[..len]);
+                    rx.dec = pkt;
                     return;
                 }
                 Verdict::BadSource => {

@@ -96,6 +96,20 @@ impl Udp {
                 }
             }
         }
+        // Never set DF on the encrypted datagrams: when the underlay path
+        // has a hop with a smaller MTU than our interface, the kernel and the
+        // routers fragment them instead of dropping them (a userspace tunnel
+        // would otherwise black-hole every packet between the path MTU and
+        // the interface MTU, as the kernel's EMSGSIZE never reaches the
+        // inner sender). Like VXLAN's default.
+        if let Err(e) = setsockopt_int(
+            fd,
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_DONT,
+        ) {
+            tracing::warn!(error = %e, "cannot turn off path MTU discovery on the WireGuard socket");
+        }
         let gro = setsockopt_int(fd, libc::SOL_UDP, libc::UDP_GRO, 1).is_ok();
         Ok(Udp {
             sock,
