@@ -21,6 +21,9 @@ declare -A need=(
   [podman]=podman
   [runc]=runc
   [busybox]=busybox-static
+  [dnsmasq]=dnsmasq-base
+  [dnsperf]=dnsperf
+  [unbound]=unbound
 )
 
 missing=()
@@ -48,7 +51,9 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 # Debian's etcd-server package starts a system etcd on 2379; weft's tests
 # start their own on free ports and do not need it.
+# The same for unbound: the tests and benches run their own instances.
 if command -v systemctl >/dev/null 2>&1; then
-  systemctl disable --now etcd >/dev/null 2>&1 || true
+  systemctl disable --now etcd unbound >/dev/null 2>&1 || true
 fi
+pkill -x unbound 2>/dev/null || true
 echo "install-deps: done"

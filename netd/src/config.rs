@@ -36,9 +36,25 @@ pub struct FileConfig {
     #[serde(default)]
     pub mesh: FileMesh,
     #[serde(default)]
+    pub dns: FileDns,
+    #[serde(default)]
     pub ipam: FileIpam,
     #[serde(default)]
     pub store: FileStore,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileDns {
+    /// Serve DNS at 169.254.169.250 (default true).
+    pub enabled: Option<bool>,
+    /// Answer TTL in seconds (default 1).
+    pub ttl_secs: Option<u64>,
+    /// Where the host's upstream resolvers are (default /etc/resolv.conf).
+    pub resolv_conf: Option<PathBuf>,
+    /// More addresses to answer on, e.g. "127.0.0.1:5353".
+    pub extra_listen: Option<Vec<std::net::SocketAddr>>,
+    pub upstream_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq)]
@@ -124,6 +140,21 @@ pub struct Overrides {
     /// VXLAN network identifier.
     #[arg(long, env = "WEFT_VNI")]
     pub vni: Option<u32>,
+    /// Do not serve DNS at 169.254.169.250.
+    #[arg(long, env = "WEFT_NO_DNS")]
+    pub no_dns: bool,
+    /// DNS answer TTL in seconds.
+    #[arg(long, env = "WEFT_DNS_TTL_SECS")]
+    pub dns_ttl_secs: Option<u64>,
+    /// The host's resolv.conf with the upstream resolvers.
+    #[arg(long, env = "WEFT_DNS_RESOLV_CONF")]
+    pub dns_resolv_conf: Option<PathBuf>,
+    /// Another address for DNS to answer on (repeatable), e.g. 127.0.0.1:5353.
+    #[arg(long, env = "WEFT_DNS_EXTRA_LISTEN", value_delimiter = ',')]
+    pub dns_extra_listen: Vec<std::net::SocketAddr>,
+    /// How long to wait for an upstream resolver, in milliseconds.
+    #[arg(long, env = "WEFT_DNS_UPSTREAM_TIMEOUT_MS")]
+    pub dns_upstream_timeout_ms: Option<u64>,
     /// Cluster range, e.g. 10.42.0.0/16.
     #[arg(long, env = "WEFT_CLUSTER_RANGE")]
     pub cluster_range: Option<Ipv4Network>,
@@ -139,6 +170,15 @@ pub struct Overrides {
     /// Key prefix of the cluster in the store.
     #[arg(long, env = "WEFT_STORE_PREFIX")]
     pub store_prefix: Option<String>,
+}
+
+/// The embedded DNS server's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsSettings {
+    pub ttl: Duration,
+    pub resolv_conf: PathBuf,
+    pub extra_listen: Vec<std::net::SocketAddr>,
+    pub upstream_timeout: Duration,
 }
 
 /// How this host joins the mesh.
@@ -164,6 +204,8 @@ pub struct Config {
     pub log_level: String,
     pub iptables: Option<Backend>,
     pub mesh: MeshConfig,
+    /// The embedded DNS server (`None`: off).
+    pub dns: Option<DnsSettings>,
     pub ipam: IpamConfig,
     pub store: StoreConfig,
     pub store_prefix: String,
@@ -288,6 +330,24 @@ impl Config {
             vxlan_port: o.vxlan_port.or(file.mesh.vxlan_port).unwrap_or(4789),
             vni: o.vni.or(file.mesh.vni).unwrap_or(42),
         };
+        let dns_enabled = !o.no_dns && file.dns.enabled.unwrap_or(true);
+        let dns = dns_enabled.then(|| DnsSettings {
+            ttl: Duration::from_secs(o.dns_ttl_secs.or(file.dns.ttl_secs).unwrap_or(1)),
+            resolv_conf: o
+                .dns_resolv_conf
+                .or(file.dns.resolv_conf)
+                .unwrap_or_else(|| "/etc/resolv.conf".into()),
+            extra_listen: if o.dns_extra_listen.is_empty() {
+                file.dns.extra_listen.unwrap_or_default()
+            } else {
+                o.dns_extra_listen
+            },
+            upstream_timeout: Duration::from_millis(
+                o.dns_upstream_timeout_ms
+                    .or(file.dns.upstream_timeout_ms)
+                    .unwrap_or(1500),
+            ),
+        });
         let defaults = IpamConfig::default();
         let ipam = IpamConfig {
             cluster_range: o
@@ -359,6 +419,7 @@ impl Config {
                 .unwrap_or_else(|| "info".into()),
             iptables,
             mesh,
+            dns,
             ipam,
             store,
             store_prefix,

@@ -20,6 +20,11 @@ use crate::daemon::Daemon;
 /// netd restarts.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let daemon = Daemon::start(cfg).await?;
+    // DNS after host setup: 169.254.169.250 is on the bridge now.
+    let dns = match &daemon.config().dns {
+        Some(settings) => Some(start_dns(&daemon, settings).await?),
+        None => None,
+    };
     let socket = daemon.config().socket.clone();
     let listener = api::bind(&socket)?;
     tracing::info!(
@@ -35,9 +40,33 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     let _ = maintain.await;
     let _ = mesh.await;
+    if let Some(dns) = dns {
+        dns.stop().await;
+    }
     let _ = std::fs::remove_file(&socket);
     tracing::info!("netd stopped; kernel state left in place");
     result
+}
+
+async fn start_dns(daemon: &Daemon, s: &config::DnsSettings) -> anyhow::Result<weft_dnsd::DnsServer> {
+    let cfg = daemon.config();
+    let mut listen = vec![std::net::SocketAddr::from((cfg.dns_addr, 53))];
+    listen.extend(s.extra_listen.iter().copied());
+    let dns_cfg = weft_dnsd::DnsConfig {
+        domain: cfg.domain.clone(),
+        ttl: s.ttl,
+        listen,
+        resolv_conf: s.resolv_conf.clone(),
+        store_prefix: cfg.store_prefix.clone(),
+        cluster_range: cfg.ipam.cluster_range,
+        upstream_timeout: s.upstream_timeout,
+        ..weft_dnsd::DnsConfig::default()
+    };
+    let server = weft_dnsd::DnsServer::start(dns_cfg, daemon.store().clone())
+        .await
+        .context("starting the DNS server")?;
+    tracing::info!(addrs = ?server.local_addrs(), domain = %cfg.domain, "DNS serving");
+    Ok(server)
 }
 
 async fn shutdown_signal() {

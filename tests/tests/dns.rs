@@ -1,6 +1,6 @@
 //! Service-discovery DNS end to end: two lab hosts, a netd on each sharing
-//! one SQLite store, and the standalone `dnsd` in each host namespace on
-//! 169.254.169.250:53 (netd does not embed dnsd yet). Containers attached
+//! one SQLite store, each serving DNS in-process on 169.254.169.250:53.
+//! Containers attached
 //! through the real CNI plugin ask with the real `dig`, through the
 //! resolv.conf the CNI result gave them. Names outside the cluster go to a
 //! dnsmasq in the underlay namespace. Needs root.
@@ -11,60 +11,31 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::Mutex;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use weft_tests::weft::{CniCall, CniOutput, Netd};
-use weft_tests::{Container, Lab, LabOptions, Netns, NsChild};
+use weft_tests::{Container, Lab, LabOptions, Netns};
 
 const DNS: &str = "169.254.169.250";
-
-static BUILD: Mutex<()> = Mutex::new(());
-
-/// The `dnsd` binary of this build (target/<profile>/dnsd), built if missing.
-fn dnsd_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
-    let path = dir.join("dnsd");
-    let _g = BUILD.lock().unwrap_or_else(|p| p.into_inner());
-    if !path.exists() {
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "-p", "weft-dnsd", "--bin", "dnsd"])
-            .status()
-            .unwrap();
-        assert!(status.success() && path.exists(), "cannot build dnsd");
-    }
-    path
-}
 
 fn sqlite_path(lab: &Lab) -> PathBuf {
     lab.dir().join("store.db")
 }
 
-/// Starts dnsd in `host` on 169.254.169.250:53 and waits until it answers.
-fn start_dnsd(lab: &Lab, host: &Netns, resolv_conf: &Path) -> NsChild {
-    let bin = dnsd_bin();
-    let argv = [
-        bin.display().to_string(),
-        format!("--store=sqlite:{}", sqlite_path(lab).display()),
-        format!("--listen={DNS}:53"),
-        format!("--resolv-conf={}", resolv_conf.display()),
-        "--upstream-timeout-ms=500".into(),
-    ];
-    let mut child = host.spawn(&argv).unwrap();
+/// Waits until the DNS server netd runs in `host` answers on
+/// 169.254.169.250:53.
+fn wait_dns(netd: &Netd) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let d = dig(host, &["@169.254.169.250", "weft.internal", "SOA"]);
+        let d = dig(netd.host(), &["@169.254.169.250", "weft.internal", "SOA"]);
         if d.status == "NOERROR" && d.answers.len() == 1 {
-            return child;
+            return;
         }
-        assert!(child.is_running(), "dnsd exited:\n{}", child.stderr());
         assert!(
             Instant::now() < deadline,
-            "dnsd not answering:\n{}",
-            child.stderr()
+            "netd's DNS not answering:\n{}",
+            netd.log()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -279,9 +250,6 @@ fn containers_resolve_names_across_hosts() {
     weft_tests::require_root!();
     let lab = Lab::new(LabOptions::hosts(2)).unwrap();
     let store = format!("sqlite:{}", sqlite_path(&lab).display());
-    let netd_a = Netd::start(&lab, 0, &store, &[]).unwrap();
-    let netd_b = Netd::start(&lab, 1, &store, &[]).unwrap();
-    let (host_a, host_b) = (lab.host(0).netns().clone(), lab.host(1).netns().clone());
 
     // The upstream for names outside the cluster: dnsmasq in the underlay
     // namespace on 192.168.77.1, knowing only example.test.
@@ -307,8 +275,15 @@ fn containers_resolve_names_across_hosts() {
         format!("# host resolv.conf\nnameserver {DNS}\nnameserver 192.168.77.254\nnameserver 192.168.77.1\noptions edns0\n"),
     )
     .unwrap();
-    let dnsd_a = start_dnsd(&lab, &host_a, &resolv);
-    let dnsd_b = start_dnsd(&lab, &host_b, &resolv);
+    let flags = [
+        format!("--dns-resolv-conf={}", resolv.display()),
+        "--dns-upstream-timeout-ms=500".to_owned(),
+    ];
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let netd_a = Netd::start(&lab, 0, &store, &flags).unwrap();
+    let netd_b = Netd::start(&lab, 1, &store, &flags).unwrap();
+    wait_dns(&netd_a);
+    wait_dns(&netd_b);
 
     // web-1 on host A (alias www), web-2 on host B, both service web of stack shop.
     let a = lab.container(0, "a").unwrap();
@@ -384,7 +359,7 @@ fn containers_resolve_names_across_hosts() {
     assert_eq!(firsts[0], firsts[2], "{firsts:?}");
     // Outside the cluster: forwarded to the upstream (after the dead one).
     let d = dig(&a, &["www.example.test"]);
-    assert_eq!(d.status, "NOERROR", "{}\n{}", d.text, dnsd_a.stderr());
+    assert_eq!(d.status, "NOERROR", "{}\n{}", d.text, netd_a.log());
     assert_eq!(d.addrs(), vec!["192.0.2.1"], "{}", d.text);
     let d = dig(&b, &["nothing.example.test", "+tcp"]);
     assert_eq!(d.addrs(), vec!["192.0.2.1"], "{}", d.text);
@@ -435,6 +410,4 @@ fn containers_resolve_names_across_hosts() {
     eprintln!("container deleted on host B NXDOMAIN on host A after {took:?}");
 
     drop(upstream);
-    drop(dnsd_a);
-    drop(dnsd_b);
 }
