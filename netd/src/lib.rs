@@ -48,7 +48,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     result
 }
 
-async fn start_dns(daemon: &Daemon, s: &config::DnsSettings) -> anyhow::Result<weft_dnsd::DnsServer> {
+async fn start_dns(
+    daemon: &Daemon,
+    s: &config::DnsSettings,
+) -> anyhow::Result<weft_dnsd::DnsServer> {
     let cfg = daemon.config();
     let mut listen = vec![std::net::SocketAddr::from((cfg.dns_addr, 53))];
     listen.extend(s.extra_listen.iter().copied());
