@@ -167,6 +167,9 @@ fn full_mesh(lab: &Lab, store: &str, backend: &str) {
     assert!(ip.starts_with("10.42.2."), "{ip}");
     let took = ping_within(&ctrs[0][0].c, ip, Duration::from_secs(3));
     eprintln!("{backend}: restarted host reachable again after {took:?}");
+    // A host that (re)joins is reachable from the others within 1 s of its
+    // netd being up.
+    assert!(took < Duration::from_secs(1), "rejoin took {took:?}");
     let status = netds[2].cli(&["status", "--json"]).unwrap();
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(status["block"], "10.42.2.0/24", "same block after restart");
