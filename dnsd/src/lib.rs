@@ -27,6 +27,7 @@
 //! * `sync`: list-then-watch of the store's endpoints, with backoff.
 
 pub mod answer;
+pub mod counters;
 pub mod forward;
 pub mod resolv;
 mod server;
@@ -46,6 +47,7 @@ use ipnetwork::{IpNetwork, Ipv4Network};
 use weft_store::DynStore;
 
 pub use answer::{Acl, Action};
+pub use counters::{HistogramSnapshot, Path as AnswerPath, QueryCounters};
 pub use forward::{ForwardStats, Forwarder};
 pub use server::Stats;
 pub use table::{Table, TableConfig};
@@ -325,6 +327,12 @@ impl DnsServer {
         &self.ctx.fwd.stats
     }
 
+    /// A handle on the counters that outlives a borrow of the server (for
+    /// a metrics exporter that reads them at scrape time).
+    pub fn stats_handle(&self) -> StatsHandle {
+        StatsHandle(self.ctx.clone())
+    }
+
     /// Stops listening and waits for the UDP threads to end.
     pub async fn stop(mut self) {
         self.signal_stop();
@@ -349,6 +357,38 @@ impl DnsServer {
 impl Drop for DnsServer {
     fn drop(&mut self) {
         self.signal_stop();
+    }
+}
+
+/// The counters of a running (or stopped) [`DnsServer`]; cheap to clone.
+#[derive(Clone)]
+pub struct StatsHandle(Arc<Ctx>);
+
+impl std::fmt::Debug for StatsHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatsHandle").finish_non_exhaustive()
+    }
+}
+
+impl StatsHandle {
+    /// Counters of the listeners.
+    pub fn stats(&self) -> &Stats {
+        &self.0.stats
+    }
+
+    /// Counters of the forwarding path.
+    pub fn forward_stats(&self) -> &ForwardStats {
+        &self.0.fwd.stats
+    }
+
+    /// Answers in the forwarding cache.
+    pub fn cache_len(&self) -> usize {
+        self.0.fwd.cache_len()
+    }
+
+    /// Names in the table now.
+    pub fn table(&self) -> Arc<Table> {
+        self.0.table.load_full()
     }
 }
 

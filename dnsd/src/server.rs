@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::answer::{handle, Acl, Action};
+use crate::counters::{BatchCounts, Path, QueryCounters};
 use crate::forward::Forwarder;
 use crate::table::Table;
 use crate::wire::EDNS_UDP_SIZE;
@@ -46,6 +47,8 @@ pub struct Stats {
     pub dropped: AtomicU64,
     /// TCP connections refused because the limit was reached.
     pub tcp_refused: AtomicU64,
+    /// Queries by type, answers by rcode, latency by path.
+    pub queries: QueryCounters,
 }
 
 /// What the listeners share.
@@ -170,6 +173,7 @@ pub(crate) fn udp_loop(sock: Arc<std::net::UdpSocket>, ctx: Arc<Ctx>) {
     let mut b = UdpBuffers::new();
     let storage_len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     let mut errors = 0u64;
+    let mut counts = BatchCounts::default();
     while !ctx.stop.load(Ordering::Relaxed) {
         for m in b.rx_msgs.iter_mut() {
             m.msg_hdr.msg_namelen = storage_len;
@@ -205,6 +209,8 @@ pub(crate) fn udp_loop(sock: Arc<std::net::UdpSocket>, ctx: Arc<Ctx>) {
             continue;
         }
         let n = n as usize;
+        // One clock read per batch: every answer in it waited about as long.
+        let received = Instant::now();
         ctx.stats.udp_queries.fetch_add(n as u64, Ordering::Relaxed);
         let table = ctx.table.load();
         let mut out = 0;
@@ -220,17 +226,20 @@ pub(crate) fn udp_loop(sock: Arc<std::net::UdpSocket>, ctx: Arc<Ctx>) {
                 continue;
             };
             let packet = &b.rx[i][..len];
+            counts.query(packet);
             match handle(&table, &ctx.acl, packet, src.ip(), false, &mut b.tx[out]) {
                 Action::Reply(l) => {
+                    counts.answer(&b.tx[out][..l]);
                     b.tx_len[out] = l;
                     b.tx_src[out] = i;
                     out += 1;
                 }
-                Action::Forward => forward_udp(&ctx, &sock, packet, src),
+                Action::Forward => forward_udp(&ctx, &sock, packet, src, received),
                 Action::Drop => dropped += 1,
             }
         }
         drop(table);
+        counts.flush(&ctx.stats.queries);
         ctx.stats
             .local_answers
             .fetch_add(out as u64, Ordering::Relaxed);
@@ -273,21 +282,38 @@ pub(crate) fn udp_loop(sock: Arc<std::net::UdpSocket>, ctx: Arc<Ctx>) {
                 sent += 1;
             }
         }
+        ctx.stats
+            .queries
+            .latency(Path::Local)
+            .observe_n(received.elapsed(), out as u64);
     }
 }
 
-fn forward_udp(ctx: &Arc<Ctx>, sock: &Arc<std::net::UdpSocket>, packet: &[u8], src: SocketAddr) {
+fn forward_udp(
+    ctx: &Arc<Ctx>,
+    sock: &Arc<std::net::UdpSocket>,
+    packet: &[u8],
+    src: SocketAddr,
+    received: Instant,
+) {
     // A cached answer goes straight back from this thread.
     if let Some(answer) = ctx.fwd.cached_answer(packet) {
         let _ = sock.send_to(&answer, src);
+        ctx.stats
+            .queries
+            .count_answer(&answer, Path::Cache, received.elapsed());
         return;
     }
-    let fwd = ctx.fwd.clone();
+    let ctx = ctx.clone();
     let sock = sock.clone();
     let packet = packet.to_vec();
-    ctx.rt.spawn(async move {
-        if let Some(answer) = fwd.resolve(&packet, false).await {
+    let rt = ctx.rt.clone();
+    rt.spawn(async move {
+        if let Some(answer) = ctx.fwd.resolve(&packet, false).await {
             let _ = sock.send_to(&answer, src);
+            ctx.stats
+                .queries
+                .count_answer(&answer, Path::Forward, received.elapsed());
         }
     });
 }
@@ -360,6 +386,7 @@ async fn tcp_conn(stream: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
             _ => break,
         };
         ctx.stats.tcp_queries.fetch_add(1, Ordering::Relaxed);
+        let received = Instant::now();
         let packet = &buf[..n];
         let action = {
             let table = ctx.table.load();
@@ -373,19 +400,28 @@ async fn tcp_conn(stream: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
         match action {
             Action::Reply(l) => {
                 ctx.stats.local_answers.fetch_add(1, Ordering::Relaxed);
+                ctx.stats.queries.count(packet, Some(&out[2..l + 2]));
+                ctx.stats
+                    .queries
+                    .latency(Path::Local)
+                    .observe_n(received.elapsed(), 1);
                 if tx.send(out[..l + 2].to_vec()).await.is_err() {
                     break;
                 }
             }
             Action::Forward => {
+                ctx.stats.queries.count(packet, None);
                 let Ok(permit) = inflight.clone().acquire_owned().await else {
                     break;
                 };
-                let fwd = ctx.fwd.clone();
+                let ctx = ctx.clone();
                 let tx = tx.clone();
                 let packet = packet.to_vec();
                 tokio::spawn(async move {
-                    if let Some(answer) = fwd.resolve(&packet, true).await {
+                    if let Some(answer) = ctx.fwd.resolve(&packet, true).await {
+                        ctx.stats
+                            .queries
+                            .count_answer(&answer, Path::Forward, received.elapsed());
                         let mut msg = Vec::with_capacity(answer.len() + 2);
                         msg.extend_from_slice(&(answer.len() as u16).to_be_bytes());
                         msg.extend_from_slice(&answer);
@@ -395,6 +431,7 @@ async fn tcp_conn(stream: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
                 });
             }
             Action::Drop => {
+                ctx.stats.queries.count(packet, None);
                 ctx.stats.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }

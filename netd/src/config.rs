@@ -33,8 +33,13 @@ pub struct FileConfig {
     pub log_level: Option<String>,
     /// `auto`, `legacy` or `nft`.
     pub iptables: Option<String>,
+    /// Where to serve /metrics, /healthz and /readyz over HTTP, e.g.
+    /// "127.0.0.1:9542" (default: off; "off" turns it off).
+    pub metrics_addr: Option<String>,
     #[serde(default)]
     pub mesh: FileMesh,
+    #[serde(default)]
+    pub cni: FileCni,
     #[serde(default)]
     pub dns: FileDns,
     #[serde(default)]
@@ -55,6 +60,28 @@ pub struct FileDns {
     /// More addresses to answer on, e.g. "127.0.0.1:5353".
     pub extra_listen: Option<Vec<std::net::SocketAddr>>,
     pub upstream_timeout_ms: Option<u64>,
+}
+
+/// What `netd install-cni` (and `netd sidecar`) puts on the host.
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileCni {
+    /// The host's CNI plugin directory (default /opt/cni/bin).
+    pub bin_dir: Option<PathBuf>,
+    /// The host's CNI config directory (default /etc/cni/net.d).
+    pub conf_dir: Option<PathBuf>,
+    /// The conflist's file name (default 10-weft.conflist).
+    pub conf_name: Option<String>,
+    /// The plugin binary to install (default: `weft` next to netd).
+    pub plugin: Option<PathBuf>,
+    /// Chain the reference `portmap` plugin after weft (it then publishes
+    /// the ports instead of weft).
+    pub with_portmap: Option<bool>,
+    /// Chain the reference `tuning` plugin after weft.
+    pub with_tuning: Option<bool>,
+    /// Where to take `portmap`/`tuning` from when the host has none
+    /// (default /usr/lib/cni).
+    pub extra_plugins_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq)]
@@ -122,6 +149,11 @@ pub struct Overrides {
     /// iptables backend: auto, legacy or nft.
     #[arg(long, env = "WEFT_IPTABLES")]
     pub iptables: Option<String>,
+    /// Serve Prometheus /metrics, /healthz and /readyz over plain HTTP on
+    /// this address, e.g. 127.0.0.1:9542 (default: off; `off` turns off
+    /// an address set in the file).
+    #[arg(long, env = "WEFT_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
     /// Tunnel backend: wireguard (encrypted, default) or vxlan (plain).
     #[arg(long, env = "WEFT_BACKEND")]
     pub backend: Option<String>,
@@ -210,6 +242,10 @@ pub struct Config {
     pub store: StoreConfig,
     pub store_prefix: String,
     pub dns_addr: Ipv4Addr,
+    /// Where to serve metrics and health (`None`: off).
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// What `install-cni` installs.
+    pub cni: crate::install::CniSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -397,6 +433,15 @@ impl Config {
             .store_prefix
             .or(file.store.prefix)
             .unwrap_or_else(|| DEFAULT_PREFIX.into());
+        let metrics_addr = match o.metrics_addr.or(file.metrics_addr) {
+            None => None,
+            Some(a) if matches!(a.trim(), "" | "off" | "none") => None,
+            Some(a) => Some(a.trim().parse().map_err(|e| ConfigError::Invalid {
+                setting: "metrics_addr",
+                why: format!("{a:?}: {e} (use IP:PORT, e.g. 127.0.0.1:9542, or off)"),
+            })?),
+        };
+        let cni = crate::install::CniSettings::from_file(file.cni);
         let host_id = o.host_id.or(file.host_id);
         if let Some(id) = &host_id {
             if !weft_api::valid_container_id(id) {
@@ -424,6 +469,8 @@ impl Config {
             store,
             store_prefix,
             dns_addr: weft_api::DNS_ADDR,
+            metrics_addr,
+            cni,
         })
     }
 }
@@ -499,6 +546,42 @@ mod tests {
         );
         assert_eq!(c.domain, "weft.internal");
         assert_eq!(c.iptables, None);
+        assert_eq!(c.metrics_addr, None, "metrics are off by default");
+        assert_eq!(c.cni.bin_dir, PathBuf::from("/opt/cni/bin"));
+        assert_eq!(c.cni.conf_dir, PathBuf::from("/etc/cni/net.d"));
+    }
+
+    #[test]
+    fn metrics_address_and_cni_settings() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            metrics_addr = "127.0.0.1:9542"
+            [cni]
+            bin_dir = "/host/opt/cni/bin"
+            with_portmap = true
+            "#,
+        )
+        .unwrap();
+        let c = Config::resolve(file, Overrides::default()).unwrap();
+        assert_eq!(c.metrics_addr, Some("127.0.0.1:9542".parse().unwrap()));
+        assert_eq!(c.cni.bin_dir, PathBuf::from("/host/opt/cni/bin"));
+        assert!(c.cni.with_portmap && !c.cni.with_tuning);
+        let file: FileConfig = toml::from_str(r#"metrics_addr = "127.0.0.1:9542""#).unwrap();
+        let o = Overrides {
+            metrics_addr: Some("off".into()),
+            ..Overrides::default()
+        };
+        assert_eq!(Config::resolve(file, o).unwrap().metrics_addr, None);
+        let e = Config::resolve(
+            FileConfig::default(),
+            Overrides {
+                metrics_addr: Some("localhost".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("metrics_addr"), "{e}");
     }
 
     #[test]

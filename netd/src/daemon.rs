@@ -50,6 +50,8 @@ pub struct Daemon {
     /// The WireGuard data path (wireguard backend only).
     wg: Option<crate::wg::WgDevice>,
     wg_public: Option<String>,
+    /// Counters netd keeps itself (store errors, reconcile runs).
+    metrics: crate::metrics::NetdMetrics,
 }
 
 /// WireGuard TUN device name.
@@ -150,6 +152,7 @@ impl Daemon {
             peers: std::sync::Mutex::new(Vec::new()),
             wg,
             wg_public,
+            metrics: crate::metrics::NetdMetrics::default(),
         });
         daemon.reconcile().await?;
         Ok(daemon)
@@ -171,9 +174,40 @@ impl Daemon {
         &self.store
     }
 
+    /// netd's own counters.
+    pub fn metrics(&self) -> &crate::metrics::NetdMetrics {
+        &self.metrics
+    }
+
+    /// The netlink handle of the host.
+    pub fn net(&self) -> &HostNet {
+        &self.net
+    }
+
+    /// The WireGuard data path (wireguard backend only).
+    pub fn wg(&self) -> Option<&crate::wg::WgDevice> {
+        self.wg.as_ref()
+    }
+
+    /// The overlay MTU in use.
+    pub fn mtu(&self) -> u32 {
+        self.mtu
+    }
+
+    /// Whether the last store operation reached the store.
+    pub fn store_ok(&self) -> bool {
+        self.store_ok.load(Ordering::Relaxed)
+    }
+
     /// Brings the kernel in line with what it should be: bridge, addresses,
     /// sysctls, iptables. Cheap when nothing changed.
     pub async fn reconcile(&self) -> anyhow::Result<()> {
+        let result = self.reconcile_once().await;
+        self.metrics.reconciled("host", result.is_ok());
+        result
+    }
+
+    async fn reconcile_once(&self) -> anyhow::Result<()> {
         let _guard = self.lock.lock().await;
         self.reconcile_host().await?;
         let endpoints = self
@@ -247,6 +281,9 @@ impl Daemon {
     fn note_store<T>(&self, r: Result<T, StoreError>) -> Result<T, StoreError> {
         self.store_ok
             .store(!matches!(&r, Err(e) if e.is_transient()), Ordering::Relaxed);
+        if r.is_err() {
+            self.metrics.store_errors.inc();
+        }
         r
     }
 
@@ -559,6 +596,15 @@ impl Daemon {
         &self,
         hosts: Option<BTreeMap<String, HostRecord>>,
     ) -> anyhow::Result<()> {
+        let result = self.apply_mesh_once(hosts).await;
+        self.metrics.reconciled("mesh", result.is_ok());
+        result
+    }
+
+    async fn apply_mesh_once(
+        &self,
+        hosts: Option<BTreeMap<String, HostRecord>>,
+    ) -> anyhow::Result<()> {
         let mut known = self.mesh.lock().await;
         if let Some(h) = hosts {
             *known = h;
@@ -666,6 +712,7 @@ impl Daemon {
                             if e.is_transient() {
                                 self.store_ok.store(false, Ordering::Relaxed);
                             }
+                            self.metrics.store_errors.inc();
                             tracing::warn!(error = %e, "renewing the block lease failed");
                         }
                     }

@@ -91,6 +91,17 @@ fn kind_name(kind: &InfoKind) -> String {
     }
 }
 
+/// A link's traffic counters (the kernel's 64-bit statistics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    pub rx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_dropped: u64,
+    pub tx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_dropped: u64,
+}
+
 /// Which addresses to add and which to remove on the bridge. Only addresses
 /// inside `owned` (the cluster range and the DNS address) are weft's to
 /// remove; anything else an operator put there stays.
@@ -137,6 +148,36 @@ impl HostNet {
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
             Err(e) => Err(nl(format!("looking up link {name}"))(e)),
         }
+    }
+
+    /// The 64-bit counters of the link named `name`, if it exists.
+    pub async fn link_stats(&self, name: &str) -> Result<Option<LinkStats>> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
+        let msg = match links.try_next().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Ok(None),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
+                return Ok(None)
+            }
+            Err(e) => return Err(nl(format!("reading the counters of {name}"))(e)),
+        };
+        let stats = msg.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Stats64(s) => Some(LinkStats {
+                rx_bytes: s.rx_bytes,
+                rx_packets: s.rx_packets,
+                rx_dropped: s.rx_dropped,
+                tx_bytes: s.tx_bytes,
+                tx_packets: s.tx_packets,
+                tx_dropped: s.tx_dropped,
+            }),
+            _ => None,
+        });
+        Ok(Some(stats.unwrap_or_default()))
     }
 
     /// Every link.

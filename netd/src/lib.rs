@@ -6,7 +6,9 @@ pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod host;
+pub mod install;
 pub mod mesh;
+pub mod metrics;
 pub mod nat;
 pub mod wg;
 
@@ -25,13 +27,23 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         Some(settings) => Some(start_dns(&daemon, settings).await?),
         None => None,
     };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // Metrics before the control socket: a metrics address in use stops
+    // netd before it takes the socket.
+    let metrics = match daemon.config().metrics_addr {
+        Some(addr) => {
+            let state =
+                metrics::MetricsState::new(daemon.clone(), dns.as_ref().map(|d| d.stats_handle()));
+            Some(metrics::serve(addr, state, stop_rx.clone()).await?)
+        }
+        None => None,
+    };
     let socket = daemon.config().socket.clone();
     let listener = api::bind(&socket)?;
     tracing::info!(
         host = %daemon.host_id(), block = %daemon.block().block, socket = %socket.display(),
         "netd ready"
     );
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let maintain = tokio::spawn(daemon.clone().maintain(stop_rx.clone()));
     let mesh = tokio::spawn(daemon.clone().run_mesh(stop_rx));
     let server = axum::serve(listener, api::router(daemon.clone()))
@@ -40,12 +52,32 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     let _ = maintain.await;
     let _ = mesh.await;
+    if let Some(m) = metrics {
+        let _ = m.await;
+    }
     if let Some(dns) = dns {
         dns.stop().await;
     }
     let _ = std::fs::remove_file(&socket);
     tracing::info!("netd stopped; kernel state left in place");
     result
+}
+
+/// Installs the CNI plugin and conflist on the host (see [`install`]),
+/// logging what changed.
+pub fn install_cni(cfg: &Config) -> anyhow::Result<install::Report> {
+    let report = install::install(&cfg.cni, &cfg.socket)?;
+    let word = |o: install::Outcome| match o {
+        install::Outcome::Written => "installed",
+        install::Outcome::Unchanged => "unchanged",
+        install::Outcome::Missing => "missing",
+    };
+    tracing::info!(path = %report.plugin_path.display(), "CNI plugin {}", word(report.plugin));
+    tracing::info!(path = %report.conflist_path.display(), "CNI conflist {}", word(report.conflist));
+    for (name, outcome) in &report.extras {
+        tracing::info!(plugin = %name, "chained CNI plugin {}", word(*outcome));
+    }
+    Ok(report)
 }
 
 async fn start_dns(

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use weft_api::client::Client;
 use weft_netd::config::{Config, FileConfig, Overrides, DEFAULT_CONFIG};
+use weft_netd::install::CniOverrides;
 
 #[derive(Parser)]
 #[command(
@@ -29,6 +30,22 @@ enum Command {
     Run {
         #[command(flatten)]
         overrides: Overrides,
+    },
+    /// Install the CNI plugin and its conflist on the host (idempotent):
+    /// copies `weft` into the CNI bin dir atomically and writes
+    /// `<conf dir>/10-weft.conflist`, keeping plugins an operator added.
+    InstallCni {
+        #[command(flatten)]
+        overrides: Overrides,
+        #[command(flatten)]
+        cni: CniOverrides,
+    },
+    /// The container entrypoint: install-cni, then run.
+    Sidecar {
+        #[command(flatten)]
+        overrides: Overrides,
+        #[command(flatten)]
+        cni: CniOverrides,
     },
     /// Show this host's status.
     Status {
@@ -82,10 +99,22 @@ fn load_config(path: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<Co
     Ok(Config::resolve(file, overrides)?)
 }
 
+fn load_with_cni(
+    path: Option<PathBuf>,
+    overrides: Overrides,
+    cni: CniOverrides,
+) -> anyhow::Result<Config> {
+    let mut cfg = load_config(path, overrides)?;
+    cfg.cni.apply(cni);
+    Ok(cfg)
+}
+
 fn init_logs(level: &str) {
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only on a terminal: container and journal logs stay plain.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
 }
@@ -103,6 +132,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run { overrides } => {
             let cfg = load_config(cli.config, overrides)?;
             init_logs(&cfg.log_level);
+            runtime()?.block_on(weft_netd::run(cfg))
+        }
+        Command::InstallCni { overrides, cni } => {
+            let cfg = load_with_cni(cli.config, overrides, cni)?;
+            init_logs(&cfg.log_level);
+            weft_netd::install_cni(&cfg)?;
+            Ok(())
+        }
+        Command::Sidecar { overrides, cni } => {
+            let cfg = load_with_cni(cli.config, overrides, cni)?;
+            init_logs(&cfg.log_level);
+            weft_netd::install_cni(&cfg)?;
             runtime()?.block_on(weft_netd::run(cfg))
         }
         Command::Status { socket, json } => {

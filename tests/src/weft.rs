@@ -316,3 +316,72 @@ pub fn tcp_probe(ns: &Netns, addr: &str, port: u16) -> Result<String> {
     ns.exec(["python3", "-c", &script])
         .map(|s| s.trim().to_owned())
 }
+
+/// Sends `bytes` bytes over TCP from `from` to a sink on `to` (at `addr`,
+/// `port`) that reads until EOF; returns what the sink counted and how long
+/// the transfer took. Unlike iperf3's own counters, the count includes
+/// every byte that arrived.
+pub fn bulk_transfer(
+    from: &Netns,
+    to: &Netns,
+    addr: &str,
+    port: u16,
+    bytes: u64,
+) -> Result<(u64, Duration)> {
+    let sink = format!(
+        "import socket\n\
+         s = socket.socket()\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('0.0.0.0', {port}))\n\
+         s.listen(1)\n\
+         c, _ = s.accept()\n\
+         n = 0\n\
+         while True:\n\
+         \x20   d = c.recv(1 << 20)\n\
+         \x20   if not d:\n\
+         \x20       break\n\
+         \x20   n += len(d)\n\
+         print(n, flush=True)\n\
+         c.close()\n"
+    );
+    let mut server = to.spawn(["python3", "-c", &sink])?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = to.output(["ss", "-ltnH", &format!("sport = :{port}")])?;
+        if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Timeout(format!(
+                "sink on port {port} in {}",
+                to.name()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let source = format!(
+        "import socket\n\
+         s = socket.create_connection(('{addr}', {port}), timeout=60)\n\
+         buf = b'w' * (1 << 18)\n\
+         left = {bytes}\n\
+         while left > 0:\n\
+         \x20   n = min(left, len(buf))\n\
+         \x20   s.sendall(buf[:n])\n\
+         \x20   left -= n\n\
+         s.shutdown(socket.SHUT_WR)\n\
+         s.recv(1)\n"
+    );
+    let t = Instant::now();
+    from.exec(["python3", "-c", &source])?;
+    let status = server.wait_timeout(Duration::from_secs(60))?;
+    let took = t.elapsed();
+    if status.is_none() {
+        return Err(Error::Timeout("the sink did not finish".into()));
+    }
+    let counted = server
+        .stdout()
+        .trim()
+        .parse::<u64>()
+        .map_err(|e| Error::Options(format!("sink output {:?}: {e}", server.stdout())))?;
+    Ok((counted, took))
+}
