@@ -385,3 +385,31 @@ pub fn bulk_transfer(
         .map_err(|e| Error::Options(format!("sink output {:?}: {e}", server.stdout())))?;
     Ok((counted, took))
 }
+
+impl Netd {
+    /// Attaches `container` through the CNI plugin (ADD, cniVersion 1.0.0,
+    /// interface eth0, no metadata) and returns its address.
+    pub fn attach(&self, container: &crate::Container, id: &str) -> Result<String> {
+        let out = CniCall {
+            host: self.host(),
+            command: "ADD",
+            container_id: id,
+            netns: &container.path().display().to_string(),
+            ifname: "eth0",
+            args: "IgnoreUnknown=1",
+            config: &self.cni_config("1.0.0"),
+        }
+        .run()?;
+        if !out.ok() {
+            return Err(Error::Options(format!(
+                "CNI ADD {id} failed ({}): {}{}",
+                out.code, out.stdout, out.stderr
+            )));
+        }
+        out.json()["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .map(str::to_owned)
+            .ok_or_else(|| Error::Options(format!("no address in the CNI result: {}", out.stdout)))
+    }
+}

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use weft_tests::weft::{bin, CniCall, Netd};
+use weft_tests::weft::{bin, Netd};
 use weft_tests::{Container, Lab, LabOptions, Netns};
 
 const METRICS_PORT: u16 = 9542;
@@ -440,25 +440,7 @@ fn sidecar_container_installs_cni_and_serves_health_and_metrics() {
 
 /// A container attached through the plugin, with its address.
 fn attach(netd: &Netd, c: Container, id: &str) -> (Container, String) {
-    let out = CniCall {
-        host: netd.host(),
-        command: "ADD",
-        container_id: id,
-        netns: &c.path().display().to_string(),
-        ifname: "eth0",
-        args: "IgnoreUnknown=1",
-        config: &netd.cni_config("1.0.0"),
-    }
-    .run()
-    .unwrap();
-    assert!(out.ok(), "ADD {id}: {} {}", out.stdout, out.stderr);
-    let ip = out.json()["ips"][0]["address"]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_owned();
+    let ip = netd.attach(&c, id).unwrap();
     (c, ip)
 }
 

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use weft_store::testing::EtcdServer;
-use weft_tests::weft::{CniCall, Netd};
+use weft_tests::weft::Netd;
 use weft_tests::{Container, Lab, LabOptions};
 
 /// A container attached through the CNI plugin, with its address.
@@ -16,25 +16,7 @@ struct Ctr {
 }
 
 fn attach(netd: &Netd, c: Container, id: &str) -> Ctr {
-    let out = CniCall {
-        host: netd.host(),
-        command: "ADD",
-        container_id: id,
-        netns: &c.path().display().to_string(),
-        ifname: "eth0",
-        args: "IgnoreUnknown=1",
-        config: &netd.cni_config("1.0.0"),
-    }
-    .run()
-    .unwrap();
-    assert!(out.ok(), "ADD {id}: {} {}", out.stdout, out.stderr);
-    let ip = out.json()["ips"][0]["address"]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_owned();
+    let ip = netd.attach(&c, id).unwrap();
     Ctr { c, ip }
 }
 
