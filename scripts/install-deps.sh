@@ -24,6 +24,8 @@ declare -A need=(
   [dnsmasq]=dnsmasq-base
   [dnsperf]=dnsperf
   [unbound]=unbound
+  [wireguard-go]=wireguard-go
+  [wg]=wireguard-tools
 )
 
 missing=()

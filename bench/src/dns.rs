@@ -21,7 +21,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
 use weft_store::{SqliteStore, Store};
+
+use crate::sys::Fig;
 
 const DOMAIN: &str = "weft.internal";
 
@@ -35,6 +38,38 @@ pub struct Options {
     pub threads: u32,
     /// Server threads for dnsd and unbound (dnsmasq has one).
     pub server_threads: u32,
+    /// Repeat every measurement this many times (servers interleaved).
+    pub runs: usize,
+    /// A 1 s dnsperf run per server before measuring.
+    pub warmup: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ServerResult {
+    pub name: String,
+    pub qps: Fig,
+    /// Queries lost in the saturated run / at the fixed rate.
+    pub lost_saturated: Fig,
+    pub lost_fixed: Fig,
+    /// Milliseconds at the fixed rate.
+    pub p50_ms: Fig,
+    pub p99_ms: Fig,
+    pub cpu_us_per_query: Fig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DnsResults {
+    pub services: usize,
+    pub names: usize,
+    pub seconds: u32,
+    pub latency_qps: u32,
+    pub latency_seconds: u32,
+    pub clients: u32,
+    pub threads: u32,
+    pub server_threads: u32,
+    pub runs: usize,
+    /// weft dnsd first, then unbound and dnsmasq.
+    pub servers: Vec<ServerResult>,
 }
 
 struct Service {
@@ -208,6 +243,7 @@ impl Server {
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {name}"))?;
+        crate::sys::register_child(child.id());
         Ok(Server { name, port, child })
     }
 
@@ -232,6 +268,7 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        crate::sys::unregister_child(self.child.id());
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -378,7 +415,7 @@ fn saturate(s: &Server, queries: &Path, o: &Options) -> Result<(Perf, f64)> {
     let lost: u64 = field(&out, "Queries lost:")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let hz = clock_ticks_per_second();
+    let hz = crate::sys::clk_tck();
     let cpu_us = (after - before) as f64 / hz * 1e6 / completed.max(1) as f64;
     Ok((
         Perf {
@@ -426,22 +463,6 @@ fn latency(s: &Server, queries: &Path, o: &Options) -> Result<(f64, f64, u64)> {
     Ok((p(0.5), p(0.99), lost))
 }
 
-/// USER_HZ, the unit of /proc/PID/stat times (100 on Linux).
-fn clock_ticks_per_second() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .trim()
-                .parse::<f64>()
-                .ok()
-        })
-        .filter(|&v| v > 0.0)
-        .unwrap_or(100.0)
-}
-
 fn dnsd_binary() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe.parent().context("no exe dir")?;
@@ -464,15 +485,9 @@ fn dnsd_binary() -> Result<PathBuf> {
     Ok(path)
 }
 
-pub async fn run(o: Options) -> Result<()> {
+pub async fn run(o: Options) -> Result<DnsResults> {
     for tool in ["dnsperf", "dnsmasq", "unbound"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if !found {
+        if !crate::sys::have(tool) {
             bail!("{tool} missing: apt-get install dnsperf dnsmasq-base unbound");
         }
     }
@@ -485,7 +500,13 @@ pub async fn run(o: Options) -> Result<()> {
     tokio::task::spawn_blocking(move || measure(&o, &plan, &dir, &db, &dnsd)).await?
 }
 
-fn measure(o: &Options, plan: &[Service], dir: &Path, db: &Path, dnsd: &Path) -> Result<()> {
+fn measure(
+    o: &Options,
+    plan: &[Service],
+    dir: &Path,
+    db: &Path,
+    dnsd: &Path,
+) -> Result<DnsResults> {
     let queries = dir.join("queries.txt");
     query_file(plan, &queries, 100_000)?;
     let hosts = dir.join("hosts");
@@ -539,55 +560,53 @@ fn measure(o: &Options, plan: &[Service], dir: &Path, db: &Path, dnsd: &Path) ->
     let servers = [&weft, &unbound, &dnsmasq];
     for s in servers {
         check_answers(s, plan)?;
-    }
-
-    let mut rows = Vec::new();
-    for s in servers {
-        // A short warm-up, then the saturated run.
+        if !o.warmup {
+            continue;
+        }
         let _ = dnsperf(
             s,
             &queries,
             &["-l".into(), "1".into(), "-q".into(), "100".into()],
         )?;
-        let (perf, cpu) = saturate(s, &queries, o)?;
-        rows.push((s.name, perf, cpu));
     }
-    let mut lats = Vec::new();
-    for s in servers {
-        lats.push(latency(s, &queries, o)?);
+    let mut results: Vec<ServerResult> = servers
+        .iter()
+        .map(|s| ServerResult {
+            name: s.name.to_owned(),
+            ..ServerResult::default()
+        })
+        .collect();
+    for run in 0..o.runs {
+        eprintln!("weft-bench: DNS run {}/{}", run + 1, o.runs);
+        // Rotate the order so that no server always goes first.
+        for k in 0..servers.len() {
+            let i = (k + run) % servers.len();
+            let (perf, cpu) = saturate(servers[i], &queries, o)?;
+            let r = &mut results[i];
+            r.qps.push(perf.qps);
+            r.lost_saturated.push(perf.lost as f64);
+            r.cpu_us_per_query.push(cpu);
+            let _ = perf.completed;
+        }
+        for k in 0..servers.len() {
+            let i = (k + run) % servers.len();
+            let (p50, p99, lost) = latency(servers[i], &queries, o)?;
+            let r = &mut results[i];
+            r.p50_ms.push(p50);
+            r.p99_ms.push(p99);
+            r.lost_fixed.push(lost as f64);
+        }
     }
-
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!(
-        "DNS: {} services ({} names), dnsperf {}s saturated (-c {} -T {} -q 1000), {} qps fixed for {}s; {} cores, load average {}",
-        plan.len(),
-        plan.len() * 7,
-        o.seconds,
-        o.clients,
-        o.threads,
-        o.latency_qps,
-        o.latency_seconds,
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        load.trim()
-    );
-    println!();
-    println!("| server | queries/s saturated | lost | p50 ms @ fixed rate | p99 ms @ fixed rate | CPU µs/query |");
-    println!("|---|---|---|---|---|---|");
-    for ((name, perf, cpu), (p50, p99, lost)) in rows.iter().zip(&lats) {
-        println!(
-            "| {name} | {:.0} | {} (+{lost} at fixed rate) | {p50:.3} | {p99:.3} | {cpu:.2} |",
-            perf.qps, perf.lost
-        );
-        let _ = perf.completed;
-    }
-    for (i, other) in [(1, "unbound"), (2, "dnsmasq")] {
-        println!(
-            "| weft / {other} | {:.2} | | {:.2} | {:.2} | {:.2} |",
-            rows[0].1.qps / rows[i].1.qps.max(1e-9),
-            lats[0].0 / lats[i].0.max(1e-9),
-            lats[0].1 / lats[i].1.max(1e-9),
-            rows[0].2 / rows[i].2.max(1e-9),
-        );
-    }
-    Ok(())
+    Ok(DnsResults {
+        services: plan.len(),
+        names: plan.len() * 7,
+        seconds: o.seconds,
+        latency_qps: o.latency_qps,
+        latency_seconds: o.latency_seconds,
+        clients: o.clients,
+        threads: o.threads,
+        server_threads: o.server_threads,
+        runs: o.runs,
+        servers: results,
+    })
 }

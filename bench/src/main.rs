@@ -1,26 +1,35 @@
-//! weft's benchmarks. Each prints its figures as a Markdown table.
+//! weft's benchmark harness.
 //!
-//! `weft-bench ipam-alloc`: endpoint allocation and release rate of one
-//! process, on the embedded SQLite store and on a real etcd (started on
-//! 127.0.0.1 for the run), side by side.
+//! `weft-bench all [--quick]`: everything, side by side with the reference
+//! tools, in one run: tunnel throughput, latency and CPU (weft's backends
+//! beside the raw underlay, a hand-made kernel VXLAN and wireguard-go), the
+//! MTU check and sweep, DNS (dnsd beside unbound and dnsmasq under dnsperf)
+//! and CNI latency (weft beside bridge + host-local). Writes a Markdown
+//! report, the raw numbers as JSON and SVG charts. Needs root. `bench/run`
+//! builds the binaries and runs this.
 //!
-//! `weft-bench cni-latency`: CNI ADD/DEL latency, weft beside the reference
-//! bridge + host-local plugins (root).
-//!
-//! `weft-bench dns`: dnsd beside dnsmasq and unbound under dnsperf, on
-//! 127.0.0.1 (see bench/src/dns.rs).
+//! `weft-bench tunnel | mtu | dns | cni-latency`: one part, its Markdown on
+//! stdout. `weft-bench ipam-alloc`: the IPAM allocation rate per store
+//! backend (no root).
 
 mod cni;
 mod dns;
+mod report;
+mod svg;
+mod sys;
 mod tunnel;
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use weft_ipam::{Ipam, IpamConfig, Owner};
 use weft_store::testing::TestStore;
 use weft_store::DynStore;
+
+use crate::report::Report;
+use crate::tunnel::Mode;
 
 #[derive(Parser)]
 #[command(about = "weft benchmarks")]
@@ -31,6 +40,43 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Bench {
+    /// Every part; writes <out>/<date>.md, .json and -<chart>.svg (root).
+    All {
+        #[command(flatten)]
+        o: Opts,
+        /// Where to write the report (default: bench/results, or
+        /// target/bench-quick with --quick).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Only these parts.
+        #[arg(long, value_enum, value_delimiter = ',')]
+        only: Vec<Part>,
+    },
+    /// Tunnel throughput, latency and CPU at underlay MTU 1500 (root).
+    Tunnel {
+        #[command(flatten)]
+        o: Opts,
+    },
+    /// The MTU check and the throughput sweep over underlay MTUs (root).
+    Mtu {
+        #[command(flatten)]
+        o: Opts,
+    },
+    /// DNS: dnsd beside unbound and dnsmasq under dnsperf (127.0.0.1).
+    Dns {
+        #[command(flatten)]
+        o: Opts,
+    },
+    /// CNI ADD/DEL latency, weft beside bridge + host-local (root).
+    CniLatency {
+        #[command(flatten)]
+        o: Opts,
+    },
+    /// Re-renders a report (Markdown and charts) from its JSON, next to it.
+    Render {
+        /// The report's JSON, e.g. bench/results/2026-11-23.json.
+        json: PathBuf,
+    },
     /// Allocation and release rate of one process, per store backend.
     IpamAlloc {
         /// Backends to measure.
@@ -43,48 +89,158 @@ enum Bench {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+}
 
-    /// Container-to-container TCP throughput over weft's tunnels beside the
-    /// raw underlay (needs root).
-    Tunnel {
-        /// Backends to measure.
-        #[arg(long, default_values_t = ["wireguard".to_string(), "vxlan".to_string()])]
-        backend: Vec<String>,
-        /// Seconds per iperf3 run.
-        #[arg(long, default_value_t = 5)]
-        secs: u32,
-    },
-    /// CNI ADD/DEL latency of weft beside the reference bridge + host-local
-    /// plugins (needs root; builds a lab host in a network namespace).
-    CniLatency {
-        /// Containers per plugin.
-        #[arg(long, default_value_t = 50)]
-        containers: usize,
-    },
-    /// DNS rate of dnsd beside dnsmasq and unbound (dnsperf, 127.0.0.1).
-    Dns {
-        /// Services to serve (10 per stack, 2 containers each).
-        #[arg(long, default_value_t = 2000)]
-        services: usize,
-        /// Seconds of the saturated run per server.
-        #[arg(long, default_value_t = 10)]
-        secs: u32,
-        /// The fixed rate of the latency run.
-        #[arg(long, default_value_t = 20_000)]
-        latency_qps: u32,
-        /// Seconds of the latency run per server.
-        #[arg(long, default_value_t = 5)]
-        latency_secs: u32,
-        /// dnsperf clients (sockets) in the saturated run.
-        #[arg(long, default_value_t = 8)]
-        clients: u32,
-        /// dnsperf threads in the saturated run.
-        #[arg(long, default_value_t = 2)]
-        threads: u32,
-        /// Threads of dnsd and unbound (dnsmasq has one).
-        #[arg(long, default_value_t = 2)]
-        server_threads: u32,
-    },
+#[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
+enum Part {
+    Tunnel,
+    Mtu,
+    Dns,
+    Cni,
+}
+
+#[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
+enum ModeArg {
+    Raw,
+    KernelVxlan,
+    WeftVxlan,
+    WireguardGo,
+    WeftWireguard,
+}
+
+impl From<ModeArg> for Mode {
+    fn from(m: ModeArg) -> Mode {
+        match m {
+            ModeArg::Raw => Mode::Raw,
+            ModeArg::KernelVxlan => Mode::KernelVxlan,
+            ModeArg::WeftVxlan => Mode::WeftVxlan,
+            ModeArg::WireguardGo => Mode::WireguardGo,
+            ModeArg::WeftWireguard => Mode::WeftWireguard,
+        }
+    }
+}
+
+/// Settings shared by the parts; unset ones take the full or --quick
+/// default.
+#[derive(Args, Clone, Debug)]
+struct Opts {
+    /// Every part for a second or two: checks the harness, measures nothing.
+    #[arg(long)]
+    quick: bool,
+    /// Runs per figure (the median is reported) [3; quick 1].
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Seconds per iperf3 test [5; quick 1].
+    #[arg(long)]
+    secs: Option<u32>,
+    /// Offered UDP rate in Mbit/s (the raw underlay carries it without
+    /// loss on a 2-core machine; iperf3's own receiver drops above ~400).
+    #[arg(long, default_value_t = 300)]
+    udp_mbit: u32,
+    /// Pings per latency run [200; quick 20].
+    #[arg(long)]
+    pings: Option<u32>,
+    /// Underlay MTUs of the sweep besides 1500.
+    #[arg(long, value_delimiter = ',', default_values_t = [9000u32, 1400])]
+    sweep_mtus: Vec<u32>,
+    /// Tunnel modes to measure [all].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    modes: Vec<ModeArg>,
+    /// DNS: services to serve (10 per stack, 2 containers each) [2000; quick 200].
+    #[arg(long)]
+    dns_services: Option<usize>,
+    /// DNS: seconds of each saturated run [5; quick 1].
+    #[arg(long)]
+    dns_secs: Option<u32>,
+    /// DNS: the fixed rate of the latency run.
+    #[arg(long, default_value_t = 20_000)]
+    dns_latency_qps: u32,
+    /// DNS: seconds of each fixed-rate run [3; quick 1].
+    #[arg(long)]
+    dns_latency_secs: Option<u32>,
+    /// DNS: dnsperf clients (sockets) in the saturated run.
+    #[arg(long, default_value_t = 8)]
+    dns_clients: u32,
+    /// DNS: dnsperf threads in the saturated run.
+    #[arg(long, default_value_t = 2)]
+    dns_threads: u32,
+    /// DNS: threads of dnsd and unbound (dnsmasq has one).
+    #[arg(long, default_value_t = 2)]
+    dns_server_threads: u32,
+    /// CNI: containers per plugin per round [20; quick 8].
+    #[arg(long)]
+    cni_containers: Option<usize>,
+    /// CNI: rounds [3; quick 1].
+    #[arg(long)]
+    cni_rounds: Option<usize>,
+    /// CNI: calls at once in the concurrent test.
+    #[arg(long, default_value_t = 8)]
+    cni_concurrency: usize,
+}
+
+impl Opts {
+    fn pick<T>(&self, v: Option<T>, full: T, quick: T) -> T {
+        v.unwrap_or(if self.quick { quick } else { full })
+    }
+
+    fn runs(&self) -> usize {
+        self.pick(self.runs, 3, 1).max(1)
+    }
+
+    fn tunnel(&self) -> tunnel::Options {
+        tunnel::Options {
+            runs: self.runs(),
+            secs: self.pick(self.secs, 5, 1).max(1),
+            // --quick measures nothing: 20 MB per test is enough to see
+            // that iperf3 runs and reports, and takes far less than 1 s.
+            bytes: (self.quick && self.secs.is_none()).then_some(20_000_000),
+            udp_mbit: self.udp_mbit.max(1),
+            pings: self.pick(self.pings, 200, 20).max(1),
+            sweep_mtus: self.sweep_mtus.clone(),
+        }
+    }
+
+    fn modes(&self) -> Vec<Mode> {
+        if self.modes.is_empty() {
+            tunnel::MODES.to_vec()
+        } else {
+            tunnel::MODES
+                .iter()
+                .copied()
+                .filter(|m| self.modes.iter().any(|&a| Mode::from(a) == *m))
+                .collect()
+        }
+    }
+
+    fn dns(&self) -> dns::Options {
+        dns::Options {
+            services: self.pick(self.dns_services, 2000, 200).max(10),
+            seconds: self.pick(self.dns_secs, 5, 1).max(1),
+            latency_qps: self.dns_latency_qps.max(1),
+            latency_seconds: self.pick(self.dns_latency_secs, 3, 1).max(1),
+            clients: self.dns_clients.max(1),
+            threads: self.dns_threads.max(1),
+            server_threads: self.dns_server_threads.max(1),
+            runs: self.runs(),
+            warmup: !self.quick,
+        }
+    }
+
+    fn cni(&self) -> cni::Options {
+        let concurrency = self.cni_concurrency.max(1);
+        cni::Options {
+            containers: self
+                .pick(self.cni_containers, 20, 8)
+                .max(concurrency.min(8)),
+            rounds: self.pick(self.cni_rounds, 3, 1).max(1),
+            concurrency,
+        }
+    }
+
+    /// The quiet window of the busy rule.
+    fn window(&self) -> Duration {
+        Duration::from_millis(if self.quick { 500 } else { 2000 })
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug)]
@@ -95,39 +251,174 @@ enum Backend {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    // Ctrl-C or SIGTERM: no lab namespace, wireguard-go or DNS server may
+    // outlive the run.
+    tokio::spawn(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!("weft-bench: interrupted; cleaning up");
+        sys::cleanup_after_signal();
+        std::process::exit(130);
+    });
     match Cli::parse().bench {
         Bench::IpamAlloc {
             backend,
             blocks,
             runs,
         } => ipam_alloc(&backend, blocks, runs.max(1)).await,
-        Bench::Tunnel { backend, secs } => {
-            tokio::task::spawn_blocking(move || tunnel::run(&backend, secs.max(1))).await?
+        Bench::All { o, out, only } => {
+            let parts = if only.is_empty() {
+                vec![Part::Tunnel, Part::Mtu, Part::Dns, Part::Cni]
+            } else {
+                only
+            };
+            let dir = out.unwrap_or_else(|| {
+                let bench = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+                if o.quick {
+                    bench.join("../target/bench-quick")
+                } else {
+                    bench.join("results")
+                }
+            });
+            let command = std::env::args().collect::<Vec<_>>().join(" ");
+            let report = tokio::task::spawn_blocking(move || collect(&o, &parts, command)).await?;
+            let written = report::write(&report, &dir)?;
+            for p in &written {
+                println!("wrote {}", p.display());
+            }
+            finish(&report)
         }
-        Bench::Dns {
-            services,
-            secs,
-            latency_qps,
-            latency_secs,
-            clients,
-            threads,
-            server_threads,
-        } => {
-            dns::run(dns::Options {
-                services: services.max(10),
-                seconds: secs.max(1),
-                latency_qps: latency_qps.max(1),
-                latency_seconds: latency_secs.max(1),
-                clients: clients.max(1),
-                threads: threads.max(1),
-                server_threads: server_threads.max(1),
-            })
-            .await
+        Bench::Render { json } => {
+            let text = std::fs::read_to_string(&json)?;
+            let report: Report = serde_json::from_str(&text)?;
+            let dir = json
+                .parent()
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("."));
+            for p in report::write(&report, &dir)? {
+                println!("wrote {}", p.display());
+            }
+            Ok(())
         }
-        Bench::CniLatency { containers } => {
-            tokio::task::spawn_blocking(move || cni::run(containers.max(1))).await?
+        Bench::Tunnel { o } => one(o, Part::Tunnel).await,
+        Bench::Mtu { o } => one(o, Part::Mtu).await,
+        Bench::Dns { o } => one(o, Part::Dns).await,
+        Bench::CniLatency { o } => one(o, Part::Cni).await,
+    }
+}
+
+/// One part: its report section on stdout.
+async fn one(o: Opts, part: Part) -> Result<()> {
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let report = tokio::task::spawn_blocking(move || collect(&o, &[part], command)).await?;
+    print!("{}", report::markdown(&report, &report.date, &[]));
+    finish(&report)
+}
+
+fn finish(report: &Report) -> Result<()> {
+    if report.missing.is_empty() {
+        eprintln!(
+            "weft-bench: every figure has a number ({:.0} s)",
+            report.seconds
+        );
+        Ok(())
+    } else {
+        for m in &report.missing {
+            eprintln!("weft-bench: NOT MEASURED: {m}");
+        }
+        bail!("{} figure(s) got no number", report.missing.len())
+    }
+}
+
+/// Runs `parts` in order, each between quiet windows, into one report.
+fn collect(o: &Opts, parts: &[Part], command: String) -> Report {
+    let started = Instant::now();
+    let (date, started_at) = sys::now_utc();
+    let mut r = Report {
+        date,
+        started: started_at,
+        seconds: 0.0,
+        quick: o.quick,
+        command,
+        commit: sys::commit(),
+        machine: sys::machine(),
+        tools: sys::tool_versions().into_iter().collect(),
+        busy_rule: report::busy_rule(),
+        parts: vec![],
+        tunnel: None,
+        mtu: None,
+        dns: None,
+        cni: None,
+        missing: vec![],
+    };
+    let modes = o.modes();
+    let topts = o.tunnel();
+    for &part in parts {
+        match part {
+            Part::Tunnel => {
+                let (info, v) =
+                    sys::part("tunnel", o.window(), || tunnel::run_main(&topts, &modes));
+                r.parts.push(info);
+                if let Some((t, rows)) = v {
+                    let mtu = r.mtu.get_or_insert(tunnel::MtuResults {
+                        mtus: vec![],
+                        rows: vec![],
+                    });
+                    mtu.mtus.insert(0, t.underlay_mtu);
+                    mtu.rows.splice(0..0, rows);
+                    r.tunnel = Some(t);
+                }
+            }
+            Part::Mtu => {
+                for &m in &topts.sweep_mtus {
+                    let (info, v) = sys::part(&format!("mtu {m}"), o.window(), || {
+                        tunnel::run_sweep(&topts, &modes, m)
+                    });
+                    r.parts.push(info);
+                    let mtu = r.mtu.get_or_insert(tunnel::MtuResults {
+                        mtus: vec![],
+                        rows: vec![],
+                    });
+                    mtu.mtus.push(m);
+                    match v {
+                        Some(rows) => mtu.rows.extend(rows),
+                        None => mtu.rows.extend(modes.iter().map(|&md| tunnel::MtuRow {
+                            underlay_mtu: m,
+                            mode: Some(md),
+                            label: md.label().into(),
+                            error: Some("the lab failed".into()),
+                            ..tunnel::MtuRow::default()
+                        })),
+                    }
+                }
+            }
+            Part::Dns => {
+                let dopts = o.dns();
+                let handle = tokio::runtime::Handle::current();
+                let (info, v) = sys::part("dns", o.window(), || handle.block_on(dns::run(dopts)));
+                r.parts.push(info);
+                r.dns = v;
+            }
+            Part::Cni => {
+                let copts = o.cni();
+                let (info, v) = sys::part("cni", o.window(), || cni::run(&copts));
+                r.parts.push(info);
+                r.cni = v;
+            }
         }
     }
+    r.seconds = started.elapsed().as_secs_f64();
+    r.missing = report::missing(&r);
+    r
 }
 
 struct Rates {
@@ -151,8 +442,8 @@ async fn ipam_alloc(backends: &[Backend], blocks: usize, runs: usize) -> Result<
             };
             results.push(one_run(store.store(), blocks).await?);
         }
-        let mut alloc: Vec<f64> = results.iter().map(|r| r.alloc_per_s).collect();
-        let mut release: Vec<f64> = results.iter().map(|r| r.release_per_s).collect();
+        let alloc: Vec<f64> = results.iter().map(|r| r.alloc_per_s).collect();
+        let release: Vec<f64> = results.iter().map(|r| r.release_per_s).collect();
         let all = alloc
             .iter()
             .map(|r| format!("{r:.0}"))
@@ -161,8 +452,8 @@ async fn ipam_alloc(backends: &[Backend], blocks: usize, runs: usize) -> Result<
         println!(
             "| {backend:?} | {} | {:.0} | {:.0} | {all} |",
             results[0].allocations,
-            median(&mut alloc),
-            median(&mut release)
+            sys::median(&alloc),
+            sys::median(&release)
         );
     }
     Ok(())
@@ -206,9 +497,4 @@ async fn one_run(store: DynStore, blocks: usize) -> Result<Rates> {
 
 fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64().max(1e-9)
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
