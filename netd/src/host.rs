@@ -304,16 +304,20 @@ impl HostNet {
         Ok(())
     }
 
-    /// The link the IPv4 default route leaves through, if there is one.
-    pub async fn default_route_link(&self) -> Result<Option<Link>> {
-        let routes: Vec<RouteMessage> = self
-            .handle
+    /// Every IPv4 route of the main dump.
+    async fn ipv4_routes(&self) -> Result<Vec<RouteMessage>> {
+        self.handle
             .route()
             .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
             .execute()
             .try_collect()
             .await
-            .map_err(nl("listing routes"))?;
+            .map_err(nl("listing routes"))
+    }
+
+    /// The link the IPv4 default route leaves through, if there is one.
+    pub async fn default_route_link(&self) -> Result<Option<Link>> {
+        let routes = self.ipv4_routes().await?;
         let oif = routes
             .iter()
             .filter(|r| r.header.destination_prefix_length == 0)
@@ -518,14 +522,7 @@ impl HostNet {
         index: u32,
     ) -> Result<Vec<(RouteMessage, Ipv4Network, Option<Ipv4Addr>)>> {
         use netlink_packet_route::route::RouteAddress;
-        let routes: Vec<RouteMessage> = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl("listing routes"))?;
+        let routes = self.ipv4_routes().await?;
         let mut out = Vec::new();
         for r in routes {
             let mut oif = None;
