@@ -42,6 +42,21 @@ pub enum StoreError {
         source: rusqlite::Error,
     },
 
+    /// Other processes kept the SQLite file locked for as long as opening it
+    /// may wait (creating it, switching it to WAL, creating the schema).
+    #[error(
+        "embedded store {path}: still locked by another process after {waited:?} \
+         while {step} ({source}); a process using the file may be stuck inside a \
+         transaction: stop stale weft processes using it (`fuser -v {path}`) and start again"
+    )]
+    Locked {
+        path: String,
+        step: &'static str,
+        waited: Duration,
+        #[source]
+        source: rusqlite::Error,
+    },
+
     /// A key or value the store cannot hold.
     #[error("invalid request to store {store}: {detail}")]
     Invalid { store: String, detail: String },
@@ -57,7 +72,7 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            StoreError::Unavailable { .. } | StoreError::Timeout { .. }
+            StoreError::Unavailable { .. } | StoreError::Timeout { .. } | StoreError::Locked { .. }
         ) || matches!(self, StoreError::Sqlite { source, .. } if is_busy(source))
     }
 }
