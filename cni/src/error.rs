@@ -27,7 +27,9 @@ pub mod code {
     pub const DECODE: u32 = 6;
     /// The configuration decoded but is invalid.
     pub const INVALID_CONFIG: u32 = 7;
-    /// A transient condition (netd down or restarting): try again later.
+    /// A transient condition: netd is down or restarting, or gave no complete
+    /// answer (connection refused or reset, closed or cut short, timed out),
+    /// or said "try again later" itself. The runtime should retry.
     pub const TRY_AGAIN: u32 = 11;
     /// STATUS: the plugin cannot service ADD requests now.
     pub const NOT_AVAILABLE: u32 = 50;
@@ -40,7 +42,7 @@ pub mod code {
     /// The kernel refused to set up (or tear down) the interfaces.
     pub const INTERFACE_SETUP: u32 = 102;
     /// netd answered the request with an error (other than "try again" and
-    /// "pool exhausted"), or with something that made no sense.
+    /// "pool exhausted"), or with a complete answer that made no sense.
     pub const NETD_ERROR: u32 = 103;
     /// CHECK: the container's network is not what it should be.
     pub const CHECK_FAILED: u32 = 104;
@@ -71,6 +73,18 @@ impl CniError {
     pub fn with_details(mut self, details: impl Into<String>) -> Self {
         let details = details.into();
         self.details = (!details.is_empty()).then_some(details);
+        self
+    }
+
+    /// Adds to the details, after any already there.
+    pub fn add_details(mut self, more: impl Into<String>) -> Self {
+        let more = more.into();
+        if !more.is_empty() {
+            self.details = Some(match self.details.take() {
+                Some(d) => format!("{d}; {more}"),
+                None => more,
+            });
+        }
         self
     }
 
@@ -127,5 +141,13 @@ mod tests {
         );
         // Empty details are left out.
         assert_eq!(CniError::new(1, "x").with_details("").details, None);
+    }
+
+    #[test]
+    fn details_add_up() {
+        let e = CniError::new(1, "x").add_details("").add_details("a");
+        assert_eq!(e.details.as_deref(), Some("a"));
+        let e = e.add_details("b").add_details("");
+        assert_eq!(e.details.as_deref(), Some("a; b"));
     }
 }

@@ -8,12 +8,12 @@
 //! | 5 | stdin cannot be read; `CNI_NETNS` cannot be opened or entered |
 //! | 6 | the configuration (or its `prevResult`) does not decode |
 //! | 7 | the configuration is invalid (no name, bad port mappings or aliases, CHECK without `prevResult`, GC without `cni.dev/valid-attachments`) |
-//! | 11 | netd is down, restarting or temporarily unable (ADD, DEL, CHECK, GC) |
+//! | 11 | netd is down, restarting or temporarily unable, or gave no complete answer: socket missing, connection refused or reset, closed or cut short in the headers or body, timed out (ADD, DEL, CHECK, GC); the cause is in `details` |
 //! | 50 | STATUS: netd does not answer, or its store is down |
 //! | 100 | ADD: the host's address block is full |
 //! | 101 | ADD: the attachment exists already (host veth or `CNI_IFNAME` in the container) |
 //! | 102 | the kernel refused to create, configure or delete the interfaces |
-//! | 103 | netd refused the request or answered nonsense |
+//! | 103 | netd refused the request, or its complete answer made no sense |
 //! | 104 | CHECK: the attachment differs from what it should be (every difference is listed) |
 //! | 105 | ADD: netd's bridge does not exist in the plugin's network namespace |
 
@@ -271,7 +271,9 @@ fn net_error(e: NetError) -> CniError {
     }
 }
 
-/// Maps netd client errors to CNI errors.
+/// Maps netd client errors to CNI errors: anything short of a complete
+/// answer from netd (and netd's own "try again later") is 11, with the cause
+/// in the details; only a complete answer can be a 10x.
 fn netd_error(e: ClientError, doing: &str) -> CniError {
     if e.is_try_again() {
         return CniError::new(
@@ -433,7 +435,7 @@ fn del(env: &Env, conf: &NetConf) -> Result<(), CniError> {
         (local, Err(e)) => {
             let err = netd_error(e, "releasing the endpoint");
             match local {
-                Err(le) => Err(err.with_details(format!(
+                Err(le) => Err(err.add_details(format!(
                     "deleting host interface {host_veth} failed as well: {le}"
                 ))),
                 Ok(_) => Err(err),
@@ -551,7 +553,7 @@ fn gc(conf: &NetConf) -> Result<(), CniError> {
             if failures.is_empty() {
                 err
             } else {
-                err.with_details(failures.join("; "))
+                err.add_details(failures.join("; "))
             }
         })?;
     if failures.is_empty() {
@@ -673,6 +675,261 @@ mod tests {
         assert_eq!(netd_error(busy, "x").code, code::TRY_AGAIN);
         let bad = ClientError::Api(weft_api::ApiError::new(ErrorKind::InvalidRequest, "no"));
         assert_eq!(netd_error(bad, "x").code, code::NETD_ERROR);
+    }
+
+    /// Fake netds that misbehave, for the mapping of incomplete answers.
+    mod fake {
+        use std::io::{Read, Write};
+        use std::os::unix::net::{UnixListener, UnixStream};
+        use std::path::PathBuf;
+        use std::thread::JoinHandle;
+
+        /// Serves `connections` connections, each with `behave`.
+        pub struct Netd {
+            _dir: tempfile::TempDir,
+            pub socket: PathBuf,
+            thread: Option<JoinHandle<()>>,
+        }
+
+        impl Netd {
+            pub fn serve(connections: usize, behave: impl Fn(UnixStream) + Send + 'static) -> Netd {
+                let dir = tempfile::tempdir().unwrap();
+                let socket = dir.path().join("netd.sock");
+                let listener = UnixListener::bind(&socket).unwrap();
+                let thread = std::thread::spawn(move || {
+                    for _ in 0..connections {
+                        behave(listener.accept().unwrap().0);
+                    }
+                });
+                Netd {
+                    _dir: dir,
+                    socket,
+                    thread: Some(thread),
+                }
+            }
+
+            /// Reads each request, writes `answer` and closes.
+            pub fn answer(connections: usize, answer: impl Into<Vec<u8>>) -> Netd {
+                let answer = answer.into();
+                Netd::serve(connections, move |mut s| {
+                    read_request(&mut s);
+                    s.write_all(&answer).unwrap();
+                })
+            }
+
+            pub fn join(mut self) {
+                self.thread.take().unwrap().join().unwrap();
+            }
+        }
+
+        /// A socket path in a fresh directory (the directory goes with the
+        /// returned guard).
+        pub fn path() -> (tempfile::TempDir, PathBuf) {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("netd.sock");
+            (dir, p)
+        }
+
+        /// Reads one whole request (headers and `Content-Length` body).
+        pub fn read_request(s: &mut UnixStream) {
+            let mut raw = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    if raw.len() >= end + 4 + length {
+                        return;
+                    }
+                }
+                let n = s.read(&mut buf).unwrap();
+                assert_ne!(n, 0, "the client closed mid-request");
+                raw.extend_from_slice(&buf[..n]);
+            }
+        }
+
+        /// A complete answer with a `Content-Length` body.
+        pub fn http(status: u16, body: &str) -> String {
+            format!(
+                "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n\
+                 content-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+        }
+    }
+
+    /// What ADD's mapping makes of asking `socket` for a new endpoint.
+    fn add_error(socket: &std::path::Path, timeout: Duration) -> CniError {
+        let req = AddEndpoint {
+            container_id: "abc".into(),
+            ifname: "eth0".into(),
+            netns: "/nonexistent".into(),
+            name: None,
+            service: None,
+            stack: None,
+            aliases: Vec::new(),
+            port_mappings: Vec::new(),
+        };
+        let e = Client::new(socket)
+            .with_timeout(timeout)
+            .add_endpoint(&req)
+            .unwrap_err();
+        netd_error(e, "the new endpoint")
+    }
+
+    /// The error a whole CHECK run prints against `socket` (CHECK asks netd
+    /// before it looks at any namespace, so this needs no root).
+    fn check_error(socket: &std::path::Path) -> serde_json::Value {
+        let conf = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "weft",
+            "type": "weft",
+            "socket": socket,
+            "prevResult": {"cniVersion": "1.0.0"},
+        });
+        let env = Env {
+            command: Some("CHECK".into()),
+            container_id: Some("abc".into()),
+            ifname: Some("eth0".into()),
+            netns: Some("/nonexistent".into()),
+            ..Default::default()
+        };
+        let out = run(&env, conf.to_string().as_bytes());
+        assert!(!out.success, "{}", out.stdout);
+        serde_json::from_str(&out.stdout).unwrap()
+    }
+
+    /// Code 11, saying what to do, with `cause` in the details.
+    #[track_caller]
+    fn assert_try_again(e: &CniError, cause: &str) {
+        assert_eq!(e.code, code::TRY_AGAIN, "{e:?}");
+        assert!(e.msg.contains("try again later"), "{e:?}");
+        let details = e.details.as_deref().unwrap_or_default();
+        assert!(details.contains(cause), "details lack {cause:?}: {e:?}");
+        assert!(details.contains("the runtime should retry"), "{e:?}");
+    }
+
+    #[track_caller]
+    fn assert_check_try_again(v: &serde_json::Value, cause: &str) {
+        assert_eq!(v["code"], code::TRY_AGAIN, "{v}");
+        let details = v["details"].as_str().unwrap_or_default();
+        assert!(details.contains(cause), "details lack {cause:?}: {v}");
+    }
+
+    const T: Duration = Duration::from_secs(10);
+
+    // (a)
+    #[test]
+    fn missing_socket_is_try_again() {
+        let (_dir, socket) = fake::path();
+        assert_try_again(&add_error(&socket, T), "No such file");
+        assert_check_try_again(&check_error(&socket), "No such file");
+    }
+
+    // (b)
+    #[test]
+    fn refused_connection_is_try_again() {
+        let (_dir, socket) = fake::path();
+        drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+        assert!(socket.exists(), "the socket file stays behind");
+        assert_try_again(&add_error(&socket, T), "refused");
+        assert_check_try_again(&check_error(&socket), "refused");
+    }
+
+    // (c)
+    #[test]
+    fn close_without_answer_is_try_again() {
+        let netd = fake::Netd::answer(2, "");
+        assert_try_again(&add_error(&netd.socket, T), "before any answer");
+        assert_check_try_again(&check_error(&netd.socket), "before any answer");
+        netd.join();
+    }
+
+    // (d) The issue: this was 103 "unexpected answer from netd ...: no end
+    // of headers".
+    #[test]
+    fn close_in_the_headers_is_try_again() {
+        for half in ["HTTP/1.", "HTTP/1.1 200 OK\r\ncontent-len"] {
+            let netd = fake::Netd::answer(2, half);
+            assert_try_again(&add_error(&netd.socket, T), "before the end of the headers");
+            assert_check_try_again(&check_error(&netd.socket), "before the end of the headers");
+            netd.join();
+        }
+    }
+
+    // (e)
+    #[test]
+    fn close_in_the_body_is_try_again() {
+        let netd = fake::Netd::answer(
+            2,
+            "HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789",
+        );
+        assert_try_again(&add_error(&netd.socket, T), "after 10 of 100 body bytes");
+        assert_check_try_again(&check_error(&netd.socket), "after 10 of 100 body bytes");
+        netd.join();
+    }
+
+    // (f)
+    #[test]
+    fn silent_netd_is_try_again_after_the_timeout() {
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let netd = fake::Netd::serve(1, move |mut s| {
+            fake::read_request(&mut s);
+            let _ = wait.recv(); // hold the connection open, silent
+        });
+        let e = add_error(&netd.socket, Duration::from_millis(300));
+        assert_try_again(&e, "no complete answer within 300ms");
+        drop(release);
+        netd.join();
+    }
+
+    // (g) Closing a Unix socket with unread input resets the peer.
+    #[test]
+    fn reset_is_try_again() {
+        let netd = fake::Netd::serve(2, |mut s| {
+            // One byte: the request (written in one go) has arrived; the
+            // rest stays unread.
+            std::io::Read::read_exact(&mut s, &mut [0u8; 1]).unwrap();
+        });
+        assert_try_again(&add_error(&netd.socket, T), "reset");
+        assert_check_try_again(&check_error(&netd.socket), "reset");
+        netd.join();
+    }
+
+    // (h)
+    #[test]
+    fn complete_answer_with_bad_json_is_netd_error() {
+        let netd = fake::Netd::answer(2, fake::http(200, "{\"not\": \"an endpoint\"}"));
+        let e = add_error(&netd.socket, T);
+        assert_eq!(e.code, code::NETD_ERROR, "{e:?}");
+        assert!(e.msg.contains("decoding answer"), "{e:?}");
+        assert_eq!(check_error(&netd.socket)["code"], code::NETD_ERROR);
+        netd.join();
+    }
+
+    // (i)
+    #[test]
+    fn complete_error_answers_map_by_kind() {
+        for (kind, want) in [
+            (ErrorKind::TryAgainLater, code::TRY_AGAIN),
+            (ErrorKind::PoolExhausted, code::POOL_EXHAUSTED),
+            (ErrorKind::InvalidRequest, code::NETD_ERROR),
+            (ErrorKind::Internal, code::NETD_ERROR),
+        ] {
+            let body = serde_json::to_string(&weft_api::ApiError::new(kind, "because")).unwrap();
+            let netd = fake::Netd::answer(2, fake::http(kind.http_status(), &body));
+            let e = add_error(&netd.socket, T);
+            assert_eq!(e.code, want, "{kind:?}: {e:?}");
+            assert!(
+                e.msg.contains("because") || e.details.as_deref().unwrap_or("").contains("because"),
+                "{e:?}"
+            );
+            assert_eq!(check_error(&netd.socket)["code"], want, "{kind:?}");
+            netd.join();
+        }
     }
 
     #[test]
