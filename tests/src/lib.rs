@@ -103,3 +103,50 @@ macro_rules! require_root {
         }
     }};
 }
+
+/// Paths on the real machine that a tool a test runs makes by itself, outside
+/// the test's own directories: podman's and runc's default state directories
+/// and libcni's result cache ([`MachinePaths::PODMAN`]), or a mount point the
+/// test needs. Notes which of them are missing now; on drop (also on panic)
+/// removes those it noted, so the suite leaves nothing on the machine.
+/// Paths that existed before are never touched.
+pub struct MachinePaths {
+    made: Vec<std::path::PathBuf>,
+}
+
+impl MachinePaths {
+    /// What podman 4.3 with the CNI backend and runc create on first use even
+    /// with `--root`, `--runroot` and `tmp_dir` in a test's own directory.
+    pub const PODMAN: &'static [&'static str] = &["/run/containers", "/run/runc", "/var/lib/cni"];
+
+    /// Watches `paths`: those missing now are removed again on drop.
+    pub fn watch(paths: &[&str]) -> Self {
+        MachinePaths {
+            made: paths
+                .iter()
+                .map(std::path::PathBuf::from)
+                .filter(|p| !p.exists())
+                .collect(),
+        }
+    }
+
+    /// Makes `dir` (an empty directory, e.g. a mount point) if it is missing,
+    /// and removes it on drop if it was made here.
+    pub fn dir(dir: &str) -> std::io::Result<Self> {
+        let paths = Self::watch(&[dir]);
+        std::fs::create_dir_all(dir)?;
+        Ok(paths)
+    }
+}
+
+impl Drop for MachinePaths {
+    fn drop(&mut self) {
+        for path in &self.made {
+            if path.is_dir() {
+                let _ = std::fs::remove_dir_all(path);
+            } else {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+}

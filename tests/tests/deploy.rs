@@ -20,7 +20,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use weft_tests::weft::{bin, Netd};
-use weft_tests::{Container, Lab, LabOptions, Netns};
+use weft_tests::{Container, Lab, LabOptions, MachinePaths, Netns};
 
 const METRICS_PORT: u16 = 9542;
 
@@ -98,6 +98,8 @@ impl Podman {
              events_logger = \"file\"\n\
              runtime = \"runc\"\n",
         );
+        // libpod's temporary state in the test's directory, not /run/libpod.
+        conf.push_str(&format!("tmp_dir = \"{}\"\n", dir.join("tmp").display()));
         if let Some((conf_dir, bin_dir)) = network {
             conf.push_str(&format!(
                 "[network]\nnetwork_backend = \"cni\"\nnetwork_config_dir = \"{}\"\n\
@@ -185,6 +187,8 @@ fn ok(out: &Output, what: &str) -> String {
 #[test]
 fn sidecar_container_installs_cni_and_serves_health_and_metrics() {
     weft_tests::require_root!();
+    // Declared first, dropped last: after every podman container is gone.
+    let _podman_paths = MachinePaths::watch(MachinePaths::PODMAN);
     let started = Instant::now();
     let lab = Lab::new(LabOptions::hosts(1)).unwrap();
     let host = lab.host(0);
@@ -329,7 +333,7 @@ fn sidecar_container_installs_cni_and_serves_health_and_metrics() {
     // A container started through CNI with what the installer put there:
     // podman (the CNI backend) on the lab host, with the host's view of
     // /run/weft (the conflist's socket) in a private mount namespace.
-    std::fs::create_dir_all("/run/weft").unwrap();
+    let _run_weft = MachinePaths::dir("/run/weft").unwrap();
     let workload = Podman::new(
         lab.dir().join("pw"),
         host.path(),

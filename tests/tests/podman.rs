@@ -35,6 +35,8 @@ fn podman_runs_a_container_on_weft() {
         podman.as_ref().is_ok_and(|o| o.status.success()),
         "podman is not installed: run scripts/install-deps.sh"
     );
+    // Declared first, dropped last: after every podman container is gone.
+    let _podman_paths = weft_tests::MachinePaths::watch(weft_tests::MachinePaths::PODMAN);
     let lab = Lab::new(LabOptions::hosts(1)).unwrap();
     let netd = Netd::start(
         &lab,
@@ -77,11 +79,13 @@ default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
 cgroup_manager = "cgroupfs"
 events_logger = "file"
 runtime = "runc"
+tmp_dir = "{}"
 [network]
 network_backend = "cni"
 network_config_dir = "{}"
 cni_plugin_dirs = ["{}", "/usr/lib/cni"]
 "#,
+            dir.join("tmp").display(),
             cni_conf.display(),
             cni_bin.display()
         ),
