@@ -269,6 +269,10 @@ async fn main() -> Result<()> {
         sys::cleanup_after_signal();
         std::process::exit(130);
     });
+    // wireguard-go makes /run/wireguard for its sockets on first use: gone
+    // again at the end if this run made it (the sockets go with their
+    // processes; cleanup_after_signal handles an interrupted run).
+    let _wireguard_dir = weft_tests::MachinePaths::watch(&[sys::WIREGUARD_GO_SOCKETS]);
     match Cli::parse().bench {
         Bench::IpamAlloc {
             backend,

@@ -355,6 +355,9 @@ pub fn unregister_child(pid: u32) {
         .retain(|&p| p != pid);
 }
 
+/// Where wireguard-go puts its UAPI sockets (it makes the directory).
+pub const WIREGUARD_GO_SOCKETS: &str = "/run/wireguard";
+
 /// On SIGINT/SIGTERM: kill registered children, delete this process's lab
 /// namespaces (and everything running in them), their temp dirs and
 /// wireguard-go sockets.
@@ -386,7 +389,7 @@ pub fn cleanup_after_signal() {
             }
         }
     }
-    if let Ok(dir) = std::fs::read_dir("/var/run/wireguard") {
+    if let Ok(dir) = std::fs::read_dir(WIREGUARD_GO_SOCKETS) {
         for e in dir.flatten() {
             if e.file_name().to_string_lossy().starts_with(&mine) {
                 let _ = std::fs::remove_file(e.path());
