@@ -100,14 +100,10 @@ case "${1:-up}" in
 esac
 MODE=${1:-up}
 
-say "system packages (scripts/install-deps.sh; first run about 2-4 min, then instant)"
+say "system packages (scripts/install-deps.sh; first run about 30 s to 1 min, then instant)"
 scripts/install-deps.sh
 
-if [ -x "target/$PROFILE/netd" ] && [ -x "target/$PROFILE/weft" ]; then
-  say "building netd and the CNI plugin ($PROFILE; already built: seconds)"
-else
-  say "building netd and the CNI plugin ($PROFILE; first build about 5 min on 2 cores)"
-fi
+say "building netd and the CNI plugin ($PROFILE; first build about 5 min on 2 cores, seconds when nothing changed)"
 if [ "$PROFILE" = release ]; then
   cargo build --release -p weft-netd -p weft-cni
 else

@@ -16,6 +16,7 @@ What is compared (root namespace only; tests make their own namespaces):
 
 Things a run may legitimately change are not counted: /run/xtables.lock
 (iptables' own lock), /run/netns itself (iproute2 makes it once and keeps it),
+/run/mount (util-linux's mount makes it on its first run after boot),
 apt/dpkg state (install-deps runs before the snapshot), caches and logs.
 """
 
@@ -36,7 +37,7 @@ WATCHED = {
 FILE_ROOTS = ["/run", "/var"]
 FILE_DEPTH = 3
 FILE_IGNORE = (
-    "/run/xtables.lock", "/run/netns", "/run/lock", "/run/user", "/run/systemd",
+    "/run/xtables.lock", "/run/netns", "/run/mount", "/run/lock", "/run/user", "/run/systemd",
     "/run/utmp", "/var/cache", "/var/log", "/var/lib/apt", "/var/lib/dpkg",
     "/var/lib/ucf", "/var/backups", "/var/mail", "/var/spool", "/var/lib/systemd",
     "/var/lib/man-db",

@@ -10,7 +10,7 @@ T0=$SECONDS
 # on 2 cores (first figure: cold build; second: warm).
 step() { printf '\n\033[1m== test.sh [%4ds] %s\033[0m\n' "$((SECONDS - T0))" "$*"; }
 
-step "system packages (scripts/install-deps.sh; first run about 2-4 min, then instant)"
+step "system packages (scripts/install-deps.sh; first run about 30 s to 1 min, then instant)"
 
 scripts/install-deps.sh
 
