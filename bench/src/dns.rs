@@ -174,7 +174,7 @@ async fn fill_store(plan: &[Service], path: &Path) -> Result<()> {
             });
             store
                 .put(
-                    &format!("/weft/endpoints/bench/{id}/eth0"),
+                    &weft_model::Keys::default().endpoint("bench", &id, "eth0"),
                     &serde_json::to_vec(&ep)?,
                     None,
                 )

@@ -466,7 +466,7 @@ async fn ipam_alloc(backends: &[Backend], blocks: usize, runs: usize) -> Result<
 /// Fills `blocks` host blocks (one per simulated host), then releases
 /// everything, timing each phase.
 async fn one_run(store: DynStore, blocks: usize) -> Result<Rates> {
-    let ipam = Ipam::new(store, IpamConfig::default(), "/weft/").await?;
+    let ipam = Ipam::new(store, IpamConfig::default(), weft_model::DEFAULT_PREFIX).await?;
     let mut hosts = Vec::new();
     for h in 0..blocks {
         hosts.push(ipam.lease_block(&format!("bench-host-{h}")).await?);

@@ -72,9 +72,9 @@ pub struct DnsConfig {
     pub listen: Vec<SocketAddr>,
     /// The host's resolv.conf: the upstream resolvers.
     pub resolv_conf: PathBuf,
-    /// The store prefix netd uses (`/weft/`); endpoints are under
-    /// `<prefix>endpoints/`.
-    pub store_prefix: String,
+    /// The store key layout netd uses (endpoints are read from
+    /// [`weft_model::Keys::endpoints`]).
+    pub keys: weft_model::Keys,
     /// The cluster range: PTR answers for these addresses, and these
     /// clients may have other names forwarded.
     pub cluster_range: Ipv4Network,
@@ -107,7 +107,7 @@ impl Default for DnsConfig {
             ttl: DEFAULT_TTL,
             listen: vec![SocketAddr::new(IpAddr::V4(weft_api::DNS_ADDR), 53)],
             resolv_conf: PathBuf::from("/etc/resolv.conf"),
-            store_prefix: "/weft/".into(),
+            keys: weft_model::Keys::default(),
             cluster_range: Ipv4Network::new(Ipv4Addr::new(10, 42, 0, 0), 16)
                 .unwrap_or_else(|_| Ipv4Network::from(Ipv4Addr::new(10, 42, 0, 0))),
             upstream_timeout: Duration::from_millis(1500),
@@ -276,7 +276,7 @@ impl DnsServer {
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let sync = sync::Sync {
             store,
-            prefix: format!("{}endpoints/", cfg.store_prefix),
+            prefix: cfg.keys.endpoints(),
             table_cfg,
             table,
         };

@@ -18,7 +18,7 @@ struct Args {
     #[arg(long, env = "WEFT_STORE")]
     store: String,
     /// Key prefix of weft's records in the store.
-    #[arg(long, default_value = "/weft/")]
+    #[arg(long, default_value = weft_model::DEFAULT_PREFIX)]
     store_prefix: String,
     /// Address and port to listen on, UDP and TCP (repeatable).
     #[arg(long = "listen", default_value = "169.254.169.250:53")]
@@ -103,7 +103,7 @@ async fn main() -> Result<()> {
         ttl: Duration::from_secs(args.ttl as u64),
         listen: args.listen,
         resolv_conf: args.resolv_conf,
-        store_prefix: args.store_prefix,
+        keys: weft_model::Keys::new(&args.store_prefix),
         cluster_range: args.cluster_range,
         upstream_timeout: Duration::from_millis(args.upstream_timeout_ms),
         upstream_port: args.upstream_port,

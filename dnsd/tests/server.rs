@@ -71,7 +71,7 @@ fn endpoint_json(id: &str, ip: &str, name: &str, service: &str, stack: &str) -> 
 }
 
 fn key(id: &str) -> String {
-    format!("/weft/endpoints/h0/{id}/eth0")
+    weft_model::Keys::default().endpoint("h0", id, "eth0")
 }
 
 fn config(resolv: &Path) -> DnsConfig {

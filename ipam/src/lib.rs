@@ -10,7 +10,8 @@
 //!   idempotent per (container id, interface), so a retried CNI ADD gets the
 //!   same address; garbage collection frees every endpoint not in a live set.
 //!
-//! Store layout, under a root prefix (default `/weft/`):
+//! Store layout, under a root prefix (default `/weft/`; the keys are built by
+//! [`weft_model::Keys`], the one home of the key layout):
 //! * `ipam/config` — the cluster plan, written by the first host; every other
 //!   host must use the same plan.
 //! * `ipam/blocks/<net>-<len>` — one [`BlockRecord`] per leased block.
@@ -22,6 +23,7 @@
 //! and writes with compare-and-swap, retrying on conflicts.
 
 mod config;
+use weft_model::Keys;
 pub mod plan;
 
 use std::collections::{BTreeSet, HashSet};
@@ -169,7 +171,7 @@ impl Allocation {
 pub struct Ipam {
     store: DynStore,
     cfg: IpamConfig,
-    root: String,
+    keys: Keys,
 }
 
 impl Ipam {
@@ -178,12 +180,8 @@ impl Ipam {
     /// the cluster, e.g. `/weft/`.
     pub async fn new(store: DynStore, cfg: IpamConfig, root: &str) -> Result<Self> {
         cfg.validate()?;
-        let root = if root.ends_with('/') {
-            root.to_owned()
-        } else {
-            format!("{root}/")
-        };
-        let ipam = Self { store, cfg, root };
+        let keys = Keys::new(root);
+        let ipam = Self { store, cfg, keys };
         ipam.check_plan().await?;
         Ok(ipam)
     }
@@ -198,7 +196,7 @@ impl Ipam {
             cluster_range: Ipv4Network,
             block_prefix: u8,
         }
-        let key = format!("{}ipam/config", self.root);
+        let key = self.keys.ipam_config();
         let mine = Plan {
             cluster_range: self.cfg.cluster_range,
             block_prefix: self.cfg.block_prefix,
@@ -228,19 +226,19 @@ impl Ipam {
     }
 
     fn blocks_prefix(&self) -> String {
-        format!("{}ipam/blocks/", self.root)
+        self.keys.ipam_blocks()
     }
 
     fn block_key(&self, block: Ipv4Network) -> String {
-        format!("{}{}", self.blocks_prefix(), block_id(block))
+        self.keys.ipam_block(&block_id(block))
     }
 
     fn addrs_prefix(&self, block: Ipv4Network) -> String {
-        format!("{}ipam/addrs/{}/", self.root, block_id(block))
+        self.keys.ipam_addrs(&block_id(block))
     }
 
     fn cursor_key(&self, block: Ipv4Network) -> String {
-        format!("{}ipam/cursor/{}", self.root, block_id(block))
+        self.keys.ipam_cursor(&block_id(block))
     }
 
     /// Every block lease in the store, in key order.

@@ -18,7 +18,7 @@ pub const DEFAULT_CONFIG: &str = "/etc/weft/netd.toml";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/weft";
 pub const DEFAULT_BRIDGE: &str = "weft0";
 pub const DEFAULT_DOMAIN: &str = "weft.internal";
-pub const DEFAULT_PREFIX: &str = "/weft/";
+pub use weft_model::DEFAULT_PREFIX;
 
 /// The TOML file. Every field is optional.
 #[derive(Debug, Default, Deserialize, PartialEq)]
@@ -240,7 +240,8 @@ pub struct Config {
     pub dns: Option<DnsSettings>,
     pub ipam: IpamConfig,
     pub store: StoreConfig,
-    pub store_prefix: String,
+    /// The store key layout under the configured prefix (normalised).
+    pub keys: weft_model::Keys,
     pub dns_addr: Ipv4Addr,
     /// Where to serve metrics and health (`None`: off).
     pub metrics_addr: Option<std::net::SocketAddr>,
@@ -429,10 +430,11 @@ impl Config {
                 });
             }
         }
-        let store_prefix = o
-            .store_prefix
-            .or(file.store.prefix)
-            .unwrap_or_else(|| DEFAULT_PREFIX.into());
+        let keys = weft_model::Keys::new(
+            &o.store_prefix
+                .or(file.store.prefix)
+                .unwrap_or_else(|| DEFAULT_PREFIX.into()),
+        );
         let metrics_addr = match o.metrics_addr.or(file.metrics_addr) {
             None => None,
             Some(a) if matches!(a.trim(), "" | "off" | "none") => None,
@@ -467,7 +469,7 @@ impl Config {
             dns,
             ipam,
             store,
-            store_prefix,
+            keys,
             dns_addr: weft_api::DNS_ADDR,
             metrics_addr,
             cni,

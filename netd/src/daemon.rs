@@ -81,7 +81,7 @@ impl Daemon {
         let store = weft_store::open(&cfg.store)
             .await
             .context("opening the store")?;
-        let ipam = Ipam::new(store.clone(), cfg.ipam.clone(), &cfg.store_prefix)
+        let ipam = Ipam::new(store.clone(), cfg.ipam.clone(), cfg.keys.root())
             .await
             .context("checking the address plan")?;
         let block = ipam
@@ -271,11 +271,11 @@ impl Daemon {
     }
 
     fn endpoints_prefix(&self) -> String {
-        format!("{}endpoints/{}/", self.cfg.store_prefix, self.host_id)
+        self.cfg.keys.host_endpoints(&self.host_id)
     }
 
     fn endpoint_key(&self, container_id: &str, ifname: &str) -> String {
-        format!("{}{container_id}/{ifname}", self.endpoints_prefix())
+        self.cfg.keys.endpoint(&self.host_id, container_id, ifname)
     }
 
     fn note_store<T>(&self, r: Result<T, StoreError>) -> Result<T, StoreError> {
@@ -568,17 +568,16 @@ impl Daemon {
 
     /// Registers this host and follows the others until `stop` fires.
     pub async fn run_mesh(self: Arc<Self>, stop: tokio::sync::watch::Receiver<bool>) {
-        let prefix = self.cfg.store_prefix.clone();
         self.record.send_replace(Some(self.host_record()));
         let register = tokio::spawn(crate::mesh::register(
             self.store.clone(),
-            crate::mesh::host_key(&prefix, &self.host_id),
+            self.cfg.keys.host(&self.host_id),
             self.record.subscribe(),
             self.cfg.mesh.host_ttl,
             stop.clone(),
         ));
         let me = self.clone();
-        crate::mesh::follow(self.store.clone(), prefix, stop, move |hosts| {
+        crate::mesh::follow(self.store.clone(), self.cfg.keys.hosts(), stop, move |hosts| {
             let me = me.clone();
             async move {
                 if let Err(e) = me.apply_mesh(Some(hosts)).await {

@@ -92,7 +92,7 @@ async fn start_dns(
         ttl: s.ttl,
         listen,
         resolv_conf: s.resolv_conf.clone(),
-        store_prefix: cfg.store_prefix.clone(),
+        keys: cfg.keys.clone(),
         cluster_range: cfg.ipam.cluster_range,
         upstream_timeout: s.upstream_timeout,
         ..weft_dnsd::DnsConfig::default()
@@ -158,8 +158,8 @@ pub async fn teardown(cfg: &Config, release_block: bool) -> anyhow::Result<()> {
     if release_block {
         let host_id = config::host_id(cfg)?;
         let store = weft_store::open(&cfg.store).await?;
-        let ipam = weft_ipam::Ipam::new(store.clone(), cfg.ipam.clone(), &cfg.store_prefix).await?;
-        let prefix = format!("{}endpoints/{host_id}/", cfg.store_prefix);
+        let ipam = weft_ipam::Ipam::new(store.clone(), cfg.ipam.clone(), cfg.keys.root()).await?;
+        let prefix = cfg.keys.host_endpoints(&host_id);
         for kv in store.get_prefix(&prefix).await?.kvs {
             store.delete(&kv.key).await?;
         }

@@ -187,11 +187,6 @@ pub fn decode_key(s: &str) -> Option<[u8; 32]> {
     crate::wg::key_from_base64(s).ok()
 }
 
-/// The store key of a host's record.
-pub fn host_key(prefix: &str, host_id: &str) -> String {
-    format!("{prefix}hosts/{host_id}")
-}
-
 /// Keeps this host's record in the store under a lease until `stop` fires,
 /// re-writing it whenever `record` changes (roaming). Re-registers when the
 /// lease was lost (store outage longer than the TTL); store errors only
@@ -271,19 +266,19 @@ pub async fn register(
     }
 }
 
-/// Follows the hosts prefix (list, then watch from the list's revision) and
+/// Follows the hosts prefix `hosts_prefix` ([`weft_model::Keys::hosts`]:
+/// list, then watch from the list's revision) and
 /// calls `apply` with the full set of host records after every change.
 /// Survives store outages: keeps the last state, re-lists with backoff.
 pub async fn follow<F, Fut>(
     store: DynStore,
-    prefix: String,
+    hosts_prefix: String,
     mut stop: tokio::sync::watch::Receiver<bool>,
     mut apply: F,
 ) where
     F: FnMut(BTreeMap<String, HostRecord>) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let hosts_prefix = format!("{prefix}hosts/");
     let mut backoff = Duration::from_millis(200);
     loop {
         let listed = match store.get_prefix(&hosts_prefix).await {

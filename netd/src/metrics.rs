@@ -188,7 +188,7 @@ impl Readiness {
 /// Is the store reachable, and is the data path (bridge, tunnel device)
 /// up?
 pub async fn readiness(d: &Daemon) -> Readiness {
-    let key = crate::mesh::host_key(&d.config().store_prefix, d.host_id());
+    let key = d.config().keys.host(d.host_id());
     let store = match tokio::time::timeout(STORE_TIMEOUT, d.store().get(&key)).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(format!("{}: {e}", d.store().describe())),

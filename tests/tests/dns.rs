@@ -223,7 +223,7 @@ fn write_big_service(lab: &Lab, n: usize) {
             });
             store
                 .put(
-                    &format!("/weft/endpoints/host9/{id}/eth0"),
+                    &weft_model::Keys::default().endpoint("host9", &id, "eth0"),
                     &serde_json::to_vec(&ep).unwrap(),
                     None,
                 )

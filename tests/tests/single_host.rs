@@ -417,9 +417,13 @@ fn netd_killed_mid_add_then_retry_leaks_nothing() {
     let allocated = rt.block_on(async {
         let store: weft_store::DynStore =
             Arc::new(weft_store::SqliteStore::open(lab.dir().join("store.db")).unwrap());
-        let ipam = weft_ipam::Ipam::new(store, weft_ipam::IpamConfig::default(), "/weft/")
-            .await
-            .unwrap();
+        let ipam = weft_ipam::Ipam::new(
+            store,
+            weft_ipam::IpamConfig::default(),
+            weft_model::DEFAULT_PREFIX,
+        )
+        .await
+        .unwrap();
         let block = ipam.lease_block("host0").await.unwrap();
         ipam.list(&block).await.unwrap()
     });
@@ -607,4 +611,69 @@ fn api_rejects_bad_requests_with_clear_errors_and_teardown_cleans_up() {
         "the container's veth went with its host side"
     );
     assert!(!sock.exists());
+}
+
+/// `--store-prefix /x` (no trailing slash) puts every key under `/x/`: IPAM,
+/// endpoints and the host record alike (endpoints once went to
+/// `/xendpoints/…` and hosts to `/xhosts/…`), and dnsd, which reads the
+/// endpoints under the same prefix, answers the container's name.
+#[test]
+fn store_prefix_without_slash_keeps_every_key_under_it() {
+    weft_tests::require_root!();
+    let lab = Lab::new(LabOptions::hosts(1)).unwrap();
+    let netd = Netd::start(&lab, 0, &sqlite(&lab), &["--store-prefix", "/x"]).unwrap();
+    let c = lab.container(0, "web").unwrap();
+    let addr = add(
+        &netd,
+        &c,
+        "prefixed",
+        "IgnoreUnknown=1;WEFT_NAME=web-0;WEFT_STACK=shop",
+        &netd.cni_config("1.0.0"),
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let keys: Vec<String> = rt.block_on(async {
+        let store = weft_store::SqliteStore::open(lab.dir().join("store.db")).unwrap();
+        let all = weft_store::Store::get_prefix(&store, "").await.unwrap();
+        all.kvs.into_iter().map(|kv| kv.key).collect()
+    });
+    assert!(!keys.is_empty());
+    let outside: Vec<_> = keys.iter().filter(|k| !k.starts_with("/x/")).collect();
+    assert!(
+        outside.is_empty(),
+        "keys outside /x/: {outside:?} (all: {keys:?})"
+    );
+    let layout = weft_model::Keys::new("/x");
+    assert!(
+        keys.iter()
+            .any(|k| k.starts_with(&layout.host_endpoints("host0"))),
+        "no endpoint record under {}: {keys:?}",
+        layout.host_endpoints("host0")
+    );
+    assert!(
+        keys.contains(&layout.host("host0")),
+        "no host record: {keys:?}"
+    );
+    assert!(
+        keys.contains(&layout.ipam_config()),
+        "no IPAM plan: {keys:?}"
+    );
+    // dnsd reads the endpoints under the same prefix.
+    let mut answer = String::new();
+    let found = weft_tests::wait_until(Duration::from_secs(5), "dnsd answers web-0", || {
+        answer = c
+            .output([
+                "dig",
+                "+short",
+                "@169.254.169.250",
+                "web-0.shop.weft.internal",
+                "A",
+            ])
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default();
+        answer == addr
+    });
+    assert!(
+        found.is_ok(),
+        "dnsd answered {answer:?} for web-0, want {addr}"
+    );
 }

@@ -1,0 +1,153 @@
+//! The store key layout, in one place. Every key weft reads or writes is
+//! built here from the cluster's prefix, which [`Keys::new`] normalises (`/x`
+//! and `/x/` are the same prefix), so no caller can glue a key together
+//! differently from another.
+//!
+//! Under the prefix (default [`DEFAULT_PREFIX`]):
+//! * `ipam/config` — the cluster's address plan.
+//! * `ipam/blocks/<block>` — one lease per host block.
+//! * `ipam/addrs/<block>/<addr>` — one record per endpoint address.
+//! * `ipam/cursor/<block>` — the last address handed out in a block.
+//! * `endpoints/<host>/<container>/<ifname>` — one endpoint record per
+//!   container interface, read by dnsd on every host.
+//! * `hosts/<host>` — one host record per live host, under a lease.
+
+/// The prefix every key lives under unless configured otherwise.
+pub const DEFAULT_PREFIX: &str = "/weft/";
+
+/// The key layout under one normalised prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Keys {
+    root: String,
+}
+
+impl Default for Keys {
+    fn default() -> Self {
+        Keys::new(DEFAULT_PREFIX)
+    }
+}
+
+impl Keys {
+    /// The layout under `prefix`, normalised: surrounding whitespace is
+    /// dropped and a missing trailing `/` added (`/x` → `/x/`; `` → `/`).
+    pub fn new(prefix: &str) -> Self {
+        let prefix = prefix.trim();
+        let root = if prefix.ends_with('/') {
+            prefix.to_owned()
+        } else {
+            format!("{prefix}/")
+        };
+        Keys { root }
+    }
+
+    /// The normalised prefix, ending in `/`.
+    pub fn root(&self) -> &str {
+        &self.root
+    }
+
+    /// The cluster's address plan.
+    pub fn ipam_config(&self) -> String {
+        format!("{}ipam/config", self.root)
+    }
+
+    /// Prefix of all block leases.
+    pub fn ipam_blocks(&self) -> String {
+        format!("{}ipam/blocks/", self.root)
+    }
+
+    /// The lease of block `block` (its id, e.g. `10.42.0.0-24`).
+    pub fn ipam_block(&self, block: &str) -> String {
+        format!("{}{block}", self.ipam_blocks())
+    }
+
+    /// Prefix of the address records of block `block`.
+    pub fn ipam_addrs(&self, block: &str) -> String {
+        format!("{}ipam/addrs/{block}/", self.root)
+    }
+
+    /// The allocation cursor of block `block`.
+    pub fn ipam_cursor(&self, block: &str) -> String {
+        format!("{}ipam/cursor/{block}", self.root)
+    }
+
+    /// Prefix of every endpoint record of the cluster (dnsd watches it).
+    pub fn endpoints(&self) -> String {
+        format!("{}endpoints/", self.root)
+    }
+
+    /// Prefix of the endpoint records of host `host`.
+    pub fn host_endpoints(&self, host: &str) -> String {
+        format!("{}{host}/", self.endpoints())
+    }
+
+    /// The endpoint record of `container`'s interface `ifname` on `host`.
+    pub fn endpoint(&self, host: &str, container: &str, ifname: &str) -> String {
+        format!("{}{container}/{ifname}", self.host_endpoints(host))
+    }
+
+    /// Prefix of every host record.
+    pub fn hosts(&self) -> String {
+        format!("{}hosts/", self.root)
+    }
+
+    /// The record of host `host`.
+    pub fn host(&self, host: &str) -> String {
+        format!("{}{host}", self.hosts())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_with_and_without_slash_is_the_same() {
+        assert_eq!(Keys::new("/x"), Keys::new("/x/"));
+        assert_eq!(Keys::new(" /x/ ").root(), "/x/");
+        assert_eq!(Keys::new("").root(), "/");
+        assert_eq!(Keys::default().root(), "/weft/");
+    }
+
+    #[test]
+    fn every_key_is_under_the_prefix_after_a_slash() {
+        for prefix in ["/x", "/x/", "/weft/", "cluster-a"] {
+            let k = Keys::new(prefix);
+            let root = k.root().to_owned();
+            assert!(root.ends_with('/'), "{root}");
+            for key in [
+                k.ipam_config(),
+                k.ipam_blocks(),
+                k.ipam_block("10.42.0.0-24"),
+                k.ipam_addrs("10.42.0.0-24"),
+                k.ipam_cursor("10.42.0.0-24"),
+                k.endpoints(),
+                k.host_endpoints("h0"),
+                k.endpoint("h0", "c1", "eth0"),
+                k.hosts(),
+                k.host("h0"),
+            ] {
+                let rest = key
+                    .strip_prefix(&root)
+                    .unwrap_or_else(|| panic!("{key} not under {root}"));
+                assert!(
+                    ["ipam/", "endpoints/", "hosts/"]
+                        .iter()
+                        .any(|s| rest.starts_with(s)),
+                    "{key}"
+                );
+            }
+        }
+        let k = Keys::new("/x");
+        assert_eq!(k.endpoint("h0", "c1", "eth0"), "/x/endpoints/h0/c1/eth0");
+        assert_eq!(k.host("h0"), "/x/hosts/h0");
+        assert_eq!(k.ipam_config(), "/x/ipam/config");
+    }
+
+    #[test]
+    fn a_host_endpoints_prefix_does_not_cover_a_longer_host_name() {
+        let k = Keys::default();
+        assert!(!k
+            .endpoint("h10", "c", "eth0")
+            .starts_with(&k.host_endpoints("h1")));
+    }
+}
