@@ -195,12 +195,12 @@ dig_show "web          (service, own stack)" web A
 dig_show "web.demo     (service.stack)" web.demo A
 dig_show "${NAME[21]}       (a container on h2)" "${NAME[21]}" A
 dig_show "-x ${IP[10]} (PTR)" -x "${IP[10]}"
-dig_show "nothing.demo.weft.internal (no such name)" nothing.demo.weft.internal A
+dig_show "nothing.demo (no such name in a known stack)" nothing.demo A
 [ "$(ip netns exec $P-h0-c0 dig @$DNS +short web.demo A | sort)" = "$(printf '%s\n' "${IP[@]}" | sort)" ] ||
   fail "web.demo does not answer the $((HOSTS * CTRS)) container addresses"
 [ "$(ip netns exec $P-h0-c0 dig @$DNS +short "${NAME[21]}" A)" = "${IP[21]}" ] ||
   fail "${NAME[21]} does not answer ${IP[21]}"
-ip netns exec $P-h0-c0 dig @$DNS nothing.demo.weft.internal A | grep -q 'status: NXDOMAIN' ||
+ip netns exec $P-h0-c0 dig @$DNS nothing.demo A | grep -q 'status: NXDOMAIN' ||
   fail "a missing name does not answer NXDOMAIN"
 
 say "what the underlay sees while containers talk (tcpdump on the switch, 5 pings)"

@@ -21,7 +21,10 @@
 //! Endpoints without a stack get `<name>.<domain>` and `<service>.<domain>`.
 //! Names that have names below them (`shop.weft.internal`, the domain
 //! itself) exist without records (NOERROR, no answer); any other name in the
-//! domain is NXDOMAIN.
+//! domain is NXDOMAIN. So is any other name under the short form of a stack
+//! weft knows (`nosuch.shop`): it is answered at once, never forwarded (which
+//! would be slow and would leak internal names to the upstream). A stack
+//! named like the domain's top label or `arpa` claims nothing short.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -124,6 +127,8 @@ pub enum Resolution<'t> {
 pub struct Table {
     /// Lowercase wire-form name → entry (no addresses for empty non-terminals).
     names: FxHashMap<Box<[u8]>, NameEntry>,
+    /// Wire form of each known stack's short zone (`\x04shop\x00`).
+    stacks: rustc_hash::FxHashSet<Box<[u8]>>,
     /// Client address → wire form of `<its stack>.<domain>`.
     client_suffix: FxHashMap<Ipv4Addr, Box<[u8]>>,
     /// Cluster address → its PTR record.
@@ -167,6 +172,7 @@ impl Table {
 
         let mut addrs: FxHashMap<Vec<u8>, Vec<Ipv4Addr>> = FxHashMap::default();
         let mut client_suffix = FxHashMap::default();
+        let mut stacks = rustc_hash::FxHashSet::default();
         let mut ptr = FxHashMap::default();
         let mut count = 0;
         for ep in endpoints {
@@ -186,12 +192,28 @@ impl Table {
                 addrs.entry(n).or_default().push(ip);
             }
             if let Some(s) = names.stack_suffix {
+                // `<stack>.<domain>`: its first label, as a one-label name.
+                let first = 1 + s[0] as usize;
+                let mut zone = s[..first].to_vec();
+                zone.push(0);
+                stacks.insert(zone.into_boxed_slice());
                 client_suffix.insert(ip, s.into_boxed_slice());
             }
             if let Some(target) = names.ptr_target {
                 ptr.insert(ip, ptr_record(&target, ttl));
             }
         }
+
+        // A stack named like the domain's top label or `arpa` claims nothing
+        // short: those names belong to the domain or the reverse zones.
+        if domain_labels > 0 {
+            let mut pos = 0;
+            for _ in 1..domain_labels {
+                pos += 1 + domain[pos] as usize;
+            }
+            stacks.remove(&domain[pos..]);
+        }
+        stacks.remove(&b"\x04arpa\x00"[..]);
 
         // Names in the domain that have names below them exist too.
         let mut ents: Vec<Vec<u8>> = vec![domain.clone()];
@@ -223,6 +245,7 @@ impl Table {
         let soa_reverse = soa_record(&reverse_zone, &domain, ttl, serial);
         Table {
             names,
+            stacks,
             client_suffix,
             ptr,
             domain: domain.into_boxed_slice(),
@@ -298,6 +321,10 @@ impl Table {
             return Resolution::NoData(Zone::Domain);
         }
         if name.is_at_or_under(&self.domain, self.domain_labels) {
+            return Resolution::NxDomain(Zone::Domain);
+        }
+        let n = name.label_count();
+        if n >= 2 && self.stacks.contains(name.suffix(n - 1)) {
             return Resolution::NxDomain(Zone::Domain);
         }
         self.resolve_reverse(name)
@@ -669,6 +696,34 @@ pub(crate) mod tests {
             Resolution::External
         ));
         assert!(matches!(t.resolve(&q("internal"), c), Resolution::External));
+        // Under the short form of a known stack: ours, answered at once.
+        assert!(matches!(
+            t.resolve(&q("nosuch.shop"), c),
+            Resolution::NxDomain(Zone::Domain)
+        ));
+        assert!(matches!(
+            t.resolve(&q("a.b.shop"), c),
+            Resolution::NxDomain(Zone::Domain)
+        ));
+        assert!(matches!(t.resolve(&q("web.shop"), c), Resolution::Addrs(_)));
+        // The stack's bare name and unknown stacks stay external.
+        assert!(matches!(t.resolve(&q("shop"), c), Resolution::External));
+        let mut odd = sample();
+        odd[0].stack = Some("internal".into());
+        odd[1].stack = Some("arpa".into());
+        let t = Table::build(&cfg(), &odd, 1);
+        assert!(matches!(
+            t.resolve(&q("nosuch.internal"), c),
+            Resolution::External
+        ));
+        assert!(matches!(
+            t.resolve(&q("9.9.in-addr.arpa"), c),
+            Resolution::External
+        ));
+        assert!(matches!(
+            t.resolve(&q("nosuch.nostack"), c),
+            Resolution::External
+        ));
     }
 
     #[test]
