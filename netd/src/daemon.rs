@@ -48,7 +48,7 @@ pub struct Daemon {
     mesh: tokio::sync::Mutex<BTreeMap<String, HostRecord>>,
     peers: std::sync::Mutex<Vec<Peer>>,
     /// The WireGuard data path (wireguard backend only).
-    wg: Option<crate::wg::WgDevice>,
+    wg: Option<weft_wg::WgDevice>,
     wg_public: Option<String>,
     /// Counters netd keeps itself (store errors, reconcile runs).
     metrics: crate::metrics::NetdMetrics,
@@ -120,9 +120,9 @@ impl Daemon {
         };
         let (wg, wg_public) = match cfg.mesh.backend {
             TunnelBackend::Wireguard => {
-                let keys = crate::wg::load_or_create_key(&cfg.state_dir)
+                let keys = weft_wg::load_or_create_key(&cfg.state_dir)
                     .context("loading the WireGuard key")?;
-                let device = crate::wg::WgDevice::start(crate::wg::WgConfig {
+                let device = weft_wg::WgDevice::start(weft_wg::WgConfig {
                     ifname: WG_DEVICE.into(),
                     listen_port: cfg.mesh.wg_port,
                     mtu,
@@ -185,7 +185,7 @@ impl Daemon {
     }
 
     /// The WireGuard data path (wireguard backend only).
-    pub fn wg(&self) -> Option<&crate::wg::WgDevice> {
+    pub fn wg(&self) -> Option<&weft_wg::WgDevice> {
         self.wg.as_ref()
     }
 
@@ -645,7 +645,7 @@ impl Daemon {
                 let wg_peers = peers
                     .iter()
                     .filter_map(|p| {
-                        Some(crate::wg::WgPeer {
+                        Some(weft_wg::WgPeer {
                             public_key: p.wg_public_key?,
                             endpoint: std::net::SocketAddr::from((p.underlay, p.wg_port)),
                             allowed: p.block,

@@ -10,7 +10,6 @@ pub mod install;
 pub mod mesh;
 pub mod metrics;
 pub mod nat;
-pub mod wg;
 
 use anyhow::Context;
 
@@ -139,7 +138,7 @@ pub async fn teardown(cfg: &Config, release_block: bool) -> anyhow::Result<()> {
         tracing::info!(device = daemon::VXLAN_DEVICE, "deleted the VXLAN device");
     }
     if net.link(daemon::WG_DEVICE).await?.is_some() {
-        crate::wg::destroy(daemon::WG_DEVICE)?;
+        weft_wg::destroy(daemon::WG_DEVICE)?;
         tracing::info!(device = daemon::WG_DEVICE, "deleted the WireGuard device");
     }
     let nat = match cfg.iptables {

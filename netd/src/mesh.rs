@@ -184,7 +184,7 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 
 /// Decodes a base64 WireGuard key.
 pub fn decode_key(s: &str) -> Option<[u8; 32]> {
-    crate::wg::key_from_base64(s).ok()
+    weft_wg::key_from_base64(s).ok()
 }
 
 /// Keeps this host's record in the store under a lease until `stop` fires,

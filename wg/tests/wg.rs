@@ -12,8 +12,8 @@ use std::os::fd::AsRawFd;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use weft_netd::wg::{self, KeyPair, WgConfig, WgDevice, WgPeer};
 use weft_tests::{signal, wait_until, Host, Lab, LabOptions, Netns};
+use weft_wg::{self as wg, KeyPair, WgConfig, WgDevice, WgPeer};
 
 const TUN: &str = "weft-wg";
 const PORT: u16 = 51820;

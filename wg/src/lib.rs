@@ -11,7 +11,7 @@
 //! and `offload.rs`.
 //!
 //! ```no_run
-//! use weft_netd::wg::{load_or_create_key, WgConfig, WgDevice, WgPeer};
+//! use weft_wg::{load_or_create_key, WgConfig, WgDevice, WgPeer};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let key = load_or_create_key(std::path::Path::new("/var/lib/weft"))?;
 //! let dev = WgDevice::start(WgConfig {
@@ -22,7 +22,7 @@
 //!     keepalive: Some(25),
 //! })?;
 //! dev.set_peers(vec![WgPeer {
-//!     public_key: weft_netd::wg::key_from_base64("HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=")?,
+//!     public_key: weft_wg::key_from_base64("HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=")?,
 //!     endpoint: "192.168.77.11:51820".parse()?,
 //!     allowed: "10.42.1.0/24".parse()?,
 //! }]);
