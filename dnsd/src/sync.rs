@@ -1,27 +1,18 @@
-//! Keeps the table in step with the store: list the endpoints, build a
-//! table, swap it in; then watch from the listed revision and rebuild on
-//! every batch of changes. When the watch breaks (store down, history
-//! compacted) the last table keeps serving while the loop lists and watches
-//! again, with backoff.
+//! Keeps the table in step with the store: a [`Follower`] lists the
+//! endpoints, then watches from the listed revision; the table is built from
+//! the snapshot, swapped in, and rebuilt on every batch of changes. When the
+//! watch breaks (store down, history compacted) the last table keeps serving
+//! while the follower lists and watches again, with backoff.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::sync::oneshot;
 use weft_api::Endpoint;
-use weft_store::{DynStore, EventKind, Revision};
+use weft_store::{DynStore, EventKind, Follower, Revision, Update};
 
 use crate::table::{Table, TableConfig};
-
-/// First retry after a failure; doubles up to [`MAX_BACKOFF`].
-const MIN_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// After a change, further changes arriving within this window go into the
-/// same rebuild.
-const BATCH_WINDOW: Duration = Duration::from_millis(5);
-const MAX_BATCH: usize = 10_000;
 
 pub(crate) struct Sync {
     pub store: DynStore,
@@ -35,65 +26,22 @@ impl Sync {
     /// Runs until the task is dropped; `ready` fires after the first table
     /// built from the store is in place.
     pub async fn run(self, mut ready: Option<oneshot::Sender<()>>) {
-        let mut backoff = MIN_BACKOFF;
-        loop {
-            match self.list_and_watch(&mut ready, &mut backoff).await {
-                Ok(()) => {
-                    tracing::warn!(store = %self.store.describe(), "store watch ended; listing again")
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "store sync failed; serving the last table")
-                }
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
-        }
-    }
-
-    async fn list_and_watch(
-        &self,
-        ready: &mut Option<oneshot::Sender<()>>,
-        backoff: &mut Duration,
-    ) -> Result<(), weft_store::StoreError> {
-        let range = self.store.get_prefix(&self.prefix).await?;
+        let mut follower = Follower::new(self.store.clone(), self.prefix.clone());
         let mut endpoints: BTreeMap<String, Endpoint> = BTreeMap::new();
-        for kv in &range.kvs {
-            if let Some(ep) = decode(&kv.key, &kv.value) {
-                endpoints.insert(kv.key.clone(), ep);
-            }
-        }
-        self.publish(&endpoints, range.revision);
-        if let Some(tx) = ready.take() {
-            let _ = tx.send(());
-        }
-        let mut watch = self
-            .store
-            .watch_prefix(&self.prefix, range.revision + 1)
-            .await?;
-        *backoff = MIN_BACKOFF;
-        let mut revision: Revision = range.revision;
         loop {
-            let Some(first) = watch.recv().await else {
-                return Ok(());
-            };
-            let mut ended = None;
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match tokio::time::timeout(BATCH_WINDOW, watch.recv()).await {
-                    Ok(Some(ev)) => batch.push(ev),
-                    Ok(None) => {
-                        ended = Some(Ok(()));
-                        break;
+            let update = follower.next().await;
+            let revision = update.revision();
+            match update {
+                Update::Snapshot(range) => {
+                    endpoints.clear();
+                    for kv in range.kvs {
+                        if let Some(ep) = decode(&kv.key, &kv.value) {
+                            endpoints.insert(kv.key, ep);
+                        }
                     }
-                    Err(_) => break,
                 }
-            }
-            let mut changed = false;
-            for ev in batch {
-                match ev {
-                    Ok(ev) => {
-                        revision = revision.max(ev.revision());
-                        changed = true;
+                Update::Changes { events, .. } => {
+                    for ev in events {
                         match ev.kind {
                             EventKind::Put => match decode(&ev.kv.key, &ev.kv.value) {
                                 Some(ep) => {
@@ -108,17 +56,11 @@ impl Sync {
                             }
                         }
                     }
-                    Err(e) => {
-                        ended = Some(Err(e));
-                        break;
-                    }
                 }
             }
-            if changed {
-                self.publish(&endpoints, revision);
-            }
-            if let Some(end) = ended {
-                return end;
+            self.publish(&endpoints, revision);
+            if let Some(tx) = ready.take() {
+                let _ = tx.send(());
             }
         }
     }

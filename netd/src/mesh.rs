@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
-use weft_store::{DynStore, EventKind, LeaseId, StoreError};
+use weft_store::{DynStore, EventKind, Follower, LeaseId, StoreError, Update};
 
 use crate::host::{PeerRoute, VtepPeer};
 
@@ -266,10 +266,10 @@ pub async fn register(
     }
 }
 
-/// Follows the hosts prefix `hosts_prefix` ([`weft_model::Keys::hosts`]:
-/// list, then watch from the list's revision) and
-/// calls `apply` with the full set of host records after every change.
-/// Survives store outages: keeps the last state, re-lists with backoff.
+/// Follows the hosts prefix `hosts_prefix` ([`weft_model::Keys::hosts`]) with
+/// a [`Follower`] (list, then watch; relist after an outage or compaction)
+/// and calls `apply` with the full set of host records after every snapshot
+/// and every batch of changes. Survives store outages: keeps the last state.
 pub async fn follow<F, Fut>(
     store: DynStore,
     hosts_prefix: String,
@@ -279,44 +279,22 @@ pub async fn follow<F, Fut>(
     F: FnMut(BTreeMap<String, HostRecord>) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let mut backoff = Duration::from_millis(200);
+    let mut follower = Follower::new(store, hosts_prefix.clone());
+    let mut hosts = BTreeMap::new();
     loop {
-        let listed = match store.get_prefix(&hosts_prefix).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(error = %e, "listing hosts failed; keeping the current peers");
-                tokio::select! {
-                    _ = stop.changed() => return,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
-            }
+        let update = tokio::select! {
+            _ = stop.changed() => return,
+            update = follower.next() => update,
         };
-        let mut hosts = BTreeMap::new();
-        for kv in &listed.kvs {
-            insert_record(&mut hosts, &hosts_prefix, &kv.key, &kv.value);
-        }
-        apply(hosts.clone()).await;
-        let mut watch = match store.watch_prefix(&hosts_prefix, listed.revision + 1).await {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::warn!(error = %e, "watching hosts failed; retrying");
-                tokio::select! {
-                    _ = stop.changed() => return,
-                    _ = tokio::time::sleep(backoff) => {}
+        match update {
+            Update::Snapshot(listed) => {
+                hosts.clear();
+                for kv in &listed.kvs {
+                    insert_record(&mut hosts, &hosts_prefix, &kv.key, &kv.value);
                 }
-                continue;
             }
-        };
-        backoff = Duration::from_millis(200);
-        loop {
-            let item = tokio::select! {
-                _ = stop.changed() => return,
-                item = watch.recv() => item,
-            };
-            match item {
-                Some(Ok(ev)) => {
+            Update::Changes { events, .. } => {
+                for ev in events {
                     match ev.kind {
                         EventKind::Put => {
                             insert_record(&mut hosts, &hosts_prefix, &ev.kv.key, &ev.kv.value)
@@ -329,19 +307,10 @@ pub async fn follow<F, Fut>(
                             }
                         }
                     }
-                    apply(hosts.clone()).await;
                 }
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "hosts watch broke; keeping the current peers and re-listing");
-                    break;
-                }
-                None => break,
             }
         }
-        tokio::select! {
-            _ = stop.changed() => return,
-            _ = tokio::time::sleep(backoff) => {}
-        }
+        apply(hosts.clone()).await;
     }
 }
 

@@ -9,10 +9,13 @@
 //! compare-and-swap on a key's `mod_revision`. Leases carry a TTL; keys
 //! attached to a lease vanish when it expires. A watch delivers every change
 //! under a prefix from a given revision on, in revision order, so a watcher
-//! that restarts can resume exactly where it stopped.
+//! that restarts can resume exactly where it stopped. [`Follower`] is the
+//! list-then-watch loop built on that: a snapshot, then changes, and a fresh
+//! snapshot after any outage or compaction.
 
 mod error;
 mod etcd;
+mod follow;
 mod sqlite;
 #[cfg(feature = "testing")]
 mod test_store;
@@ -27,6 +30,7 @@ use tokio::sync::mpsc;
 
 pub use error::StoreError;
 pub use etcd::{EtcdConfig, EtcdStore};
+pub use follow::{Follower, Update};
 pub use sqlite::SqliteStore;
 
 /// A store-wide revision number. Revisions start at 1 and grow by one with

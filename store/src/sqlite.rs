@@ -127,6 +127,21 @@ impl SqliteStore {
         &self.inner.path
     }
 
+    /// Discards the watch history before `revision` (etcd's compaction:
+    /// `revision` itself stays watchable), as the store does on its own once
+    /// the history is long. For tests of what watchers do then.
+    #[cfg(feature = "testing")]
+    pub async fn compact(&self, revision: Revision) -> Result<()> {
+        self.run(move |conn, path| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(|e| sql_err(path, e))?;
+            compact(&tx, revision - 1).map_err(|e| sql_err(path, e))?;
+            tx.commit().map_err(|e| sql_err(path, e))
+        })
+        .await
+    }
+
     /// Runs `f` with the connection on the blocking pool.
     async fn run<T, F>(&self, f: F) -> Result<T>
     where
@@ -458,13 +473,18 @@ impl<'a> Writer<'a> {
         let Writer { tx, rev } = self;
         set_meta(&tx, "revision", rev)?;
         if rev % 1000 == 0 && rev > HISTORY {
-            let upto = rev - HISTORY;
-            tx.execute("DELETE FROM log WHERE rev <= ?1", [upto])?;
-            set_meta(&tx, "compacted", upto)?;
+            compact(&tx, rev - HISTORY)?;
         }
         tx.commit()?;
         Ok(rev)
     }
+}
+
+/// Drops the watch history up to and including `upto`: a watch from a
+/// revision `<= upto` fails with [`StoreError::Compacted`] from then on.
+fn compact(conn: &Connection, upto: Revision) -> rusqlite::Result<()> {
+    conn.execute("DELETE FROM log WHERE rev <= ?1", [upto])?;
+    set_meta(conn, "compacted", upto)
 }
 
 /// True when some lease's deadline has passed and its keys are still there.

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::testing::EtcdServer;
-use crate::{DynStore, EtcdConfig, EtcdStore, SqliteStore};
+use crate::{DynStore, EtcdConfig, EtcdStore, Revision, SqliteStore};
 
 /// A fresh store on one backend plus what keeps it alive: a temporary
 /// SQLite file, or a throwaway etcd server. Panics on setup failure (it is
@@ -89,6 +89,33 @@ impl TestStore {
         match &self.backend {
             Backend::Etcd(server) => Some(server.config()),
             Backend::Sqlite { .. } => None,
+        }
+    }
+
+    /// Discards the store's watch history before `revision` (etcd's
+    /// compaction; `revision` itself stays watchable), so a watch from an
+    /// earlier revision fails with [`crate::StoreError::Compacted`].
+    pub async fn compact(&self, revision: Revision) {
+        match &self.backend {
+            Backend::Sqlite { path, .. } => {
+                let store = match SqliteStore::open(path) {
+                    Ok(s) => s,
+                    Err(e) => panic!("{e}"),
+                };
+                if let Err(e) = store.compact(revision).await {
+                    panic!("compacting {}: {e}", path.display());
+                }
+            }
+            Backend::Etcd(server) => {
+                let mut client = match etcd_client::Client::connect([server.endpoint()], None).await
+                {
+                    Ok(c) => c,
+                    Err(e) => panic!("connecting to etcd to compact: {e}"),
+                };
+                if let Err(e) = client.compact(revision, None).await {
+                    panic!("compacting etcd at {revision}: {e}");
+                }
+            }
         }
     }
 

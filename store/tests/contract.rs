@@ -7,10 +7,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use weft_store::testing::TestStore;
-use weft_store::{CasOutcome, Event, EventKind, Expect, SqliteStore, StoreError, Watch};
+use weft_store::{
+    CasOutcome, DynStore, Event, EventKind, Expect, Follower, KeyValue, LeaseId, Range, Revision,
+    SqliteStore, Store, StoreError, Update, Watch,
+};
 
 async fn next_event(w: &mut Watch) -> Event {
     match tokio::time::timeout(Duration::from_secs(10), w.recv()).await {
@@ -375,6 +381,183 @@ async fn list_then_watch(f: TestStore) {
     assert_eq!(state, model);
 }
 
+async fn next_update(f: &mut Follower) -> Update {
+    match tokio::time::timeout(Duration::from_secs(10), f.next()).await {
+        Ok(u) => u,
+        Err(_) => panic!("no update from the follower within 10 s"),
+    }
+}
+
+/// The keys and values of a snapshot.
+fn snapshot_state(update: Update) -> BTreeMap<String, Vec<u8>> {
+    match update {
+        Update::Snapshot(range) => range.kvs.into_iter().map(|kv| (kv.key, kv.value)).collect(),
+        other => panic!("expected a snapshot, got {other:?}"),
+    }
+}
+
+/// Applies updates until `state` holds `want` (changes may come in more than
+/// one batch); a snapshot on the way fails the test.
+async fn follow_until(
+    f: &mut Follower,
+    state: &mut BTreeMap<String, Vec<u8>>,
+    want: &BTreeMap<String, Vec<u8>>,
+) {
+    while state != want {
+        match next_update(f).await {
+            Update::Changes { events, revision } => {
+                assert_eq!(revision, events.last().unwrap().revision());
+                for ev in events {
+                    match ev.kind {
+                        EventKind::Put => state.insert(ev.kv.key, ev.kv.value),
+                        EventKind::Delete => state.remove(&ev.kv.key),
+                    };
+                }
+            }
+            other => panic!("expected changes, got {other:?}"),
+        }
+    }
+}
+
+/// The follower: a snapshot of the prefix first, then the changes after it
+/// (nothing from other prefixes), in order.
+async fn follower_snapshot_then_changes(f: TestStore) {
+    let s = f.store();
+    s.put("/fo/a", b"1", None).await.unwrap();
+    s.put("/fo/b", b"1", None).await.unwrap();
+    s.put("/other", b"x", None).await.unwrap();
+    let mut follower = Follower::new(s.clone(), "/fo/");
+    let first = next_update(&mut follower).await;
+    let listed = first.revision();
+    let mut state = snapshot_state(first);
+    let mut want: BTreeMap<String, Vec<u8>> = [
+        ("/fo/a".into(), b"1".to_vec()),
+        ("/fo/b".into(), b"1".to_vec()),
+    ]
+    .into();
+    assert_eq!(state, want);
+
+    s.put("/fo/c", b"1", None).await.unwrap();
+    s.put("/other", b"y", None).await.unwrap();
+    s.delete("/fo/a").await.unwrap();
+    let last = s.put("/fo/b", b"2", None).await.unwrap();
+    want.remove("/fo/a");
+    want.insert("/fo/c".into(), b"1".to_vec());
+    want.insert("/fo/b".into(), b"2".to_vec());
+    follow_until(&mut follower, &mut state, &want).await;
+    assert!(last > listed);
+
+    // Nothing more is pending.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), follower.next())
+            .await
+            .is_err(),
+        "no update without a change"
+    );
+}
+
+/// A store that, when the follower first starts its watch, makes two more
+/// changes and compacts the history past the follower's snapshot, as a
+/// compaction racing a slow watcher would.
+struct CompactBeforeFirstWatch {
+    f: Arc<TestStore>,
+    armed: AtomicBool,
+}
+
+#[async_trait]
+impl Store for CompactBeforeFirstWatch {
+    fn describe(&self) -> String {
+        self.f.store().describe()
+    }
+    async fn get(&self, key: &str) -> weft_store::Result<Option<KeyValue>> {
+        self.f.store().get(key).await
+    }
+    async fn get_prefix(&self, prefix: &str) -> weft_store::Result<Range> {
+        self.f.store().get_prefix(prefix).await
+    }
+    async fn put(
+        &self,
+        key: &str,
+        value: &[u8],
+        lease: Option<LeaseId>,
+    ) -> weft_store::Result<Revision> {
+        self.f.store().put(key, value, lease).await
+    }
+    async fn delete(&self, key: &str) -> weft_store::Result<bool> {
+        self.f.store().delete(key).await
+    }
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expect: Expect,
+        value: &[u8],
+        lease: Option<LeaseId>,
+    ) -> weft_store::Result<CasOutcome> {
+        self.f
+            .store()
+            .compare_and_swap(key, expect, value, lease)
+            .await
+    }
+    async fn compare_and_delete(&self, key: &str, rev: Revision) -> weft_store::Result<CasOutcome> {
+        self.f.store().compare_and_delete(key, rev).await
+    }
+    async fn lease_grant(&self, ttl: Duration) -> weft_store::Result<LeaseId> {
+        self.f.store().lease_grant(ttl).await
+    }
+    async fn lease_keep_alive(&self, lease: LeaseId) -> weft_store::Result<()> {
+        self.f.store().lease_keep_alive(lease).await
+    }
+    async fn lease_revoke(&self, lease: LeaseId) -> weft_store::Result<()> {
+        self.f.store().lease_revoke(lease).await
+    }
+    async fn revision(&self) -> weft_store::Result<Revision> {
+        self.f.store().revision().await
+    }
+    async fn watch_prefix(&self, prefix: &str, start: Revision) -> weft_store::Result<Watch> {
+        if self.armed.swap(false, Ordering::SeqCst) {
+            let s = self.f.store();
+            s.put("/fc/late1", b"1", None).await.unwrap();
+            let last = s.put("/fc/late2", b"1", None).await.unwrap();
+            assert!(start < last);
+            self.f.compact(last).await;
+        }
+        self.f.store().watch_prefix(prefix, start).await
+    }
+}
+
+/// History compacted past the follower's snapshot before its watch starts:
+/// the watch fails with Compacted, and the follower lists again, so the
+/// changes it could not watch arrive in a fresh snapshot; then it follows.
+async fn follower_relists_after_compaction(f: TestStore) {
+    let f = Arc::new(f);
+    let s = f.store();
+    s.put("/fc/a", b"1", None).await.unwrap();
+    let compacting = Arc::new(CompactBeforeFirstWatch {
+        f: f.clone(),
+        armed: AtomicBool::new(true),
+    });
+    let mut follower = Follower::new(compacting.clone() as DynStore, "/fc/");
+    let state = snapshot_state(next_update(&mut follower).await);
+    assert_eq!(state.keys().collect::<Vec<_>>(), ["/fc/a"]);
+
+    // Its watch from the snapshot's revision + 1 hits compacted history.
+    let relisted = next_update(&mut follower).await;
+    assert!(
+        !compacting.armed.load(Ordering::SeqCst),
+        "the watch was started"
+    );
+    let mut state = snapshot_state(relisted);
+    let mut want: BTreeMap<String, Vec<u8>> = ["/fc/a", "/fc/late1", "/fc/late2"]
+        .into_iter()
+        .map(|k| (k.to_string(), b"1".to_vec()))
+        .collect();
+    assert_eq!(state, want, "the relist has what the watch missed");
+
+    s.put("/fc/d", b"1", None).await.unwrap();
+    want.insert("/fc/d".into(), b"1".to_vec());
+    follow_until(&mut follower, &mut state, &want).await;
+}
+
 macro_rules! contract {
     ($($test:ident),* $(,)?) => {
         /// The contract against the embedded SQLite backend.
@@ -408,6 +591,8 @@ contract!(
     watch_latency,
     watch_resume,
     list_then_watch,
+    follower_snapshot_then_changes,
+    follower_relists_after_compaction,
 );
 
 /// etcd stops: every call fails with a clear, transient error within its
