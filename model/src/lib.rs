@@ -1,7 +1,32 @@
-//! weft's shared model: concepts that more than one crate needs, defined
-//! once. Today: the store key layout ([`Keys`]). The architecture issue moves
-//! the stored records, validated names and shared defaults here too.
+//! weft's shared model: every concept more than one crate needs, defined
+//! once, as plain data with no I/O.
+//!
+//! * [`Keys`] — the store key layout under one normalised prefix.
+//! * Stored records ([`EndpointRecord`], [`HostRecord`]) and what they are
+//!   made of ([`PortMapping`], [`Protocol`], [`DnsConfig`],
+//!   [`TunnelBackend`]); their JSON is the store format, pinned by tests.
+//!   The one port-conflict rule ([`PortMapping::conflicts_with`],
+//!   [`find_port_conflict`]) lives with them; netd's endpoint checks and its
+//!   NAT rules both use it.
+//! * Validated names ([`ContainerId`], [`HostId`], [`IfName`], [`DnsName`],
+//!   [`WgKey`]): one rule each, a typed error that says what is allowed,
+//!   checked on parsing and deserialising, plain strings in JSON.
+//! * Shared defaults ([`DNS_ADDR`], [`DEFAULT_PREFIX`]).
+//!
+//! The control API (`weft-api`) builds its answers from these records, so
+//! changing the API does not change the store format; dnsd reads records
+//! and needs no API types.
 
+mod defaults;
 mod keys;
+mod names;
+mod records;
+mod wgkey;
 
+pub use defaults::DNS_ADDR;
 pub use keys::{Keys, DEFAULT_PREFIX};
+pub use names::{ContainerId, DnsName, HostId, IfName, NameError};
+pub use records::{
+    find_port_conflict, DnsConfig, EndpointRecord, HostRecord, PortMapping, Protocol, TunnelBackend,
+};
+pub use wgkey::{WgKey, WgKeyError};
