@@ -11,7 +11,10 @@
 //! * Validated names ([`ContainerId`], [`HostId`], [`IfName`], [`DnsName`],
 //!   [`WgKey`]): one rule each, a typed error that says what is allowed,
 //!   checked on parsing and deserialising, plain strings in JSON.
-//! * Shared defaults ([`DNS_ADDR`], [`DEFAULT_PREFIX`]).
+//! * Shared defaults ([`DNS_ADDR`], [`DEFAULT_PREFIX`]) and the overlay MTU
+//!   rule ([`mtu`]).
+//! * The overlay MTU rule ([`mtu`]: the minimum, the range, the computation
+//!   from the underlay; each tunnel driver in netd brings its overhead).
 //!
 //! The control API (`weft-api`) builds its answers from these records, so
 //! changing the API does not change the store format; dnsd reads records
@@ -19,6 +22,7 @@
 
 mod defaults;
 mod keys;
+pub mod mtu;
 mod names;
 mod records;
 mod wgkey;
