@@ -13,9 +13,15 @@
 //!
 //! Errors are a 4xx/5xx status with an [`ApiError`] body. The types are plain
 //! data; the [`client`] is a small blocking client for the CNI plugin and the
-//! CLI (no async runtime, so the plugin starts fast).
+//! CLI (no async runtime, so the plugin starts fast). With the cargo feature
+//! `testing`, [`testing`] has a fake netd for client tests.
+//!
+//! The stored records and validated names live in `weft-model`; netd parses
+//! requests into them, and answers with types built from them.
 
 pub mod client;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 use std::net::Ipv4Addr;
 
@@ -25,37 +31,9 @@ use serde::{Deserialize, Serialize};
 /// The default control socket.
 pub const DEFAULT_SOCKET: &str = "/run/weft/netd.sock";
 
-/// The service-discovery DNS address every container resolves through.
-pub const DNS_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 250);
-
-/// A published port: traffic to `host_port` on the host goes to
-/// `container_port` of the endpoint.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct PortMapping {
-    pub host_port: u16,
-    pub container_port: u16,
-    /// `tcp` or `udp`.
-    pub protocol: Protocol,
-    /// Only this host address, if set (CNI `hostIP`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub host_ip: Option<Ipv4Addr>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    Tcp,
-    Udp,
-}
-
-impl Protocol {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-        }
-    }
-}
+/// The stored types the API carries as they are (their JSON is the same in
+/// the store and on the socket), and the DNS address, from the model.
+pub use weft_model::{DnsConfig, PortMapping, Protocol, DNS_ADDR};
 
 /// Asks netd for an address for a container interface and records what the
 /// container is (for DNS and published ports).
@@ -82,17 +60,9 @@ pub struct AddEndpoint {
     pub port_mappings: Vec<PortMapping>,
 }
 
-/// DNS settings for the container's resolv.conf (CNI result `dns`).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct DnsConfig {
-    pub nameservers: Vec<Ipv4Addr>,
-    pub domain: String,
-    pub search: Vec<String>,
-    #[serde(default)]
-    pub options: Vec<String>,
-}
-
-/// An endpoint as netd holds it.
+/// An endpoint as netd answers it. Built from the stored
+/// [`EndpointRecord`](weft_model::EndpointRecord) (`From`), so the API and
+/// the store format can change apart; today the JSON is the same.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoint {
     pub container_id: String,
@@ -119,6 +89,29 @@ pub struct Endpoint {
     pub dns: DnsConfig,
     /// Wall-clock milliseconds when the endpoint was added.
     pub created_at_ms: u64,
+}
+
+impl From<weft_model::EndpointRecord> for Endpoint {
+    fn from(r: weft_model::EndpointRecord) -> Self {
+        let name = |n: Option<weft_model::DnsName>| n.map(String::from);
+        Endpoint {
+            container_id: r.container_id.into(),
+            ifname: r.ifname.into(),
+            netns: r.netns,
+            host_id: r.host_id.into(),
+            address: r.address,
+            gateway: r.gateway,
+            mtu: r.mtu,
+            bridge: r.bridge.into(),
+            name: name(r.name),
+            service: name(r.service),
+            stack: name(r.stack),
+            aliases: r.aliases.into_iter().map(String::from).collect(),
+            port_mappings: r.port_mappings,
+            dns: r.dns,
+            created_at_ms: r.created_at_ms,
+        }
+    }
 }
 
 /// The answer to a delete.
@@ -228,88 +221,37 @@ impl ApiError {
     }
 }
 
-/// Checks a container id as CNI defines it: starts with an alphanumeric
-/// character, then alphanumerics, `_`, `.` and `-`.
+// Transitional forwards to the one rule in weft-model, for callers that
+// have not switched to the newtypes yet (netd's config). Remove when none
+// is left.
+#[doc(hidden)]
 pub fn valid_container_id(id: &str) -> bool {
-    let mut chars = id.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-        && id.len() <= 256
+    weft_model::ContainerId::is_valid(id)
 }
 
-/// Checks an interface name as Linux and CNI allow it: 1–15 bytes, not `.`
-/// or `..`, no `/`, `:` or whitespace.
+#[doc(hidden)]
 pub fn valid_ifname(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 15
-        && name != "."
-        && name != ".."
-        && !name
-            .chars()
-            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+    weft_model::IfName::is_valid(name)
 }
 
-/// Checks a DNS label-ish name (container, service, stack, alias):
-/// letters, digits, `-`, `_` and `.`, 1–63 bytes per label.
+#[doc(hidden)]
 pub fn valid_dns_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        })
+    weft_model::DnsName::is_valid(name)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The API's endpoint, built from a stored record, has the record's
+    /// JSON (the CNI plugin and the CLI read it).
     #[test]
-    fn container_ids() {
-        assert!(valid_container_id("abc123"));
-        assert!(valid_container_id("a-b_c.d"));
-        assert!(!valid_container_id(""));
-        assert!(!valid_container_id("-abc"));
-        assert!(!valid_container_id("a/b"));
-        assert!(!valid_container_id("a b"));
-    }
-
-    #[test]
-    fn ifnames() {
-        assert!(valid_ifname("eth0"));
-        assert!(valid_ifname("net1"));
-        assert!(!valid_ifname(""));
-        assert!(!valid_ifname("0123456789abcdef"));
-        assert!(!valid_ifname("a/b"));
-        assert!(!valid_ifname(".."));
-        assert!(!valid_ifname("eth 0"));
-    }
-
-    #[test]
-    fn dns_names() {
-        assert!(valid_dns_name("web-1"));
-        assert!(valid_dns_name("web.shop"));
-        assert!(!valid_dns_name(""));
-        assert!(!valid_dns_name("a..b"));
-        assert!(!valid_dns_name("we b"));
-        assert!(!valid_dns_name(&"x".repeat(64)));
-    }
-
-    #[test]
-    fn protocol_serialises_lowercase() {
-        let m = PortMapping {
-            host_port: 8080,
-            container_port: 80,
-            protocol: Protocol::Tcp,
-            host_ip: None,
-        };
-        let json = serde_json::to_string(&m).unwrap();
-        assert_eq!(
-            json,
-            r#"{"host_port":8080,"container_port":80,"protocol":"tcp"}"#
-        );
+    fn endpoint_from_record_keeps_the_json() {
+        let json = r#"{"container_id":"abc","ifname":"eth0","netns":"/run/netns/x","host_id":"h1","address":"10.42.3.7/24","gateway":"10.42.3.1","mtu":1420,"bridge":"weft0","name":"web-1","service":"web","stack":"shop","aliases":["www"],"port_mappings":[{"host_port":8080,"container_port":80,"protocol":"tcp","host_ip":"0.0.0.0"}],"dns":{"nameservers":["169.254.169.250"],"domain":"weft.local","search":["weft.local"],"options":[]},"created_at_ms":7}"#;
+        let record: weft_model::EndpointRecord = serde_json::from_str(json).unwrap();
+        let ep = Endpoint::from(record);
+        assert_eq!(ep.service.as_deref(), Some("web"));
+        assert_eq!(serde_json::to_string(&ep).unwrap(), json);
+        assert_eq!(serde_json::from_str::<Endpoint>(json).unwrap(), ep);
     }
 }

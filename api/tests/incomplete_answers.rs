@@ -6,77 +6,22 @@
 //! `Api` or `Protocol`.
 
 use std::io::{ErrorKind as IoKind, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::os::unix::net::UnixListener;
 use std::sync::mpsc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use weft_api::client::{Client, ClientError};
+use weft_api::testing::{http, read_request, socket_path, FakeNetd};
 use weft_api::{AddEndpoint, ApiError, ErrorKind, Status};
 
 /// A fake netd that serves one connection with `behave`.
-struct Fake {
-    _dir: tempfile::TempDir,
-    socket: PathBuf,
-    thread: Option<JoinHandle<()>>,
+fn serve(behave: impl Fn(std::os::unix::net::UnixStream) + Send + 'static) -> FakeNetd {
+    FakeNetd::serve(1, behave)
 }
 
-impl Fake {
-    fn serve(behave: impl FnOnce(UnixStream) + Send + 'static) -> Fake {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("netd.sock");
-        let listener = UnixListener::bind(&socket).unwrap();
-        let thread = std::thread::spawn(move || {
-            let (stream, _) = listener.accept().unwrap();
-            behave(stream);
-        });
-        Fake {
-            _dir: dir,
-            socket,
-            thread: Some(thread),
-        }
-    }
-
-    /// Reads the request, then writes `answer` and closes.
-    fn answer(answer: impl Into<Vec<u8>>) -> Fake {
-        let answer = answer.into();
-        Fake::serve(move |mut s| {
-            read_request(&mut s);
-            s.write_all(&answer).unwrap();
-        })
-    }
-
-    fn client(&self) -> Client {
-        Client::new(&self.socket).with_timeout(Duration::from_secs(10))
-    }
-
-    /// Waits for the fake (and surfaces its panics).
-    fn join(mut self) {
-        self.thread.take().unwrap().join().unwrap();
-    }
-}
-
-/// Reads one whole request (headers and `Content-Length` body).
-fn read_request(s: &mut UnixStream) -> Vec<u8> {
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
-            let length: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .map(|v| v.trim().parse().unwrap())
-                .unwrap_or(0);
-            if raw.len() >= end + 4 + length {
-                return raw;
-            }
-        }
-        let n = s.read(&mut buf).unwrap();
-        assert_ne!(n, 0, "the client closed mid-request");
-        raw.extend_from_slice(&buf[..n]);
-    }
+/// A fake netd that reads one request, then writes `answer` and closes.
+fn answer(answer: impl Into<Vec<u8>>) -> FakeNetd {
+    FakeNetd::answer(1, answer)
 }
 
 fn status() -> Status {
@@ -107,15 +52,6 @@ fn add_request() -> AddEndpoint {
         aliases: Vec::new(),
         port_mappings: Vec::new(),
     }
-}
-
-/// A complete answer with a `Content-Length` body.
-fn http(status: u16, body: &str) -> String {
-    format!(
-        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
-         date: Thu, 01 Jan 2026 00:00:00 GMT\r\n\r\n{body}",
-        body.len()
-    )
 }
 
 fn complete_status_answer() -> String {
@@ -158,10 +94,8 @@ fn assert_io(e: &ClientError, kind: IoKind) {
 // (a)
 #[test]
 fn missing_socket_is_unreachable_and_try_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let e = Client::new(dir.path().join("netd.sock"))
-        .status()
-        .unwrap_err();
+    let (_dir, socket) = socket_path();
+    let e = Client::new(&socket).status().unwrap_err();
     match &e {
         ClientError::Unreachable { source, .. } => assert_eq!(source.kind(), IoKind::NotFound),
         other => panic!("expected Unreachable, got {other:?}"),
@@ -173,8 +107,7 @@ fn missing_socket_is_unreachable_and_try_again() {
 // (b)
 #[test]
 fn socket_without_listener_is_unreachable_and_try_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("netd.sock");
+    let (_dir, socket) = socket_path();
     drop(UnixListener::bind(&socket).unwrap());
     assert!(socket.exists(), "the socket file stays behind");
     let e = Client::new(&socket).status().unwrap_err();
@@ -190,7 +123,7 @@ fn socket_without_listener_is_unreachable_and_try_again() {
 // (c)
 #[test]
 fn close_without_answer_is_incomplete() {
-    let fake = Fake::answer("");
+    let fake = answer("");
     let e = fake.client().status().unwrap_err();
     assert_incomplete(&e, "before any answer");
     fake.join();
@@ -211,7 +144,7 @@ fn close_in_the_status_line_or_headers_is_incomplete() {
         headers_end + 2,
         headers_end + 3,
     ] {
-        let fake = Fake::answer(&full.as_bytes()[..cut]);
+        let fake = answer(&full.as_bytes()[..cut]);
         let e = fake.client().add_endpoint(&add_request()).unwrap_err();
         assert_incomplete(&e, "before the end of the headers");
         assert!(e.to_string().contains(&format!("after {cut} bytes")), "{e}");
@@ -222,13 +155,13 @@ fn close_in_the_status_line_or_headers_is_incomplete() {
 // (e)
 #[test]
 fn close_in_the_body_is_incomplete() {
-    let fake = Fake::answer("HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"version\"");
+    let fake = answer("HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"version\"");
     let e = fake.client().add_endpoint(&add_request()).unwrap_err();
     assert_incomplete(&e, "after 10 of 100 body bytes");
     fake.join();
     // The same for an error answer cut short.
     let full = http(503, r#"{"kind":"try_again_later","message":"store down"}"#);
-    let fake = Fake::answer(&full.as_bytes()[..full.len() - 5]);
+    let fake = answer(&full.as_bytes()[..full.len() - 5]);
     let e = fake.client().status().unwrap_err();
     assert_incomplete(&e, "body bytes (HTTP 503)");
     fake.join();
@@ -240,7 +173,7 @@ fn close_in_the_body_is_incomplete() {
 fn every_prefix_of_an_answer_is_incomplete() {
     let full = complete_status_answer();
     for cut in 0..full.len() {
-        let fake = Fake::answer(&full.as_bytes()[..cut]);
+        let fake = answer(&full.as_bytes()[..cut]);
         let e = fake.client().status().unwrap_err();
         assert!(
             matches!(e, ClientError::Incomplete { .. }),
@@ -248,7 +181,7 @@ fn every_prefix_of_an_answer_is_incomplete() {
         );
         fake.join();
     }
-    let fake = Fake::answer(full);
+    let fake = answer(full);
     assert_eq!(fake.client().status().unwrap(), status());
     fake.join();
 }
@@ -258,7 +191,7 @@ fn every_prefix_of_an_answer_is_incomplete() {
 #[test]
 fn close_delimited_body_cut_in_the_json_is_incomplete() {
     let json = serde_json::to_string(&status()).unwrap();
-    let fake = Fake::answer(format!(
+    let fake = answer(format!(
         "HTTP/1.1 200 OK\r\n\r\n{}",
         &json[..json.len() / 2]
     ));
@@ -266,11 +199,11 @@ fn close_delimited_body_cut_in_the_json_is_incomplete() {
     assert_incomplete(&e, "in the middle of the JSON");
     fake.join();
     // A whole close-delimited body is fine...
-    let fake = Fake::answer(format!("HTTP/1.1 200 OK\r\n\r\n{json}"));
+    let fake = answer(format!("HTTP/1.1 200 OK\r\n\r\n{json}"));
     assert_eq!(fake.client().status().unwrap(), status());
     fake.join();
     // ... and one that is not JSON at all is netd's nonsense.
-    let fake = Fake::answer("HTTP/1.1 200 OK\r\n\r\nnot json");
+    let fake = answer("HTTP/1.1 200 OK\r\n\r\nnot json");
     let e = fake.client().status().unwrap_err();
     assert!(matches!(e, ClientError::Protocol { .. }), "{e:?}");
     fake.join();
@@ -280,13 +213,13 @@ fn close_delimited_body_cut_in_the_json_is_incomplete() {
 #[test]
 fn no_answer_times_out_as_try_again() {
     let (release, wait) = mpsc::channel::<()>();
-    let fake = Fake::serve(move |mut s| {
+    let fake = serve(move |mut s| {
         read_request(&mut s);
         let _ = wait.recv(); // hold the connection open, silent
     });
     let timeout = Duration::from_millis(300);
     let started = Instant::now();
-    let e = Client::new(&fake.socket)
+    let e = Client::new(&fake.socket())
         .with_timeout(timeout)
         .status()
         .unwrap_err();
@@ -303,7 +236,7 @@ fn no_answer_times_out_as_try_again() {
 #[test]
 fn trickling_answer_times_out_as_try_again() {
     let (release, wait) = mpsc::channel::<()>();
-    let fake = Fake::serve(move |mut s| {
+    let fake = serve(move |mut s| {
         read_request(&mut s);
         for b in b"HTTP/1.1 200 OK\r\nx-slow: ".iter().cycle() {
             if s.write_all(&[*b]).is_err()
@@ -316,7 +249,7 @@ fn trickling_answer_times_out_as_try_again() {
     });
     let timeout = Duration::from_millis(400);
     let started = Instant::now();
-    let e = Client::new(&fake.socket)
+    let e = Client::new(&fake.socket())
         .with_timeout(timeout)
         .status()
         .unwrap_err();
@@ -331,7 +264,7 @@ fn trickling_answer_times_out_as_try_again() {
 // fail with ECONNRESET.
 #[test]
 fn reset_is_io_and_try_again() {
-    let fake = Fake::serve(|mut s| {
+    let fake = serve(|mut s| {
         // One byte: the request has arrived (it is written in one go);
         // the rest stays unread.
         s.read_exact(&mut [0u8; 1]).unwrap();
@@ -340,7 +273,7 @@ fn reset_is_io_and_try_again() {
     assert_io(&e, IoKind::ConnectionReset);
     fake.join();
     // The same after part of an answer.
-    let fake = Fake::serve(|mut s| {
+    let fake = serve(|mut s| {
         s.read_exact(&mut [0u8; 1]).unwrap();
         s.write_all(b"HTTP/1.1 200 OK\r\ncontent-le").unwrap();
     });
@@ -353,7 +286,7 @@ fn reset_is_io_and_try_again() {
 #[test]
 fn complete_answer_with_bad_json_is_protocol() {
     for body in ["not json", "{\"version\":", r#"{"unexpected":"shape"}"#] {
-        let fake = Fake::answer(http(200, body));
+        let fake = answer(http(200, body));
         let e = fake.client().status().unwrap_err();
         assert!(matches!(e, ClientError::Protocol { .. }), "{body}: {e:?}");
         assert!(!e.is_try_again(), "{e:?}");
@@ -365,24 +298,24 @@ fn complete_answer_with_bad_json_is_protocol() {
 // (h) Things that are not HTTP, whatever follows, are protocol errors too.
 #[test]
 fn malformed_answers_are_protocol() {
-    for answer in [
+    for text in [
         "garbage\r\n\r\n",
         "SSH-2.0-OpenSSH",
         "HTTP/1.1 abc\r\n",
         "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
         "HTTP/1.1 200 OK\r\ncontent-length: ten\r\n\r\n{}",
     ] {
-        let fake = Fake::answer(answer);
+        let fake = answer(text);
         let e = fake.client().status().unwrap_err();
         assert!(
             matches!(e, ClientError::Protocol { .. }),
-            "{answer:?}: {e:?}"
+            "{text:?}: {e:?}"
         );
         assert!(!e.is_try_again());
         fake.join();
     }
     // An error status without an ApiError body.
-    let fake = Fake::answer(http(502, "bad gateway"));
+    let fake = answer(http(502, "bad gateway"));
     let e = fake.client().status().unwrap_err();
     assert!(matches!(e, ClientError::Protocol { .. }), "{e:?}");
     fake.join();
@@ -398,7 +331,7 @@ fn complete_error_answers_map_by_kind() {
         (ErrorKind::Internal, false),
     ] {
         let body = serde_json::to_string(&ApiError::new(kind, "because")).unwrap();
-        let fake = Fake::answer(http(kind.http_status(), &body));
+        let fake = answer(http(kind.http_status(), &body));
         let e = fake.client().add_endpoint(&add_request()).unwrap_err();
         match &e {
             ClientError::Api(api) => {
@@ -416,13 +349,13 @@ fn complete_error_answers_map_by_kind() {
 #[test]
 fn complete_answer_does_not_wait_for_close() {
     let (release, wait) = mpsc::channel::<()>();
-    let fake = Fake::serve(move |mut s| {
+    let fake = serve(move |mut s| {
         read_request(&mut s);
         s.write_all(complete_status_answer().as_bytes()).unwrap();
         let _ = wait.recv();
     });
     let started = Instant::now();
-    let got = Client::new(&fake.socket)
+    let got = Client::new(&fake.socket())
         .with_timeout(Duration::from_secs(5))
         .status()
         .unwrap();
