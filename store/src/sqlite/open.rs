@@ -1,0 +1,210 @@
+//! Opening the store file safely while other processes open, create or use
+//! it: every step retries on contention with a jittered, growing pause under
+//! one deadline, and gives up with [`StoreError::Locked`].
+
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, TransactionBehavior};
+
+use super::sql_err;
+use super::tables::SCHEMA;
+use crate::error::is_busy;
+use crate::{Result, StoreError};
+
+/// How long a write waits for another process's transaction.
+pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long opening the store (connecting, WAL, schema) keeps retrying while
+/// other processes hold the file, in all.
+pub(super) const OPEN_DEADLINE: Duration = Duration::from_secs(30);
+/// The first pause between attempts to open; it doubles up to
+/// [`OPEN_BACKOFF_MAX`], each pause jittered by ±50% so processes that
+/// collided once do not collide again in lockstep.
+const OPEN_BACKOFF_MIN: Duration = Duration::from_millis(2);
+const OPEN_BACKOFF_MAX: Duration = Duration::from_millis(250);
+
+/// A connection to the store file, set up (busy timeout, WAL), for a handle
+/// or a watch. The schema is the caller's business.
+pub(super) fn open_conn(path: &Path) -> Result<Connection> {
+    let conn = Opening::new(path).connect()?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(|e| sql_err(path, e))?;
+    Ok(conn)
+}
+
+/// Creates the tables and the `meta` rows if missing, all in one
+/// `BEGIN IMMEDIATE` transaction: the first process to get the write lock
+/// creates everything, the others then find it complete.
+pub(super) fn create_schema(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute_batch(SCHEMA)?;
+    tx.commit()
+}
+
+/// Opening the store file: its steps retry on contention and share one
+/// deadline and one growing pause.
+pub(super) struct Opening<'a> {
+    path: &'a Path,
+    started: Instant,
+    deadline: Duration,
+    pause: Duration,
+}
+
+impl<'a> Opening<'a> {
+    pub(super) fn new(path: &'a Path) -> Self {
+        Self::with_deadline(path, OPEN_DEADLINE)
+    }
+
+    pub(super) fn with_deadline(path: &'a Path, deadline: Duration) -> Self {
+        Self {
+            path,
+            started: Instant::now(),
+            deadline,
+            pause: OPEN_BACKOFF_MIN,
+        }
+    }
+
+    /// Opens the file (creating it if missing) and sets the connection up.
+    /// Its busy timeout is left at the time remaining to open.
+    pub(super) fn connect(&mut self) -> Result<Connection> {
+        let path = self.path;
+        let conn = self.retry("opening the file", |wait| {
+            let conn = Connection::open(path)?;
+            // Before anything else touches the file: a statement that runs
+            // into a lock must wait for it, not fail at once.
+            conn.busy_timeout(wait)?;
+            Ok(conn)
+        })?;
+        // WAL lets readers (watch polls) run beside a writer. Switching a new
+        // file to WAL needs the write lock and can report SQLITE_BUSY without
+        // waiting, hence the retry.
+        let mode = self.retry("switching to WAL", |wait| {
+            conn.busy_timeout(wait)?;
+            conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))
+        })?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(
+                path = %self.path.display(),
+                journal_mode = %mode,
+                "the store file cannot use WAL here; readers will wait for writers"
+            );
+        }
+        // NORMAL sync keeps the file consistent on a crash and loses at most
+        // the last commits on a power cut.
+        self.retry("setting synchronous", |wait| {
+            conn.busy_timeout(wait)?;
+            conn.pragma_update(None, "synchronous", "NORMAL")
+        })?;
+        Ok(conn)
+    }
+
+    /// Runs `step` until it succeeds, fails for a reason other than another
+    /// process holding the file, or the deadline passes. `step` gets the time
+    /// left, for its busy timeout.
+    pub(super) fn retry<T>(
+        &mut self,
+        what: &'static str,
+        mut step: impl FnMut(Duration) -> rusqlite::Result<T>,
+    ) -> Result<T> {
+        loop {
+            let left = self.deadline.saturating_sub(self.started.elapsed());
+            let err = match step(left.min(BUSY_TIMEOUT)) {
+                Ok(v) => return Ok(v),
+                Err(e) if is_contention(&e) => e,
+                Err(e) => return Err(sql_err(self.path, e)),
+            };
+            let waited = self.started.elapsed();
+            let left = self.deadline.saturating_sub(waited);
+            if left.is_zero() {
+                return Err(StoreError::Locked {
+                    path: self.path.display().to_string(),
+                    step: what,
+                    waited,
+                    source: err,
+                });
+            }
+            let pause = jittered(self.pause).min(left);
+            tracing::debug!(
+                path = %self.path.display(),
+                step = what,
+                error = %err,
+                ?pause,
+                "store file busy while opening; retrying"
+            );
+            std::thread::sleep(pause);
+            self.pause = (self.pause * 2).min(OPEN_BACKOFF_MAX);
+        }
+    }
+}
+
+/// True when an error during opening means another process holds the file
+/// for now: busy, locked, or WAL's lock protocol giving up under contention.
+fn is_contention(e: &rusqlite::Error) -> bool {
+    is_busy(e) || e.sqlite_error_code() == Some(rusqlite::ErrorCode::FileLockingProtocolFailed)
+}
+
+/// `pause` scaled by a random factor in [0.5, 1.5).
+fn jittered(pause: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded randomly per process; mixing in the pid and the
+    // clock makes successive draws differ too. Good enough for jitter.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    let per_mille = 500 + (h.finish() % 1000) as u32;
+    pause * per_mille / 1000
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::SqliteStore;
+
+    /// A process that keeps the file locked past the deadline gets the typed
+    /// error naming the step, not a bare "database is locked".
+    #[test]
+    fn open_gives_up_with_locked_after_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        // Another holder: rollback journal, exclusive locking, one write, so
+        // it keeps the exclusive lock until closed.
+        let holder = Connection::open(&path).unwrap();
+        holder
+            .execute_batch(
+                "PRAGMA locking_mode = EXCLUSIVE; CREATE TABLE t (x); INSERT INTO t VALUES (1);",
+            )
+            .unwrap();
+
+        let deadline = Duration::from_millis(300);
+        let started = Instant::now();
+        let err = match Opening::with_deadline(&path, deadline).connect() {
+            Ok(_) => panic!("opening a file another connection holds exclusively must fail"),
+            Err(e) => e,
+        };
+        assert!(started.elapsed() >= deadline, "gave up early: {err}");
+        assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+        assert!(err.is_transient(), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("switching to WAL"), "{msg}");
+        assert!(msg.contains("stop stale weft processes"), "{msg}");
+
+        // Once the holder lets go, opening works.
+        drop(holder);
+        SqliteStore::open(&path).unwrap();
+    }
+
+    #[test]
+    fn jitter_stays_within_half_and_one_and_a_half() {
+        let base = Duration::from_millis(100);
+        for _ in 0..1000 {
+            let p = jittered(base);
+            assert!(p >= base / 2 && p < base * 3 / 2, "{p:?}");
+        }
+    }
+}
