@@ -13,6 +13,7 @@
 //! list-then-watch loop built on that: a snapshot, then changes, and a fresh
 //! snapshot after any outage or compaction.
 
+mod config;
 mod error;
 mod etcd;
 mod follow;
@@ -28,6 +29,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
+pub use config::{StoreConfig, StoreSpecError};
 pub use error::StoreError;
 pub use etcd::{EtcdConfig, EtcdStore};
 pub use follow::{Follower, Update};
@@ -182,15 +184,6 @@ pub trait Store: Send + Sync + 'static {
 
 /// A shared handle to either backend.
 pub type DynStore = Arc<dyn Store>;
-
-/// Which backend to open, as the daemon's config names it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreConfig {
-    /// One SQLite file (created if missing).
-    Sqlite { path: std::path::PathBuf },
-    /// An etcd v3 cluster.
-    Etcd(EtcdConfig),
-}
 
 /// Opens the configured backend.
 pub async fn open(config: &StoreConfig) -> Result<DynStore> {
