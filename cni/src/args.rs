@@ -6,7 +6,7 @@
 //! `IgnoreUnknown`. As in libcni, an unknown key is an error unless
 //! `IgnoreUnknown` is `1`/`true` (any case).
 
-use weft_api::valid_dns_name;
+use weft_model::DnsName;
 
 use crate::error::{code, CniError};
 
@@ -26,9 +26,9 @@ pub struct CniArgs {
 /// What netd is told about the container.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Metadata {
-    pub name: Option<String>,
-    pub service: Option<String>,
-    pub stack: Option<String>,
+    pub name: Option<DnsName>,
+    pub service: Option<DnsName>,
+    pub stack: Option<DnsName>,
 }
 
 fn invalid(msg: impl Into<String>) -> CniError {
@@ -91,16 +91,19 @@ impl CniArgs {
     /// that is not is dropped (a runtime's own naming must not fail the
     /// container).
     pub fn metadata(&self) -> Result<Metadata, CniError> {
-        let explicit = |key: &str, v: &Option<String>| -> Result<Option<String>, CniError> {
-            match v {
-                Some(v) if !valid_dns_name(v) => Err(invalid(format!(
-                    "CNI_ARGS: {key}={v:?} is not a valid DNS name \
-                     (letters, digits, '-', '_', dot-separated labels of 1-63)"
-                ))),
-                other => Ok(other.clone()),
-            }
+        let explicit = |key: &str, v: &Option<String>| -> Result<Option<DnsName>, CniError> {
+            v.as_deref()
+                .map(|v| {
+                    DnsName::new(v).map_err(|e| {
+                        invalid(format!(
+                            "CNI_ARGS: {key}={v:?} is not a valid DNS name ({})",
+                            e.allowed
+                        ))
+                    })
+                })
+                .transpose()
         };
-        let fallback = |v: &Option<String>| v.clone().filter(|v| valid_dns_name(v));
+        let fallback = |v: &Option<String>| v.as_deref().and_then(|v| DnsName::new(v).ok());
         Ok(Metadata {
             name: explicit("WEFT_NAME", &self.weft_name)?.or_else(|| fallback(&self.k8s_pod_name)),
             service: explicit("WEFT_SERVICE", &self.weft_service)?,
@@ -114,6 +117,10 @@ impl CniArgs {
 mod tests {
     use super::*;
 
+    fn dns(name: &str) -> DnsName {
+        name.parse().unwrap()
+    }
+
     #[test]
     fn parses_known_keys() {
         let a = CniArgs::parse("WEFT_SERVICE=web;WEFT_STACK=shop;WEFT_NAME=web-1").unwrap();
@@ -123,9 +130,9 @@ mod tests {
         assert_eq!(
             a.metadata().unwrap(),
             Metadata {
-                name: Some("web-1".into()),
-                service: Some("web".into()),
-                stack: Some("shop".into()),
+                name: Some(dns("web-1")),
+                service: Some(dns("web")),
+                stack: Some(dns("shop")),
             }
         );
         assert_eq!(CniArgs::parse("").unwrap(), CniArgs::default());
@@ -139,9 +146,9 @@ mod tests {
         assert_eq!(
             a.metadata().unwrap(),
             Metadata {
-                name: Some("db".into()),
+                name: Some(dns("db")),
                 service: None,
-                stack: Some("shop".into()),
+                stack: Some(dns("shop")),
             }
         );
         // WEFT_* win over the fallbacks.

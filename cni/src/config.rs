@@ -26,7 +26,8 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use serde::Deserialize;
 use serde_json::Value;
-use weft_api::{valid_dns_name, Attachment, PortMapping, Protocol, DEFAULT_SOCKET};
+use weft_api::{Attachment, PortMapping, Protocol, DEFAULT_SOCKET};
+use weft_model::DnsName;
 
 use crate::error::{code, CniError};
 use crate::result::CniResult;
@@ -54,7 +55,7 @@ pub struct NetConf {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RuntimeConfig {
     pub port_mappings: Vec<PortMapping>,
-    pub aliases: Vec<String>,
+    pub aliases: Vec<DnsName>,
 }
 
 #[derive(Deserialize)]
@@ -276,11 +277,12 @@ fn parse_runtime(raw: RawRuntimeConfig, network: &str) -> Result<RuntimeConfig, 
     };
     let mut unique = Vec::with_capacity(aliases.len());
     for a in aliases {
-        if !valid_dns_name(&a) {
-            return Err(invalid(format!(
-                "runtimeConfig.aliases: {a:?} is not a valid DNS name"
-            )));
-        }
+        let a = DnsName::new(a).map_err(|e| {
+            invalid(format!(
+                "runtimeConfig.aliases: {:?} is not a valid DNS name ({})",
+                e.value, e.allowed
+            ))
+        })?;
         if !unique.contains(&a) {
             unique.push(a);
         }

@@ -78,7 +78,7 @@ mod tests {
             let name = host_veth_name(&format!("container-{i}"), "eth0");
             assert_eq!(name.len(), 13);
             assert!(name.len() <= 15);
-            assert!(weft_api::valid_ifname(&name));
+            assert!(weft_model::IfName::is_valid(&name));
             assert!(is_host_veth_name(&name));
             assert!(seen.insert(name));
         }

@@ -250,7 +250,7 @@ async fn delete_by_name(h: &Handle, name: &str) -> Result<bool, NetError> {
 }
 
 fn check_name(name: &str) -> Result<(), NetError> {
-    if weft_api::valid_ifname(name) {
+    if weft_model::IfName::is_valid(name) {
         Ok(())
     } else {
         Err(NetError::InvalidName(name.to_string()))

@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 
 use ipnetwork::{IpNetwork, Ipv4Network};
 use weft_api::client::{Client, ClientError};
-use weft_api::{valid_container_id, valid_ifname, AddEndpoint, ErrorKind, GcRequest};
+use weft_api::{AddEndpoint, ErrorKind, GcRequest};
+use weft_model::{ContainerId, IfName};
 
 use crate::args::CniArgs;
 use crate::check::{diagnose, Expected, Observed};
@@ -209,32 +210,26 @@ fn invalid_env(msg: impl Into<String>) -> CniError {
     CniError::new(code::INVALID_ENV, msg)
 }
 
-fn container_id(env: &Env) -> Result<&str, CniError> {
+fn container_id(env: &Env) -> Result<ContainerId, CniError> {
     let id = env
         .container_id
         .as_deref()
         .ok_or_else(|| invalid_env("CNI_CONTAINERID is not set"))?;
-    if !valid_container_id(id) {
-        return Err(invalid_env(format!(
-            "CNI_CONTAINERID {id:?} is invalid (must start with a letter or digit, \
-             then letters, digits, '_', '.', '-'; at most 256)"
-        )));
-    }
-    Ok(id)
+    ContainerId::new(id)
+        .map_err(|e| invalid_env(format!("CNI_CONTAINERID {id:?} is invalid ({})", e.allowed)))
 }
 
-fn ifname(env: &Env) -> Result<&str, CniError> {
+fn ifname(env: &Env) -> Result<IfName, CniError> {
     let name = env
         .ifname
         .as_deref()
         .ok_or_else(|| invalid_env("CNI_IFNAME is not set"))?;
-    if !valid_ifname(name) {
-        return Err(invalid_env(format!(
-            "CNI_IFNAME {name:?} is not a valid interface name \
-             (1-15 bytes, no '/', ':' or whitespace, not '.' or '..')"
-        )));
-    }
-    Ok(name)
+    IfName::new(name).map_err(|e| {
+        invalid_env(format!(
+            "CNI_IFNAME {name:?} is not a valid interface name ({})",
+            e.allowed
+        ))
+    })
 }
 
 fn netns(env: &Env) -> Result<&str, CniError> {
@@ -299,8 +294,8 @@ fn client(conf: &NetConf, timeout: Duration) -> Client {
 }
 
 fn add(env: &Env, conf: &NetConf, timer: &mut Timer) -> Result<String, CniError> {
-    let id = container_id(env)?;
-    let ifname = ifname(env)?;
+    let id = &container_id(env)?;
+    let ifname = &ifname(env)?;
     let netns = netns(env)?;
     let args = CniArgs::parse(env.args.as_deref().unwrap_or(""))?;
     let meta = args.metadata()?;
@@ -333,10 +328,10 @@ fn add(env: &Env, conf: &NetConf, timer: &mut Timer) -> Result<String, CniError>
         container_id: id.to_string(),
         ifname: ifname.to_string(),
         netns: netns.to_string(),
-        name: meta.name,
-        service: meta.service,
-        stack: meta.stack,
-        aliases: conf.runtime.aliases.clone(),
+        name: meta.name.map(String::from),
+        service: meta.service.map(String::from),
+        stack: meta.stack.map(String::from),
+        aliases: conf.runtime.aliases.iter().map(|a| a.to_string()).collect(),
         port_mappings: conf.runtime.port_mappings.clone(),
     };
     let ep = netd
@@ -419,8 +414,8 @@ fn add(env: &Env, conf: &NetConf, timer: &mut Timer) -> Result<String, CniError>
 }
 
 fn del(env: &Env, conf: &NetConf) -> Result<(), CniError> {
-    let id = container_id(env)?;
-    let ifname = ifname(env)?;
+    let id = &container_id(env)?;
+    let ifname = &ifname(env)?;
     // The veth first (it needs nothing but the name), then the address.
     // Neither a missing namespace nor an unknown container is an error.
     let host_veth = host_veth_name(id, ifname);
@@ -458,8 +453,8 @@ fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
             ),
         ));
     }
-    let id = container_id(env)?;
-    let ifname = ifname(env)?;
+    let id = &container_id(env)?;
+    let ifname = &ifname(env)?;
     let netns = netns(env)?;
     let prev = conf.prev_result.as_ref().ok_or_else(|| {
         CniError::new(
@@ -480,7 +475,7 @@ fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
     let sandbox = nl.sandbox(netns).map_err(net_error)?;
     let host_veth = host_veth_name(id, ifname);
     let host = nl.link(&host_veth).map_err(net_error)?;
-    let bridge = if weft_api::valid_ifname(&ep.bridge) {
+    let bridge = if IfName::is_valid(&ep.bridge) {
         nl.link(&ep.bridge).map_err(net_error)?
     } else {
         None
@@ -679,86 +674,7 @@ mod tests {
 
     /// Fake netds that misbehave, for the mapping of incomplete answers.
     mod fake {
-        use std::io::{Read, Write};
-        use std::os::unix::net::{UnixListener, UnixStream};
-        use std::path::PathBuf;
-        use std::thread::JoinHandle;
-
-        /// Serves `connections` connections, each with `behave`.
-        pub struct Netd {
-            _dir: tempfile::TempDir,
-            pub socket: PathBuf,
-            thread: Option<JoinHandle<()>>,
-        }
-
-        impl Netd {
-            pub fn serve(connections: usize, behave: impl Fn(UnixStream) + Send + 'static) -> Netd {
-                let dir = tempfile::tempdir().unwrap();
-                let socket = dir.path().join("netd.sock");
-                let listener = UnixListener::bind(&socket).unwrap();
-                let thread = std::thread::spawn(move || {
-                    for _ in 0..connections {
-                        behave(listener.accept().unwrap().0);
-                    }
-                });
-                Netd {
-                    _dir: dir,
-                    socket,
-                    thread: Some(thread),
-                }
-            }
-
-            /// Reads each request, writes `answer` and closes.
-            pub fn answer(connections: usize, answer: impl Into<Vec<u8>>) -> Netd {
-                let answer = answer.into();
-                Netd::serve(connections, move |mut s| {
-                    read_request(&mut s);
-                    s.write_all(&answer).unwrap();
-                })
-            }
-
-            pub fn join(mut self) {
-                self.thread.take().unwrap().join().unwrap();
-            }
-        }
-
-        /// A socket path in a fresh directory (the directory goes with the
-        /// returned guard).
-        pub fn path() -> (tempfile::TempDir, PathBuf) {
-            let dir = tempfile::tempdir().unwrap();
-            let p = dir.path().join("netd.sock");
-            (dir, p)
-        }
-
-        /// Reads one whole request (headers and `Content-Length` body).
-        pub fn read_request(s: &mut UnixStream) {
-            let mut raw = Vec::new();
-            let mut buf = [0u8; 4096];
-            loop {
-                if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
-                    let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
-                    let length: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .map_or(0, |v| v.trim().parse().unwrap());
-                    if raw.len() >= end + 4 + length {
-                        return;
-                    }
-                }
-                let n = s.read(&mut buf).unwrap();
-                assert_ne!(n, 0, "the client closed mid-request");
-                raw.extend_from_slice(&buf[..n]);
-            }
-        }
-
-        /// A complete answer with a `Content-Length` body.
-        pub fn http(status: u16, body: &str) -> String {
-            format!(
-                "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n\
-                 content-length: {}\r\n\r\n{body}",
-                body.len()
-            )
-        }
+        pub use weft_api::testing::{http, read_request, socket_path as path, FakeNetd as Netd};
     }
 
     /// What ADD's mapping makes of asking `socket` for a new endpoint.
@@ -843,8 +759,8 @@ mod tests {
     #[test]
     fn close_without_answer_is_try_again() {
         let netd = fake::Netd::answer(2, "");
-        assert_try_again(&add_error(&netd.socket, T), "before any answer");
-        assert_check_try_again(&check_error(&netd.socket), "before any answer");
+        assert_try_again(&add_error(&netd.socket(), T), "before any answer");
+        assert_check_try_again(&check_error(&netd.socket()), "before any answer");
         netd.join();
     }
 
@@ -854,8 +770,14 @@ mod tests {
     fn close_in_the_headers_is_try_again() {
         for half in ["HTTP/1.", "HTTP/1.1 200 OK\r\ncontent-len"] {
             let netd = fake::Netd::answer(2, half);
-            assert_try_again(&add_error(&netd.socket, T), "before the end of the headers");
-            assert_check_try_again(&check_error(&netd.socket), "before the end of the headers");
+            assert_try_again(
+                &add_error(&netd.socket(), T),
+                "before the end of the headers",
+            );
+            assert_check_try_again(
+                &check_error(&netd.socket()),
+                "before the end of the headers",
+            );
             netd.join();
         }
     }
@@ -867,8 +789,8 @@ mod tests {
             2,
             "HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789",
         );
-        assert_try_again(&add_error(&netd.socket, T), "after 10 of 100 body bytes");
-        assert_check_try_again(&check_error(&netd.socket), "after 10 of 100 body bytes");
+        assert_try_again(&add_error(&netd.socket(), T), "after 10 of 100 body bytes");
+        assert_check_try_again(&check_error(&netd.socket()), "after 10 of 100 body bytes");
         netd.join();
     }
 
@@ -880,7 +802,7 @@ mod tests {
             fake::read_request(&mut s);
             let _ = wait.recv(); // hold the connection open, silent
         });
-        let e = add_error(&netd.socket, Duration::from_millis(300));
+        let e = add_error(&netd.socket(), Duration::from_millis(300));
         assert_try_again(&e, "no complete answer within 300ms");
         drop(release);
         netd.join();
@@ -894,8 +816,8 @@ mod tests {
             // rest stays unread.
             std::io::Read::read_exact(&mut s, &mut [0u8; 1]).unwrap();
         });
-        assert_try_again(&add_error(&netd.socket, T), "reset");
-        assert_check_try_again(&check_error(&netd.socket), "reset");
+        assert_try_again(&add_error(&netd.socket(), T), "reset");
+        assert_check_try_again(&check_error(&netd.socket()), "reset");
         netd.join();
     }
 
@@ -903,10 +825,10 @@ mod tests {
     #[test]
     fn complete_answer_with_bad_json_is_netd_error() {
         let netd = fake::Netd::answer(2, fake::http(200, "{\"not\": \"an endpoint\"}"));
-        let e = add_error(&netd.socket, T);
+        let e = add_error(&netd.socket(), T);
         assert_eq!(e.code, code::NETD_ERROR, "{e:?}");
         assert!(e.msg.contains("decoding answer"), "{e:?}");
-        assert_eq!(check_error(&netd.socket)["code"], code::NETD_ERROR);
+        assert_eq!(check_error(&netd.socket())["code"], code::NETD_ERROR);
         netd.join();
     }
 
@@ -921,13 +843,13 @@ mod tests {
         ] {
             let body = serde_json::to_string(&weft_api::ApiError::new(kind, "because")).unwrap();
             let netd = fake::Netd::answer(2, fake::http(kind.http_status(), &body));
-            let e = add_error(&netd.socket, T);
+            let e = add_error(&netd.socket(), T);
             assert_eq!(e.code, want, "{kind:?}: {e:?}");
             assert!(
                 e.msg.contains("because") || e.details.as_deref().unwrap_or("").contains("because"),
                 "{e:?}"
             );
-            assert_eq!(check_error(&netd.socket)["code"], want, "{kind:?}");
+            assert_eq!(check_error(&netd.socket())["code"], want, "{kind:?}");
             netd.join();
         }
     }
