@@ -22,7 +22,7 @@
 //! allocated per packet.
 
 use std::io;
-use std::net::{IpAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -37,7 +37,8 @@ use super::offload::{self, Gro, VnetHdr, VNET_HDR_LEN};
 use super::peer::{add, check_decrypted, Peer, Verdict};
 use super::table::{Entry, PeerTable};
 use super::tun::Tun;
-use super::udp::{wait_readable, RecvBatch, SendBatch, Udp};
+use super::udp::{wait_readable, Udp};
+use weft_sys::udp::{RecvBatch, SendBatch, Wait};
 
 /// Datagrams per `sendmmsg`.
 pub(crate) const TX_BATCH: usize = 128;
@@ -220,7 +221,7 @@ impl TxBatch {
         let n = self.n;
         self.n = 0;
         let sent = self.send.send(
-            &sh.udp,
+            sh.udp.socket(),
             &self.out,
             self.stride,
             &self.lens[..n],
@@ -345,7 +346,7 @@ pub(crate) fn rx_loop(sh: Arc<Shared>) {
     let c = &sh.counters;
     while !sh.stopping() {
         view.refresh(&sh);
-        let n = match batch.recv(&sh.udp) {
+        let n = match batch.recv(sh.udp.socket(), Wait::Never) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 wait_readable(sh.udp.raw_fd(), POLL_MS);
@@ -360,17 +361,18 @@ pub(crate) fn rx_loop(sh: Arc<Shared>) {
         add(&c.rx_syscalls, 1);
         for k in 0..n {
             let r = batch.get(k);
-            if r.truncated {
+            // The socket is IPv4: every sender is.
+            let (false, Some(SocketAddr::V4(from))) = (r.truncated, r.from) else {
                 add(&c.drops_malformed, 1);
                 continue;
-            }
+            };
             match r.segment {
                 Some(seg) if seg < r.data.len() => {
                     for d in r.data.chunks(seg) {
-                        handle_datagram(&sh, &view.table, &mut rx, d, r.from);
+                        handle_datagram(&sh, &view.table, &mut rx, d, from);
                     }
                 }
-                _ => handle_datagram(&sh, &view.table, &mut rx, r.data, r.from),
+                _ => handle_datagram(&sh, &view.table, &mut rx, r.data, from),
             }
         }
         // Never hold a packet back across a wait.

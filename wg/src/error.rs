@@ -51,6 +51,10 @@ pub enum WgError {
     #[error("invalid WireGuard key: {0}")]
     KeyText(String),
 
+    /// The kernel would not give random bytes (for a key or session indices).
+    #[error(transparent)]
+    Random(#[from] weft_sys::random::RandomError),
+
     /// A configuration value out of range.
     #[error("invalid WireGuard configuration: {0}")]
     Config(String),

@@ -41,11 +41,7 @@ impl KeyPair {
     /// A new random key pair from the kernel's random source.
     pub fn generate() -> Result<KeyPair, WgError> {
         let mut k = [0u8; 32];
-        random_bytes(&mut k).map_err(|e| WgError::KeyIo {
-            path: "getrandom(2)".into(),
-            what: "get random bytes".into(),
-            source: e,
-        })?;
+        weft_sys::random::fill(&mut k)?;
         Ok(KeyPair::from_private(k))
     }
 
@@ -92,24 +88,6 @@ fn clamp(mut k: [u8; 32]) -> [u8; 32] {
     k
 }
 
-pub(crate) fn random_bytes(buf: &mut [u8]) -> io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        let rest = &mut buf[done..];
-        // SAFETY: the pointer and length describe a live, writable slice.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        done += n as usize;
-    }
-    Ok(())
-}
-
 /// Loads the host's private key from `<state_dir>/wg.key`, or creates it (a
 /// new random key, base64, mode 0600) if there is none. Creation is atomic:
 /// the key is written to a temporary file and linked into place, so a crash
@@ -130,12 +108,10 @@ pub fn load_or_create_key(state_dir: &Path) -> Result<KeyPair, WgError> {
     };
     fs::create_dir_all(state_dir).map_err(|e| io_err("create the state directory", e))?;
     let key = KeyPair::generate()?;
-    let mut nonce = [0u8; 8];
-    random_bytes(&mut nonce).map_err(|e| io_err("get random bytes", e))?;
+    let nonce = weft_sys::random::u64()?;
     let tmp = state_dir.join(format!(
-        ".{KEY_FILE}.tmp-{}-{:016x}",
+        ".{KEY_FILE}.tmp-{}-{nonce:016x}",
         std::process::id(),
-        u64::from_le_bytes(nonce)
     ));
     let write = || -> io::Result<()> {
         let mut f = OpenOptions::new()

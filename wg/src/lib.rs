@@ -61,9 +61,10 @@ use table::{PeerTable, Want};
 
 /// Default UDP port.
 pub const DEFAULT_PORT: u16 = 51820;
-/// Bytes WireGuard adds on an IPv4 underlay (IPv4 20 + UDP 8 + WireGuard 32):
-/// overlay MTU = underlay MTU − 60.
-pub const OVERHEAD_IPV4: u32 = 60;
+/// Bytes WireGuard adds on an IPv4 underlay (IPv4 20 + UDP 8 + WireGuard
+/// data header 16 + tag 16 = 60). The MTU rule itself is
+/// [`weft_model::mtu`].
+pub const OVERHEAD_IPV4: u32 = weft_model::mtu::IPV4_UDP_HEADERS + DATA_OVERHEAD as u32;
 
 /// How to start the device.
 #[derive(Clone)]
@@ -185,13 +186,8 @@ impl WgDevice {
     /// The device starts without peers: call [`WgDevice::set_peers`].
     pub fn start(cfg: WgConfig) -> Result<WgDevice, WgError> {
         tun::check_ifname(&cfg.ifname)?;
-        if !(576..=65_535 - OVERHEAD_IPV4).contains(&cfg.mtu) {
-            return Err(WgError::Config(format!(
-                "MTU {} out of range 576 to {}",
-                cfg.mtu,
-                65_535 - OVERHEAD_IPV4
-            )));
-        }
+        weft_model::mtu::check_mtu(cfg.mtu, OVERHEAD_IPV4)
+            .map_err(|e| WgError::Config(e.to_string()))?;
         let (tun, created) = tun::Tun::open_persistent(&cfg.ifname)?;
         let link = tun::Link::new(&cfg.ifname)?;
         link.set_mtu(cfg.mtu)?;
@@ -212,12 +208,7 @@ impl WgDevice {
         let udp = udp::Udp::bind(cfg.listen_port)?;
         let secret = x25519::StaticSecret::from(keys.private_key());
         let public = x25519::PublicKey::from(&secret);
-        let mut base = [0u8; 4];
-        key::random_bytes(&mut base).map_err(|e| WgError::KeyIo {
-            path: "getrandom(2)".into(),
-            what: "get random bytes".into(),
-            source: e,
-        })?;
+        let base = weft_sys::random::u32()?;
         let tx_slot = (mtu as usize + DATA_OVERHEAD).div_ceil(64) * 64;
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
@@ -230,7 +221,7 @@ impl WgDevice {
             secret,
             public,
             keepalive: cfg.keepalive,
-            table: Mutex::new(Arc::new(PeerTable::new(u32::from_le_bytes(base)))),
+            table: Mutex::new(Arc::new(PeerTable::new(base))),
             generation: AtomicU64::new(0),
             counters: DeviceCounters::default(),
         });
@@ -416,11 +407,6 @@ impl Drop for WgDevice {
     }
 }
 
-/// The MTU to give the TUN for an underlay MTU (IPv4 underlay).
-pub fn overlay_mtu(underlay_mtu: u32) -> u32 {
-    underlay_mtu.saturating_sub(OVERHEAD_IPV4)
-}
-
 #[cfg(test)]
 mod loopback_tests;
 
@@ -451,10 +437,10 @@ mod tests {
     }
 
     #[test]
-    fn mtu_arithmetic() {
-        assert_eq!(overlay_mtu(1500), 1440);
-        assert_eq!(overlay_mtu(9000), 8940);
-        assert_eq!(overlay_mtu(10), 0);
+    fn overhead_is_ipv4_udp_and_the_data_header() {
+        assert_eq!(OVERHEAD_IPV4, 60);
+        assert!(weft_model::mtu::check_mtu(65_475, OVERHEAD_IPV4).is_ok());
+        assert!(weft_model::mtu::check_mtu(65_476, OVERHEAD_IPV4).is_err());
     }
 
     #[test]

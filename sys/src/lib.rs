@@ -1,0 +1,16 @@
+//! weft's OS helpers, each with one job, written once for every crate:
+//!
+//! - [`udp`]: batched UDP I/O, `recvmmsg` and `sendmmsg` over reused buffers,
+//!   with UDP GRO/GSO where the socket has them (the WireGuard data path in
+//!   `weft-wg` and dnsd's UDP fast path).
+//! - [`random`]: bytes and numbers from the kernel's random source
+//!   (getrandom(2)).
+//! - [`signal`]: the future that ends when the process is asked to stop
+//!   (SIGTERM or SIGINT).
+//!
+//! Plain functions and types; errors are typed (`io::Error` where the caller
+//! decides by its kind, as with `WouldBlock`).
+
+pub mod random;
+pub mod signal;
+pub mod udp;
