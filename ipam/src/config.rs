@@ -23,13 +23,17 @@ pub struct IpamConfig {
     pub block_grace: Duration,
 }
 
+/// Each host's block when none is configured: a /24 (253 containers).
+pub const DEFAULT_BLOCK_PREFIX: u8 = 24;
+/// How long a dead host's block stays its own when nothing is configured.
+pub const DEFAULT_BLOCK_GRACE: Duration = Duration::from_secs(3600);
+
 impl Default for IpamConfig {
     fn default() -> Self {
         Self {
-            cluster_range: Ipv4Network::new(Ipv4Addr::new(10, 42, 0, 0), 16)
-                .unwrap_or_else(|_| unreachable!("10.42.0.0/16 is a valid network")),
-            block_prefix: 24,
-            block_grace: Duration::from_secs(3600),
+            cluster_range: weft_model::DEFAULT_CLUSTER_RANGE,
+            block_prefix: DEFAULT_BLOCK_PREFIX,
+            block_grace: DEFAULT_BLOCK_GRACE,
         }
     }
 }

@@ -34,7 +34,9 @@ use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
 use weft_store::{CasOutcome, DynStore, Expect, KeyValue, StoreError};
 
-pub use config::{overlaps, ConfigError, IpamConfig, MAX_BLOCK_PREFIX};
+pub use config::{
+    overlaps, ConfigError, IpamConfig, DEFAULT_BLOCK_GRACE, DEFAULT_BLOCK_PREFIX, MAX_BLOCK_PREFIX,
+};
 use plan::{BlockChoice, BlockState};
 
 /// Give up after this many compare-and-swap conflicts in one call; only

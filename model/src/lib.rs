@@ -11,7 +11,8 @@
 //! * Validated names ([`ContainerId`], [`HostId`], [`IfName`], [`DnsName`],
 //!   [`WgKey`]): one rule each, a typed error that says what is allowed,
 //!   checked on parsing and deserialising, plain strings in JSON.
-//! * Shared defaults ([`DNS_ADDR`], [`DEFAULT_PREFIX`]) and the overlay MTU
+//! * Shared defaults ([`DNS_ADDR`], [`DEFAULT_PREFIX`],
+//!   [`DEFAULT_CLUSTER_RANGE`], [`DEFAULT_DOMAIN`]) and the overlay MTU
 //!   rule ([`mtu`]).
 //! * The overlay MTU rule ([`mtu`]: the minimum, the range, the computation
 //!   from the underlay; each tunnel driver in netd brings its overhead).
@@ -27,7 +28,7 @@ mod names;
 mod records;
 mod wgkey;
 
-pub use defaults::DNS_ADDR;
+pub use defaults::{DEFAULT_CLUSTER_RANGE, DEFAULT_DOMAIN, DNS_ADDR};
 pub use keys::{Keys, DEFAULT_PREFIX};
 pub use names::{ContainerId, DnsName, HostId, IfName, NameError};
 pub use records::{
