@@ -432,7 +432,7 @@ fn random_u16() -> u16 {
 
 /// Addresses that must never be upstreams: dnsd itself.
 pub fn is_self(ip: IpAddr, listen: &[SocketAddr]) -> bool {
-    ip == IpAddr::V4(weft_api::DNS_ADDR)
+    ip == IpAddr::V4(weft_model::DNS_ADDR)
         || ip.is_unspecified()
         || listen.iter().any(|l| l.ip() == ip)
 }

@@ -105,7 +105,7 @@ impl Default for DnsConfig {
         DnsConfig {
             domain: DEFAULT_DOMAIN.into(),
             ttl: DEFAULT_TTL,
-            listen: vec![SocketAddr::new(IpAddr::V4(weft_api::DNS_ADDR), 53)],
+            listen: vec![SocketAddr::new(IpAddr::V4(weft_model::DNS_ADDR), 53)],
             resolv_conf: PathBuf::from("/etc/resolv.conf"),
             keys: weft_model::Keys::default(),
             cluster_range: Ipv4Network::new(Ipv4Addr::new(10, 42, 0, 0), 16)

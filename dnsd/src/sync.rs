@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use tokio::sync::oneshot;
-use weft_api::Endpoint;
+use weft_model::EndpointRecord;
 use weft_store::{DynStore, EventKind, Follower, Revision, Update};
 
 use crate::table::{Table, TableConfig};
@@ -27,7 +27,7 @@ impl Sync {
     /// built from the store is in place.
     pub async fn run(self, mut ready: Option<oneshot::Sender<()>>) {
         let mut follower = Follower::new(self.store.clone(), self.prefix.clone());
-        let mut endpoints: BTreeMap<String, Endpoint> = BTreeMap::new();
+        let mut endpoints: BTreeMap<String, EndpointRecord> = BTreeMap::new();
         loop {
             let update = follower.next().await;
             let revision = update.revision();
@@ -65,7 +65,7 @@ impl Sync {
         }
     }
 
-    fn publish(&self, endpoints: &BTreeMap<String, Endpoint>, revision: Revision) {
+    fn publish(&self, endpoints: &BTreeMap<String, EndpointRecord>, revision: Revision) {
         let table = Table::build(&self.table_cfg, endpoints.values(), revision);
         tracing::debug!(
             endpoints = table.endpoints(),
@@ -77,11 +77,11 @@ impl Sync {
     }
 }
 
-fn decode(key: &str, value: &[u8]) -> Option<Endpoint> {
-    match serde_json::from_slice::<Endpoint>(value) {
+fn decode(key: &str, value: &[u8]) -> Option<EndpointRecord> {
+    match serde_json::from_slice::<EndpointRecord>(value) {
         Ok(ep) => Some(ep),
         Err(e) => {
-            tracing::warn!(key, error = %e, "endpoint record is not valid JSON; ignored");
+            tracing::warn!(key, error = %e, "endpoint record does not parse (JSON or a name); ignored");
             None
         }
     }

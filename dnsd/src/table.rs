@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ipnetwork::Ipv4Network;
 use rustc_hash::FxHashMap;
-use weft_api::Endpoint;
+use weft_model::EndpointRecord;
 
 use crate::wire::{
     name_from_str, wire_label_count, Name, CLASS_IN, MAX_NAME_LEN, TYPE_A, TYPE_PTR, TYPE_SOA,
@@ -160,7 +160,7 @@ impl Table {
     /// locally (the config is checked before, see [`crate::DnsConfig`]).
     pub fn build<'a>(
         cfg: &TableConfig,
-        endpoints: impl IntoIterator<Item = &'a Endpoint>,
+        endpoints: impl IntoIterator<Item = &'a EndpointRecord>,
         revision: i64,
     ) -> Table {
         let domain_str = cfg.domain.trim_end_matches('.').to_ascii_lowercase();
@@ -374,15 +374,14 @@ struct EndpointNames {
     ptr_target: Option<Vec<u8>>,
 }
 
-fn endpoint_names(ep: &Endpoint, domain: &str) -> Option<EndpointNames> {
-    let lower = |s: &Option<String>| {
-        s.as_deref()
-            .map(|s| s.trim_end_matches('.').to_ascii_lowercase())
+fn endpoint_names(ep: &EndpointRecord, domain: &str) -> Option<EndpointNames> {
+    let lower = |s: Option<&str>| {
+        s.map(|s| s.trim_end_matches('.').to_ascii_lowercase())
             .filter(|s| !s.is_empty())
     };
-    let stack = lower(&ep.stack);
+    let stack = lower(ep.stack.as_deref());
     // Without a name, the short container id (as docker shows it).
-    let cname = lower(&ep.name).or_else(|| {
+    let cname = lower(ep.name.as_deref()).or_else(|| {
         let short: String = ep.container_id.chars().take(12).collect();
         name_from_str(&short).map(|_| short.to_ascii_lowercase())
     });
@@ -400,7 +399,7 @@ fn endpoint_names(ep: &Endpoint, domain: &str) -> Option<EndpointNames> {
         texts.push(format!("{c}.{domain}"));
         texts.push(c.clone());
     }
-    let services = lower(&ep.service).into_iter().chain(
+    let services = lower(ep.service.as_deref()).into_iter().chain(
         ep.aliases
             .iter()
             .map(|a| a.trim_end_matches('.').to_ascii_lowercase()),
@@ -517,7 +516,7 @@ pub(crate) mod tests {
         service: Option<&str>,
         stack: Option<&str>,
         aliases: &[&str],
-    ) -> Endpoint {
+    ) -> EndpointRecord {
         let v = serde_json::json!({
             "container_id": id,
             "ifname": "eth0",
@@ -548,7 +547,7 @@ pub(crate) mod tests {
         }
     }
 
-    pub(crate) fn sample() -> Vec<Endpoint> {
+    pub(crate) fn sample() -> Vec<EndpointRecord> {
         vec![
             endpoint(
                 "c1",
@@ -709,8 +708,8 @@ pub(crate) mod tests {
         // The stack's bare name and unknown stacks stay external.
         assert!(matches!(t.resolve(&q("shop"), c), Resolution::External));
         let mut odd = sample();
-        odd[0].stack = Some("internal".into());
-        odd[1].stack = Some("arpa".into());
+        odd[0].stack = Some("internal".parse().unwrap());
+        odd[1].stack = Some("arpa".parse().unwrap());
         let t = Table::build(&cfg(), &odd, 1);
         assert!(matches!(
             t.resolve(&q("nosuch.internal"), c),
@@ -803,7 +802,7 @@ pub(crate) mod tests {
 
     #[test]
     fn round_robin_rotates_every_query() {
-        let eps: Vec<Endpoint> = (2..6)
+        let eps: Vec<EndpointRecord> = (2..6)
             .map(|i| {
                 endpoint(
                     &format!("c{i}"),
@@ -835,13 +834,26 @@ pub(crate) mod tests {
 
     #[test]
     fn invalid_names_are_skipped() {
+        // A record with a name that breaks the DNS name rule does not even
+        // parse (sync ignores it, with a warning).
+        let bad = serde_json::json!({
+            "container_id": "c0", "ifname": "eth0", "netns": "", "host_id": "h0",
+            "address": "10.42.0.9/24", "gateway": "10.42.0.1", "mtu": 1420,
+            "bridge": "weft0", "name": "bad name",
+            "dns": {"nameservers": [], "domain": "weft.internal", "search": []},
+            "created_at_ms": 0
+        });
+        assert!(serde_json::from_value::<EndpointRecord>(bad).is_err());
+        // Names that are valid alone but too long together with the stack
+        // and the domain (over 253 bytes) leave the endpoint out.
+        let long_stack = format!("{}.{}.{}", "b".repeat(63), "c".repeat(63), "d".repeat(63));
         let eps = vec![
             endpoint(
                 "c1",
                 "10.42.0.2",
-                Some("bad name"),
+                Some(&"a".repeat(63)),
                 Some("web"),
-                Some("shop"),
+                Some(&long_stack),
                 &[],
             ),
             endpoint(

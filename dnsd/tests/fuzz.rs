@@ -16,7 +16,7 @@ use weft_dnsd::forward::scan_answer;
 use weft_dnsd::table::{Table, TableConfig};
 use weft_dnsd::wire::parse_query;
 
-fn endpoint(i: usize, service: &str, stack: &str) -> weft_api::Endpoint {
+fn endpoint(i: usize, service: &str, stack: &str) -> weft_model::EndpointRecord {
     serde_json::from_value(serde_json::json!({
         "container_id": format!("c{i}"), "ifname": "eth0", "netns": "", "host_id": "h0",
         "address": format!("10.42.{}.{}/24", i / 200, 2 + i % 200), "gateway": "10.42.0.1",

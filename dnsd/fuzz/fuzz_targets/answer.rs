@@ -15,7 +15,7 @@ use weft_dnsd::table::{Table, TableConfig};
 fn table() -> &'static Table {
     static T: OnceLock<Table> = OnceLock::new();
     T.get_or_init(|| {
-        let eps: Vec<weft_api::Endpoint> = (0..60)
+        let eps: Vec<weft_model::EndpointRecord> = (0..60)
             .filter_map(|i| {
                 serde_json::from_value(serde_json::json!({
                     "container_id": format!("c{i}"), "ifname": "eth0", "netns": "",
