@@ -23,7 +23,7 @@
 //! and writes with compare-and-swap, retrying on conflicts.
 
 mod config;
-use weft_model::Keys;
+use weft_model::{ContainerId, HostId, IfName, Keys, NameError};
 pub mod plan;
 
 use std::collections::{BTreeSet, HashSet};
@@ -81,12 +81,10 @@ pub enum IpamError {
     },
     #[error("address {addr} is not inside block {block}")]
     NotInBlock { addr: Ipv4Addr, block: Ipv4Network },
-    #[error("invalid {what} {value:?}: {why}")]
-    InvalidId {
-        what: &'static str,
-        value: String,
-        why: &'static str,
-    },
+    /// A host id, container id or interface name that breaks its rule
+    /// (the rules are weft-model's).
+    #[error(transparent)]
+    InvalidId(#[from] NameError),
     #[error("gave up on {what} after {MAX_ATTEMPTS} conflicting concurrent updates; retry")]
     Contention { what: String },
     #[error("store record {key} is corrupt ({detail}); delete it or restore the store")]
@@ -265,7 +263,7 @@ impl Ipam {
     /// Gets this host's block: the one it already holds (renewed), else a free
     /// one, else one whose host has been gone past the grace period.
     pub async fn lease_block(&self, host_id: &str) -> Result<HostBlock> {
-        check_id("host id", host_id)?;
+        HostId::new(host_id)?;
         let mut skip = BTreeSet::new();
         for _ in 0..MAX_ATTEMPTS {
             let blocks = self.read_blocks().await?;
@@ -424,8 +422,8 @@ impl Ipam {
     /// Gives `owner` an address in `block`; the same owner always gets the
     /// address it already has.
     pub async fn allocate(&self, block: &HostBlock, owner: &Owner) -> Result<Allocation> {
-        check_id("container id", &owner.container_id)?;
-        check_id("interface name", &owner.ifname)?;
+        ContainerId::new(owner.container_id.as_str())?;
+        IfName::new(owner.ifname.as_str())?;
         let record = AddressRecord {
             container_id: owner.container_id.clone(),
             ifname: owner.ifname.clone(),
@@ -560,24 +558,6 @@ fn block_id(block: Ipv4Network) -> String {
     format!("{}-{}", block.network(), block.prefix())
 }
 
-/// Ids end up in store values and logs: keep them printable and bounded.
-fn check_id(what: &'static str, value: &str) -> Result<()> {
-    let why = if value.is_empty() {
-        "must not be empty"
-    } else if value.len() > 256 {
-        "longer than 256 bytes"
-    } else if value.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        "contains whitespace or control characters"
-    } else {
-        return Ok(());
-    };
-    Err(IpamError::InvalidId {
-        what,
-        value: value.chars().take(64).collect(),
-        why,
-    })
-}
-
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -602,13 +582,42 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ids_are_checked() {
-        check_id("container id", "abc-123_x.y").unwrap();
-        assert!(check_id("container id", "").is_err());
-        assert!(check_id("container id", "a b").is_err());
-        assert!(check_id("container id", &"x".repeat(300)).is_err());
-        let e = check_id("interface name", "eth\n0").unwrap_err();
-        assert!(e.to_string().contains("interface name"), "{e}");
+    fn ids_are_checked_by_the_model_rules() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let store: DynStore = std::sync::Arc::new(
+                weft_store::SqliteStore::open(dir.path().join("s.db")).unwrap(),
+            );
+            let ipam = Ipam::new(store, IpamConfig::default(), "/weft/")
+                .await
+                .unwrap();
+            for bad in ["", "-h", "a b", "a/b"] {
+                let e = ipam.lease_block(bad).await.unwrap_err();
+                assert!(matches!(e, IpamError::InvalidId(_)), "{bad:?}: {e}");
+            }
+            let block = ipam.lease_block("h-1").await.unwrap();
+            ipam.allocate(&block, &Owner::new("abc-123_x.y", "eth0"))
+                .await
+                .unwrap();
+            for (id, ifname, what) in [
+                ("", "eth0", "container id"),
+                ("a b", "eth0", "container id"),
+                ("../x", "eth0", "container id"),
+                (&"x".repeat(300), "eth0", "container id"),
+                ("abc", "eth\n0", "interface name"),
+                ("abc", "0123456789abcdef", "interface name"),
+            ] {
+                let e = ipam
+                    .allocate(&block, &Owner::new(id, ifname))
+                    .await
+                    .unwrap_err();
+                assert!(matches!(e, IpamError::InvalidId(_)), "{e}");
+                assert!(e.to_string().contains(what), "{e}");
+            }
+        });
     }
 
     #[test]
