@@ -219,7 +219,7 @@ fn no_answer_times_out_as_try_again() {
     });
     let timeout = Duration::from_millis(300);
     let started = Instant::now();
-    let e = Client::new(&fake.socket())
+    let e = Client::new(fake.socket())
         .with_timeout(timeout)
         .status()
         .unwrap_err();
@@ -249,7 +249,7 @@ fn trickling_answer_times_out_as_try_again() {
     });
     let timeout = Duration::from_millis(400);
     let started = Instant::now();
-    let e = Client::new(&fake.socket())
+    let e = Client::new(fake.socket())
         .with_timeout(timeout)
         .status()
         .unwrap_err();
@@ -355,7 +355,7 @@ fn complete_answer_does_not_wait_for_close() {
         let _ = wait.recv();
     });
     let started = Instant::now();
-    let got = Client::new(&fake.socket())
+    let got = Client::new(fake.socket())
         .with_timeout(Duration::from_secs(5))
         .status()
         .unwrap();

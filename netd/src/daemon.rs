@@ -1,24 +1,21 @@
 //! The daemon's state and the operations the control API exposes.
 //!
-//! Endpoints are recorded in the store under
-//! `<prefix>endpoints/<host id>/<container id>/<ifname>` (dnsd watches that
-//! prefix on every host); their addresses come from IPAM. Every mutation of
-//! this host's endpoints runs under one lock and ends with a NAT reconcile,
-//! so the published ports in iptables always match the records.
+//! The endpoint operations (add, get, list, delete, GC) live in
+//! [`crate::endpoints`]; every change of this host's endpoints runs under
+//! [`Daemon`]'s lock and ends with a NAT reconcile, so the published ports
+//! in iptables always match the records.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context;
 use ipnetwork::Ipv4Network;
-use weft_api::{
-    AddEndpoint, ApiError, Attachment, Deleted, DnsConfig, Endpoint, ErrorKind, GcRequest,
-    GcResult, Status,
-};
-use weft_ipam::{HostBlock, Ipam, IpamError, Owner};
+use weft_api::{ApiError, Status};
+use weft_ipam::{HostBlock, Ipam};
+use weft_model::{EndpointRecord, HostId};
 use weft_store::{DynStore, StoreError};
 
 use crate::config::Config;
@@ -28,16 +25,16 @@ use crate::nat::{Iptables, NatSpec, PublishedPort};
 
 pub struct Daemon {
     cfg: Config,
-    host_id: String,
+    host_id: HostId,
     store: DynStore,
-    ipam: Ipam,
+    pub(crate) ipam: Ipam,
     block: HostBlock,
     mtu: u32,
     net: HostNet,
     nat: Arc<Iptables>,
     store_ok: AtomicBool,
     /// Serialises endpoint changes and the NAT reconcile that follows each.
-    lock: tokio::sync::Mutex<()>,
+    pub(crate) lock: tokio::sync::Mutex<()>,
     /// The underlay interface and address; re-detected while running, so a
     /// host whose address changes (roaming) updates its record in place.
     underlay: std::sync::Mutex<(Link, Ipv4Addr)>,
@@ -72,6 +69,8 @@ impl Daemon {
                 cfg.state_dir.display()
             )
         })?;
+        let host_id = HostId::new(host_id)
+            .context("the host id (set host_id, or remove the host-id file in the state dir)")?;
         if let weft_store::StoreConfig::Sqlite { path } = &cfg.store {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)
@@ -211,7 +210,7 @@ impl Daemon {
         let _guard = self.lock.lock().await;
         self.reconcile_host().await?;
         let endpoints = self
-            .own_endpoints()
+            .endpoint_records()
             .await
             .context("reading this host's endpoints")?;
         self.apply_nat(&endpoints).await?;
@@ -242,7 +241,7 @@ impl Daemon {
         Ok(())
     }
 
-    fn nat_spec(&self, endpoints: &[Endpoint]) -> NatSpec {
+    fn nat_spec(&self, endpoints: &[EndpointRecord]) -> NatSpec {
         let mut ports = Vec::new();
         for ep in endpoints {
             for m in &ep.port_mappings {
@@ -261,7 +260,7 @@ impl Daemon {
         }
     }
 
-    async fn apply_nat(&self, endpoints: &[Endpoint]) -> anyhow::Result<()> {
+    pub(crate) async fn apply_nat(&self, endpoints: &[EndpointRecord]) -> anyhow::Result<()> {
         let spec = self.nat_spec(endpoints);
         let nat = self.nat.clone();
         tokio::task::spawn_blocking(move || nat.apply(&spec))
@@ -270,15 +269,7 @@ impl Daemon {
         Ok(())
     }
 
-    fn endpoints_prefix(&self) -> String {
-        self.cfg.keys.host_endpoints(&self.host_id)
-    }
-
-    fn endpoint_key(&self, container_id: &str, ifname: &str) -> String {
-        self.cfg.keys.endpoint(&self.host_id, container_id, ifname)
-    }
-
-    fn note_store<T>(&self, r: Result<T, StoreError>) -> Result<T, StoreError> {
+    pub(crate) fn note_store<T>(&self, r: Result<T, StoreError>) -> Result<T, StoreError> {
         self.store_ok
             .store(!matches!(&r, Err(e) if e.is_transient()), Ordering::Relaxed);
         if r.is_err() {
@@ -287,208 +278,11 @@ impl Daemon {
         r
     }
 
-    /// This host's endpoints as recorded in the store.
-    pub async fn own_endpoints(&self) -> Result<Vec<Endpoint>, ApiError> {
-        let range = self
-            .note_store(self.store.get_prefix(&self.endpoints_prefix()).await)
-            .map_err(store_error)?;
-        let mut out = Vec::with_capacity(range.kvs.len());
-        for kv in range.kvs {
-            match serde_json::from_slice::<Endpoint>(&kv.value) {
-                Ok(ep) => out.push(ep),
-                Err(e) => {
-                    tracing::warn!(key = %kv.key, error = %e, "skipping a corrupt endpoint record")
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    pub async fn get_endpoint(
-        &self,
-        container_id: &str,
-        ifname: &str,
-    ) -> Result<Endpoint, ApiError> {
-        let key = self.endpoint_key(container_id, ifname);
-        let kv = self
-            .note_store(self.store.get(&key).await)
-            .map_err(store_error)?
-            .ok_or_else(|| {
-                ApiError::new(
-                    ErrorKind::NotFound,
-                    format!(
-                        "no endpoint for container {container_id} interface {ifname} on host {}",
-                        self.host_id
-                    ),
-                )
-            })?;
-        serde_json::from_slice(&kv.value).map_err(|e| {
-            ApiError::new(
-                ErrorKind::Internal,
-                format!("endpoint record {key} is corrupt: {e}"),
-            )
-        })
-    }
-
-    /// Allocates an address and records the endpoint. A retried add for the
-    /// same container and interface gets the same endpoint back.
-    pub async fn add_endpoint(&self, req: AddEndpoint) -> Result<Endpoint, ApiError> {
-        validate_add(&req)?;
-        let _guard = self.lock.lock().await;
-        let existing = self.own_endpoints().await?;
-        if let Some(ep) = existing
-            .iter()
-            .find(|e| e.container_id == req.container_id && e.ifname == req.ifname)
-        {
-            return Ok(ep.clone());
-        }
-        check_port_conflicts(&req, &existing)?;
-        let owner = Owner::new(&req.container_id, &req.ifname);
-        let alloc = self
-            .ipam
-            .allocate(&self.block, &owner)
-            .await
-            .map_err(ipam_error)?;
-        let endpoint = Endpoint {
-            container_id: req.container_id.clone(),
-            ifname: req.ifname.clone(),
-            netns: req.netns.clone(),
-            host_id: self.host_id.clone(),
-            address: alloc.cidr(),
-            gateway: alloc.gateway,
-            mtu: self.mtu,
-            bridge: self.cfg.bridge.clone(),
-            name: req.name.clone(),
-            service: req.service.clone(),
-            stack: req.stack.clone(),
-            aliases: req.aliases.clone(),
-            port_mappings: req.port_mappings.clone(),
-            dns: self.dns_config(req.stack.as_deref(), req.service.as_deref()),
-            created_at_ms: now_ms(),
-        };
-        let key = self.endpoint_key(&req.container_id, &req.ifname);
-        let value = serde_json::to_vec(&endpoint)
-            .map_err(|e| ApiError::new(ErrorKind::Internal, format!("encoding endpoint: {e}")))?;
-        let written = self.note_store(self.store.put(&key, &value, None).await);
-        if let Err(e) = written {
-            // Nothing half-made: give the address back (best effort; GC
-            // catches it if the store is gone entirely).
-            let _ = self.ipam.release(&self.block, &owner).await;
-            return Err(store_error(e));
-        }
-        let mut all = existing;
-        all.push(endpoint.clone());
-        if !endpoint.port_mappings.is_empty() {
-            if let Err(e) = self.apply_nat(&all).await {
-                tracing::error!(error = %e, container = %req.container_id, "publishing ports failed; undoing the endpoint");
-                let _ = self.store.delete(&key).await;
-                let _ = self.ipam.release(&self.block, &owner).await;
-                all.pop();
-                let _ = self.apply_nat(&all).await;
-                return Err(ApiError::new(
-                    ErrorKind::Internal,
-                    format!("publishing ports failed: {e:#}"),
-                ));
-            }
-        }
-        tracing::info!(
-            container = %endpoint.container_id, ifname = %endpoint.ifname, address = %endpoint.address,
-            name = endpoint.name.as_deref().unwrap_or(""), service = endpoint.service.as_deref().unwrap_or(""),
-            stack = endpoint.stack.as_deref().unwrap_or(""), ports = endpoint.port_mappings.len(),
-            "endpoint added"
-        );
-        Ok(endpoint)
-    }
-
-    /// Removes the endpoint: record, published ports, conntrack entries and
-    /// address. Deleting an unknown endpoint succeeds.
-    pub async fn delete_endpoint(
-        &self,
-        container_id: &str,
-        ifname: &str,
-    ) -> Result<Deleted, ApiError> {
-        if !weft_api::valid_container_id(container_id) || !weft_api::valid_ifname(ifname) {
-            return Err(ApiError::new(
-                ErrorKind::InvalidRequest,
-                format!("invalid container id {container_id:?} or interface name {ifname:?}"),
-            ));
-        }
-        let _guard = self.lock.lock().await;
-        let existing = self.own_endpoints().await?;
-        let (gone, rest): (Vec<Endpoint>, Vec<Endpoint>) = existing
-            .into_iter()
-            .partition(|e| e.container_id == container_id && e.ifname == ifname);
-        self.remove_endpoints(&gone, &rest).await?;
-        // Release even without a record: an add may have died between
-        // allocating and recording.
-        let released = self
-            .ipam
-            .release(&self.block, &Owner::new(container_id, ifname))
-            .await
-            .map_err(ipam_error)?
-            .or_else(|| gone.first().map(|e| e.address.ip()));
-        if let Some(addr) = released {
-            // In the background: the answer does not wait for conntrack (a
-            // few external commands). The address is not handed out again
-            // soon (IPAM moves on), so nothing can inherit the old flows.
-            tokio::spawn(flush_conntrack(addr));
-            tracing::info!(container = %container_id, %ifname, %addr, "endpoint deleted");
-        }
-        Ok(Deleted { released })
-    }
-
-    /// Deletes the records of `gone` and re-publishes the ports of `rest`.
-    async fn remove_endpoints(&self, gone: &[Endpoint], rest: &[Endpoint]) -> Result<(), ApiError> {
-        for ep in gone {
-            let key = self.endpoint_key(&ep.container_id, &ep.ifname);
-            self.note_store(self.store.delete(&key).await)
-                .map_err(store_error)?;
-        }
-        if gone.iter().any(|e| !e.port_mappings.is_empty()) {
-            self.apply_nat(rest).await.map_err(|e| {
-                ApiError::new(
-                    ErrorKind::Internal,
-                    format!("updating published ports failed: {e:#}"),
-                )
-            })?;
-        }
-        Ok(())
-    }
-
-    /// CNI GC: frees every endpoint and address of this host whose
-    /// attachment is not in `valid`.
-    pub async fn gc(&self, req: GcRequest) -> Result<GcResult, ApiError> {
-        let valid: HashSet<Attachment> = req.valid.into_iter().collect();
-        let _guard = self.lock.lock().await;
-        let existing = self.own_endpoints().await?;
-        let (gone, rest): (Vec<Endpoint>, Vec<Endpoint>) = existing.into_iter().partition(|e| {
-            !valid.contains(&Attachment {
-                container_id: e.container_id.clone(),
-                ifname: e.ifname.clone(),
-            })
-        });
-        self.remove_endpoints(&gone, &rest).await?;
-        let live: HashSet<Owner> = valid
-            .iter()
-            .map(|a| Owner::new(&a.container_id, &a.ifname))
-            .collect();
-        let freed = self.ipam.gc(&self.block, &live).await.map_err(ipam_error)?;
-        for a in &freed {
-            tokio::spawn(flush_conntrack(a.addr));
-        }
-        tracing::info!(
-            endpoints = gone.len(),
-            addresses = freed.len(),
-            "garbage collected"
-        );
-        Ok(GcResult { released: gone })
-    }
-
     pub async fn status(&self) -> Result<Status, ApiError> {
-        let endpoints = self.own_endpoints().await.map(|e| e.len()).unwrap_or(0);
+        let endpoints = self.endpoint_records().await.map(|e| e.len()).unwrap_or(0);
         Ok(Status {
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            host_id: self.host_id.clone(),
+            host_id: self.host_id.to_string(),
             block: self.block.block,
             gateway: self.block.gateway,
             bridge: self.cfg.bridge.clone(),
@@ -500,26 +294,6 @@ impl Daemon {
             capacity: weft_ipam::plan::capacity(self.block.block),
             iptables: format!("{:?}", self.nat.backend()).to_lowercase(),
         })
-    }
-
-    /// The resolv.conf settings a container gets: weft's DNS address, and
-    /// the search list stack, service within stack, then the domain.
-    fn dns_config(&self, stack: Option<&str>, service: Option<&str>) -> DnsConfig {
-        let domain = &self.cfg.domain;
-        let mut search = Vec::new();
-        if let Some(stack) = stack {
-            search.push(format!("{stack}.{domain}"));
-            if let Some(service) = service {
-                search.push(format!("{service}.{stack}.{domain}"));
-            }
-        }
-        search.push(domain.clone());
-        DnsConfig {
-            nameservers: vec![self.cfg.dns_addr],
-            domain: domain.clone(),
-            search,
-            options: vec!["ndots:1".into()],
-        }
     }
 
     /// What this host publishes in the store.
@@ -734,189 +508,5 @@ impl Daemon {
                 }
             }
         }
-    }
-}
-
-async fn flush_conntrack(addr: std::net::Ipv4Addr) {
-    match tokio::task::spawn_blocking(move || crate::nat::flush_conntrack(addr)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(%addr, error = %e, "flushing conntrack entries failed"),
-        Err(e) => tracing::warn!(%addr, error = %e, "conntrack task failed"),
-    }
-}
-
-fn validate_add(req: &AddEndpoint) -> Result<(), ApiError> {
-    let bad = |msg: String| Err(ApiError::new(ErrorKind::InvalidRequest, msg));
-    if !weft_api::valid_container_id(&req.container_id) {
-        return bad(format!(
-            "invalid container id {:?}: it must start with a letter or digit and hold only letters, digits, '_', '.' and '-'",
-            req.container_id
-        ));
-    }
-    if !weft_api::valid_ifname(&req.ifname) {
-        return bad(format!(
-            "invalid interface name {:?}: 1-15 characters, no '/', ':' or spaces",
-            req.ifname
-        ));
-    }
-    for (what, name) in [
-        ("name", &req.name),
-        ("service", &req.service),
-        ("stack", &req.stack),
-    ] {
-        if let Some(n) = name {
-            if !weft_api::valid_dns_name(n) {
-                return bad(format!(
-                    "invalid {what} {n:?}: use letters, digits, '-' and '_' (DNS labels)"
-                ));
-            }
-        }
-    }
-    for a in &req.aliases {
-        if !weft_api::valid_dns_name(a) {
-            return bad(format!(
-                "invalid alias {a:?}: use letters, digits, '-' and '_' (DNS labels)"
-            ));
-        }
-    }
-    let mut seen = HashSet::new();
-    for m in &req.port_mappings {
-        if m.host_port == 0 || m.container_port == 0 {
-            return bad(format!(
-                "invalid port mapping {}->{}/{}: ports must be 1-65535",
-                m.host_port,
-                m.container_port,
-                m.protocol.as_str()
-            ));
-        }
-        if !seen.insert((m.host_port, m.protocol)) {
-            return bad(format!(
-                "host port {}/{} is mapped twice",
-                m.host_port,
-                m.protocol.as_str()
-            ));
-        }
-    }
-    Ok(())
-}
-
-fn check_port_conflicts(req: &AddEndpoint, existing: &[Endpoint]) -> Result<(), ApiError> {
-    for m in &req.port_mappings {
-        for ep in existing {
-            let clash = ep.port_mappings.iter().any(|o| {
-                o.host_port == m.host_port
-                    && o.protocol == m.protocol
-                    && (o.host_ip.is_none() || m.host_ip.is_none() || o.host_ip == m.host_ip)
-            });
-            if clash {
-                return Err(ApiError::new(
-                    ErrorKind::InvalidRequest,
-                    format!(
-                        "host port {}/{} is already published by container {} ({})",
-                        m.host_port,
-                        m.protocol.as_str(),
-                        ep.container_id,
-                        ep.name.as_deref().unwrap_or("unnamed")
-                    ),
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
-fn store_error(e: StoreError) -> ApiError {
-    let kind = if e.is_transient() {
-        ErrorKind::TryAgainLater
-    } else {
-        ErrorKind::Internal
-    };
-    ApiError::new(kind, e.to_string())
-}
-
-fn ipam_error(e: IpamError) -> ApiError {
-    let kind = match &e {
-        IpamError::BlockFull { .. } | IpamError::NoFreeBlock { .. } => ErrorKind::PoolExhausted,
-        IpamError::InvalidId { .. } => ErrorKind::InvalidRequest,
-        e if e.is_transient() => ErrorKind::TryAgainLater,
-        _ => ErrorKind::Internal,
-    };
-    ApiError::new(kind, e.to_string())
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use weft_api::{PortMapping, Protocol};
-
-    use super::*;
-
-    fn add(ports: Vec<PortMapping>) -> AddEndpoint {
-        AddEndpoint {
-            container_id: "abc".into(),
-            ifname: "eth0".into(),
-            netns: String::new(),
-            name: Some("web-1".into()),
-            service: Some("web".into()),
-            stack: Some("shop".into()),
-            aliases: vec![],
-            port_mappings: ports,
-        }
-    }
-
-    fn pm(host: u16, ctr: u16, protocol: Protocol) -> PortMapping {
-        PortMapping {
-            host_port: host,
-            container_port: ctr,
-            protocol,
-            host_ip: None,
-        }
-    }
-
-    #[test]
-    fn validation_names_the_bad_field() {
-        validate_add(&add(vec![pm(8080, 80, Protocol::Tcp)])).unwrap();
-        let mut r = add(vec![]);
-        r.container_id = "../x".into();
-        assert!(validate_add(&r)
-            .unwrap_err()
-            .message
-            .contains("container id"));
-        let mut r = add(vec![]);
-        r.service = Some("we b".into());
-        assert!(validate_add(&r).unwrap_err().message.contains("service"));
-        let e = validate_add(&add(vec![pm(0, 80, Protocol::Tcp)])).unwrap_err();
-        assert_eq!(e.kind, ErrorKind::InvalidRequest);
-        let e = validate_add(&add(vec![
-            pm(80, 80, Protocol::Tcp),
-            pm(80, 81, Protocol::Tcp),
-        ]))
-        .unwrap_err();
-        assert!(e.message.contains("mapped twice"), "{}", e.message);
-        validate_add(&add(vec![
-            pm(80, 80, Protocol::Tcp),
-            pm(80, 80, Protocol::Udp),
-        ]))
-        .unwrap();
-    }
-
-    #[test]
-    fn error_kinds_map_from_ipam() {
-        let full = IpamError::BlockFull {
-            block: "10.42.0.0/24".parse().unwrap(),
-            capacity: 253,
-        };
-        assert_eq!(ipam_error(full).kind, ErrorKind::PoolExhausted);
-        let down = IpamError::Store(StoreError::Unavailable {
-            store: "etcd:x".into(),
-            detail: "refused".into(),
-        });
-        assert_eq!(ipam_error(down).kind, ErrorKind::TryAgainLater);
     }
 }

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod config;
 pub mod daemon;
+pub mod endpoints;
 pub mod host;
 pub mod install;
 pub mod mesh;

@@ -11,70 +11,13 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use ipnetwork::Ipv4Network;
-use serde::{Deserialize, Serialize};
 use weft_store::{DynStore, EventKind, Follower, LeaseId, StoreError, Update};
 
 use crate::host::{PeerRoute, VtepPeer};
 
-/// Which tunnel connects the hosts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TunnelBackend {
-    /// Userspace WireGuard (boringtun): encrypted. The default.
-    Wireguard,
-    /// Kernel VXLAN: plain, for trusted networks.
-    Vxlan,
-}
-
-impl TunnelBackend {
-    /// Bytes of encapsulation on an IPv4 underlay.
-    pub fn overhead(self) -> u32 {
-        match self {
-            // outer IPv4 20 + UDP 8 + WireGuard data header 16 + tag 16
-            TunnelBackend::Wireguard => 60,
-            // outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
-            TunnelBackend::Vxlan => 50,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TunnelBackend::Wireguard => "wireguard",
-            TunnelBackend::Vxlan => "vxlan",
-        }
-    }
-}
-
-impl std::str::FromStr for TunnelBackend {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "wireguard" | "wg" => Ok(TunnelBackend::Wireguard),
-            "vxlan" => Ok(TunnelBackend::Vxlan),
-            other => Err(format!("{other:?}: use wireguard or vxlan")),
-        }
-    }
-}
-
-/// What a host publishes about itself.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HostRecord {
-    pub host_id: String,
-    pub underlay: Ipv4Addr,
-    pub block: Ipv4Network,
-    pub backend: TunnelBackend,
-    /// WireGuard public key (base64), for the wireguard backend.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub wg_public_key: Option<String>,
-    pub wg_port: u16,
-    /// The VXLAN device's MAC, `aa:bb:cc:dd:ee:ff`.
-    pub vtep_mac: String,
-    pub vxlan_port: u16,
-    pub vni: u32,
-    /// The host's overlay MTU.
-    pub mtu: u32,
-    pub version: String,
-}
+/// The host record and the backend it names are weft-model's (the store
+/// format); this module keeps them in the store and follows them.
+pub use weft_model::{HostRecord, TunnelBackend};
 
 /// A peer as the data plane needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,20 +46,18 @@ pub fn desired_peers(
         let usable = h.backend == me.backend
             && h.block != me.block
             && match me.backend {
-                TunnelBackend::Wireguard => {
-                    h.wg_public_key.as_deref().and_then(decode_key).is_some()
-                }
+                TunnelBackend::Wireguard => h.wg_public_key.is_some()
                 TunnelBackend::Vxlan => parse_mac(&h.vtep_mac).is_some() && h.vni == me.vni,
             };
         if !usable {
-            skipped.push(h.host_id.clone());
+            skipped.push(h.host_id.to_string());
             continue;
         }
         peers.push(Peer {
-            host_id: h.host_id.clone(),
+            host_id: h.host_id.to_string(),
             underlay: h.underlay,
             block: h.block,
-            wg_public_key: h.wg_public_key.as_deref().and_then(decode_key),
+            wg_public_key: h.wg_public_key.map(|k| k.to_bytes()),
             wg_port: h.wg_port,
             vtep_mac: parse_mac(&h.vtep_mac),
         });
@@ -180,11 +121,6 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
         *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
     }
     parts.next().is_none().then_some(mac)
-}
-
-/// Decodes a base64 WireGuard key.
-pub fn decode_key(s: &str) -> Option<[u8; 32]> {
-    weft_wg::key_from_base64(s).ok()
 }
 
 /// Keeps this host's record in the store under a lease until `stop` fires,
@@ -337,11 +273,11 @@ mod tests {
 
     fn rec(id: &str, third: u8, backend: TunnelBackend) -> HostRecord {
         HostRecord {
-            host_id: id.into(),
+            host_id: id.parse().unwrap(),
             underlay: Ipv4Addr::new(192, 168, 77, 10 + third),
             block: Ipv4Network::new(Ipv4Addr::new(10, 42, third, 0), 24).unwrap(),
             backend,
-            wg_public_key: Some("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into()),
+            wg_public_key: Some(weft_model::WgKey::from_bytes([third; 32])),
             wg_port: 51820,
             vtep_mac: format_mac(&vtep_mac(id)),
             vxlan_port: 4789,
@@ -360,7 +296,7 @@ mod tests {
             rec("b", 1, TunnelBackend::Vxlan),
             rec("c", 2, TunnelBackend::Wireguard),
         ] {
-            hosts.insert(r.host_id.clone(), r);
+            hosts.insert(r.host_id.to_string(), r);
         }
         let mut bad = rec("d", 3, TunnelBackend::Vxlan);
         bad.vtep_mac = "zz".into();
@@ -380,16 +316,13 @@ mod tests {
     }
 
     #[test]
-    fn macs_and_keys_round_trip() {
+    fn macs_round_trip() {
         let mac = vtep_mac("host-1");
         assert_eq!(mac[0], 0x02, "locally administered unicast");
         assert_eq!(vtep_mac("host-1"), mac, "stable");
         assert_ne!(vtep_mac("host-2"), mac);
         assert_eq!(parse_mac(&format_mac(&mac)), Some(mac));
         assert_eq!(parse_mac("02:00:00:00:00"), None);
-        let key = decode_key("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=").unwrap();
-        assert_eq!(key[31], 31);
-        assert_eq!(decode_key("short"), None);
     }
 
     #[test]

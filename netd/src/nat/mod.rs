@@ -51,7 +51,7 @@ use std::fmt::{self, Write as _};
 use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
-use weft_api::{PortMapping, Protocol};
+use weft_model::{IfName, PortMapping, Protocol};
 
 pub use exec::{flush_conntrack, flush_conntrack_in, ApplyOutcome, Backend, Iptables};
 
@@ -154,7 +154,7 @@ impl PublishedPort {
     /// The host address the port is restricted to; `None` (also for a
     /// `0.0.0.0` host IP) means every address of the host.
     pub fn host_ip(&self) -> Option<Ipv4Addr> {
-        self.mapping.host_ip.filter(|ip| !ip.is_unspecified())
+        self.mapping.host_addr()
     }
 
     /// Checks the port on its own: both port numbers non-zero, the container
@@ -232,10 +232,12 @@ pub struct NatSpec {
 }
 
 impl NatSpec {
-    /// Checks the spec: the block inside the cluster range, a sane bridge
-    /// name, every port valid, and no two ports claiming the same host port
-    /// and protocol on overlapping host addresses. Exact duplicates are fine
-    /// (they render once).
+    /// Checks the spec: the block inside the cluster range, a bridge name
+    /// that keeps [`IfName`]'s rule (the one netd's config checks, so a
+    /// configured bridge never fails here), every port valid, and no two
+    /// ports in conflict ([`PortMapping::conflicts_with`], the rule netd's
+    /// endpoint checks use too). Exact duplicates are fine (they render
+    /// once).
     pub fn validate(&self) -> Result<(), NatError> {
         let cluster = self.cluster_range;
         if self.block.prefix() < cluster.prefix() || !cluster.contains(self.block.network()) {
@@ -245,11 +247,8 @@ impl NatSpec {
                 canonical(cluster)
             )));
         }
-        if !valid_ifname(&self.bridge) {
-            return Err(NatError::InvalidSpec(format!(
-                "invalid bridge name {:?}: 1 to 15 characters of A-Z a-z 0-9 _ . -",
-                self.bridge
-            )));
+        if let Err(e) = IfName::new(self.bridge.as_str()) {
+            return Err(NatError::InvalidSpec(format!("bridge: {e}")));
         }
         if cluster.contains(self.dns_addr) {
             return Err(NatError::InvalidSpec(format!(
@@ -273,11 +272,7 @@ impl NatSpec {
         for group in by_port.values() {
             for (i, a) in group.iter().enumerate() {
                 for b in group.iter().skip(i + 1) {
-                    let overlap = match (a.host_ip(), b.host_ip()) {
-                        (Some(x), Some(y)) => x == y,
-                        _ => true,
-                    };
-                    if overlap {
+                    if a.mapping.conflicts_with(&b.mapping) {
                         return Err(NatError::PortConflict {
                             first: a.to_string(),
                             second: b.to_string(),
@@ -433,16 +428,6 @@ pub fn required_sysctls(spec: &NatSpec) -> Vec<(String, String)> {
 /// `a.b.c.d/n` with the host bits cleared, as iptables prints networks.
 fn canonical(net: Ipv4Network) -> String {
     format!("{}/{}", net.network(), net.prefix())
-}
-
-/// Interface names that are safe to put in a rule file.
-fn valid_ifname(name: &str) -> bool {
-    (1..=15).contains(&name.len())
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
 #[cfg(test)]

@@ -1,0 +1,641 @@
+//! This host's endpoints: the control API's add, get, list, delete and GC.
+//!
+//! Endpoints are recorded in the store as [`EndpointRecord`]s under
+//! `<prefix>endpoints/<host id>/<container id>/<ifname>` (dnsd watches that
+//! prefix on every host); their addresses come from IPAM. Every change of
+//! this host's endpoints runs under the daemon's lock and ends with a NAT
+//! reconcile, so the published ports in iptables always match the records.
+//!
+//! The decisions are pure functions here: [`validate_add`] parses a request
+//! into model types (the names' rules are weft-model's), [`check_port_conflicts`]
+//! applies the one port-conflict rule ([`PortMapping::conflicts_with`], which
+//! the NAT rules use too, so a conflict is a 400 here and never a failed
+//! iptables apply later), and [`store_error`] / [`ipam_error`] map failures
+//! to API error kinds.
+
+use std::collections::HashSet;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use weft_api::{
+    AddEndpoint, ApiError, Attachment, Deleted, Endpoint, ErrorKind, GcRequest, GcResult,
+};
+use weft_ipam::{IpamError, Owner};
+use weft_model::{
+    find_port_conflict, ContainerId, DnsConfig, DnsName, EndpointRecord, HostId, IfName, NameError,
+    PortMapping,
+};
+use weft_store::StoreError;
+
+use crate::daemon::Daemon;
+
+/// An add request whose names and ports have been checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEndpoint {
+    pub container_id: ContainerId,
+    pub ifname: IfName,
+    pub netns: String,
+    pub name: Option<DnsName>,
+    pub service: Option<DnsName>,
+    pub stack: Option<DnsName>,
+    pub aliases: Vec<DnsName>,
+    pub port_mappings: Vec<PortMapping>,
+}
+
+fn invalid(msg: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorKind::InvalidRequest, msg)
+}
+
+fn name_error(field: &str) -> impl Fn(NameError) -> ApiError + '_ {
+    move |e| invalid(format!("{field}: {e}"))
+}
+
+/// Parses an add request: every name by its model rule, every port mapping
+/// with both ports non-zero and no two in conflict with each other.
+pub fn validate_add(req: &AddEndpoint) -> Result<NewEndpoint, ApiError> {
+    let dns = |field: &'static str, v: &Option<String>| {
+        v.as_deref()
+            .map(|n| DnsName::new(n).map_err(name_error(field)))
+            .transpose()
+    };
+    let new = NewEndpoint {
+        container_id: ContainerId::new(req.container_id.as_str())
+            .map_err(name_error("container_id"))?,
+        ifname: IfName::new(req.ifname.as_str()).map_err(name_error("ifname"))?,
+        netns: req.netns.clone(),
+        name: dns("name", &req.name)?,
+        service: dns("service", &req.service)?,
+        stack: dns("stack", &req.stack)?,
+        aliases: req
+            .aliases
+            .iter()
+            .map(|a| DnsName::new(a.as_str()).map_err(name_error("alias")))
+            .collect::<Result<_, _>>()?,
+        port_mappings: req.port_mappings.clone(),
+    };
+    for (i, m) in new.port_mappings.iter().enumerate() {
+        if m.host_port == 0 || m.container_port == 0 {
+            return Err(invalid(format!(
+                "invalid port mapping {}->{}/{}: ports must be 1-65535",
+                m.host_port,
+                m.container_port,
+                m.protocol.as_str()
+            )));
+        }
+        if new.port_mappings[..i].iter().any(|o| o.conflicts_with(m)) {
+            return Err(invalid(format!(
+                "host port {}/{} is mapped twice",
+                m.host_port,
+                m.protocol.as_str()
+            )));
+        }
+    }
+    Ok(new)
+}
+
+/// The one port-conflict rule against this host's other endpoints: a
+/// wanted host port that another endpoint publishes on an overlapping host
+/// address (`0.0.0.0` or none is every address) is an invalid request.
+pub fn check_port_conflicts(
+    wanted: &[PortMapping],
+    existing: &[EndpointRecord],
+) -> Result<(), ApiError> {
+    match find_port_conflict(wanted, existing) {
+        None => Ok(()),
+        Some((m, ep)) => Err(invalid(format!(
+            "host port {}{}/{} is already published by container {} ({})",
+            m.host_addr().map(|ip| format!("{ip}:")).unwrap_or_default(),
+            m.host_port,
+            m.protocol.as_str(),
+            ep.container_id,
+            ep.name.as_deref().unwrap_or("unnamed")
+        ))),
+    }
+}
+
+/// A store failure as the API says it: try again later when the store is
+/// unreachable, else internal.
+pub fn store_error(e: StoreError) -> ApiError {
+    let kind = if e.is_transient() {
+        ErrorKind::TryAgainLater
+    } else {
+        ErrorKind::Internal
+    };
+    ApiError::new(kind, e.to_string())
+}
+
+/// An IPAM failure as the API says it.
+pub fn ipam_error(e: IpamError) -> ApiError {
+    let kind = match &e {
+        IpamError::BlockFull { .. } | IpamError::NoFreeBlock { .. } => ErrorKind::PoolExhausted,
+        IpamError::InvalidId { .. } => ErrorKind::InvalidRequest,
+        e if e.is_transient() => ErrorKind::TryAgainLater,
+        _ => ErrorKind::Internal,
+    };
+    ApiError::new(kind, e.to_string())
+}
+
+/// The resolv.conf settings a container gets: weft's DNS address, and the
+/// search list stack, service within stack, then the domain.
+pub fn dns_config(
+    dns_addr: std::net::Ipv4Addr,
+    domain: &str,
+    stack: Option<&str>,
+    service: Option<&str>,
+) -> DnsConfig {
+    let mut search = Vec::new();
+    if let Some(stack) = stack {
+        search.push(format!("{stack}.{domain}"));
+        if let Some(service) = service {
+            search.push(format!("{service}.{stack}.{domain}"));
+        }
+    }
+    search.push(domain.to_owned());
+    DnsConfig {
+        nameservers: vec![dns_addr],
+        domain: domain.to_owned(),
+        search,
+        options: vec!["ndots:1".into()],
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+async fn flush_conntrack(addr: std::net::Ipv4Addr) {
+    match tokio::task::spawn_blocking(move || crate::nat::flush_conntrack(addr)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(%addr, error = %e, "flushing conntrack entries failed"),
+        Err(e) => tracing::warn!(%addr, error = %e, "conntrack task failed"),
+    }
+}
+
+impl Daemon {
+    fn endpoint_key(&self, container_id: &str, ifname: &str) -> String {
+        self.config()
+            .keys
+            .endpoint(self.host_id(), container_id, ifname)
+    }
+
+    /// This host's endpoint records as the store holds them (records that
+    /// do not parse are skipped with a warning).
+    pub async fn endpoint_records(&self) -> Result<Vec<EndpointRecord>, ApiError> {
+        let prefix = self.config().keys.host_endpoints(self.host_id());
+        let range = self
+            .note_store(self.store().get_prefix(&prefix).await)
+            .map_err(store_error)?;
+        let mut out = Vec::with_capacity(range.kvs.len());
+        for kv in range.kvs {
+            match serde_json::from_slice::<EndpointRecord>(&kv.value) {
+                Ok(ep) => out.push(ep),
+                Err(e) => {
+                    tracing::warn!(key = %kv.key, error = %e, "skipping a corrupt endpoint record")
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// This host's endpoints, as the API answers them.
+    pub async fn own_endpoints(&self) -> Result<Vec<Endpoint>, ApiError> {
+        Ok(self
+            .endpoint_records()
+            .await?
+            .into_iter()
+            .map(Endpoint::from)
+            .collect())
+    }
+
+    pub async fn get_endpoint(
+        &self,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<Endpoint, ApiError> {
+        let key = self.endpoint_key(container_id, ifname);
+        let kv = self
+            .note_store(self.store().get(&key).await)
+            .map_err(store_error)?
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "no endpoint for container {container_id} interface {ifname} on host {}",
+                        self.host_id()
+                    ),
+                )
+            })?;
+        serde_json::from_slice::<EndpointRecord>(&kv.value)
+            .map(Endpoint::from)
+            .map_err(|e| {
+                ApiError::new(
+                    ErrorKind::Internal,
+                    format!("endpoint record {key} is corrupt: {e}"),
+                )
+            })
+    }
+
+    /// Allocates an address and records the endpoint. A retried add for the
+    /// same container and interface gets the same endpoint back.
+    pub async fn add_endpoint(&self, req: AddEndpoint) -> Result<Endpoint, ApiError> {
+        let req = validate_add(&req)?;
+        let host_id = HostId::new(self.host_id())
+            .map_err(|e| ApiError::new(ErrorKind::Internal, format!("this host's id: {e}")))?;
+        let _guard = self.lock.lock().await;
+        let existing = self.endpoint_records().await?;
+        if let Some(ep) = existing
+            .iter()
+            .find(|e| e.container_id == req.container_id && e.ifname == req.ifname)
+        {
+            return Ok(Endpoint::from(ep.clone()));
+        }
+        check_port_conflicts(&req.port_mappings, &existing)?;
+        let owner = Owner::new(req.container_id.as_str(), req.ifname.as_str());
+        let alloc = self
+            .ipam
+            .allocate(self.block(), &owner)
+            .await
+            .map_err(ipam_error)?;
+        let cfg = self.config();
+        let dns = dns_config(
+            cfg.dns_addr,
+            &cfg.domain,
+            req.stack.as_deref(),
+            req.service.as_deref(),
+        );
+        let bridge = IfName::new(cfg.bridge.as_str()).map_err(|e| {
+            ApiError::new(ErrorKind::Internal, format!("the configured bridge: {e}"))
+        })?;
+        let record = EndpointRecord {
+            container_id: req.container_id,
+            ifname: req.ifname,
+            netns: req.netns,
+            host_id,
+            address: alloc.cidr(),
+            gateway: alloc.gateway,
+            mtu: self.mtu(),
+            bridge,
+            name: req.name,
+            service: req.service,
+            stack: req.stack,
+            aliases: req.aliases,
+            port_mappings: req.port_mappings,
+            dns,
+            created_at_ms: now_ms(),
+        };
+        let key = self.endpoint_key(&record.container_id, &record.ifname);
+        let value = serde_json::to_vec(&record)
+            .map_err(|e| ApiError::new(ErrorKind::Internal, format!("encoding endpoint: {e}")))?;
+        let written = self.note_store(self.store().put(&key, &value, None).await);
+        if let Err(e) = written {
+            // Nothing half-made: give the address back (best effort; GC
+            // catches it if the store is gone entirely).
+            let _ = self.ipam.release(self.block(), &owner).await;
+            return Err(store_error(e));
+        }
+        let mut all = existing;
+        all.push(record.clone());
+        if !record.port_mappings.is_empty() {
+            if let Err(e) = self.apply_nat(&all).await {
+                tracing::error!(error = %e, container = %record.container_id, "publishing ports failed; undoing the endpoint");
+                let _ = self.store().delete(&key).await;
+                let _ = self.ipam.release(self.block(), &owner).await;
+                all.pop();
+                let _ = self.apply_nat(&all).await;
+                return Err(ApiError::new(
+                    ErrorKind::Internal,
+                    format!("publishing ports failed: {e:#}"),
+                ));
+            }
+        }
+        tracing::info!(
+            container = %record.container_id, ifname = %record.ifname, address = %record.address,
+            name = record.name.as_deref().unwrap_or(""), service = record.service.as_deref().unwrap_or(""),
+            stack = record.stack.as_deref().unwrap_or(""), ports = record.port_mappings.len(),
+            "endpoint added"
+        );
+        Ok(Endpoint::from(record))
+    }
+
+    /// Removes the endpoint: record, published ports, conntrack entries and
+    /// address. Deleting an unknown endpoint succeeds.
+    pub async fn delete_endpoint(
+        &self,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<Deleted, ApiError> {
+        let container_id = ContainerId::new(container_id).map_err(name_error("container_id"))?;
+        let ifname = IfName::new(ifname).map_err(name_error("ifname"))?;
+        let _guard = self.lock.lock().await;
+        let existing = self.endpoint_records().await?;
+        let (gone, rest): (Vec<_>, Vec<_>) = existing
+            .into_iter()
+            .partition(|e| e.container_id == container_id && e.ifname == ifname);
+        self.remove_endpoints(&gone, &rest).await?;
+        // Release even without a record: an add may have died between
+        // allocating and recording.
+        let released = self
+            .ipam
+            .release(
+                self.block(),
+                &Owner::new(container_id.as_str(), ifname.as_str()),
+            )
+            .await
+            .map_err(ipam_error)?
+            .or_else(|| gone.first().map(|e| e.address.ip()));
+        if let Some(addr) = released {
+            // In the background: the answer does not wait for conntrack (a
+            // few external commands). The address is not handed out again
+            // soon (IPAM moves on), so nothing can inherit the old flows.
+            tokio::spawn(flush_conntrack(addr));
+            tracing::info!(container = %container_id, %ifname, %addr, "endpoint deleted");
+        }
+        Ok(Deleted { released })
+    }
+
+    /// Deletes the records of `gone` and re-publishes the ports of `rest`.
+    async fn remove_endpoints(
+        &self,
+        gone: &[EndpointRecord],
+        rest: &[EndpointRecord],
+    ) -> Result<(), ApiError> {
+        for ep in gone {
+            let key = self.endpoint_key(&ep.container_id, &ep.ifname);
+            self.note_store(self.store().delete(&key).await)
+                .map_err(store_error)?;
+        }
+        if gone.iter().any(|e| !e.port_mappings.is_empty()) {
+            self.apply_nat(rest).await.map_err(|e| {
+                ApiError::new(
+                    ErrorKind::Internal,
+                    format!("updating published ports failed: {e:#}"),
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// CNI GC: frees every endpoint and address of this host whose
+    /// attachment is not in `valid`.
+    pub async fn gc(&self, req: GcRequest) -> Result<GcResult, ApiError> {
+        let valid: HashSet<Attachment> = req.valid.into_iter().collect();
+        let _guard = self.lock.lock().await;
+        let existing = self.endpoint_records().await?;
+        let (gone, rest): (Vec<_>, Vec<_>) = existing.into_iter().partition(|e| {
+            !valid.contains(&Attachment {
+                container_id: e.container_id.to_string(),
+                ifname: e.ifname.to_string(),
+            })
+        });
+        self.remove_endpoints(&gone, &rest).await?;
+        let live: HashSet<Owner> = valid
+            .iter()
+            .map(|a| Owner::new(&a.container_id, &a.ifname))
+            .collect();
+        let freed = self
+            .ipam
+            .gc(self.block(), &live)
+            .await
+            .map_err(ipam_error)?;
+        for a in &freed {
+            tokio::spawn(flush_conntrack(a.addr));
+        }
+        tracing::info!(
+            endpoints = gone.len(),
+            addresses = freed.len(),
+            "garbage collected"
+        );
+        Ok(GcResult {
+            released: gone.into_iter().map(Endpoint::from).collect(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use weft_api::{PortMapping, Protocol};
+
+    use super::*;
+
+    fn add(ports: Vec<PortMapping>) -> AddEndpoint {
+        AddEndpoint {
+            container_id: "abc".into(),
+            ifname: "eth0".into(),
+            netns: String::new(),
+            name: Some("web-1".into()),
+            service: Some("web".into()),
+            stack: Some("shop".into()),
+            aliases: vec![],
+            port_mappings: ports,
+        }
+    }
+
+    fn pm(host: u16, ctr: u16, protocol: Protocol) -> PortMapping {
+        PortMapping {
+            host_port: host,
+            container_port: ctr,
+            protocol,
+            host_ip: None,
+        }
+    }
+
+    fn on(ip: [u8; 4], m: PortMapping) -> PortMapping {
+        PortMapping {
+            host_ip: Some(Ipv4Addr::from(ip)),
+            ..m
+        }
+    }
+
+    fn record(id: &str, ports: Vec<PortMapping>) -> EndpointRecord {
+        let mut v = serde_json::json!({
+            "container_id": id, "ifname": "eth0", "netns": "", "host_id": "h0",
+            "address": "10.42.0.2/24", "gateway": "10.42.0.1", "mtu": 1420,
+            "bridge": "weft0", "name": "db",
+            "dns": {"nameservers": [], "domain": "weft.internal", "search": []},
+            "created_at_ms": 0
+        });
+        v["port_mappings"] = serde_json::to_value(ports).unwrap();
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn validation_names_the_bad_field() {
+        let ok = validate_add(&add(vec![pm(8080, 80, Protocol::Tcp)])).unwrap();
+        assert_eq!(ok.container_id, "abc");
+        assert_eq!(ok.service.as_deref(), Some("web"));
+        let mut r = add(vec![]);
+        r.container_id = "../x".into();
+        let e = validate_add(&r).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidRequest);
+        assert!(e.message.contains("container id"), "{}", e.message);
+        assert!(
+            e.message.contains("a letter or digit first"),
+            "{}",
+            e.message
+        );
+        let mut r = add(vec![]);
+        r.ifname = "eth0/x".into();
+        assert!(validate_add(&r)
+            .unwrap_err()
+            .message
+            .contains("interface name"));
+        let mut r = add(vec![]);
+        r.service = Some("we b".into());
+        assert!(validate_add(&r).unwrap_err().message.contains("service"));
+        let mut r = add(vec![]);
+        r.aliases = vec!["ok".into(), "not ok".into()];
+        assert!(validate_add(&r).unwrap_err().message.contains("alias"));
+        let e = validate_add(&add(vec![pm(0, 80, Protocol::Tcp)])).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidRequest);
+        let e = validate_add(&add(vec![
+            pm(80, 80, Protocol::Tcp),
+            pm(80, 81, Protocol::Tcp),
+        ]))
+        .unwrap_err();
+        assert!(e.message.contains("mapped twice"), "{}", e.message);
+        validate_add(&add(vec![
+            pm(80, 80, Protocol::Tcp),
+            pm(80, 80, Protocol::Udp),
+        ]))
+        .unwrap();
+        // Within one request, the same rule as across endpoints: 0.0.0.0
+        // overlaps a specific address, two specific addresses do not.
+        let e = validate_add(&add(vec![
+            on([0, 0, 0, 0], pm(80, 80, Protocol::Tcp)),
+            on([10, 0, 0, 1], pm(80, 81, Protocol::Tcp)),
+        ]))
+        .unwrap_err();
+        assert!(e.message.contains("mapped twice"), "{}", e.message);
+        validate_add(&add(vec![
+            on([10, 0, 0, 1], pm(80, 80, Protocol::Tcp)),
+            on([10, 0, 0, 2], pm(80, 81, Protocol::Tcp)),
+        ]))
+        .unwrap();
+    }
+
+    /// The bug of the issue: the endpoint check let `0.0.0.0:8080` and
+    /// `10.0.0.1:8080` through while NAT refused them, so a direct API
+    /// client got a 500. Now the one rule refuses it up front as a 400.
+    #[test]
+    fn a_0_0_0_0_port_conflicts_with_a_specific_address_as_a_400() {
+        let existing = [record(
+            "db1",
+            vec![on([0, 0, 0, 0], pm(8080, 80, Protocol::Tcp))],
+        )];
+        let wanted = [on([10, 0, 0, 1], pm(8080, 8080, Protocol::Tcp))];
+        let e = check_port_conflicts(&wanted, &existing).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidRequest);
+        assert_eq!(e.kind.http_status(), 400);
+        assert!(
+            e.message
+                .contains("10.0.0.1:8080/tcp is already published by container db1 (db)"),
+            "{}",
+            e.message
+        );
+        // The body the API sends.
+        let body = serde_json::to_value(&e).unwrap();
+        assert_eq!(body["kind"], "invalid_request");
+        assert!(body["message"].as_str().unwrap().contains("db1"));
+        // And the other way round.
+        let existing = [record(
+            "db2",
+            vec![on([10, 0, 0, 1], pm(8080, 80, Protocol::Tcp))],
+        )];
+        let wanted = [on([0, 0, 0, 0], pm(8080, 80, Protocol::Tcp))];
+        assert_eq!(
+            check_port_conflicts(&wanted, &existing).unwrap_err().kind,
+            ErrorKind::InvalidRequest
+        );
+        // Two specific addresses, another protocol or port: no conflict.
+        let wanted = [
+            on([10, 0, 0, 2], pm(8080, 80, Protocol::Tcp)),
+            pm(8080, 80, Protocol::Udp),
+            pm(8081, 80, Protocol::Tcp),
+        ];
+        check_port_conflicts(&wanted, &existing).unwrap();
+    }
+
+    /// NAT agrees: what the endpoint check lets through, the NAT spec
+    /// accepts, and what NAT would refuse, the endpoint check refuses.
+    #[test]
+    fn the_endpoint_check_and_nat_use_the_same_rule() {
+        use crate::nat::{NatSpec, PublishedPort};
+        let cases = [
+            (None, Some([10, 0, 0, 1])),
+            (Some([0, 0, 0, 0]), Some([10, 0, 0, 1])),
+            (Some([10, 0, 0, 1]), Some([10, 0, 0, 2])),
+            (Some([10, 0, 0, 1]), Some([10, 0, 0, 1])),
+        ];
+        for (a, b) in cases {
+            let ma = PortMapping {
+                host_ip: a.map(Ipv4Addr::from),
+                ..pm(8080, 80, Protocol::Tcp)
+            };
+            let mb = PortMapping {
+                host_ip: b.map(Ipv4Addr::from),
+                ..pm(8080, 81, Protocol::Tcp)
+            };
+            let endpoint_ok =
+                check_port_conflicts(std::slice::from_ref(&mb), &[record("x", vec![ma.clone()])])
+                    .is_ok();
+            let spec = NatSpec {
+                cluster_range: "10.42.0.0/16".parse().unwrap(),
+                block: "10.42.0.0/24".parse().unwrap(),
+                bridge: "weft0".into(),
+                dns_addr: weft_model::DNS_ADDR,
+                ports: vec![
+                    PublishedPort {
+                        container: Ipv4Addr::new(10, 42, 0, 2),
+                        mapping: ma,
+                    },
+                    PublishedPort {
+                        container: Ipv4Addr::new(10, 42, 0, 3),
+                        mapping: mb,
+                    },
+                ],
+            };
+            assert_eq!(spec.validate().is_ok(), endpoint_ok, "{a:?} {b:?}");
+        }
+    }
+
+    #[test]
+    fn error_kinds_map_from_ipam() {
+        let full = IpamError::BlockFull {
+            block: "10.42.0.0/24".parse().unwrap(),
+            capacity: 253,
+        };
+        assert_eq!(ipam_error(full).kind, ErrorKind::PoolExhausted);
+        let down = IpamError::Store(StoreError::Unavailable {
+            store: "etcd:x".into(),
+            detail: "refused".into(),
+        });
+        assert_eq!(ipam_error(down).kind, ErrorKind::TryAgainLater);
+        let bad = IpamError::from(ContainerId::new("-x").unwrap_err());
+        assert_eq!(ipam_error(bad).kind, ErrorKind::InvalidRequest);
+    }
+
+    #[test]
+    fn dns_search_list() {
+        let d = dns_config(
+            weft_model::DNS_ADDR,
+            "weft.internal",
+            Some("shop"),
+            Some("web"),
+        );
+        assert_eq!(
+            d.search,
+            [
+                "shop.weft.internal",
+                "web.shop.weft.internal",
+                "weft.internal"
+            ]
+        );
+        assert_eq!(d.nameservers, [weft_model::DNS_ADDR]);
+        let d = dns_config(weft_model::DNS_ADDR, "weft.internal", None, Some("web"));
+        assert_eq!(d.search, ["weft.internal"]);
+    }
+}
