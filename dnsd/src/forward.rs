@@ -417,11 +417,8 @@ pub fn scan_answer(a: &[u8]) -> Option<AnswerScan> {
 
 /// A random query id (from getrandom(2); the clock if that fails).
 fn random_u16() -> u16 {
-    let mut b = [0u8; 2];
-    // SAFETY: the buffer is valid for writes of 2 bytes.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 2, 0) };
-    if n == 2 {
-        return u16::from_be_bytes(b);
+    if let Ok(id) = weft_sys::random::u16() {
+        return id;
     }
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

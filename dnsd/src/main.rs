@@ -68,22 +68,6 @@ fn parse_store(spec: &str) -> Result<StoreConfig> {
     }
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGTERM; stopping on Ctrl-C only");
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
@@ -117,7 +101,7 @@ async fn main() -> Result<()> {
     let server = DnsServer::start(cfg, store)
         .await
         .context("starting dnsd")?;
-    shutdown_signal().await;
+    weft_sys::signal::shutdown_signal()?.await;
     server.stop().await;
     Ok(())
 }

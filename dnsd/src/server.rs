@@ -4,8 +4,7 @@
 //! (bounded connections, idle timeout, pipelined queries).
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::AsRawFd;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,6 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
+use weft_sys::udp::{RecvBatch, SendBatch, Socket as UdpSocket, Wait};
 
 use crate::answer::{handle, Acl, Action};
 use crate::counters::{BatchCounts, Path, QueryCounters};
@@ -63,8 +63,9 @@ pub(crate) struct Ctx {
     pub max_tcp: usize,
 }
 
-/// A UDP socket for `addr` in a SO_REUSEPORT group.
-pub(crate) fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+/// A UDP socket for `addr` in a SO_REUSEPORT group (no offloads: every
+/// query and answer is its own datagram).
+pub(crate) fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     s.set_reuse_port(true)?;
     if addr.is_ipv6() {
@@ -74,7 +75,7 @@ pub(crate) fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     let _ = s.set_recv_buffer_size(4 << 20);
     s.set_read_timeout(Some(UDP_POLL))?;
     s.bind(&addr.into())?;
-    Ok(s.into())
+    Ok(UdpSocket::new(s.into()))
 }
 
 /// A TCP listener for `addr`.
@@ -90,125 +91,44 @@ pub(crate) fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(s.into())
 }
 
-struct UdpBuffers {
-    rx: Vec<[u8; RX_SIZE]>,
-    tx: Vec<[u8; TX_SIZE]>,
-    addrs: Vec<libc::sockaddr_storage>,
-    rx_iov: Vec<libc::iovec>,
-    rx_msgs: Vec<libc::mmsghdr>,
-    tx_iov: Vec<libc::iovec>,
-    tx_msgs: Vec<libc::mmsghdr>,
-    /// For each answer: the index of the datagram it answers, its length.
-    tx_src: [usize; BATCH],
-    tx_len: [usize; BATCH],
+/// Answers written by one UDP thread, each to the client that asked.
+struct Answers {
+    /// `BATCH` slots of `TX_SIZE` bytes.
+    buf: Vec<u8>,
+    lens: [usize; BATCH],
+    to: [SocketAddr; BATCH],
 }
 
-impl UdpBuffers {
-    fn new() -> Box<Self> {
-        // SAFETY: these libc structs are plain data for which all-zero bytes
-        // are a valid (empty) value.
-        let zero_storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        // SAFETY: as above.
-        let zero_msg: libc::mmsghdr = unsafe { std::mem::zeroed() };
-        let zero_iov = libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        };
-        let mut b = Box::new(UdpBuffers {
-            rx: vec![[0u8; RX_SIZE]; BATCH],
-            tx: vec![[0u8; TX_SIZE]; BATCH],
-            addrs: vec![zero_storage; BATCH],
-            rx_iov: vec![zero_iov; BATCH],
-            rx_msgs: vec![zero_msg; BATCH],
-            tx_iov: vec![zero_iov; BATCH],
-            tx_msgs: vec![zero_msg; BATCH],
-            tx_src: [0; BATCH],
-            tx_len: [0; BATCH],
-        });
-        // The vectors never grow, so these pointers stay valid as long as `b`.
-        let b_ref = &mut *b;
-        for i in 0..BATCH {
-            b_ref.rx_iov[i] = libc::iovec {
-                iov_base: b_ref.rx[i].as_mut_ptr().cast(),
-                iov_len: RX_SIZE,
-            };
-            let h = &mut b_ref.rx_msgs[i].msg_hdr;
-            h.msg_name = (&mut b_ref.addrs[i] as *mut libc::sockaddr_storage).cast();
-            h.msg_iov = &mut b_ref.rx_iov[i];
-            h.msg_iovlen = 1;
-        }
-        b
-    }
-}
-
-fn sockaddr_to_std(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
-    match s.ss_family as libc::c_int {
-        libc::AF_INET => {
-            // SAFETY: the kernel wrote a sockaddr_in (family AF_INET), and
-            // sockaddr_storage is large and aligned enough for it.
-            let a = unsafe { &*(s as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-            Some(SocketAddr::V4(SocketAddrV4::new(
-                Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
-                u16::from_be(a.sin_port),
-            )))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: as above, for sockaddr_in6.
-            let a = unsafe { &*(s as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
-            Some(SocketAddr::V6(SocketAddrV6::new(
-                Ipv6Addr::from(a.sin6_addr.s6_addr),
-                u16::from_be(a.sin6_port),
-                a.sin6_flowinfo,
-                a.sin6_scope_id,
-            )))
-        }
-        _ => None,
-    }
-}
-
-/// One UDP thread: receive a batch, answer what the table knows into the
-/// preallocated buffers, send the batch; hand the rest to the forwarder.
-pub(crate) fn udp_loop(sock: Arc<std::net::UdpSocket>, ctx: Arc<Ctx>) {
-    let fd = sock.as_raw_fd();
-    let mut b = UdpBuffers::new();
-    let storage_len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+/// One UDP thread: receive a batch (one recvmmsg), answer what the table
+/// knows into the preallocated buffers, send the answers (one sendmmsg);
+/// hand the rest to the forwarder.
+pub(crate) fn udp_loop(sock: Arc<UdpSocket>, ctx: Arc<Ctx>) {
+    let mut rx = RecvBatch::new(BATCH, RX_SIZE);
+    let mut tx = SendBatch::new(BATCH);
+    let mut answers = Answers {
+        buf: vec![0u8; BATCH * TX_SIZE],
+        lens: [0; BATCH],
+        to: [SocketAddr::from(([0, 0, 0, 0], 0)); BATCH],
+    };
     let mut errors = 0u64;
     let mut counts = BatchCounts::default();
     while !ctx.stop.load(Ordering::Relaxed) {
-        for m in b.rx_msgs.iter_mut() {
-            m.msg_hdr.msg_namelen = storage_len;
-            m.msg_hdr.msg_flags = 0;
-            m.msg_len = 0;
-        }
-        // SAFETY: every header points into `b`'s buffers (set up in
-        // `UdpBuffers::new`, never moved: `b` is boxed and its vectors never
-        // grow), which outlive the call; BATCH is their length.
-        let n = unsafe {
-            libc::recvmmsg(
-                fd,
-                b.rx_msgs.as_mut_ptr(),
-                BATCH as libc::c_uint,
-                libc::MSG_WAITFORONE,
-                std::ptr::null_mut(),
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            match e.kind() {
-                io::ErrorKind::WouldBlock
-                | io::ErrorKind::TimedOut
-                | io::ErrorKind::Interrupted => {}
-                _ => {
-                    errors += 1;
-                    if errors.is_power_of_two() {
-                        tracing::warn!(error = %e, errors, "UDP receive failed");
+        let n = match rx.recv(&sock, Wait::ForFirst) {
+            Ok(n) => n,
+            Err(e) => {
+                match e.kind() {
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {}
+                    _ => {
+                        errors += 1;
+                        if errors.is_power_of_two() {
+                            tracing::warn!(error = %e, errors, "UDP receive failed");
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
                     }
-                    std::thread::sleep(Duration::from_millis(10));
                 }
+                continue;
             }
-            continue;
-        }
-        let n = n as usize;
+        };
         // One clock read per batch: every answer in it waited about as long.
         let received = Instant::now();
         ctx.stats.udp_queries.fetch_add(n as u64, Ordering::Relaxed);
@@ -216,22 +136,19 @@ pub(crate) fn udp_loop(sock: Arc<std::net::UdpSocket>, ctx: Arc<Ctx>) {
         let mut out = 0;
         let mut dropped = 0;
         for i in 0..n {
-            let len = b.rx_msgs[i].msg_len as usize;
-            if b.rx_msgs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0 || len > RX_SIZE {
-                dropped += 1;
-                continue;
-            }
-            let Some(src) = sockaddr_to_std(&b.addrs[i]) else {
+            let r = rx.get(i);
+            let (false, Some(src)) = (r.truncated, r.from) else {
                 dropped += 1;
                 continue;
             };
-            let packet = &b.rx[i][..len];
+            let packet = r.data;
             counts.query(packet);
-            match handle(&table, &ctx.acl, packet, src.ip(), false, &mut b.tx[out]) {
+            let slot = &mut answers.buf[out * TX_SIZE..(out + 1) * TX_SIZE];
+            match handle(&table, &ctx.acl, packet, src.ip(), false, slot) {
                 Action::Reply(l) => {
-                    counts.answer(&b.tx[out][..l]);
-                    b.tx_len[out] = l;
-                    b.tx_src[out] = i;
+                    counts.answer(&slot[..l]);
+                    answers.lens[out] = l;
+                    answers.to[out] = src;
                     out += 1;
                 }
                 Action::Forward => forward_udp(&ctx, &sock, packet, src, received),
@@ -249,39 +166,14 @@ pub(crate) fn udp_loop(sock: Arc<std::net::UdpSocket>, ctx: Arc<Ctx>) {
         if out == 0 {
             continue;
         }
-        for k in 0..out {
-            let src = b.tx_src[k];
-            b.tx_iov[k] = libc::iovec {
-                iov_base: b.tx[k].as_mut_ptr().cast(),
-                iov_len: b.tx_len[k],
-            };
-            let namelen = b.rx_msgs[src].msg_hdr.msg_namelen;
-            let h = &mut b.tx_msgs[k].msg_hdr;
-            h.msg_name = (&mut b.addrs[src] as *mut libc::sockaddr_storage).cast();
-            h.msg_namelen = namelen;
-            h.msg_iov = &mut b.tx_iov[k];
-            h.msg_iovlen = 1;
-        }
-        let mut sent = 0;
-        let mut tries = 0;
-        while sent < out && tries < 2 * BATCH {
-            tries += 1;
-            // SAFETY: headers `sent..out` point into `b` (set just above).
-            let r = unsafe {
-                libc::sendmmsg(
-                    fd,
-                    b.tx_msgs.as_mut_ptr().add(sent),
-                    (out - sent) as libc::c_uint,
-                    0,
-                )
-            };
-            if r > 0 {
-                sent += r as usize;
-            } else if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-                // This datagram cannot go (e.g. no route back): skip it.
-                sent += 1;
-            }
-        }
+        // An answer that cannot go (e.g. no route back) is skipped.
+        tx.send(
+            &sock,
+            &answers.buf,
+            TX_SIZE,
+            &answers.lens[..out],
+            &answers.to[..out],
+        );
         ctx.stats
             .queries
             .latency(Path::Local)
@@ -291,7 +183,7 @@ pub(crate) fn udp_loop(sock: Arc<std::net::UdpSocket>, ctx: Arc<Ctx>) {
 
 fn forward_udp(
     ctx: &Arc<Ctx>,
-    sock: &Arc<std::net::UdpSocket>,
+    sock: &Arc<UdpSocket>,
     packet: &[u8],
     src: SocketAddr,
     received: Instant,

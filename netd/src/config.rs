@@ -512,8 +512,7 @@ pub fn host_id(cfg: &Config) -> std::io::Result<String> {
         .take(40)
         .collect::<String>();
     let mut random = [0u8; 3];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random))?;
+    weft_sys::random::fill(&mut random)?;
     let id = format!(
         "{}-{:02x}{:02x}{:02x}",
         if hostname.is_empty() {

@@ -12,9 +12,9 @@ pub struct SignalError {
 }
 
 /// Installs handlers for SIGTERM and SIGINT now (inside a tokio runtime) and
-/// returns a future that ends, with a log line, when either arrives.
-/// Installing before the work starts means a signal sent during start-up is
-/// not lost.
+/// returns a future that ends, with a log line, when either arrives. From
+/// then on those signals no longer kill the process: install when it is
+/// ready to stop gracefully (a long start-up stays killable).
 pub fn shutdown_signal() -> Result<impl Future<Output = ()> + Send + 'static, SignalError> {
     use tokio::signal::unix::{signal, SignalKind};
     let install = |kind, name| {

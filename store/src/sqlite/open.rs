@@ -3,7 +3,7 @@
 //! one deadline, and gives up with [`StoreError::Locked`].
 
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, TransactionBehavior};
 
@@ -145,18 +145,9 @@ fn is_contention(e: &rusqlite::Error) -> bool {
 
 /// `pause` scaled by a random factor in [0.5, 1.5).
 fn jittered(pause: Duration) -> Duration {
-    use std::hash::{BuildHasher, Hasher};
-    // RandomState is seeded randomly per process; mixing in the pid and the
-    // clock makes successive draws differ too. Good enough for jitter.
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    h.write_u128(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    let per_mille = 500 + (h.finish() % 1000) as u32;
+    // Without the kernel's randomness (never on a supported kernel) the
+    // pause is used as it is.
+    let per_mille = 500 + (weft_sys::random::u64().unwrap_or(500) % 1000) as u32;
     pause * per_mille / 1000
 }
 
