@@ -221,24 +221,6 @@ impl ApiError {
     }
 }
 
-// Transitional forwards to the one rule in weft-model, for callers that
-// have not switched to the newtypes yet (netd's config). Remove when none
-// is left.
-#[doc(hidden)]
-pub fn valid_container_id(id: &str) -> bool {
-    weft_model::ContainerId::is_valid(id)
-}
-
-#[doc(hidden)]
-pub fn valid_ifname(name: &str) -> bool {
-    weft_model::IfName::is_valid(name)
-}
-
-#[doc(hidden)]
-pub fn valid_dns_name(name: &str) -> bool {
-    weft_model::DnsName::is_valid(name)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
