@@ -759,8 +759,8 @@ mod tests {
     #[test]
     fn close_without_answer_is_try_again() {
         let netd = fake::Netd::answer(2, "");
-        assert_try_again(&add_error(&netd.socket(), T), "before any answer");
-        assert_check_try_again(&check_error(&netd.socket()), "before any answer");
+        assert_try_again(&add_error(netd.socket(), T), "before any answer");
+        assert_check_try_again(&check_error(netd.socket()), "before any answer");
         netd.join();
     }
 
@@ -771,11 +771,11 @@ mod tests {
         for half in ["HTTP/1.", "HTTP/1.1 200 OK\r\ncontent-len"] {
             let netd = fake::Netd::answer(2, half);
             assert_try_again(
-                &add_error(&netd.socket(), T),
+                &add_error(netd.socket(), T),
                 "before the end of the headers",
             );
             assert_check_try_again(
-                &check_error(&netd.socket()),
+                &check_error(netd.socket()),
                 "before the end of the headers",
             );
             netd.join();
@@ -789,8 +789,8 @@ mod tests {
             2,
             "HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789",
         );
-        assert_try_again(&add_error(&netd.socket(), T), "after 10 of 100 body bytes");
-        assert_check_try_again(&check_error(&netd.socket()), "after 10 of 100 body bytes");
+        assert_try_again(&add_error(netd.socket(), T), "after 10 of 100 body bytes");
+        assert_check_try_again(&check_error(netd.socket()), "after 10 of 100 body bytes");
         netd.join();
     }
 
@@ -802,7 +802,7 @@ mod tests {
             fake::read_request(&mut s);
             let _ = wait.recv(); // hold the connection open, silent
         });
-        let e = add_error(&netd.socket(), Duration::from_millis(300));
+        let e = add_error(netd.socket(), Duration::from_millis(300));
         assert_try_again(&e, "no complete answer within 300ms");
         drop(release);
         netd.join();
@@ -816,8 +816,8 @@ mod tests {
             // rest stays unread.
             std::io::Read::read_exact(&mut s, &mut [0u8; 1]).unwrap();
         });
-        assert_try_again(&add_error(&netd.socket(), T), "reset");
-        assert_check_try_again(&check_error(&netd.socket()), "reset");
+        assert_try_again(&add_error(netd.socket(), T), "reset");
+        assert_check_try_again(&check_error(netd.socket()), "reset");
         netd.join();
     }
 
@@ -825,10 +825,10 @@ mod tests {
     #[test]
     fn complete_answer_with_bad_json_is_netd_error() {
         let netd = fake::Netd::answer(2, fake::http(200, "{\"not\": \"an endpoint\"}"));
-        let e = add_error(&netd.socket(), T);
+        let e = add_error(netd.socket(), T);
         assert_eq!(e.code, code::NETD_ERROR, "{e:?}");
         assert!(e.msg.contains("decoding answer"), "{e:?}");
-        assert_eq!(check_error(&netd.socket())["code"], code::NETD_ERROR);
+        assert_eq!(check_error(netd.socket())["code"], code::NETD_ERROR);
         netd.join();
     }
 
@@ -843,13 +843,13 @@ mod tests {
         ] {
             let body = serde_json::to_string(&weft_api::ApiError::new(kind, "because")).unwrap();
             let netd = fake::Netd::answer(2, fake::http(kind.http_status(), &body));
-            let e = add_error(&netd.socket(), T);
+            let e = add_error(netd.socket(), T);
             assert_eq!(e.code, want, "{kind:?}: {e:?}");
             assert!(
                 e.msg.contains("because") || e.details.as_deref().unwrap_or("").contains("because"),
                 "{e:?}"
             );
-            assert_eq!(check_error(&netd.socket())["code"], want, "{kind:?}");
+            assert_eq!(check_error(netd.socket())["code"], want, "{kind:?}");
             netd.join();
         }
     }
