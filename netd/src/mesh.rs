@@ -46,7 +46,7 @@ pub fn desired_peers(
         let usable = h.backend == me.backend
             && h.block != me.block
             && match me.backend {
-                TunnelBackend::Wireguard => h.wg_public_key.is_some()
+                TunnelBackend::Wireguard => h.wg_public_key.is_some(),
                 TunnelBackend::Vxlan => parse_mac(&h.vtep_mac).is_some() && h.vni == me.vni,
             };
         if !usable {
