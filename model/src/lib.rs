@@ -12,8 +12,7 @@
 //!   [`WgKey`]): one rule each, a typed error that says what is allowed,
 //!   checked on parsing and deserialising, plain strings in JSON.
 //! * Shared defaults ([`DNS_ADDR`], [`DEFAULT_PREFIX`],
-//!   [`DEFAULT_CLUSTER_RANGE`], [`DEFAULT_DOMAIN`]) and the overlay MTU
-//!   rule ([`mtu`]).
+//!   [`DEFAULT_CLUSTER_RANGE`], [`DEFAULT_DOMAIN`]).
 //! * The overlay MTU rule ([`mtu`]: the minimum, the range, the computation
 //!   from the underlay; each tunnel driver in netd brings its overhead).
 //!
