@@ -55,9 +55,28 @@ pub use table::{Table, TableConfig};
 use crate::server::Ctx;
 
 /// The default cluster domain.
-pub const DEFAULT_DOMAIN: &str = "weft.internal";
+pub use weft_model::DEFAULT_DOMAIN;
 /// The default TTL of dnsd's answers.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(1);
+/// Where dnsd listens by default: the service address every container
+/// resolves through, port 53.
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(weft_model::DNS_ADDR), 53);
+/// The host's resolv.conf, where the upstream resolvers are.
+pub const DEFAULT_RESOLV_CONF: &str = "/etc/resolv.conf";
+/// How long to wait for one upstream before trying the next.
+pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_millis(1500);
+/// The upstreams' port (resolv.conf cannot name another).
+pub const DEFAULT_UPSTREAM_PORT: u16 = 53;
+/// The TCP limit ([`DnsConfig::max_tcp_connections`]).
+pub const DEFAULT_MAX_TCP_CONNECTIONS: usize = 256;
+/// An idle TCP connection is closed after this long.
+pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// UDP threads per listen address (0: one per core, at most 4).
+pub const DEFAULT_UDP_THREADS: usize = 0;
+/// Forwarded answers cached at most.
+pub const DEFAULT_CACHE_SIZE: usize = 10_000;
+/// How long starting waits for the first table from the store.
+pub const DEFAULT_INITIAL_SYNC_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How dnsd runs.
 #[derive(Debug, Clone)]
@@ -105,19 +124,18 @@ impl Default for DnsConfig {
         DnsConfig {
             domain: DEFAULT_DOMAIN.into(),
             ttl: DEFAULT_TTL,
-            listen: vec![SocketAddr::new(IpAddr::V4(weft_model::DNS_ADDR), 53)],
-            resolv_conf: PathBuf::from("/etc/resolv.conf"),
+            listen: vec![DEFAULT_LISTEN],
+            resolv_conf: PathBuf::from(DEFAULT_RESOLV_CONF),
             keys: weft_model::Keys::default(),
-            cluster_range: Ipv4Network::new(Ipv4Addr::new(10, 42, 0, 0), 16)
-                .unwrap_or_else(|_| Ipv4Network::from(Ipv4Addr::new(10, 42, 0, 0))),
-            upstream_timeout: Duration::from_millis(1500),
-            upstream_port: 53,
-            max_tcp_connections: 256,
-            tcp_idle_timeout: Duration::from_secs(10),
-            udp_threads: 0,
-            cache_size: 10_000,
+            cluster_range: weft_model::DEFAULT_CLUSTER_RANGE,
+            upstream_timeout: DEFAULT_UPSTREAM_TIMEOUT,
+            upstream_port: DEFAULT_UPSTREAM_PORT,
+            max_tcp_connections: DEFAULT_MAX_TCP_CONNECTIONS,
+            tcp_idle_timeout: DEFAULT_TCP_IDLE_TIMEOUT,
+            udp_threads: DEFAULT_UDP_THREADS,
+            cache_size: DEFAULT_CACHE_SIZE,
             recursion_clients: Vec::new(),
-            initial_sync_timeout: Duration::from_secs(2),
+            initial_sync_timeout: DEFAULT_INITIAL_SYNC_TIMEOUT,
         }
     }
 }

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
-use crate::config::FileCni;
+use crate::layered;
 
 pub const DEFAULT_CNI_BIN_DIR: &str = "/opt/cni/bin";
 pub const DEFAULT_CNI_CONF_DIR: &str = "/etc/cni/net.d";
@@ -27,75 +27,24 @@ pub const NETWORK: &str = "weft";
 /// The cniVersion of a new conflist.
 pub const CNI_VERSION: &str = "1.0.0";
 
-/// What to install where (resolved: defaults, the `[cni]` table, then
-/// `WEFT_CNI_*` / flags).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What to install where: the `[cni]` table of the settings file, and the
+/// flags and `WEFT_CNI_*` variables of `install-cni` and `sidecar` (see
+/// [`crate::layered`] for the order).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, clap::Args)]
+#[cfg_attr(test, derive(serde::Serialize))]
+#[serde(default, deny_unknown_fields)]
+#[group(id = "cni")]
+#[command(next_help_heading = "CNI install ([cni] in the file)")]
 pub struct CniSettings {
-    pub bin_dir: PathBuf,
-    pub conf_dir: PathBuf,
-    pub conf_name: String,
-    /// The plugin binary (`None`: `weft` next to the running netd).
-    pub plugin: Option<PathBuf>,
-    pub with_portmap: bool,
-    pub with_tuning: bool,
-    pub extra_plugins_dir: PathBuf,
-}
-
-impl Default for CniSettings {
-    fn default() -> Self {
-        CniSettings::from_file(FileCni::default())
-    }
-}
-
-impl CniSettings {
-    pub fn from_file(f: FileCni) -> CniSettings {
-        CniSettings {
-            bin_dir: f.bin_dir.unwrap_or_else(|| DEFAULT_CNI_BIN_DIR.into()),
-            conf_dir: f.conf_dir.unwrap_or_else(|| DEFAULT_CNI_CONF_DIR.into()),
-            conf_name: f.conf_name.unwrap_or_else(|| DEFAULT_CONF_NAME.into()),
-            plugin: f.plugin,
-            with_portmap: f.with_portmap.unwrap_or(false),
-            with_tuning: f.with_tuning.unwrap_or(false),
-            extra_plugins_dir: f
-                .extra_plugins_dir
-                .unwrap_or_else(|| DEFAULT_EXTRA_PLUGINS_DIR.into()),
-        }
-    }
-
-    /// Applies flags and `WEFT_CNI_*` variables over these settings.
-    pub fn apply(&mut self, o: CniOverrides) {
-        if let Some(d) = o.cni_bin_dir {
-            self.bin_dir = d;
-        }
-        if let Some(d) = o.cni_conf_dir {
-            self.conf_dir = d;
-        }
-        if let Some(n) = o.cni_conf_name {
-            self.conf_name = n;
-        }
-        if let Some(p) = o.plugin {
-            self.plugin = Some(p);
-        }
-        self.with_portmap |= o.with_portmap;
-        self.with_tuning |= o.with_tuning;
-        if let Some(d) = o.extra_plugins_dir {
-            self.extra_plugins_dir = d;
-        }
-    }
-}
-
-/// Flags and environment variables of `install-cni` and `sidecar`.
-#[derive(Debug, Default, Clone, clap::Args)]
-pub struct CniOverrides {
     /// The host's CNI plugin directory.
-    #[arg(long, env = "WEFT_CNI_BIN_DIR")]
-    pub cni_bin_dir: Option<PathBuf>,
+    #[arg(long = "cni-bin-dir", env = "WEFT_CNI_BIN_DIR", default_value = DEFAULT_CNI_BIN_DIR)]
+    pub bin_dir: PathBuf,
     /// The host's CNI network config directory.
-    #[arg(long, env = "WEFT_CNI_CONF_DIR")]
-    pub cni_conf_dir: Option<PathBuf>,
+    #[arg(long = "cni-conf-dir", env = "WEFT_CNI_CONF_DIR", default_value = DEFAULT_CNI_CONF_DIR)]
+    pub conf_dir: PathBuf,
     /// The conflist's file name in the config directory.
-    #[arg(long, env = "WEFT_CNI_CONF_NAME")]
-    pub cni_conf_name: Option<String>,
+    #[arg(long = "cni-conf-name", env = "WEFT_CNI_CONF_NAME", default_value = DEFAULT_CONF_NAME)]
+    pub conf_name: String,
     /// The weft plugin binary to install (default: `weft` next to netd).
     #[arg(long, env = "WEFT_CNI_PLUGIN")]
     pub plugin: Option<PathBuf>,
@@ -107,8 +56,14 @@ pub struct CniOverrides {
     #[arg(long, env = "WEFT_CNI_WITH_TUNING")]
     pub with_tuning: bool,
     /// Where to copy `portmap`/`tuning` from if the host's bin dir has none.
-    #[arg(long, env = "WEFT_CNI_EXTRA_PLUGINS_DIR")]
-    pub extra_plugins_dir: Option<PathBuf>,
+    #[arg(long, env = "WEFT_CNI_EXTRA_PLUGINS_DIR", default_value = DEFAULT_EXTRA_PLUGINS_DIR)]
+    pub extra_plugins_dir: PathBuf,
+}
+
+impl Default for CniSettings {
+    fn default() -> Self {
+        layered::builtin()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

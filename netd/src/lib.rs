@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod endpoints;
 pub mod host;
 pub mod install;
+pub mod layered;
 pub mod mesh;
 pub mod metrics;
 pub mod nat;

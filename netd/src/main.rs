@@ -7,8 +7,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use weft_api::client::Client;
-use weft_netd::config::{Config, FileConfig, Overrides, DEFAULT_CONFIG};
-use weft_netd::install::CniOverrides;
+use weft_netd::config::{Config, Settings};
+use weft_netd::install::CniSettings;
+use weft_netd::layered::Overrides;
 
 #[derive(Parser)]
 #[command(
@@ -29,23 +30,23 @@ enum Command {
     /// Run the daemon (until SIGTERM/SIGINT; kernel state stays in place).
     Run {
         #[command(flatten)]
-        overrides: Overrides,
+        overrides: Overrides<Settings>,
     },
     /// Install the CNI plugin and its conflist on the host (idempotent):
     /// copies `weft` into the CNI bin dir atomically and writes
     /// `<conf dir>/10-weft.conflist`, keeping plugins an operator added.
     InstallCni {
         #[command(flatten)]
-        overrides: Overrides,
+        overrides: Overrides<Settings>,
         #[command(flatten)]
-        cni: CniOverrides,
+        cni: Overrides<CniSettings>,
     },
     /// The container entrypoint: install-cni, then run.
     Sidecar {
         #[command(flatten)]
-        overrides: Overrides,
+        overrides: Overrides<Settings>,
         #[command(flatten)]
-        cni: CniOverrides,
+        cni: Overrides<CniSettings>,
     },
     /// Show this host's status.
     Status {
@@ -74,7 +75,7 @@ enum Command {
     /// iptables chains, the control socket. Stop netd first.
     Teardown {
         #[command(flatten)]
-        overrides: Overrides,
+        overrides: Overrides<Settings>,
         /// Also give this host's block and endpoint records back to the store.
         #[arg(long)]
         release_block: bool,
@@ -92,21 +93,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn load_config(path: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<Config> {
-    let explicit = path.is_some();
-    let path = path.unwrap_or_else(|| DEFAULT_CONFIG.into());
-    let file = FileConfig::load(&path, explicit)?;
-    Ok(Config::resolve(file, overrides)?)
-}
-
-fn load_with_cni(
+/// Defaults, the settings file, then the environment and flags.
+fn load_config(
     path: Option<PathBuf>,
-    overrides: Overrides,
-    cni: CniOverrides,
+    overrides: &Overrides<Settings>,
+    cni: Option<&Overrides<CniSettings>>,
 ) -> anyhow::Result<Config> {
-    let mut cfg = load_config(path, overrides)?;
-    cfg.cni.apply(cni);
-    Ok(cfg)
+    Ok(Config::load(path.as_deref(), overrides, cni)?)
 }
 
 fn init_logs(level: &str) {
@@ -130,18 +123,18 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { overrides } => {
-            let cfg = load_config(cli.config, overrides)?;
+            let cfg = load_config(cli.config, &overrides, None)?;
             init_logs(&cfg.log_level);
             runtime()?.block_on(weft_netd::run(cfg))
         }
         Command::InstallCni { overrides, cni } => {
-            let cfg = load_with_cni(cli.config, overrides, cni)?;
+            let cfg = load_config(cli.config, &overrides, Some(&cni))?;
             init_logs(&cfg.log_level);
             weft_netd::install_cni(&cfg)?;
             Ok(())
         }
         Command::Sidecar { overrides, cni } => {
-            let cfg = load_with_cni(cli.config, overrides, cni)?;
+            let cfg = load_config(cli.config, &overrides, Some(&cni))?;
             init_logs(&cfg.log_level);
             weft_netd::install_cni(&cfg)?;
             runtime()?.block_on(weft_netd::run(cfg))
@@ -247,7 +240,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             overrides,
             release_block,
         } => {
-            let cfg = load_config(cli.config, overrides)?;
+            let cfg = load_config(cli.config, &overrides, None)?;
             init_logs(&cfg.log_level);
             runtime()?.block_on(weft_netd::teardown(&cfg, release_block))
         }
