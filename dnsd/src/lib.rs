@@ -24,11 +24,14 @@
 //!   batches; TCP on tokio with bounded connections and idle timeouts.
 //! * [`forward`]: other names to the upstreams, cached, with failover.
 //! * [`resolv`]: the upstreams from the host's resolv.conf, re-read on change.
+//! * [`metrics`]: the counters as OpenMetrics text, for netd's exporter and
+//!   the standalone binary's `/metrics`.
 //! * `sync`: list-then-watch of the store's endpoints, with backoff.
 
 pub mod answer;
 pub mod counters;
 pub mod forward;
+pub mod metrics;
 pub mod resolv;
 mod server;
 mod sync;

@@ -1,13 +1,19 @@
-//! The daemon's state and the operations the control API exposes.
+//! The daemon: bootstrap ([`Daemon::start`]: store, block lease, underlay
+//! and MTU, NAT backend, tunnel), the reconcile and maintenance loops
+//! ([`Daemon::maintain`]: block renewal, store probe, underlay changes,
+//! kernel state), the mesh wiring ([`Daemon::run_mesh`]: host records in,
+//! tunnel peers out), and the state the other modules read.
 //!
-//! The endpoint operations (add, get, list, delete, GC) live in
-//! [`crate::endpoints`]; every change of this host's endpoints runs under
-//! [`Daemon`]'s lock and ends with a NAT reconcile, so the published ports
-//! in iptables always match the records.
+//! The concerns themselves live apart: endpoint operations in
+//! [`crate::endpoints`] (every change of this host's endpoints runs under
+//! [`Daemon`]'s lock and ends with a NAT reconcile, so the published ports in
+//! iptables always match the records), membership in [`crate::mesh`], the
+//! tunnel drivers and the MTU in [`crate::tunnel`], the store's health in
+//! [`crate::health`], netd's counters in [`crate::counters`] (exported by
+//! [`crate::metrics`], which the daemon does not import).
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,9 +25,12 @@ use weft_model::{EndpointRecord, HostId};
 use weft_store::{DynStore, StoreError};
 
 use crate::config::Config;
-use crate::host::{HostNet, Link, VxlanSpec};
-use crate::mesh::{HostRecord, Peer, TunnelBackend};
+use crate::counters::NetdMetrics;
+use crate::health::StoreHealth;
+use crate::host::{HostNet, Link};
+use crate::mesh::{HostRecord, Peer};
 use crate::nat::{Iptables, NatSpec, PublishedPort};
+use crate::tunnel::{Tunnel, TunnelSpec};
 
 pub struct Daemon {
     cfg: Config,
@@ -32,7 +41,8 @@ pub struct Daemon {
     mtu: u32,
     net: HostNet,
     nat: Arc<Iptables>,
-    store_ok: AtomicBool,
+    /// Whether the store is up: every store outcome goes here.
+    health: StoreHealth,
     /// Serialises endpoint changes and the NAT reconcile that follows each.
     pub(crate) lock: tokio::sync::Mutex<()>,
     /// The underlay interface and address; re-detected while running, so a
@@ -44,20 +54,11 @@ pub struct Daemon {
     /// The lock also serialises data-plane changes.
     mesh: tokio::sync::Mutex<BTreeMap<String, HostRecord>>,
     peers: std::sync::Mutex<Vec<Peer>>,
-    /// The WireGuard data path (wireguard backend only).
-    wg: Option<weft_wg::WgDevice>,
-    wg_public: Option<String>,
+    /// The tunnel driver of the configured backend.
+    tunnel: Tunnel,
     /// Counters netd keeps itself (store errors, reconcile runs).
-    metrics: crate::metrics::NetdMetrics,
+    counters: NetdMetrics,
 }
-
-/// WireGuard TUN device name.
-pub const WG_DEVICE: &str = "weft-wg";
-/// Persistent keepalive towards every peer (keeps NAT mappings open).
-pub const WG_KEEPALIVE_SECS: u16 = 25;
-
-/// VXLAN device name.
-pub const VXLAN_DEVICE: &str = "weft-vxlan";
 
 impl Daemon {
     /// Opens the store, leases this host's block, sets up the host and
@@ -103,10 +104,9 @@ impl Daemon {
                      set --underlay-addr (WEFT_UNDERLAY_ADDR)"
                 ),
             })?;
-        let overhead = cfg.mesh.backend.overhead();
         let mtu = cfg
             .mtu
-            .unwrap_or_else(|| underlay_link.mtu.saturating_sub(overhead).max(576));
+            .unwrap_or_else(|| crate::tunnel::overlay_mtu(cfg.mesh.backend, underlay_link.mtu));
         tracing::info!(
             underlay = %underlay, interface = %underlay_link.name, underlay_mtu = underlay_link.mtu,
             backend = cfg.mesh.backend.as_str(), overlay_mtu = mtu, "underlay and MTU"
@@ -117,23 +117,17 @@ impl Daemon {
                 .await
                 .context("detecting the iptables backend")??,
         };
-        let (wg, wg_public) = match cfg.mesh.backend {
-            TunnelBackend::Wireguard => {
-                let keys = weft_wg::load_or_create_key(&cfg.state_dir)
-                    .context("loading the WireGuard key")?;
-                let device = weft_wg::WgDevice::start(weft_wg::WgConfig {
-                    ifname: WG_DEVICE.into(),
-                    listen_port: cfg.mesh.wg_port,
-                    mtu,
-                    private_key: keys.private_key(),
-                    keepalive: Some(WG_KEEPALIVE_SECS),
-                })
-                .context("starting the WireGuard data path")?;
-                tracing::info!(device = WG_DEVICE, port = device.listen_port(), public_key = %keys.public_base64(), "WireGuard up");
-                (Some(device), Some(keys.public_base64()))
-            }
-            TunnelBackend::Vxlan => (None, None),
-        };
+        let tunnel = Tunnel::start(&TunnelSpec {
+            backend: cfg.mesh.backend,
+            state_dir: &cfg.state_dir,
+            wg_port: cfg.mesh.wg_port,
+            vxlan_port: cfg.mesh.vxlan_port,
+            vni: cfg.mesh.vni,
+            vtep_mac: crate::mesh::vtep_mac(&host_id),
+            mtu,
+        })?;
+        let counters = NetdMetrics::default();
+        let health = StoreHealth::new(store.describe(), counters.store_errors.clone());
         let daemon = Arc::new(Daemon {
             cfg,
             host_id,
@@ -143,15 +137,14 @@ impl Daemon {
             mtu,
             net,
             nat: Arc::new(nat),
-            store_ok: AtomicBool::new(true),
+            health,
             lock: tokio::sync::Mutex::new(()),
             underlay: std::sync::Mutex::new((underlay_link, underlay)),
             record: tokio::sync::watch::Sender::new(None),
             mesh: tokio::sync::Mutex::new(BTreeMap::new()),
             peers: std::sync::Mutex::new(Vec::new()),
-            wg,
-            wg_public,
-            metrics: crate::metrics::NetdMetrics::default(),
+            tunnel,
+            counters,
         });
         daemon.reconcile().await?;
         Ok(daemon)
@@ -174,8 +167,13 @@ impl Daemon {
     }
 
     /// netd's own counters.
-    pub fn metrics(&self) -> &crate::metrics::NetdMetrics {
-        &self.metrics
+    pub fn counters(&self) -> &NetdMetrics {
+        &self.counters
+    }
+
+    /// Whether the store is up.
+    pub fn health(&self) -> &StoreHealth {
+        &self.health
     }
 
     /// The netlink handle of the host.
@@ -183,9 +181,9 @@ impl Daemon {
         &self.net
     }
 
-    /// The WireGuard data path (wireguard backend only).
-    pub fn wg(&self) -> Option<&weft_wg::WgDevice> {
-        self.wg.as_ref()
+    /// The tunnel driver.
+    pub fn tunnel(&self) -> &Tunnel {
+        &self.tunnel
     }
 
     /// The overlay MTU in use.
@@ -193,16 +191,11 @@ impl Daemon {
         self.mtu
     }
 
-    /// Whether the last store operation reached the store.
-    pub fn store_ok(&self) -> bool {
-        self.store_ok.load(Ordering::Relaxed)
-    }
-
     /// Brings the kernel in line with what it should be: bridge, addresses,
     /// sysctls, iptables. Cheap when nothing changed.
     pub async fn reconcile(&self) -> anyhow::Result<()> {
         let result = self.reconcile_once().await;
-        self.metrics.reconciled("host", result.is_ok());
+        self.counters.reconciled("host", result.is_ok());
         result
     }
 
@@ -270,12 +263,7 @@ impl Daemon {
     }
 
     pub(crate) fn note_store<T>(&self, r: Result<T, StoreError>) -> Result<T, StoreError> {
-        self.store_ok
-            .store(!matches!(&r, Err(e) if e.is_transient()), Ordering::Relaxed);
-        if r.is_err() {
-            self.metrics.store_errors.inc();
-        }
-        r
+        self.health.observe(r)
     }
 
     pub async fn status(&self) -> Result<Status, ApiError> {
@@ -289,7 +277,7 @@ impl Daemon {
             mtu: self.mtu,
             cluster_range: self.cfg.ipam.cluster_range,
             store: self.store.describe(),
-            store_ok: self.store_ok.load(Ordering::Relaxed),
+            store_ok: self.health.up(),
             endpoints,
             capacity: weft_ipam::plan::capacity(self.block.block),
             iptables: format!("{:?}", self.nat.backend()).to_lowercase(),
@@ -303,10 +291,10 @@ impl Daemon {
             underlay: self.underlay().1,
             block: self.block.block,
             backend: self.cfg.mesh.backend,
-            wg_public_key: self.wg_public.clone(),
+            wg_public_key: self.tunnel.wg_public_key(),
             wg_port: self
-                .wg
-                .as_ref()
+                .tunnel
+                .wg()
                 .map_or(self.cfg.mesh.wg_port, |d| d.listen_port()),
             vtep_mac: crate::mesh::format_mac(&crate::mesh::vtep_mac(&self.host_id)),
             vxlan_port: self.cfg.mesh.vxlan_port,
@@ -370,7 +358,7 @@ impl Daemon {
         hosts: Option<BTreeMap<String, HostRecord>>,
     ) -> anyhow::Result<()> {
         let result = self.apply_mesh_once(hosts).await;
-        self.metrics.reconciled("mesh", result.is_ok());
+        self.counters.reconciled("mesh", result.is_ok());
         result
     }
 
@@ -387,51 +375,9 @@ impl Daemon {
         if !skipped.is_empty() {
             tracing::warn!(hosts = ?skipped, backend = me.backend.as_str(), "hosts left out of the mesh: other backend, same block or unusable record");
         }
-        let routes = crate::mesh::peer_routes(me.backend, &peers);
-        let (underlay_link, underlay) = self.underlay();
-        match me.backend {
-            TunnelBackend::Vxlan => {
-                let link = self
-                    .net
-                    .ensure_vxlan(&VxlanSpec {
-                        name: VXLAN_DEVICE.into(),
-                        vni: self.cfg.mesh.vni,
-                        port: self.cfg.mesh.vxlan_port,
-                        local: underlay,
-                        underlay_index: underlay_link.index,
-                        mac: crate::mesh::vtep_mac(&self.host_id),
-                        mtu: underlay_link
-                            .mtu
-                            .saturating_sub(TunnelBackend::Vxlan.overhead()),
-                    })
-                    .await?;
-                self.net
-                    .ensure_vtep_peers(link.index, &crate::mesh::vtep_peers(&peers))
-                    .await?;
-                self.net
-                    .ensure_peer_routes(link.index, self.block.gateway, &routes)
-                    .await?;
-            }
-            TunnelBackend::Wireguard => {
-                let Some(dev) = &self.wg else {
-                    anyhow::bail!("the WireGuard data path is not running");
-                };
-                let wg_peers = peers
-                    .iter()
-                    .filter_map(|p| {
-                        Some(weft_wg::WgPeer {
-                            public_key: p.wg_public_key?,
-                            endpoint: std::net::SocketAddr::from((p.underlay, p.wg_port)),
-                            allowed: p.block,
-                        })
-                    })
-                    .collect();
-                dev.set_peers(wg_peers);
-                self.net
-                    .ensure_peer_routes(dev.ifindex(), self.block.gateway, &routes)
-                    .await?;
-            }
-        }
+        self.tunnel
+            .apply(&self.net, &self.underlay(), self.block.gateway, &peers)
+            .await?;
         let mut current = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         if *current != peers {
             tracing::info!(peers = peers.len(), "tunnel peers updated");
@@ -442,7 +388,7 @@ impl Daemon {
 
     /// The peers for the API and CLI.
     pub fn peer_info(&self) -> Vec<weft_api::PeerInfo> {
-        let stats = self.wg.as_ref().map(|d| d.stats()).unwrap_or_default();
+        let stats = self.tunnel.peer_stats();
         self.peers()
             .into_iter()
             .map(|p| {
@@ -472,24 +418,25 @@ impl Daemon {
         let mut renew = tokio::time::interval(renew_every);
         let mut reconcile = tokio::time::interval(Duration::from_secs(30));
         let mut underlay = tokio::time::interval(Duration::from_secs(2));
+        let mut probe = tokio::time::interval(crate::health::PROBE_EVERY);
         renew.tick().await;
         reconcile.tick().await;
         underlay.tick().await;
+        probe.tick().await;
+        let host_key = self.cfg.keys.host(&self.host_id);
         loop {
             tokio::select! {
                 _ = stop.changed() => return,
                 _ = renew.tick() => {
                     match self.ipam.renew_block(&self.block).await {
-                        Ok(()) => self.store_ok.store(true, Ordering::Relaxed),
+                        Ok(()) => self.health.answered(),
                         Err(e) => {
-                            if e.is_transient() {
-                                self.store_ok.store(false, Ordering::Relaxed);
-                            }
-                            self.metrics.store_errors.inc();
+                            self.health.failed(e.is_transient(), &e);
                             tracing::warn!(error = %e, "renewing the block lease failed");
                         }
                     }
                 }
+                _ = probe.tick() => self.health.probe(&self.store, &host_key).await,
                 _ = underlay.tick() => {
                     if let Err(e) = self.check_underlay().await {
                         tracing::warn!(error = %format!("{e:#}"), "checking the underlay address failed");

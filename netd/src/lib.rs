@@ -1,17 +1,22 @@
 //! netd, weft's per-host daemon: host setup (bridge, addresses, sysctls),
-//! iptables NAT and published ports, endpoints and their addresses, and the
-//! control API on a Unix socket.
+//! iptables NAT and published ports, endpoints and their addresses, the
+//! tunnels to the other hosts, the control API on a Unix socket, and
+//! metrics and health over HTTP. `daemon` wires the modules together; see
+//! its docs for where each concern lives.
 
 pub mod api;
 pub mod config;
+pub mod counters;
 pub mod daemon;
 pub mod endpoints;
+pub mod health;
 pub mod host;
 pub mod install;
 pub mod layered;
 pub mod mesh;
 pub mod metrics;
 pub mod nat;
+pub mod tunnel;
 
 use anyhow::Context;
 
@@ -136,13 +141,7 @@ pub async fn teardown(cfg: &Config, release_block: bool) -> anyhow::Result<()> {
         net.delete_link(&cfg.bridge).await?;
         tracing::info!(bridge = %cfg.bridge, "deleted bridge");
     }
-    if net.delete_link(daemon::VXLAN_DEVICE).await? {
-        tracing::info!(device = daemon::VXLAN_DEVICE, "deleted the VXLAN device");
-    }
-    if net.link(daemon::WG_DEVICE).await?.is_some() {
-        weft_wg::destroy(daemon::WG_DEVICE)?;
-        tracing::info!(device = daemon::WG_DEVICE, "deleted the WireGuard device");
-    }
+    tunnel::remove_devices(&net).await?;
     let nat = match cfg.iptables {
         Some(b) => nat::Iptables::with_backend(b),
         None => tokio::task::spawn_blocking(nat::Iptables::detect).await??,

@@ -1,6 +1,7 @@
 //! Membership: every netd registers its host in the store under a lease
 //! (`<prefix>hosts/<host id>`, kept alive while netd runs) and watches the
-//! hosts prefix; the data plane is reconciled to the set of live peers.
+//! hosts prefix; [`desired_peers`] turns the records into the peers the
+//! tunnel driver ([`crate::tunnel`]) reconciles the data plane to.
 //!
 //! Losing the store never touches the data path: peers stay as they are
 //! until the store answers again. A clean netd stop does not revoke the
@@ -12,8 +13,6 @@ use std::time::Duration;
 
 use ipnetwork::Ipv4Network;
 use weft_store::{DynStore, EventKind, Follower, LeaseId, StoreError, Update};
-
-use crate::host::{PeerRoute, VtepPeer};
 
 /// The host record and the backend it names are weft-model's (the store
 /// format); this module keeps them in the store and follows them.
@@ -63,35 +62,6 @@ pub fn desired_peers(
         });
     }
     (peers, skipped)
-}
-
-/// Routes for the peers: through the VXLAN device via the peer block's
-/// network address (onlink), or straight into the WireGuard TUN.
-pub fn peer_routes(backend: TunnelBackend, peers: &[Peer]) -> Vec<PeerRoute> {
-    peers
-        .iter()
-        .map(|p| PeerRoute {
-            block: p.block,
-            via: match backend {
-                TunnelBackend::Vxlan => Some(p.block.network()),
-                TunnelBackend::Wireguard => None,
-            },
-        })
-        .collect()
-}
-
-/// Neighbour and FDB entries for the VXLAN peers.
-pub fn vtep_peers(peers: &[Peer]) -> Vec<VtepPeer> {
-    peers
-        .iter()
-        .filter_map(|p| {
-            Some(VtepPeer {
-                addr: p.block.network(),
-                mac: p.vtep_mac?,
-                underlay: p.underlay,
-            })
-        })
-        .collect()
 }
 
 /// A stable, locally administered MAC for the host's VTEP, derived from its
@@ -307,12 +277,9 @@ mod tests {
             ["b"]
         );
         assert_eq!(skipped, ["c", "d"]);
-        let routes = peer_routes(TunnelBackend::Vxlan, &peers);
-        assert_eq!(routes[0].via, Some(Ipv4Addr::new(10, 42, 1, 0)));
-        let vteps = vtep_peers(&peers);
-        assert_eq!(vteps[0].underlay, Ipv4Addr::new(192, 168, 77, 11));
-        assert_eq!(vteps[0].mac, vtep_mac("b"));
-        assert_eq!(peer_routes(TunnelBackend::Wireguard, &peers)[0].via, None);
+        // Routes and VTEP entries from these peers: tunnel.rs's tests.
+        assert_eq!(peers[0].underlay, Ipv4Addr::new(192, 168, 77, 11));
+        assert_eq!(peers[0].vtep_mac, Some(vtep_mac("b")));
     }
 
     #[test]
@@ -326,9 +293,7 @@ mod tests {
     }
 
     #[test]
-    fn overheads() {
-        assert_eq!(TunnelBackend::Wireguard.overhead(), 60);
-        assert_eq!(TunnelBackend::Vxlan.overhead(), 50);
+    fn backend_names() {
         assert_eq!("vxlan".parse::<TunnelBackend>(), Ok(TunnelBackend::Vxlan));
     }
 }

@@ -1,19 +1,20 @@
 //! Prometheus metrics and health checks, over plain HTTP on a TCP address
 //! (`--metrics-addr`, off by default):
 //!
-//! * `GET /metrics`: OpenMetrics text (prometheus-client). The tunnel, DNS
-//!   and link counters are read at scrape time from where they live (the
-//!   WireGuard data path, dnsd, the kernel); netd's own counters (store
-//!   errors, reconcile runs) are kept in [`NetdMetrics`].
+//! * `GET /metrics`: OpenMetrics text (prometheus-client). The tunnel and
+//!   link counters are read at scrape time from where they live (the
+//!   WireGuard data path, the kernel); dnsd encodes its own
+//!   ([`weft_dnsd::metrics::DnsCollector`]); netd's own counters are in
+//!   [`crate::counters`] and the store's health in [`crate::health`].
 //! * `GET /healthz`: 200 while the process serves.
 //! * `GET /readyz`: 200 when the store answers and the data path (bridge and
-//!   tunnel device) is up; 503 with the reasons otherwise.
+//!   tunnel device) is up; 503 with the reasons otherwise
+//!   ([`crate::health::readiness`]).
 //!
 //! The metric names are listed in README.md ("Deploy").
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use anyhow::Context;
 use axum::extract::State;
@@ -22,86 +23,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, NoLabelSet};
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::MetricType;
+use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::registry::Registry;
+use weft_dnsd::metrics::{counter, counters, gauge, gauges, l1, Labels, OPENMETRICS};
 
-use crate::daemon::{Daemon, VXLAN_DEVICE, WG_DEVICE};
+use crate::daemon::Daemon;
+use crate::health::{Readiness, STORE_TIMEOUT};
 use crate::host::LinkStats;
-use crate::mesh::TunnelBackend;
-
-/// A WireGuard peer without a handshake for this long is down (the
-/// protocol's REJECT_AFTER_TIME: its session no longer carries data).
-pub const PEER_DOWN_AFTER: Duration = Duration::from_secs(180);
-/// How long a scrape or readiness check waits for the store.
-const STORE_TIMEOUT: Duration = Duration::from_secs(2);
-const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
-/// The label of the reconcile counters: `host` (bridge, addresses,
-/// sysctls, iptables) or `mesh` (tunnel device, peers, routes).
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct KindLabel {
-    pub kind: &'static str,
-}
-
-/// Counters netd keeps itself.
-#[derive(Debug)]
-pub struct NetdMetrics {
-    /// Store operations that failed (endpoint reads and writes, block
-    /// renewals).
-    pub store_errors: Counter,
-    pub reconcile_runs: Family<KindLabel, Counter>,
-    pub reconcile_failures: Family<KindLabel, Counter>,
-}
-
-impl Default for NetdMetrics {
-    fn default() -> Self {
-        let m = NetdMetrics {
-            store_errors: Counter::default(),
-            reconcile_runs: Family::default(),
-            reconcile_failures: Family::default(),
-        };
-        // Both kinds show from the start, at zero.
-        for kind in ["host", "mesh"] {
-            let l = KindLabel { kind };
-            drop(m.reconcile_runs.get_or_create(&l));
-            drop(m.reconcile_failures.get_or_create(&l));
-        }
-        m
-    }
-}
-
-impl NetdMetrics {
-    /// Counts one reconcile run of `kind`.
-    pub fn reconciled(&self, kind: &'static str, ok: bool) {
-        let l = KindLabel { kind };
-        self.reconcile_runs.get_or_create(&l).inc();
-        if !ok {
-            self.reconcile_failures.get_or_create(&l).inc();
-        }
-    }
-
-    fn register(&self, r: &mut Registry) {
-        r.register(
-            "weft_store_errors",
-            "Store operations that failed",
-            self.store_errors.clone(),
-        );
-        r.register(
-            "weft_reconcile_runs",
-            "Reconcile runs, by kind (host: bridge, sysctls, iptables; mesh: tunnel peers and routes)",
-            self.reconcile_runs.clone(),
-        );
-        r.register(
-            "weft_reconcile_failures",
-            "Reconcile runs that failed, by kind",
-            self.reconcile_failures.clone(),
-        );
-    }
-}
 
 /// What a scrape reads asynchronously before encoding.
 #[derive(Debug, Default, Clone)]
@@ -126,12 +54,14 @@ impl MetricsState {
     pub fn new(daemon: Arc<Daemon>, dns: Option<weft_dnsd::StatsHandle>) -> MetricsState {
         let snapshot = Arc::new(Mutex::new(Snapshot::default()));
         let mut registry = Registry::default();
-        daemon.metrics().register(&mut registry);
+        daemon.counters().register(&mut registry);
         registry.register_collector(Box::new(Live {
             daemon: daemon.clone(),
-            dns,
             snapshot: snapshot.clone(),
         }));
+        if let Some(dns) = dns {
+            registry.register_collector(Box::new(weft_dnsd::metrics::DnsCollector(dns)));
+        }
         MetricsState {
             daemon,
             registry: Arc::new(registry),
@@ -149,12 +79,18 @@ impl MetricsState {
 
     async fn refresh(&self) {
         let d = &self.daemon;
+        // The read reports to the store's health itself; a timeout is
+        // reported here.
         let endpoints = match tokio::time::timeout(STORE_TIMEOUT, d.own_endpoints()).await {
             Ok(Ok(eps)) => Some(eps.len()),
-            _ => None,
+            Ok(Err(_)) => None,
+            Err(_) => {
+                d.health().timed_out(STORE_TIMEOUT);
+                None
+            }
         };
         let mut links = Vec::new();
-        for dev in [d.config().bridge.as_str(), tunnel_device(d)] {
+        for dev in [d.config().bridge.as_str(), d.tunnel().device()] {
             match d.net().link_stats(dev).await {
                 Ok(Some(s)) => links.push((dev.to_owned(), s)),
                 Ok(None) => {}
@@ -165,56 +101,10 @@ impl MetricsState {
     }
 }
 
-fn tunnel_device(d: &Daemon) -> &'static str {
-    match d.config().mesh.backend {
-        TunnelBackend::Wireguard => WG_DEVICE,
-        TunnelBackend::Vxlan => VXLAN_DEVICE,
-    }
-}
-
-/// The result of the readiness checks.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Readiness {
-    pub store: Result<(), String>,
-    pub datapath: Result<(), String>,
-}
-
-impl Readiness {
-    pub fn ready(&self) -> bool {
-        self.store.is_ok() && self.datapath.is_ok()
-    }
-}
-
-/// Is the store reachable, and is the data path (bridge, tunnel device)
-/// up?
+/// Is the store up, and is the data path (bridge, tunnel device) up?
 pub async fn readiness(d: &Daemon) -> Readiness {
-    let key = d.config().keys.host(d.host_id());
-    let store = match tokio::time::timeout(STORE_TIMEOUT, d.store().get(&key)).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(format!("{}: {e}", d.store().describe())),
-        Err(_) => Err(format!(
-            "{}: no answer within {STORE_TIMEOUT:?}",
-            d.store().describe()
-        )),
-    };
-    let mut problems = Vec::new();
-    for dev in [d.config().bridge.as_str(), tunnel_device(d)] {
-        match d.net().link(dev).await {
-            Ok(Some(l)) if l.up => {}
-            Ok(Some(_)) => problems.push(format!("{dev} is down")),
-            Ok(None) => problems.push(format!("{dev} does not exist")),
-            Err(e) => problems.push(format!("{dev}: {e}")),
-        }
-    }
-    if d.config().mesh.backend == TunnelBackend::Wireguard && d.wg().is_none() {
-        problems.push("the WireGuard data path is not running".into());
-    }
-    let datapath = if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(problems.join("; "))
-    };
-    Readiness { store, datapath }
+    let devices = [d.config().bridge.as_str(), d.tunnel().device()];
+    crate::health::readiness(d.health(), d.net(), &devices).await
 }
 
 /// The HTTP routes.
@@ -261,16 +151,7 @@ async fn metrics(State(s): State<MetricsState>) -> Response {
 
 async fn readyz(State(s): State<MetricsState>) -> Response {
     let r = readiness(&s.daemon).await;
-    let line = |what: &str, res: &Result<(), String>| match res {
-        Ok(()) => format!("{what}: ok\n"),
-        Err(e) => format!("{what}: {e}\n"),
-    };
-    let body = format!(
-        "{}\n{}{}",
-        if r.ready() { "ready" } else { "not ready" },
-        line("store", &r.store),
-        line("datapath", &r.datapath)
-    );
+    let body = r.report();
     let status = if r.ready() {
         StatusCode::OK
     } else {
@@ -282,7 +163,6 @@ async fn readyz(State(s): State<MetricsState>) -> Response {
 /// The collector that reads everything else at scrape time.
 struct Live {
     daemon: Arc<Daemon>,
-    dns: Option<weft_dnsd::StatsHandle>,
     snapshot: Arc<Mutex<Snapshot>>,
 }
 
@@ -292,48 +172,6 @@ impl fmt::Debug for Live {
             .field("host", &self.daemon.host_id())
             .finish_non_exhaustive()
     }
-}
-
-type Labels = Vec<(&'static str, String)>;
-
-fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> fmt::Result {
-    let c = ConstCounter::new(v);
-    c.encode(e.encode_descriptor(name, help, None, MetricType::Counter)?)
-}
-
-fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: f64) -> fmt::Result {
-    let g = ConstGauge::new(v);
-    g.encode(e.encode_descriptor(name, help, None, MetricType::Gauge)?)
-}
-
-fn counters(
-    e: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    rows: &[(Labels, u64)],
-) -> fmt::Result {
-    let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
-    for (labels, v) in rows {
-        ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
-    }
-    Ok(())
-}
-
-fn gauges(
-    e: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    rows: &[(Labels, f64)],
-) -> fmt::Result {
-    let mut m = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
-    for (labels, v) in rows {
-        ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
-    }
-    Ok(())
-}
-
-fn l1(k: &'static str, v: impl Into<String>) -> Labels {
-    vec![(k, v.into())]
 }
 
 fn l2(k1: &'static str, v1: impl Into<String>, k2: &'static str, v2: impl Into<String>) -> Labels {
@@ -349,11 +187,7 @@ impl Collector for Live {
             .clone();
         self.encode_host(&mut e, &snap)?;
         self.encode_peers(&mut e)?;
-        self.encode_links(&mut e, &snap)?;
-        if let Some(dns) = &self.dns {
-            encode_dns(&mut e, dns)?;
-        }
-        Ok(())
+        self.encode_links(&mut e, &snap)
     }
 }
 
@@ -379,7 +213,7 @@ impl Live {
             e,
             "weft_store_up",
             "Whether the store answered the last request (1) or not (0)",
-            if snap.endpoints.is_some() { 1.0 } else { 0.0 },
+            if d.health().up() { 1.0 } else { 0.0 },
         )?;
         if let Some(n) = snap.endpoints {
             gauge(
@@ -407,8 +241,8 @@ impl Live {
     fn encode_peers(&self, e: &mut DescriptorEncoder) -> fmt::Result {
         let d = &self.daemon;
         let peers = d.peers();
-        let backend = d.config().mesh.backend;
-        let stats = d.wg().map(|w| w.stats()).unwrap_or_default();
+        let tunnel = d.tunnel();
+        let stats = tunnel.peer_stats();
         let mut up_rows = Vec::new();
         let (mut up, mut down) = (0u64, 0u64);
         let mut age = Vec::new();
@@ -417,14 +251,7 @@ impl Live {
         let mut hs_errors = Vec::new();
         for p in &peers {
             let s = stats.iter().find(|s| Some(s.public_key) == p.wg_public_key);
-            let is_up = match backend {
-                // VXLAN has no liveness of its own: a peer is up while its
-                // host record is alive in the store.
-                TunnelBackend::Vxlan => true,
-                TunnelBackend::Wireguard => s
-                    .and_then(|s| s.last_handshake)
-                    .is_some_and(|a| a < PEER_DOWN_AFTER),
-            };
+            let is_up = tunnel.peer_up(s);
             if is_up {
                 up += 1;
             } else {
@@ -465,9 +292,9 @@ impl Live {
             "Whether the tunnel to a peer host is up",
             &up_rows,
         )?;
-        if d.wg().is_none() {
+        let Some(w) = tunnel.wg() else {
             return Ok(());
-        }
+        };
         gauges(
             e,
             "weft_peer_handshake_age_seconds",
@@ -505,7 +332,7 @@ impl Live {
             "Handshake messages from a peer that were rejected",
             &hs_errors,
         )?;
-        if let Some(w) = d.wg() {
+        {
             let s = w.device_stats();
             counters(
                 e,
@@ -591,107 +418,4 @@ impl Live {
             &dropped,
         )
     }
-}
-
-fn encode_dns(e: &mut DescriptorEncoder, dns: &weft_dnsd::StatsHandle) -> fmt::Result {
-    use std::sync::atomic::Ordering::Relaxed;
-    use weft_dnsd::counters::{qtype_name, Path, RCODES};
-    let s = dns.stats();
-    let f = dns.forward_stats();
-    counters(
-        e,
-        "weft_dns_queries",
-        "DNS queries received, by transport",
-        &[
-            (l1("transport", "udp"), s.udp_queries.load(Relaxed)),
-            (l1("transport", "tcp"), s.tcp_queries.load(Relaxed)),
-        ],
-    )?;
-    let types: Vec<(Labels, u64)> = s
-        .queries
-        .by_type
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (l1("type", qtype_name(i)), c.load(Relaxed)))
-        .collect();
-    counters(
-        e,
-        "weft_dns_query_types",
-        "DNS queries by question type",
-        &types,
-    )?;
-    let rcodes: Vec<(Labels, u64)> = s
-        .queries
-        .by_rcode
-        .iter()
-        .zip(RCODES)
-        .enumerate()
-        // The common rcodes always, the rare ones once they happen.
-        .filter(|(i, (c, _))| *i <= 5 || c.load(Relaxed) > 0)
-        .map(|(_, (c, name))| (l1("rcode", name), c.load(Relaxed)))
-        .collect();
-    counters(
-        e,
-        "weft_dns_responses",
-        "DNS answers sent, by rcode",
-        &rcodes,
-    )?;
-    counter(
-        e,
-        "weft_dns_local_answers",
-        "DNS answers from the cluster's table",
-        s.local_answers.load(Relaxed),
-    )?;
-    counter(
-        e,
-        "weft_dns_forwarded",
-        "DNS queries forwarded to an upstream resolver",
-        f.forwarded.load(Relaxed),
-    )?;
-    counter(
-        e,
-        "weft_dns_cache_hits",
-        "Forwarded names answered from the cache",
-        f.cache_hits.load(Relaxed),
-    )?;
-    counter(
-        e,
-        "weft_dns_upstream_failures",
-        "Forwarded queries no upstream answered (SERVFAIL sent)",
-        f.servfail.load(Relaxed),
-    )?;
-    counters(
-        e,
-        "weft_dns_dropped",
-        "DNS packets dropped without an answer, by where (listener: malformed or oversized; forwarder: too many in flight)",
-        &[
-            (l1("where", "listener"), s.dropped.load(Relaxed)),
-            (l1("where", "forwarder"), f.dropped.load(Relaxed)),
-        ],
-    )?;
-    counter(
-        e,
-        "weft_dns_tcp_refused",
-        "DNS TCP connections refused at the connection limit",
-        s.tcp_refused.load(Relaxed),
-    )?;
-    gauge(
-        e,
-        "weft_dns_cache_entries",
-        "Answers in the forwarding cache",
-        dns.cache_len() as f64,
-    )?;
-    let mut m = e.encode_descriptor(
-        "weft_dns_request_duration_seconds",
-        "Time from receiving a DNS query to sending its answer, by path (local: the cluster's table, timed per batch of UDP datagrams; cache: the forwarding cache; forward: an upstream resolver)",
-        None,
-        MetricType::Histogram,
-    )?;
-    for path in Path::ALL {
-        let h = s.queries.latency(path).snapshot();
-        let labels = l1("path", path.as_str());
-        m.encode_family(&labels)?
-            .encode_histogram::<NoLabelSet>(h.sum_secs, h.count, &h.buckets, None)?;
-    }
-    Ok(())
 }

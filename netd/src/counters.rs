@@ -1,0 +1,99 @@
+//! Counters netd keeps itself: store operations that failed, reconcile runs
+//! and failures by kind. The daemon counts here; the exporter
+//! ([`crate::metrics`]) registers them, so the daemon does not depend on
+//! the exporter.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+/// The label of the reconcile counters: `host` (bridge, addresses,
+/// sysctls, iptables) or `mesh` (tunnel device, peers, routes).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
+/// Counters netd keeps itself.
+#[derive(Debug)]
+pub struct NetdMetrics {
+    /// Store operations that failed (endpoint reads and writes, block
+    /// renewals, health probes); counted by [`crate::health::StoreHealth`].
+    pub store_errors: Counter,
+    pub reconcile_runs: Family<KindLabel, Counter>,
+    pub reconcile_failures: Family<KindLabel, Counter>,
+}
+
+impl Default for NetdMetrics {
+    fn default() -> Self {
+        let m = NetdMetrics {
+            store_errors: Counter::default(),
+            reconcile_runs: Family::default(),
+            reconcile_failures: Family::default(),
+        };
+        // Both kinds show from the start, at zero.
+        for kind in ["host", "mesh"] {
+            let l = KindLabel { kind };
+            drop(m.reconcile_runs.get_or_create(&l));
+            drop(m.reconcile_failures.get_or_create(&l));
+        }
+        m
+    }
+}
+
+impl NetdMetrics {
+    /// Counts one reconcile run of `kind`.
+    pub fn reconciled(&self, kind: &'static str, ok: bool) {
+        let l = KindLabel { kind };
+        self.reconcile_runs.get_or_create(&l).inc();
+        if !ok {
+            self.reconcile_failures.get_or_create(&l).inc();
+        }
+    }
+
+    /// Adds the counters to a registry (they stay shared with `self`).
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "weft_store_errors",
+            "Store operations that failed",
+            self.store_errors.clone(),
+        );
+        r.register(
+            "weft_reconcile_runs",
+            "Reconcile runs, by kind (host: bridge, sysctls, iptables; mesh: tunnel peers and routes)",
+            self.reconcile_runs.clone(),
+        );
+        r.register(
+            "weft_reconcile_failures",
+            "Reconcile runs that failed, by kind",
+            self.reconcile_failures.clone(),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_kinds_show_at_zero_and_failures_count_apart() {
+        let m = NetdMetrics::default();
+        m.reconciled("host", true);
+        m.reconciled("mesh", false);
+        m.store_errors.inc();
+        let mut r = Registry::default();
+        m.register(&mut r);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &r).unwrap();
+        for line in [
+            "weft_store_errors_total 1",
+            r#"weft_reconcile_runs_total{kind="host"} 1"#,
+            r#"weft_reconcile_runs_total{kind="mesh"} 1"#,
+            r#"weft_reconcile_failures_total{kind="host"} 0"#,
+            r#"weft_reconcile_failures_total{kind="mesh"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,391 @@
+//! The tunnel between hosts: one driver per backend.
+//!
+//! * [`Wireguard`]: weft's userspace WireGuard ([`weft_wg`]) on the TUN
+//!   device [`WG_DEVICE`]; encrypted. Peers by public key; routes to the peer
+//!   blocks go straight into the TUN.
+//! * [`Vxlan`]: the kernel's VXLAN device [`VXLAN_DEVICE`]; plain, for
+//!   trusted networks. Per peer a permanent neighbour and FDB entry; routes
+//!   go via the peer block's network address (onlink).
+//!
+//! Each driver owns its device name and its encapsulation overhead, and with
+//! it the overlay MTU ([`overlay_mtu`], on the one rule in
+//! [`weft_model::mtu`]). [`Tunnel::apply`] brings the device, its peers and
+//! the routes in line with the peers the membership ([`crate::mesh`]) found.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use weft_model::mtu::{MtuError, IPV4_UDP_HEADERS};
+use weft_model::WgKey;
+use weft_wg::{PeerStats, WgDevice};
+
+use crate::host::{HostNet, Link, PeerRoute, VtepPeer, VxlanSpec};
+use crate::mesh::{Peer, TunnelBackend};
+
+/// The WireGuard TUN device.
+pub const WG_DEVICE: &str = "weft-wg";
+/// Persistent keepalive towards every WireGuard peer (keeps NAT mappings
+/// open).
+pub const WG_KEEPALIVE_SECS: u16 = 25;
+/// WireGuard's encapsulation on an IPv4 underlay: IPv4 20 + UDP 8 + data
+/// header 16 + tag 16 (the wire format lives in weft-wg).
+pub const WIREGUARD_OVERHEAD: u32 = weft_wg::OVERHEAD_IPV4;
+/// A WireGuard peer without a handshake for this long is down (the
+/// protocol's REJECT_AFTER_TIME: its session no longer carries data).
+pub const PEER_DOWN_AFTER: Duration = Duration::from_secs(180);
+
+/// The VXLAN device.
+pub const VXLAN_DEVICE: &str = "weft-vxlan";
+/// VXLAN's encapsulation on an IPv4 underlay: IPv4 20 + UDP 8 + VXLAN 8 +
+/// inner Ethernet 14.
+pub const VXLAN_OVERHEAD: u32 = IPV4_UDP_HEADERS + 8 + 14;
+
+/// Bytes of encapsulation the backend adds on an IPv4 underlay.
+pub fn overhead(backend: TunnelBackend) -> u32 {
+    match backend {
+        TunnelBackend::Wireguard => WIREGUARD_OVERHEAD,
+        TunnelBackend::Vxlan => VXLAN_OVERHEAD,
+    }
+}
+
+/// The backend's tunnel device.
+pub fn device(backend: TunnelBackend) -> &'static str {
+    match backend {
+        TunnelBackend::Wireguard => WG_DEVICE,
+        TunnelBackend::Vxlan => VXLAN_DEVICE,
+    }
+}
+
+/// The overlay MTU on an underlay of `underlay_mtu` (the one computation:
+/// bridge, container interfaces and tunnel device all follow it unless an
+/// MTU is configured).
+pub fn overlay_mtu(backend: TunnelBackend, underlay_mtu: u32) -> u32 {
+    weft_model::mtu::overlay_mtu(underlay_mtu, overhead(backend))
+}
+
+/// Checks a configured overlay MTU against what the backend can carry.
+pub fn check_mtu(backend: TunnelBackend, mtu: u32) -> Result<(), MtuError> {
+    weft_model::mtu::check_mtu(mtu, overhead(backend))
+}
+
+/// What starting a tunnel needs (plain settings, from the configuration).
+#[derive(Debug, Clone)]
+pub struct TunnelSpec<'a> {
+    pub backend: TunnelBackend,
+    /// Where the WireGuard key is kept.
+    pub state_dir: &'a Path,
+    /// WireGuard's UDP port (0: any free port).
+    pub wg_port: u16,
+    pub vxlan_port: u16,
+    pub vni: u32,
+    /// This host's VTEP MAC ([`crate::mesh::vtep_mac`]).
+    pub vtep_mac: [u8; 6],
+    /// The overlay MTU.
+    pub mtu: u32,
+}
+
+/// The running tunnel of this host.
+#[derive(Debug)]
+pub enum Tunnel {
+    Wireguard(Wireguard),
+    Vxlan(Vxlan),
+}
+
+/// The WireGuard driver: the data path runs from start.
+#[derive(Debug)]
+pub struct Wireguard {
+    device: WgDevice,
+    /// The public key (published in the host record).
+    public_key: WgKey,
+}
+
+/// The VXLAN driver: the kernel device is made (and re-made when the
+/// underlay changes) by [`Tunnel::apply`].
+#[derive(Debug)]
+pub struct Vxlan {
+    vni: u32,
+    port: u16,
+    mac: [u8; 6],
+}
+
+impl Tunnel {
+    /// Starts the backend's data path: WireGuard loads (or makes) the key
+    /// and starts the device; VXLAN waits for [`Tunnel::apply`].
+    pub fn start(spec: &TunnelSpec<'_>) -> anyhow::Result<Tunnel> {
+        match spec.backend {
+            TunnelBackend::Wireguard => Wireguard::start(spec).map(Tunnel::Wireguard),
+            TunnelBackend::Vxlan => Ok(Tunnel::Vxlan(Vxlan {
+                vni: spec.vni,
+                port: spec.vxlan_port,
+                mac: spec.vtep_mac,
+            })),
+        }
+    }
+
+    pub fn backend(&self) -> TunnelBackend {
+        match self {
+            Tunnel::Wireguard(_) => TunnelBackend::Wireguard,
+            Tunnel::Vxlan(_) => TunnelBackend::Vxlan,
+        }
+    }
+
+    /// The tunnel device's name.
+    pub fn device(&self) -> &'static str {
+        device(self.backend())
+    }
+
+    /// The WireGuard data path (wireguard backend only).
+    pub fn wg(&self) -> Option<&WgDevice> {
+        match self {
+            Tunnel::Wireguard(w) => Some(&w.device),
+            Tunnel::Vxlan(_) => None,
+        }
+    }
+
+    /// The WireGuard public key (wireguard backend only).
+    pub fn wg_public_key(&self) -> Option<WgKey> {
+        match self {
+            Tunnel::Wireguard(w) => Some(w.public_key),
+            Tunnel::Vxlan(_) => None,
+        }
+    }
+
+    /// The per-peer counters of the data path (empty for VXLAN: the kernel
+    /// keeps none per peer).
+    pub fn peer_stats(&self) -> Vec<PeerStats> {
+        self.wg().map(WgDevice::stats).unwrap_or_default()
+    }
+
+    /// Whether the tunnel to a peer is up, given its counters. VXLAN has no
+    /// liveness of its own: a peer is up while its host record is alive in
+    /// the store. WireGuard: a handshake within [`PEER_DOWN_AFTER`].
+    pub fn peer_up(&self, stats: Option<&PeerStats>) -> bool {
+        match self {
+            Tunnel::Vxlan(_) => true,
+            Tunnel::Wireguard(_) => handshake_recent(stats),
+        }
+    }
+
+    /// Brings the device, its peers and the routes to the peer blocks in
+    /// line with `peers`. `underlay` is the current underlay interface and
+    /// address; `gateway` this host's block gateway (the routes' source).
+    pub async fn apply(
+        &self,
+        net: &HostNet,
+        underlay: &(Link, Ipv4Addr),
+        gateway: Ipv4Addr,
+        peers: &[Peer],
+    ) -> anyhow::Result<()> {
+        match self {
+            Tunnel::Wireguard(w) => w.apply(net, gateway, peers).await,
+            Tunnel::Vxlan(v) => v.apply(net, underlay, gateway, peers).await,
+        }
+    }
+}
+
+impl Wireguard {
+    fn start(spec: &TunnelSpec<'_>) -> anyhow::Result<Wireguard> {
+        let keys =
+            weft_wg::load_or_create_key(spec.state_dir).context("loading the WireGuard key")?;
+        let device = WgDevice::start(weft_wg::WgConfig {
+            ifname: WG_DEVICE.into(),
+            listen_port: spec.wg_port,
+            mtu: spec.mtu,
+            private_key: keys.private_key(),
+            keepalive: Some(WG_KEEPALIVE_SECS),
+        })
+        .context("starting the WireGuard data path")?;
+        let public_key = WgKey::from(keys.public_key());
+        tracing::info!(device = WG_DEVICE, port = device.listen_port(), public_key = %public_key, "WireGuard up");
+        Ok(Wireguard { device, public_key })
+    }
+
+    async fn apply(&self, net: &HostNet, gateway: Ipv4Addr, peers: &[Peer]) -> anyhow::Result<()> {
+        self.device.set_peers(wg_peers(peers));
+        net.ensure_peer_routes(self.device.ifindex(), gateway, &peer_routes(false, peers))
+            .await?;
+        Ok(())
+    }
+}
+
+impl Vxlan {
+    async fn apply(
+        &self,
+        net: &HostNet,
+        (underlay_link, underlay): &(Link, Ipv4Addr),
+        gateway: Ipv4Addr,
+        peers: &[Peer],
+    ) -> anyhow::Result<()> {
+        let link = net
+            .ensure_vxlan(&VxlanSpec {
+                name: VXLAN_DEVICE.into(),
+                vni: self.vni,
+                port: self.port,
+                local: *underlay,
+                underlay_index: underlay_link.index,
+                mac: self.mac,
+                mtu: overlay_mtu(TunnelBackend::Vxlan, underlay_link.mtu),
+            })
+            .await?;
+        net.ensure_vtep_peers(link.index, &vtep_peers(peers))
+            .await?;
+        net.ensure_peer_routes(link.index, gateway, &peer_routes(true, peers))
+            .await?;
+        Ok(())
+    }
+}
+
+/// Whether a WireGuard peer had a handshake within [`PEER_DOWN_AFTER`].
+fn handshake_recent(stats: Option<&PeerStats>) -> bool {
+    stats
+        .and_then(|s| s.last_handshake)
+        .is_some_and(|age| age < PEER_DOWN_AFTER)
+}
+
+/// The WireGuard peers: those with a key, reached at their underlay
+/// address, allowed their block.
+fn wg_peers(peers: &[Peer]) -> Vec<weft_wg::WgPeer> {
+    peers
+        .iter()
+        .filter_map(|p| {
+            Some(weft_wg::WgPeer {
+                public_key: p.wg_public_key?,
+                endpoint: SocketAddr::from((p.underlay, p.wg_port)),
+                allowed: p.block,
+            })
+        })
+        .collect()
+}
+
+/// Routes for the peers' blocks: via the block's network address (onlink;
+/// `via_block`, VXLAN), or straight into the device (the point-to-point
+/// WireGuard TUN).
+fn peer_routes(via_block: bool, peers: &[Peer]) -> Vec<PeerRoute> {
+    peers
+        .iter()
+        .map(|p| PeerRoute {
+            block: p.block,
+            via: via_block.then(|| p.block.network()),
+        })
+        .collect()
+}
+
+/// Neighbour and FDB entries for the VXLAN peers.
+fn vtep_peers(peers: &[Peer]) -> Vec<VtepPeer> {
+    peers
+        .iter()
+        .filter_map(|p| {
+            Some(VtepPeer {
+                addr: p.block.network(),
+                mac: p.vtep_mac?,
+                underlay: p.underlay,
+            })
+        })
+        .collect()
+}
+
+/// Removes both backends' devices (teardown).
+pub async fn remove_devices(net: &HostNet) -> anyhow::Result<()> {
+    if net.delete_link(VXLAN_DEVICE).await? {
+        tracing::info!(device = VXLAN_DEVICE, "deleted the VXLAN device");
+    }
+    if net.link(WG_DEVICE).await?.is_some() {
+        weft_wg::destroy(WG_DEVICE)?;
+        tracing::info!(device = WG_DEVICE, "deleted the WireGuard device");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use ipnetwork::Ipv4Network;
+
+    use super::*;
+
+    fn peer(id: &str, third: u8, mac: Option<[u8; 6]>) -> Peer {
+        Peer {
+            host_id: id.into(),
+            underlay: Ipv4Addr::new(192, 168, 77, 10 + third),
+            block: Ipv4Network::new(Ipv4Addr::new(10, 42, third, 0), 24).unwrap(),
+            wg_public_key: Some([third; 32]),
+            wg_port: 51820,
+            vtep_mac: mac,
+        }
+    }
+
+    #[test]
+    fn overheads_and_mtu() {
+        assert_eq!(overhead(TunnelBackend::Wireguard), 60);
+        assert_eq!(overhead(TunnelBackend::Vxlan), 50);
+        assert_eq!(overlay_mtu(TunnelBackend::Wireguard, 1500), 1440);
+        assert_eq!(overlay_mtu(TunnelBackend::Vxlan, 1500), 1450);
+        assert_eq!(overlay_mtu(TunnelBackend::Vxlan, 9000), 8950);
+        assert_eq!(
+            overlay_mtu(TunnelBackend::Wireguard, 600),
+            weft_model::mtu::MIN_MTU
+        );
+        assert!(check_mtu(TunnelBackend::Vxlan, 65_485).is_ok());
+        assert!(check_mtu(TunnelBackend::Wireguard, 65_485).is_err());
+        assert!(check_mtu(TunnelBackend::Wireguard, 575).is_err());
+        assert_eq!(device(TunnelBackend::Vxlan), VXLAN_DEVICE);
+        assert_eq!(device(TunnelBackend::Wireguard), WG_DEVICE);
+    }
+
+    #[test]
+    fn vxlan_routes_go_via_the_block_wireguard_routes_into_the_device() {
+        let peers = [peer("b", 1, Some([2, 0, 0, 0, 0, 1])), peer("c", 2, None)];
+        let routes = peer_routes(true, &peers);
+        assert_eq!(routes[0].via, Some(Ipv4Addr::new(10, 42, 1, 0)));
+        assert_eq!(peer_routes(false, &peers)[0].via, None);
+        let vteps = vtep_peers(&peers);
+        assert_eq!(vteps.len(), 1, "a peer without a MAC has no VTEP entry");
+        assert_eq!(vteps[0].underlay, Ipv4Addr::new(192, 168, 77, 11));
+        assert_eq!(vteps[0].mac, [2, 0, 0, 0, 0, 1]);
+        let wg = wg_peers(&peers);
+        assert_eq!(wg.len(), 2);
+        assert_eq!(wg[1].endpoint, "192.168.77.12:51820".parse().unwrap());
+        assert_eq!(wg[1].allowed, peers[1].block);
+    }
+
+    #[test]
+    fn a_vxlan_peer_is_up_while_in_the_mesh() {
+        let t = Tunnel::Vxlan(Vxlan {
+            vni: 42,
+            port: 4789,
+            mac: [2, 0, 0, 0, 0, 1],
+        });
+        assert!(t.peer_up(None));
+        assert_eq!(t.device(), VXLAN_DEVICE);
+        assert!(t.wg().is_none() && t.wg_public_key().is_none());
+        assert!(t.peer_stats().is_empty());
+    }
+
+    #[test]
+    fn a_wireguard_peer_is_up_within_the_reject_time_after_a_handshake() {
+        let p = peer("b", 1, None);
+        let mut s = PeerStats {
+            public_key: [1; 32],
+            endpoint: SocketAddr::from((p.underlay, p.wg_port)),
+            allowed: p.block,
+            index: 1,
+            rx_bytes: 0,
+            rx_packets: 0,
+            tx_bytes: 0,
+            tx_packets: 0,
+            last_handshake: None,
+            drops_bad_source: 0,
+            drops_decrypt: 0,
+            drops_oversize: 0,
+            handshake_errors: 0,
+            drops_tun_write: 0,
+        };
+        assert!(!handshake_recent(None));
+        assert!(!handshake_recent(Some(&s)), "no session yet");
+        s.last_handshake = Some(Duration::from_secs(179));
+        assert!(handshake_recent(Some(&s)));
+        s.last_handshake = Some(PEER_DOWN_AFTER);
+        assert!(!handshake_recent(Some(&s)));
+    }
+}
