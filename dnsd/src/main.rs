@@ -56,6 +56,10 @@ struct Args {
     /// Forwarded answers cached at most.
     #[arg(long, default_value_t = weft_dnsd::DEFAULT_CACHE_SIZE)]
     cache_size: usize,
+    /// Serve Prometheus /metrics over plain HTTP on IP:PORT (off unless
+    /// given).
+    #[arg(long, env = "WEFT_DNS_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
 }
 
 /// A duration in whole milliseconds (for a flag's default).
@@ -103,7 +107,25 @@ async fn main() -> Result<()> {
     let server = DnsServer::start(cfg, store)
         .await
         .context("starting dnsd")?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let metrics = match args.metrics_addr {
+        Some(addr) => {
+            let mut stop = stop_rx.clone();
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            let (_, task) = weft_dnsd::metrics::serve(addr, server.stats_handle(), stopped)
+                .await
+                .context("serving metrics")?;
+            Some(task)
+        }
+        None => None,
+    };
     weft_sys::signal::shutdown_signal()?.await;
+    let _ = stop_tx.send(true);
+    if let Some(task) = metrics {
+        let _ = task.await;
+    }
     server.stop().await;
     Ok(())
 }
