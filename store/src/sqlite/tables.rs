@@ -64,11 +64,13 @@ pub(super) fn set_meta(conn: &Connection, name: &str, value: i64) -> rusqlite::R
     Ok(())
 }
 
-pub(super) fn key_string(bytes: Vec<u8>) -> String {
+fn key_string(bytes: Vec<u8>) -> String {
     // Keys only ever enter as &str, so this is lossless in practice.
     String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
+/// A key from the first six columns of a row: key, value, create_rev,
+/// mod_rev, version, lease (0: none), as [`KV_COLUMNS`] selects them.
 pub(super) fn row_to_kv(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyValue> {
     let lease: i64 = r.get(5)?;
     Ok(KeyValue {

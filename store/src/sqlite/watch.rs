@@ -11,9 +11,9 @@ use tokio::sync::mpsc;
 
 use super::open::open_conn;
 use super::sql_err;
-use super::tables::{key_string, meta, settle, KIND_DELETE};
+use super::tables::{meta, row_to_kv, settle, KIND_DELETE};
 use crate::error::is_busy;
-use crate::{prefix_end, Event, EventKind, KeyValue, Result, Revision, StoreError, Watch};
+use crate::{prefix_end, Event, EventKind, Result, Revision, StoreError, Watch};
 
 /// How often a watch looks for new revisions.
 pub(super) const WATCH_POLL: Duration = Duration::from_millis(20);
@@ -140,27 +140,20 @@ fn poll_once(
         return Err(PollError::Compacted(compacted));
     }
     let mut st = tx.prepare_cached(
-        "SELECT rev, kind, key, value, create_rev, version, lease FROM log
+        "SELECT key, value, create_rev, rev, version, lease, kind FROM log
          WHERE rev >= ?1 AND rev <= ?2 AND key >= ?3 AND (?4 IS NULL OR key < ?4)
          ORDER BY rev",
     )?;
+    // The first six columns are a key's row, with `rev` as its mod_revision.
     let rows = st.query_map(params![next, current, prefix, end], |r| {
-        let kind: i64 = r.get(1)?;
-        let lease: i64 = r.get(6)?;
+        let kind: i64 = r.get(6)?;
         Ok(Event {
             kind: if kind == KIND_DELETE {
                 EventKind::Delete
             } else {
                 EventKind::Put
             },
-            kv: KeyValue {
-                key: key_string(r.get(2)?),
-                value: r.get(3)?,
-                create_revision: r.get(4)?,
-                mod_revision: r.get(0)?,
-                version: r.get(5)?,
-                lease: (lease != 0).then_some(lease),
-            },
+            kv: row_to_kv(r)?,
         })
     })?;
     let events = rows.collect::<rusqlite::Result<Vec<_>>>()?;
