@@ -228,16 +228,16 @@ impl Settings {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
                 return Ok(Settings::default())
             }
-            Err(source) => {
+            Err(error) => {
                 return Err(ConfigError::Read {
                     path: path.into(),
-                    source,
+                    error,
                 })
             }
         };
         toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.into(),
-            source: Box::new(e),
+            error: Box::new(e),
         })
     }
 }
