@@ -3,11 +3,25 @@
 //! SERVFAIL when no upstream answers.
 //!
 //! The client's query goes upstream as it came (with a fresh random id, and
-//! its EDNS size capped at 1232); the answer goes back with the client's id
-//! and question. Answers are cached by (name, type, class, EDNS, DO, CD,
-//! transport) for the smallest TTL in them (negative answers: the SOA's
-//! TTL/minimum, RFC 2308), at most an hour, and served with the TTLs counted
-//! down.
+//! its EDNS size capped at 1232). The upstream's answer is read with
+//! hickory-proto (`Message`) and goes back with the client's id and
+//! question (its case). Answers are cached by (name, type, class, EDNS, DO,
+//! CD, transport) for the smallest TTL in them (negative answers: the SOA's
+//! TTL or minimum, whichever is smaller, RFC 2308), at most an hour, and
+//! served with the TTLs counted down. The cache is bounded: when full, the
+//! answer that expires soonest makes room ([`cache`]). Identical queries
+//! that arrive while one is being asked upstream wait for that one answer
+//! instead of asking again (single-flight).
+//!
+//! The exchange itself stays on plain tokio sockets: hickory-net's UDP
+//! client retries the same server within its timeout and its TCP client
+//! needs a multiplexer task per connection, and hickory-resolver's pool
+//! re-asks truncated UDP answers over TCP itself and orders servers by its
+//! own statistics; dnsd's rules (one try per upstream, the last good one
+//! first, a truncated UDP answer passed on for the client to retry over
+//! TCP) are a few lines here.
+
+mod cache;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -16,40 +30,43 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use hickory_proto::op::{Message, MessageType, Query as Question, ResponseCode};
+use hickory_proto::rr::RData;
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::answer::{write_simple, write_truncated};
-use crate::wire::{
-    get_u16, get_u32, next_record, parse_query, Query, EDNS_UDP_SIZE, FLAG_CD, FLAG_QR, FLAG_TC,
-    HEADER_LEN, RCODE_NOERROR, RCODE_NXDOMAIN, RCODE_SERVFAIL, TYPE_OPT, TYPE_SOA,
-};
+use crate::wire::{parse_query, Query, EDNS_UDP_SIZE, FLAG_CD, HEADER_LEN, RCODE_SERVFAIL};
+use cache::Cache;
 
 /// Longest time an answer stays cached, whatever its TTL.
 pub const MAX_CACHE_TTL: u32 = 3600;
-/// Queries forwarded at the same time, at most; more are dropped (the
-/// client retries).
+/// Distinct queries forwarded at the same time, at most; more are dropped
+/// (the client retries). Queries merged into one in flight do not count.
 pub const MAX_INFLIGHT: usize = 1024;
 
 /// Counters of the forwarding path.
 #[derive(Debug, Default)]
 pub struct ForwardStats {
+    /// Queries asked upstream (one per flight, however many clients wait).
     pub forwarded: AtomicU64,
     pub cache_hits: AtomicU64,
     pub servfail: AtomicU64,
     pub dropped: AtomicU64,
+    /// Queries that waited for an identical one already in flight.
+    pub merged: AtomicU64,
+    /// Live answers evicted from the full cache.
+    pub evicted: AtomicU64,
 }
 
-struct CacheEntry {
-    answer: Vec<u8>,
-    /// (offset, original TTL) of every record's TTL field.
-    ttls: Vec<(usize, u32)>,
-    stored: Instant,
-    expires: Instant,
-}
+/// What a flight ends with: the upstream's answer, or `None` when no
+/// upstream gave a usable one.
+type Outcome = Option<Arc<Message>>;
 
-/// The forwarder: upstreams (replaced when resolv.conf changes) and the cache.
+/// The forwarder: upstreams (replaced when resolv.conf changes), the cache
+/// and the queries in flight.
 pub struct Forwarder {
     upstreams: ArcSwap<Vec<SocketAddr>>,
     /// Index of the upstream that answered last: tried first.
@@ -57,10 +74,38 @@ pub struct Forwarder {
     timeout: Duration,
     /// The port of the upstreams (53).
     port: u16,
-    cache: Mutex<HashMap<Vec<u8>, CacheEntry>>,
-    cache_size: usize,
+    cache: Mutex<Cache>,
+    /// Queries being asked upstream, by cache key: later identical ones
+    /// wait on the receiver. `None` in the channel until the answer is in.
+    flights: Mutex<HashMap<Vec<u8>, watch::Receiver<Option<Outcome>>>>,
     inflight: Arc<Semaphore>,
     pub stats: ForwardStats,
+}
+
+/// How a query that missed the cache gets its answer.
+enum Flight {
+    /// Ask upstream and tell the others.
+    Lead(watch::Sender<Option<Outcome>>, OwnedSemaphorePermit),
+    /// Wait for the one in flight.
+    Join(watch::Receiver<Option<Outcome>>),
+    /// Answered from the cache after all (filled meanwhile).
+    Cached(cache::Hit),
+    /// Too many in flight.
+    Busy,
+}
+
+/// Removes a flight from the table when its leader is done (or dropped).
+struct Landing<'a> {
+    fwd: &'a Forwarder,
+    key: &'a [u8],
+}
+
+impl Drop for Landing<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut f) = self.fwd.flights.lock() {
+            f.remove(self.key);
+        }
+    }
 }
 
 impl Forwarder {
@@ -70,8 +115,8 @@ impl Forwarder {
             preferred: AtomicUsize::new(0),
             timeout,
             port,
-            cache: Mutex::new(HashMap::new()),
-            cache_size,
+            cache: Mutex::new(Cache::new(cache_size)),
+            flights: Mutex::new(HashMap::new()),
             inflight: Arc::new(Semaphore::new(MAX_INFLIGHT)),
             stats: ForwardStats::default(),
         }
@@ -100,35 +145,51 @@ impl Forwarder {
     /// a name outside the cluster), or `None` to send nothing.
     pub async fn resolve(&self, packet: &[u8], tcp: bool) -> Option<Vec<u8>> {
         let q = parse_query(packet).ok()?;
+        let question = client_question(packet, &q)?;
         let limit = if tcp {
             u16::MAX as usize
         } else {
             q.udp_limit()
         };
         let key = cache_key(&q, tcp);
-        if let Some(answer) = self.cached(&key, &q, packet) {
+        if let Some(hit) = self.cached(&key) {
             self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-            return Some(self.fit(answer, &q, packet, limit));
+            return Some(reply(&hit.answer, hit.age, &q, &question, packet, limit));
         }
-        let Ok(_permit) = self.inflight.clone().try_acquire_owned() else {
-            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            return None;
-        };
-        self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
-        match self.ask_upstreams(&q, packet, tcp).await {
-            Some(mut answer) => {
-                answer[0..2].copy_from_slice(&q.id.to_be_bytes());
-                restore_question(&mut answer, packet, q.question_end);
-                if let Some(scan) = scan_answer(&answer) {
-                    if let Some(at) = scan.opt_size_at {
-                        answer[at..at + 2].copy_from_slice(&EDNS_UDP_SIZE.to_be_bytes());
-                    }
-                    if let Some(ttl) = scan.cache_ttl {
-                        self.store(key, &answer, scan.ttls, ttl);
+        let outcome = match self.board(&key) {
+            Flight::Cached(hit) => {
+                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                return Some(reply(&hit.answer, hit.age, &q, &question, packet, limit));
+            }
+            Flight::Busy => {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+            Flight::Join(mut rx) => {
+                self.stats.merged.fetch_add(1, Ordering::Relaxed);
+                // A leader that went away (its task dropped) leaves nothing:
+                // SERVFAIL, the client asks again.
+                let got = rx.wait_for(Option::is_some).await;
+                got.ok().and_then(|o| o.clone()).flatten()
+            }
+            Flight::Lead(tx, _permit) => {
+                let _landing = Landing {
+                    fwd: self,
+                    key: &key,
+                };
+                self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+                let outcome = self.ask_upstreams(&q, &question, packet, tcp).await;
+                if let Some(answer) = &outcome {
+                    if let Some(ttl) = cache_ttl(answer) {
+                        self.store(key.clone(), answer.clone(), ttl);
                     }
                 }
-                Some(self.fit(answer, &q, packet, limit))
+                tx.send_replace(Some(outcome.clone()));
+                outcome
             }
+        };
+        match outcome {
+            Some(answer) => Some(reply(&answer, 0, &q, &question, packet, limit)),
             None => {
                 self.stats.servfail.fetch_add(1, Ordering::Relaxed);
                 let mut out = vec![0u8; q.question_end + 64];
@@ -143,74 +204,63 @@ impl Forwarder {
     /// the UDP threads answer these themselves).
     pub fn cached_answer(&self, packet: &[u8]) -> Option<Vec<u8>> {
         let q = parse_query(packet).ok()?;
-        let answer = self.cached(&cache_key(&q, false), &q, packet)?;
+        let hit = self.cached(&cache_key(&q, false))?;
+        let question = client_question(packet, &q)?;
         self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-        Some(self.fit(answer, &q, packet, q.udp_limit()))
+        Some(reply(
+            &hit.answer,
+            hit.age,
+            &q,
+            &question,
+            packet,
+            q.udp_limit(),
+        ))
     }
 
-    /// An answer larger than the client takes becomes header + question + TC.
-    fn fit(&self, answer: Vec<u8>, q: &Query, packet: &[u8], limit: usize) -> Vec<u8> {
-        if answer.len() <= limit {
-            return answer;
-        }
-        let mut out = vec![0u8; q.question_end + 64];
-        let n = write_truncated(q, packet, &mut out);
-        out.truncate(n);
-        out
+    fn cached(&self, key: &[u8]) -> Option<cache::Hit> {
+        self.cache.lock().ok()?.get(key, Instant::now())
     }
 
-    fn cached(&self, key: &[u8], q: &Query, packet: &[u8]) -> Option<Vec<u8>> {
-        let mut answer = {
-            let cache = self.cache.lock().ok()?;
-            let e = cache.get(key)?;
-            let now = Instant::now();
-            if now >= e.expires {
-                return None;
-            }
-            let age = now.duration_since(e.stored).as_secs() as u32;
-            let mut answer = e.answer.clone();
-            for &(at, ttl) in &e.ttls {
-                if let Some(f) = answer.get_mut(at..at + 4) {
-                    f.copy_from_slice(&ttl.saturating_sub(age).to_be_bytes());
-                }
-            }
-            answer
-        };
-        answer[0..2].copy_from_slice(&q.id.to_be_bytes());
-        restore_question(&mut answer, packet, q.question_end);
-        Some(answer)
-    }
-
-    fn store(&self, key: Vec<u8>, answer: &[u8], ttls: Vec<(usize, u32)>, ttl: u32) {
+    fn store(&self, key: Vec<u8>, answer: Arc<Message>, ttl: u32) {
         let Ok(mut cache) = self.cache.lock() else {
             return;
         };
-        let now = Instant::now();
-        if cache.len() >= self.cache_size {
-            cache.retain(|_, e| e.expires > now);
-            if cache.len() >= self.cache_size {
-                // Still full of live answers: make room for a new generation.
-                cache.clear();
-            }
+        let evicted = cache.insert(key, answer, ttl, Instant::now());
+        if evicted > 0 {
+            self.stats.evicted.fetch_add(evicted, Ordering::Relaxed);
         }
-        if self.cache_size == 0 {
-            return;
+    }
+
+    /// Joins the flight for `key`, or starts one (if there is room).
+    fn board(&self, key: &[u8]) -> Flight {
+        let Ok(mut flights) = self.flights.lock() else {
+            return Flight::Busy;
+        };
+        if let Some(rx) = flights.get(key) {
+            return Flight::Join(rx.clone());
         }
-        cache.insert(
-            key,
-            CacheEntry {
-                answer: answer.to_vec(),
-                ttls,
-                stored: now,
-                expires: now + Duration::from_secs(ttl as u64),
-            },
-        );
+        // A flight for this key may have landed since the cache was asked.
+        if let Some(hit) = self.cached(key) {
+            return Flight::Cached(hit);
+        }
+        let Ok(permit) = self.inflight.clone().try_acquire_owned() else {
+            return Flight::Busy;
+        };
+        let (tx, rx) = watch::channel(None);
+        flights.insert(key.to_vec(), rx);
+        Flight::Lead(tx, permit)
     }
 
     /// Tries each upstream once, the last one that worked first. An answer
     /// with SERVFAIL or REFUSED counts as a failure (the next one may know);
     /// `None` when none gave a usable answer.
-    async fn ask_upstreams(&self, q: &Query, packet: &[u8], tcp: bool) -> Option<Vec<u8>> {
+    async fn ask_upstreams(
+        &self,
+        q: &Query,
+        question: &Question,
+        packet: &[u8],
+        tcp: bool,
+    ) -> Option<Arc<Message>> {
         let upstreams = self.upstreams.load_full();
         if upstreams.is_empty() {
             tracing::debug!("no upstream resolvers; answering SERVFAIL");
@@ -230,19 +280,19 @@ impl Forwarder {
             // A truncated answer over UDP is passed on as it is: the client
             // asks again over TCP, and then so do we.
             let result = if tcp {
-                self.ask_tcp(server, &query, id, q).await
+                self.ask_tcp(server, &query, id, question).await
             } else {
-                self.ask_udp(server, &query, id, q).await
+                self.ask_udp(server, &query, id, question).await
             };
             match result {
                 Some(answer) => {
-                    let rcode = answer[3] & 0x0F;
-                    if rcode == RCODE_SERVFAIL || rcode == crate::wire::RCODE_REFUSED {
-                        tracing::debug!(%server, rcode, "upstream refused or failed; trying the next");
+                    let rcode = answer.metadata.response_code;
+                    if rcode == ResponseCode::ServFail || rcode == ResponseCode::Refused {
+                        tracing::debug!(%server, %rcode, "upstream refused or failed; trying the next");
                         continue;
                     }
                     self.preferred.store(idx, Ordering::Relaxed);
-                    return Some(answer);
+                    return Some(Arc::new(answer));
                 }
                 None => {
                     tracing::debug!(%server, "upstream did not answer in time; trying the next");
@@ -257,8 +307,8 @@ impl Forwarder {
         server: SocketAddr,
         query: &[u8],
         id: u16,
-        q: &Query,
-    ) -> Option<Vec<u8>> {
+        question: &Question,
+    ) -> Option<Message> {
         let local: SocketAddr = match server {
             SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
             SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
@@ -273,10 +323,10 @@ impl Forwarder {
                 .await
                 .ok()?
                 .ok()?;
-            // Anything but the answer to this query (spoofed, stale) is ignored.
-            if is_answer_to(&buf[..n], id, query, q.question_end) {
-                buf.truncate(n);
-                return Some(buf);
+            // Anything but the answer to this query (spoofed, stale,
+            // unreadable) is ignored.
+            if let Some(m) = answer_to(&buf[..n], id, question) {
+                return Some(m);
             }
         }
     }
@@ -286,8 +336,8 @@ impl Forwarder {
         server: SocketAddr,
         query: &[u8],
         id: u16,
-        q: &Query,
-    ) -> Option<Vec<u8>> {
+        question: &Question,
+    ) -> Option<Message> {
         let work = async {
             let mut s = TcpStream::connect(server).await.ok()?;
             let mut msg = Vec::with_capacity(query.len() + 2);
@@ -298,7 +348,7 @@ impl Forwarder {
             s.read_exact(&mut len).await.ok()?;
             let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
             s.read_exact(&mut buf).await.ok()?;
-            is_answer_to(&buf, id, query, q.question_end).then_some(buf)
+            answer_to(&buf, id, question)
         };
         tokio::time::timeout(self.timeout, work)
             .await
@@ -307,27 +357,67 @@ impl Forwarder {
     }
 }
 
-/// Whether `answer` answers our `query` (id `id`): a response with that id
-/// and the same question (names compared case-insensitively).
-fn is_answer_to(answer: &[u8], id: u16, query: &[u8], question_end: usize) -> bool {
-    if answer.len() < question_end || get_u16(answer, 0) != Some(id) {
-        return false;
+/// `answer` parsed, if it answers our query (id `id`): a response with that
+/// id and the same single question (names compared case-insensitively).
+fn answer_to(answer: &[u8], id: u16, question: &Question) -> Option<Message> {
+    // Cheap checks before parsing: most strays fail on the id.
+    if answer.len() < HEADER_LEN || answer[0..2] != id.to_be_bytes() {
+        return None;
     }
-    let flags = get_u16(answer, 2).unwrap_or(0);
-    if flags & FLAG_QR == 0 || get_u16(answer, 4) != Some(1) {
-        return false;
-    }
-    answer[HEADER_LEN..question_end]
-        .iter()
-        .zip(&query[HEADER_LEN..question_end])
-        .all(|(a, b)| a.eq_ignore_ascii_case(b))
+    let m = Message::from_vec(answer).ok()?;
+    (m.metadata.message_type == MessageType::Response
+        && m.queries.len() == 1
+        && m.queries[0] == *question)
+        .then_some(m)
 }
 
-/// Puts the client's question (its case) back into an answer.
-fn restore_question(answer: &mut [u8], packet: &[u8], question_end: usize) {
-    if answer.len() >= question_end && packet.len() >= question_end {
-        answer[HEADER_LEN..question_end].copy_from_slice(&packet[HEADER_LEN..question_end]);
+/// The client's question as it wrote it (its case kept).
+fn client_question(packet: &[u8], q: &Query) -> Option<Question> {
+    let bytes = packet.get(HEADER_LEN..q.question_end)?;
+    Question::read(&mut BinDecoder::new(bytes)).ok()
+}
+
+/// The client's answer from an upstream `answer` stored `age` seconds ago:
+/// the client's id and question, TTLs counted down, dnsd's EDNS size; if
+/// larger than the client takes, header + question + TC.
+fn reply(
+    answer: &Message,
+    age: u32,
+    q: &Query,
+    question: &Question,
+    packet: &[u8],
+    limit: usize,
+) -> Vec<u8> {
+    let mut m = answer.clone();
+    m.metadata.id = q.id;
+    m.queries = vec![question.clone()];
+    if age > 0 {
+        for r in m
+            .answers
+            .iter_mut()
+            .chain(m.authorities.iter_mut())
+            .chain(m.additionals.iter_mut())
+        {
+            r.ttl = r.ttl.saturating_sub(age);
+        }
     }
+    if let Some(edns) = m.edns.as_mut() {
+        edns.set_max_payload(EDNS_UDP_SIZE);
+    }
+    let mut out = vec![0u8; q.question_end + 64];
+    match m.to_vec() {
+        Ok(bytes) if bytes.len() <= limit => return bytes,
+        Ok(_) => {
+            let n = write_truncated(q, packet, &mut out);
+            out.truncate(n);
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot write an upstream answer back; SERVFAIL");
+            let n = write_simple(q, packet, RCODE_SERVFAIL, &mut out);
+            out.truncate(n);
+        }
+    }
+    out
 }
 
 fn cache_key(q: &Query, tcp: bool) -> Vec<u8> {
@@ -352,67 +442,27 @@ fn cache_key(q: &Query, tcp: bool) -> Vec<u8> {
     key
 }
 
-/// What the cache needs to know about an upstream answer.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct AnswerScan {
-    /// TTL fields of every record but OPT: (offset, value).
-    pub ttls: Vec<(usize, u32)>,
-    /// How long to cache it; `None`: not at all.
-    pub cache_ttl: Option<u32>,
-    /// Offset of the OPT record's UDP size.
-    pub opt_size_at: Option<usize>,
-}
-
-/// Walks an answer's records. `None` if it is malformed.
-pub fn scan_answer(a: &[u8]) -> Option<AnswerScan> {
-    let flags = get_u16(a, 2)?;
-    let counts = [
-        get_u16(a, 4)?,
-        get_u16(a, 6)?,
-        get_u16(a, 8)?,
-        get_u16(a, 10)?,
-    ];
-    let mut pos = HEADER_LEN;
-    for _ in 0..counts[0] {
-        pos = crate::wire::skip_name(a, pos)? + 4;
-        if pos > a.len() {
-            return None;
-        }
+/// How long to cache an upstream answer, or `None`: not at all (truncated,
+/// an error other than NXDOMAIN, no TTL to go by, or a TTL of 0).
+/// Positive answers: the smallest TTL of the answer and authority records.
+/// Negative ones (NXDOMAIN, or no answer records): the authority SOA's TTL
+/// or its minimum, whichever is smaller (RFC 2308). At most
+/// [`MAX_CACHE_TTL`].
+pub fn cache_ttl(m: &Message) -> Option<u32> {
+    let rcode = m.metadata.response_code;
+    if m.metadata.truncation || (rcode != ResponseCode::NoError && rcode != ResponseCode::NXDomain)
+    {
+        return None;
     }
-    let mut scan = AnswerScan::default();
-    let mut min_ttl: Option<u32> = None;
-    let mut negative_ttl: Option<u32> = None;
-    for (section, &count) in counts.iter().enumerate().skip(1) {
-        for _ in 0..count {
-            let r = next_record(a, pos)?;
-            if r.rtype == TYPE_OPT {
-                scan.opt_size_at = Some(r.class_at);
-            } else {
-                let ttl = get_u32(a, r.ttl_at)?;
-                scan.ttls.push((r.ttl_at, ttl));
-                if section < 3 {
-                    min_ttl = Some(min_ttl.map_or(ttl, |m| m.min(ttl)));
-                }
-                if section == 2 && r.rtype == TYPE_SOA && r.rdata_len >= 20 {
-                    let minimum = get_u32(a, r.rdata_at + r.rdata_len - 4)?;
-                    negative_ttl = Some(ttl.min(minimum));
-                }
-            }
-            pos = r.end;
-        }
-    }
-    let rcode = (flags & 0x0F) as u8;
-    let cacheable = flags & FLAG_TC == 0 && (rcode == RCODE_NOERROR || rcode == RCODE_NXDOMAIN);
-    scan.cache_ttl = if !cacheable {
-        None
-    } else if counts[1] > 0 {
-        min_ttl
+    let ttl = if m.answers.is_empty() {
+        m.authorities.iter().find_map(|r| match &r.data {
+            RData::SOA(soa) => Some(r.ttl.min(soa.minimum)),
+            _ => None,
+        })
     } else {
-        negative_ttl
-    }
-    .map(|t| t.min(MAX_CACHE_TTL))
-    .filter(|&t| t > 0);
-    Some(scan)
+        m.answers.iter().chain(&m.authorities).map(|r| r.ttl).min()
+    };
+    ttl.map(|t| t.min(MAX_CACHE_TTL)).filter(|&t| t > 0)
 }
 
 /// A random query id (from getrandom(2); the clock if that fails).
@@ -476,36 +526,92 @@ mod tests {
         a
     }
 
+    fn ttl_of(a: &[u8]) -> Option<u32> {
+        cache_ttl(&Message::from_vec(a).unwrap())
+    }
+
     #[test]
-    fn scan_positive_negative_and_uncacheable() {
+    fn cache_ttl_positive_negative_and_uncacheable() {
         let a = answer(0, &[(300, &[1, 2, 3, 4]), (60, &[5, 6, 7, 8])], None, true);
-        let s = scan_answer(&a).unwrap();
-        assert_eq!(s.cache_ttl, Some(60));
-        assert_eq!(s.ttls.len(), 2);
-        assert!(s.opt_size_at.is_some());
-        let a = answer(3, &[], Some((900, 30)), false);
-        assert_eq!(scan_answer(&a).unwrap().cache_ttl, Some(30));
-        let a = answer(0, &[], None, false);
-        assert_eq!(scan_answer(&a).unwrap().cache_ttl, None);
-        let a = answer(2, &[(300, &[1, 2, 3, 4])], None, false);
-        assert_eq!(scan_answer(&a).unwrap().cache_ttl, None);
-        let a = answer(0, &[(999_999, &[1, 2, 3, 4])], None, false);
-        assert_eq!(scan_answer(&a).unwrap().cache_ttl, Some(MAX_CACHE_TTL));
+        assert_eq!(ttl_of(&a), Some(60));
+        // NXDOMAIN: min(SOA TTL, SOA minimum).
+        assert_eq!(ttl_of(&answer(3, &[], Some((900, 30)), false)), Some(30));
+        assert_eq!(ttl_of(&answer(0, &[], Some((20, 30)), false)), Some(20));
+        // NODATA without SOA: nothing to go by.
+        assert_eq!(ttl_of(&answer(0, &[], None, false)), None);
+        // SERVFAIL is never cached.
+        assert_eq!(
+            ttl_of(&answer(2, &[(300, &[1, 2, 3, 4])], None, false)),
+            None
+        );
+        assert_eq!(
+            ttl_of(&answer(0, &[(999_999, &[1, 2, 3, 4])], None, false)),
+            Some(MAX_CACHE_TTL)
+        );
+        assert_eq!(ttl_of(&answer(0, &[(0, &[1, 2, 3, 4])], None, false)), None);
+        // Truncated: not cached.
+        let mut tc = answer(0, &[(300, &[1, 2, 3, 4])], None, false);
+        tc[2] |= 0x02;
+        assert_eq!(ttl_of(&tc), None);
+        // A cut-off answer does not parse.
         let a = answer(0, &[(300, &[1, 2, 3, 4])], None, false);
-        assert!(scan_answer(&a[..a.len() - 1]).is_none());
+        assert!(Message::from_vec(&a[..a.len() - 1]).is_err());
+    }
+
+    fn example_question(name: &str) -> Question {
+        let q = format!(
+            "\x11\x22\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07{name}\x03com\x00\x00\x01\x00\x01"
+        );
+        let p = q.as_bytes();
+        client_question(p, &parse_query(p).unwrap()).unwrap()
     }
 
     #[test]
     fn matches_only_the_right_answer() {
-        let q = b"\x11\x22\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07ExAmple\x03com\x00\x00\x01\x00\x01";
-        let qend = q.len();
+        let question = example_question("ExAmple");
         let a = answer(0, &[(300, &[1, 2, 3, 4])], None, false);
-        assert!(is_answer_to(&a, 0x1122, q, qend));
-        assert!(!is_answer_to(&a, 0x1123, q, qend));
+        assert!(answer_to(&a, 0x1122, &question).is_some());
+        assert!(answer_to(&a, 0x1123, &question).is_none());
         let mut other = a.clone();
         other[13] = b'x';
-        assert!(!is_answer_to(&other, 0x1122, q, qend));
-        assert!(!is_answer_to(&a[..10], 0x1122, q, qend));
+        assert!(answer_to(&other, 0x1122, &question).is_none());
+        assert!(answer_to(&a[..10], 0x1122, &question).is_none());
+        let mut not_response = a.clone();
+        not_response[2] &= 0x7F;
+        assert!(answer_to(&not_response, 0x1122, &question).is_none());
+    }
+
+    #[test]
+    fn reply_has_the_clients_id_question_counted_down_ttls_and_dnsd_edns_size() {
+        let p = b"\x77\x66\x01\x00\x00\x01\x00\x00\x00\x00\x00\x01\x07EXAMPLE\x03com\x00\x00\x01\x00\x01\x00\x00\x29\x10\x00\x00\x00\x00\x00\x00\x00";
+        let q = parse_query(p).unwrap();
+        let question = client_question(p, &q).unwrap();
+        let up = Message::from_vec(&answer(0, &[(300, &[1, 2, 3, 4])], None, true)).unwrap();
+        let out = Message::from_vec(&reply(&up, 100, &q, &question, p, 1232)).unwrap();
+        assert_eq!(out.metadata.id, 0x7766);
+        assert_eq!(out.queries[0].name().to_string(), "EXAMPLE.com.");
+        assert_eq!(out.answers[0].ttl, 200);
+        assert_eq!(out.edns.unwrap().max_payload(), EDNS_UDP_SIZE);
+        // Too large for the client: header, question, TC.
+        let small = reply(&up, 0, &q, &question, p, 40);
+        let t = Message::from_vec(&small).unwrap();
+        assert!(t.metadata.truncation);
+        assert!(t.answers.is_empty());
+        assert_eq!(t.metadata.id, 0x7766);
+    }
+
+    #[test]
+    fn cache_key_tells_transport_edns_do_and_cd_apart() {
+        let base = b"\x00\x01\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x01a\x00\x00\x01\x00\x01";
+        let q = parse_query(base).unwrap();
+        let mut upper = base.to_vec();
+        upper[13] = b'A';
+        let mut cd = base.to_vec();
+        cd[3] |= 0x10;
+        let k = cache_key(&q, false);
+        assert_eq!(k, cache_key(&parse_query(&upper).unwrap(), false));
+        assert_ne!(k, cache_key(&q, true));
+        assert_ne!(k, cache_key(&parse_query(&cd).unwrap(), false));
     }
 
     #[test]

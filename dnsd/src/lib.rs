@@ -21,7 +21,8 @@
 //!   the endpoints and swapped in atomically on every change.
 //! * [`answer`]: one query against the table (the fast path).
 //! * `server`: UDP threads with SO_REUSEPORT sockets and recvmmsg/sendmmsg
-//!   batches; TCP on tokio with bounded connections and idle timeouts.
+//!   batches.
+//! * `tcp`: DNS over TCP on hickory-server, answered by the same code.
 //! * [`forward`]: other names to the upstreams, cached, with failover.
 //! * [`resolv`]: the upstreams from the host's resolv.conf, re-read on change.
 //! * [`metrics`]: the counters as OpenMetrics text, for netd's exporter and
@@ -36,6 +37,7 @@ pub mod resolv;
 mod server;
 mod sync;
 pub mod table;
+mod tcp;
 pub mod wire;
 
 use std::future::Future;
@@ -105,7 +107,9 @@ pub struct DnsConfig {
     /// The port of the resolv.conf nameservers: 53 (resolv.conf cannot say
     /// otherwise); tests point it at unprivileged fake upstreams.
     pub upstream_port: u16,
-    /// Open TCP connections at most; more are closed at once.
+    /// TCP queries being answered at once, at most; more are answered
+    /// REFUSED. (hickory-server, which serves TCP, answers a connection's
+    /// queries one at a time and has no limit on open connections.)
     pub max_tcp_connections: usize,
     /// A TCP connection with no complete query for this long is closed.
     pub tcp_idle_timeout: Duration,
@@ -277,7 +281,7 @@ impl DnsServer {
             for _ in 1..threads_per_addr {
                 udp.push(server::bind_udp(bound).map_err(|e| bind_err("udp", e))?);
             }
-            tcp.push(server::bind_tcp(bound).map_err(|e| bind_err("tcp", e))?);
+            tcp.push(tcp::bind(bound).map_err(|e| bind_err("tcp", e))?);
             local_addrs.push(bound);
         }
 
@@ -302,11 +306,7 @@ impl DnsServer {
             table,
         };
         server.tasks.push(tokio::spawn(sync.run(Some(ready_tx))));
-        for listener in tcp {
-            server
-                .tasks
-                .push(tokio::spawn(server::tcp_accept(listener, ctx.clone())));
-        }
+        server.tasks.push(tokio::spawn(tcp::serve(tcp, ctx.clone())));
         for (i, sock) in udp.into_iter().enumerate() {
             let sock = Arc::new(sock);
             let ctx = ctx.clone();

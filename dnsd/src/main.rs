@@ -44,7 +44,7 @@ struct Args {
     /// Port of the upstream resolvers (resolv.conf cannot name one).
     #[arg(long, default_value_t = weft_dnsd::DEFAULT_UPSTREAM_PORT)]
     upstream_port: u16,
-    /// Open TCP connections at most.
+    /// TCP queries answered at once, at most (more get REFUSED).
     #[arg(long, default_value_t = weft_dnsd::DEFAULT_MAX_TCP_CONNECTIONS)]
     max_tcp_connections: usize,
     /// Idle TCP connections are closed after this many seconds.

@@ -1,20 +1,16 @@
 //! The listeners: UDP on dedicated threads (several SO_REUSEPORT sockets per
 //! address, batches of datagrams per system call with recvmmsg/sendmmsg,
-//! answers written into preallocated buffers), TCP on the async runtime
-//! (bounded connections, idle timeout, pipelined queries).
+//! answers written into preallocated buffers). TCP is served by
+//! hickory-server (`tcp.rs`).
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
-use tokio::task::JoinSet;
 use weft_sys::udp::{RecvBatch, SendBatch, Socket as UdpSocket, Wait};
 
 use crate::answer::{handle, Acl, Action};
@@ -31,8 +27,6 @@ const RX_SIZE: usize = 4096;
 const TX_SIZE: usize = EDNS_UDP_SIZE as usize;
 /// How often a UDP thread looks at the stop flag when idle.
 const UDP_POLL: Duration = Duration::from_millis(100);
-/// Forwarded queries in flight per TCP connection.
-const TCP_INFLIGHT: usize = 16;
 
 /// Counters, for metrics.
 #[derive(Debug, Default)]
@@ -45,7 +39,7 @@ pub struct Stats {
     pub local_answers: AtomicU64,
     /// Packets dropped (malformed beyond an answer, oversized, responses).
     pub dropped: AtomicU64,
-    /// TCP connections refused because the limit was reached.
+    /// TCP queries answered REFUSED because `max_tcp` were being answered.
     pub tcp_refused: AtomicU64,
     /// Queries by type, answers by rcode, latency by path.
     pub queries: QueryCounters,
@@ -76,19 +70,6 @@ pub(crate) fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     s.set_read_timeout(Some(UDP_POLL))?;
     s.bind(&addr.into())?;
     Ok(UdpSocket::new(s.into()))
-}
-
-/// A TCP listener for `addr`.
-pub(crate) fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    s.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        s.set_only_v6(true)?;
-    }
-    s.set_nonblocking(true)?;
-    s.bind(&addr.into())?;
-    s.listen(1024)?;
-    TcpListener::from_std(s.into())
 }
 
 /// Answers written by one UDP thread, each to the client that asked.
@@ -208,126 +189,4 @@ fn forward_udp(
                 .count_answer(&answer, Path::Forward, received.elapsed());
         }
     });
-}
-
-/// Accepts TCP connections until the task is dropped (which also ends
-/// every connection it started).
-pub(crate) async fn tcp_accept(listener: TcpListener, ctx: Arc<Ctx>) {
-    let slots = Arc::new(Semaphore::new(ctx.max_tcp));
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            r = listener.accept() => match r {
-                Ok((stream, peer)) => match slots.clone().try_acquire_owned() {
-                    Ok(slot) => {
-                        let ctx = ctx.clone();
-                        conns.spawn(async move {
-                            tcp_conn(stream, peer, ctx).await;
-                            drop(slot);
-                        });
-                    }
-                    Err(_) => {
-                        ctx.stats.tcp_refused.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(%peer, "TCP connection limit reached; closing the new one");
-                        drop(stream);
-                    }
-                },
-                Err(e) => {
-                    // Out of file descriptors and such: wait a little.
-                    tracing::warn!(error = %e, "TCP accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-        }
-    }
-}
-
-/// One TCP connection: length-prefixed queries, answered as they come
-/// (forwarded ones may overtake, RFC 7766 allows it). Every query must
-/// arrive whole within the idle timeout, and every answer must be taken
-/// within it, or the connection is closed.
-async fn tcp_conn(stream: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
-    let _ = stream.set_nodelay(true);
-    let idle = ctx.tcp_idle;
-    let (mut rd, mut wr) = stream.into_split();
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(TCP_INFLIGHT);
-    let writer = tokio::spawn(async move {
-        while let Some(msg) = rx.recv().await {
-            match tokio::time::timeout(idle, wr.write_all(&msg)).await {
-                Ok(Ok(())) => {}
-                _ => return,
-            }
-        }
-        let _ = tokio::time::timeout(idle, wr.shutdown()).await;
-    });
-    let inflight = Arc::new(Semaphore::new(TCP_INFLIGHT));
-    let mut buf = vec![0u8; u16::MAX as usize];
-    let mut out = vec![0u8; u16::MAX as usize + 2];
-    let client: IpAddr = peer.ip();
-    loop {
-        let read = async {
-            let mut len = [0u8; 2];
-            rd.read_exact(&mut len).await?;
-            let n = u16::from_be_bytes(len) as usize;
-            rd.read_exact(&mut buf[..n]).await?;
-            Ok::<usize, io::Error>(n)
-        };
-        let n = match tokio::time::timeout(idle, read).await {
-            Ok(Ok(n)) => n,
-            _ => break,
-        };
-        ctx.stats.tcp_queries.fetch_add(1, Ordering::Relaxed);
-        let received = Instant::now();
-        let packet = &buf[..n];
-        let action = {
-            let table = ctx.table.load();
-            let (len, body) = out.split_at_mut(2);
-            let a = handle(&table, &ctx.acl, packet, client, true, body);
-            if let Action::Reply(l) = a {
-                len.copy_from_slice(&(l as u16).to_be_bytes());
-            }
-            a
-        };
-        match action {
-            Action::Reply(l) => {
-                ctx.stats.local_answers.fetch_add(1, Ordering::Relaxed);
-                ctx.stats.queries.count(packet, Some(&out[2..l + 2]));
-                ctx.stats
-                    .queries
-                    .latency(Path::Local)
-                    .observe_n(received.elapsed(), 1);
-                if tx.send(out[..l + 2].to_vec()).await.is_err() {
-                    break;
-                }
-            }
-            Action::Forward => {
-                ctx.stats.queries.count(packet, None);
-                let Ok(permit) = inflight.clone().acquire_owned().await else {
-                    break;
-                };
-                let ctx = ctx.clone();
-                let tx = tx.clone();
-                let packet = packet.to_vec();
-                tokio::spawn(async move {
-                    if let Some(answer) = ctx.fwd.resolve(&packet, true).await {
-                        ctx.stats
-                            .queries
-                            .count_answer(&answer, Path::Forward, received.elapsed());
-                        let mut msg = Vec::with_capacity(answer.len() + 2);
-                        msg.extend_from_slice(&(answer.len() as u16).to_be_bytes());
-                        msg.extend_from_slice(&answer);
-                        let _ = tx.send(msg).await;
-                    }
-                    drop(permit);
-                });
-            }
-            Action::Drop => {
-                ctx.stats.queries.count(packet, None);
-                ctx.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-    drop(tx);
-    let _ = writer.await;
 }

@@ -1,7 +1,7 @@
 //! dnsd as a whole on 127.0.0.1 (no root needed): names from a real store
 //! over UDP and TCP, following store changes, forwarding with cache,
-//! failover and SERVFAIL, resolv.conf reloads, TCP limits, and serving on
-//! while the store is down.
+//! failover and SERVFAIL, merged identical queries, cache eviction,
+//! resolv.conf reloads, TCP limits, and serving on while the store is down.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -226,6 +226,15 @@ fn fake_upstream(
     addr: SocketAddr,
     answer: bool,
 ) -> (Arc<AtomicUsize>, Vec<std::thread::JoinHandle<()>>) {
+    fake_upstream_after(addr, answer, Duration::ZERO)
+}
+
+/// [`fake_upstream`] that waits `delay` before each answer.
+fn fake_upstream_after(
+    addr: SocketAddr,
+    answer: bool,
+    delay: Duration,
+) -> (Arc<AtomicUsize>, Vec<std::thread::JoinHandle<()>>) {
     let count = Arc::new(AtomicUsize::new(0));
     let sock = UdpSocket::bind(addr).unwrap();
     let tcp = std::net::TcpListener::bind(addr).unwrap();
@@ -244,6 +253,7 @@ fn fake_upstream(
         while let Ok((n, from)) = sock.recv_from(&mut buf) {
             c.fetch_add(1, Ordering::Relaxed);
             if answer {
+                std::thread::sleep(delay);
                 let _ = sock.send_to(&respond(&buf[..n]), from);
             }
         }
@@ -261,12 +271,33 @@ fn fake_upstream(
             if s.read_exact(&mut q).is_err() || !answer {
                 continue;
             }
+            std::thread::sleep(delay);
             let a = respond(&q);
             let _ = s.write_all(&(a.len() as u16).to_be_bytes());
             let _ = s.write_all(&a);
         }
     });
     (count, vec![u, t])
+}
+
+/// A free port on `ip` (for a fake upstream).
+fn free_port(ip: &str) -> u16 {
+    UdpSocket::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A query and its answer over one TCP connection.
+fn tcp_ask(s: &mut TcpStream, q: &[u8]) -> Message {
+    s.write_all(&(q.len() as u16).to_be_bytes()).unwrap();
+    s.write_all(q).unwrap();
+    let mut len = [0u8; 2];
+    s.read_exact(&mut len).unwrap();
+    let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
+    s.read_exact(&mut buf).unwrap();
+    Message::from_vec(&buf).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -325,14 +356,7 @@ async fn forwards_with_cache_failover_and_servfail() {
     let m = tokio::task::spawn_blocking(move || {
         let mut s = TcpStream::connect(at).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let q = query(7, "tcp.example.test", A);
-        s.write_all(&(q.len() as u16).to_be_bytes()).unwrap();
-        s.write_all(&q).unwrap();
-        let mut len = [0u8; 2];
-        s.read_exact(&mut len).unwrap();
-        let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
-        s.read_exact(&mut buf).unwrap();
-        Message::from_vec(&buf).unwrap()
+        tcp_ask(&mut s, &query(7, "tcp.example.test", A))
     })
     .await
     .unwrap();
@@ -351,6 +375,98 @@ async fn forwards_with_cache_failover_and_servfail() {
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_concurrent_queries_go_upstream_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite(dir.path()).await;
+    let port = free_port("127.0.0.4");
+    // The upstream takes 300 ms: every client below asks while the first
+    // query is in flight.
+    let (asked, _t) = fake_upstream_after(
+        SocketAddr::new("127.0.0.4".parse().unwrap(), port),
+        true,
+        Duration::from_millis(300),
+    );
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 127.0.0.4\n").unwrap();
+    let cfg = DnsConfig {
+        upstream_port: port,
+        upstream_timeout: Duration::from_secs(2),
+        ..config(&resolv)
+    };
+    let server = DnsServer::start(cfg, store).await.unwrap();
+    let at = server.local_addrs()[0];
+    let clients: Vec<_> = (0..20)
+        .map(|i| {
+            std::thread::spawn(move || {
+                // Case differs per client; each gets its own back.
+                let name = if i % 2 == 0 {
+                    "same.example.test"
+                } else {
+                    "SAME.example.test"
+                };
+                let m = udp(at, name, A);
+                assert_eq!(m.queries[0].name().to_string(), format!("{name}."));
+                addrs(&m)
+            })
+        })
+        .collect();
+    for c in clients {
+        assert_eq!(c.join().unwrap(), vec!["192.0.2.1"]);
+    }
+    assert_eq!(
+        asked.load(Ordering::Relaxed),
+        1,
+        "one upstream query for 20 clients"
+    );
+    let f = server.forward_stats();
+    assert_eq!(f.forwarded.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        f.merged.load(Ordering::Relaxed) + f.cache_hits.load(Ordering::Relaxed),
+        19
+    );
+    assert!(f.merged.load(Ordering::Relaxed) >= 1);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_cache_evicts_one_answer_not_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite(dir.path()).await;
+    let port = free_port("127.0.0.5");
+    let (asked, _t) = fake_upstream(SocketAddr::new("127.0.0.5".parse().unwrap(), port), true);
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 127.0.0.5\n").unwrap();
+    let cfg = DnsConfig {
+        upstream_port: port,
+        cache_size: 2,
+        ..config(&resolv)
+    };
+    let server = DnsServer::start(cfg, store).await.unwrap();
+    let at = server.local_addrs()[0];
+    let stats = server.stats_handle();
+    let ask = move |name: &'static str| async move {
+        let m = tokio::task::spawn_blocking(move || udp(at, name, A))
+            .await
+            .unwrap();
+        assert_eq!(addrs(&m), vec!["192.0.2.1"]);
+    };
+    for name in ["a.example.test", "b.example.test", "c.example.test"] {
+        ask(name).await;
+    }
+    assert_eq!(asked.load(Ordering::Relaxed), 3);
+    // Full at 2: "a" (the first to expire) made room for "c"; "b" stayed.
+    assert_eq!(stats.cache_len(), 2);
+    assert_eq!(server.forward_stats().evicted.load(Ordering::Relaxed), 1);
+    ask("b.example.test").await;
+    ask("c.example.test").await;
+    assert_eq!(asked.load(Ordering::Relaxed), 3, "b and c still cached");
+    ask("a.example.test").await;
+    assert_eq!(asked.load(Ordering::Relaxed), 4, "a was evicted");
+    assert_eq!(stats.cache_len(), 2);
+    server.stop().await;
+}
+
 fn rand_label() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -358,8 +474,11 @@ fn rand_label() -> u128 {
         .as_nanos()
 }
 
+/// hickory-server serves TCP: it closes connections without a whole query
+/// within the idle timeout, and has no limit on open connections; dnsd
+/// bounds the TCP queries being answered at once (REFUSED beyond).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tcp_connections_are_bounded_and_idle_ones_closed() {
+async fn tcp_idle_connections_closed_and_busy_queries_refused() {
     let dir = tempfile::tempdir().unwrap();
     let store = sqlite(dir.path()).await;
     store
@@ -370,49 +489,71 @@ async fn tcp_connections_are_bounded_and_idle_ones_closed() {
         )
         .await
         .unwrap();
+    // An upstream that answers too late: forwarded queries take the timeout.
+    let port = free_port("127.0.0.6");
+    let (_late, _t) = fake_upstream_after(
+        SocketAddr::new("127.0.0.6".parse().unwrap(), port),
+        true,
+        Duration::from_secs(2),
+    );
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 127.0.0.6\n").unwrap();
     let cfg = DnsConfig {
         max_tcp_connections: 2,
         tcp_idle_timeout: Duration::from_millis(500),
-        ..config(&dir.path().join("none"))
+        upstream_port: port,
+        upstream_timeout: Duration::from_millis(800),
+        ..config(&resolv)
     };
     let server = DnsServer::start(cfg, store).await.unwrap();
     let at = server.local_addrs()[0];
     tokio::task::spawn_blocking(move || {
-        // Two slow clients take both slots: one idle, one sending half a query.
+        // Two slow clients: one idle, one sending half a query.
         let idle = TcpStream::connect(at).unwrap();
         let mut slow = TcpStream::connect(at).unwrap();
         slow.write_all(&[0, 40, 0x12]).unwrap();
-        std::thread::sleep(Duration::from_millis(100));
-        // A third is closed at once.
-        let mut third = TcpStream::connect(at).unwrap();
-        third
-            .set_read_timeout(Some(Duration::from_secs(2)))
-            .unwrap();
+        // Both are closed after the idle timeout...
         let mut b = [0u8; 1];
-        assert_eq!(third.read(&mut b).unwrap_or(0), 0, "over the limit: closed");
-        // Both slow ones are closed after the idle timeout...
         for mut s in [idle, slow] {
             s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
             let t = Instant::now();
-            assert_eq!(s.read(&mut b).unwrap_or(0), 0);
+            assert_eq!(s.read(&mut b).unwrap(), 0, "closed");
             assert!(t.elapsed() < Duration::from_secs(2));
         }
-        // ... and a new client is served.
-        std::thread::sleep(Duration::from_millis(50));
+        // Two queries waiting on the upstream fill the limit of 2...
+        let busy: Vec<_> = (0..2)
+            .map(|i| {
+                std::thread::spawn(move || {
+                    let mut s = TcpStream::connect(at).unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                    tcp_ask(&mut s, &query(20 + i, &format!("slow{i}.example.test"), A))
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        // ... so a third is refused at once.
         let mut s = TcpStream::connect(at).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        let q = query(9, "web.shop", A);
-        s.write_all(&(q.len() as u16).to_be_bytes()).unwrap();
-        s.write_all(&q).unwrap();
-        let mut len = [0u8; 2];
-        s.read_exact(&mut len).unwrap();
-        let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
-        s.read_exact(&mut buf).unwrap();
-        assert_eq!(addrs(&Message::from_vec(&buf).unwrap()), vec!["10.42.0.2"]);
+        let t = Instant::now();
+        let m = tcp_ask(&mut s, &query(9, "web.shop", A));
+        assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+        assert!(t.elapsed() < Duration::from_millis(400));
+        for b in busy {
+            assert_eq!(
+                b.join().unwrap().metadata.response_code,
+                ResponseCode::ServFail
+            );
+        }
+        // With the slow ones answered, a client is served again.
+        let mut s = TcpStream::connect(at).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let m = tcp_ask(&mut s, &query(10, "web.shop", A));
+        assert_eq!(addrs(&m), vec!["10.42.0.2"]);
     })
     .await
     .unwrap();
-    assert!(server.stats().tcp_refused.load(Ordering::Relaxed) >= 1);
+    assert_eq!(server.stats().tcp_refused.load(Ordering::Relaxed), 1);
+    assert!(server.stats().tcp_queries.load(Ordering::Relaxed) >= 4);
     server.stop().await;
 }
 

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use weft_dnsd::answer::{handle, Acl, Action};
-use weft_dnsd::forward::scan_answer;
+use weft_dnsd::forward::cache_ttl;
 use weft_dnsd::table::{Table, TableConfig};
 
 fn table() -> &'static Table {
@@ -54,5 +54,9 @@ fuzz_target!(|data: &[u8]| {
         assert!(n >= 12 && n <= out.len());
         assert_eq!(&out[..2], &packet[..2]);
     }
-    let _ = scan_answer(packet);
+    // What the forwarder does with an upstream answer before caching it.
+    if let Ok(m) = hickory_proto::op::Message::from_vec(packet) {
+        let _ = cache_ttl(&m);
+        let _ = m.to_vec();
+    }
 });
