@@ -57,13 +57,6 @@ pub fn get_u16(p: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes([b[0], b[1]]))
 }
 
-/// Reads a big-endian u32 at `at`, if the packet is long enough.
-#[inline]
-pub fn get_u32(p: &[u8], at: usize) -> Option<u32> {
-    let b = p.get(at..at.checked_add(4)?)?;
-    Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-}
-
 /// A name in wire form, lowercased, with the offsets of its labels. Lives on
 /// the stack: parsing a query allocates nothing.
 #[derive(Clone)]
