@@ -53,7 +53,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let maintain = tokio::spawn(daemon.clone().maintain(stop_rx.clone()));
     let mesh = tokio::spawn(daemon.clone().run_mesh(stop_rx));
     let server = axum::serve(listener, api::router(daemon.clone()))
-        .with_graceful_shutdown(shutdown_signal());
+        .with_graceful_shutdown(weft_sys::signal::shutdown_signal()?);
     let result = server.await.context("serving the control API");
     let _ = stop_tx.send(true);
     let _ = maintain.await;
@@ -108,21 +108,6 @@ async fn start_dns(
         .context("starting the DNS server")?;
     tracing::info!(addrs = ?server.local_addrs(), domain = %cfg.domain, "DNS serving");
     Ok(server)
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop netd with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-        _ = int.recv() => tracing::info!("SIGINT: stopping"),
-    }
 }
 
 /// Removes everything weft made on this host: the container veths on the
