@@ -307,10 +307,7 @@ fn malformed_answers_are_protocol() {
     ] {
         let fake = answer(text);
         let e = fake.client().status().unwrap_err();
-        assert!(
-            matches!(e, ClientError::Protocol { .. }),
-            "{text:?}: {e:?}"
-        );
+        assert!(matches!(e, ClientError::Protocol { .. }), "{text:?}: {e:?}");
         assert!(!e.is_try_again());
         fake.join();
     }

@@ -774,10 +774,7 @@ mod tests {
                 &add_error(netd.socket(), T),
                 "before the end of the headers",
             );
-            assert_check_try_again(
-                &check_error(netd.socket()),
-                "before the end of the headers",
-            );
+            assert_check_try_again(&check_error(netd.socket()), "before the end of the headers");
             netd.join();
         }
     }

@@ -306,7 +306,9 @@ impl DnsServer {
             table,
         };
         server.tasks.push(tokio::spawn(sync.run(Some(ready_tx))));
-        server.tasks.push(tokio::spawn(tcp::serve(tcp, ctx.clone())));
+        server
+            .tasks
+            .push(tokio::spawn(tcp::serve(tcp, ctx.clone())));
         for (i, sock) in udp.into_iter().enumerate() {
             let sock = Arc::new(sock);
             let ctx = ctx.clone();
