@@ -1,7 +1,8 @@
 //! The overlay MTU rule, in one place: an overlay packet plus the tunnel's
 //! encapsulation must fit one IPv4 packet, and no overlay MTU is below
-//! IPv4's minimum. Each tunnel driver (netd's `tunnel` module) owns its
-//! overhead; this module owns the arithmetic and the range.
+//! IPv4's minimum. This module owns the arithmetic, the range and the
+//! encapsulation size of each tunnel protocol; netd's `tunnel` module picks
+//! the one of the configured backend.
 
 use std::fmt;
 
@@ -13,6 +14,13 @@ pub const MIN_MTU: u32 = 576;
 pub const MAX_IPV4_PACKET: u32 = 65_535;
 /// The outer IPv4 (20) and UDP (8) headers every UDP tunnel adds.
 pub const IPV4_UDP_HEADERS: u32 = 28;
+/// WireGuard's encapsulation on an IPv4 underlay: outer IPv4 and UDP, the
+/// data message header (16) and the Poly1305 tag (16). weft-wg checks its
+/// wire format against it at compile time.
+pub const WIREGUARD_OVERHEAD: u32 = IPV4_UDP_HEADERS + 16 + 16;
+/// VXLAN's encapsulation on an IPv4 underlay: outer IPv4 and UDP, the VXLAN
+/// header (8) and the inner Ethernet header (14).
+pub const VXLAN_OVERHEAD: u32 = IPV4_UDP_HEADERS + 8 + 14;
 
 /// The overlay MTU for an underlay MTU and a tunnel's `overhead` (bytes of
 /// encapsulation): what is left, but at least [`MIN_MTU`].

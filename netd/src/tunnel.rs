@@ -17,7 +17,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
-use weft_model::mtu::{MtuError, IPV4_UDP_HEADERS};
+use weft_model::mtu::MtuError;
 use weft_model::WgKey;
 use weft_wg::{PeerStats, WgDevice};
 
@@ -29,18 +29,17 @@ pub const WG_DEVICE: &str = "weft-wg";
 /// Persistent keepalive towards every WireGuard peer (keeps NAT mappings
 /// open).
 pub const WG_KEEPALIVE_SECS: u16 = 25;
-/// WireGuard's encapsulation on an IPv4 underlay: IPv4 20 + UDP 8 + data
-/// header 16 + tag 16 (the wire format lives in weft-wg).
-pub const WIREGUARD_OVERHEAD: u32 = weft_wg::OVERHEAD_IPV4;
+/// WireGuard's encapsulation on an IPv4 underlay (weft-wg's wire format
+/// is checked against it).
+pub const WIREGUARD_OVERHEAD: u32 = weft_model::mtu::WIREGUARD_OVERHEAD;
 /// A WireGuard peer without a handshake for this long is down (the
 /// protocol's REJECT_AFTER_TIME: its session no longer carries data).
 pub const PEER_DOWN_AFTER: Duration = Duration::from_secs(180);
 
 /// The VXLAN device.
 pub const VXLAN_DEVICE: &str = "weft-vxlan";
-/// VXLAN's encapsulation on an IPv4 underlay: IPv4 20 + UDP 8 + VXLAN 8 +
-/// inner Ethernet 14.
-pub const VXLAN_OVERHEAD: u32 = IPV4_UDP_HEADERS + 8 + 14;
+/// VXLAN's encapsulation on an IPv4 underlay.
+pub const VXLAN_OVERHEAD: u32 = weft_model::mtu::VXLAN_OVERHEAD;
 
 /// Bytes of encapsulation the backend adds on an IPv4 underlay.
 pub fn overhead(backend: TunnelBackend) -> u32 {

@@ -59,12 +59,11 @@ use datapath::{DeviceCounters, Shared, DATA_OVERHEAD};
 use peer::Peer;
 use table::{PeerTable, Want};
 
-/// Default UDP port.
-pub const DEFAULT_PORT: u16 = 51820;
 /// Bytes WireGuard adds on an IPv4 underlay (IPv4 20 + UDP 8 + WireGuard
-/// data header 16 + tag 16 = 60). The MTU rule itself is
-/// [`weft_model::mtu`].
-pub const OVERHEAD_IPV4: u32 = weft_model::mtu::IPV4_UDP_HEADERS + DATA_OVERHEAD as u32;
+/// data header 16 + tag 16 = 60): the model's figure, which this crate's
+/// wire format must match. The MTU rule itself is [`weft_model::mtu`].
+pub const OVERHEAD_IPV4: u32 = weft_model::mtu::WIREGUARD_OVERHEAD;
+const _: () = assert!(weft_model::mtu::IPV4_UDP_HEADERS + DATA_OVERHEAD as u32 == OVERHEAD_IPV4);
 
 /// How to start the device.
 #[derive(Clone)]

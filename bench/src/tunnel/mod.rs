@@ -83,8 +83,8 @@ impl Mode {
     fn overhead(self) -> u32 {
         match self {
             Mode::Raw => 0,
-            Mode::KernelVxlan | Mode::WeftVxlan => 50,
-            Mode::WireguardGo | Mode::WeftWireguard => 60,
+            Mode::KernelVxlan | Mode::WeftVxlan => weft_model::mtu::VXLAN_OVERHEAD,
+            Mode::WireguardGo | Mode::WeftWireguard => weft_model::mtu::WIREGUARD_OVERHEAD,
         }
     }
 
