@@ -10,8 +10,8 @@ mod common;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use common::in_netns;
 use weft_cni::{host_veth_name, NetError, Netlink, VethConfig};
+use weft_tests::in_netns;
 use weft_tests::{Host, Lab, LabOptions, Netns};
 
 const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 42, 0, 1);

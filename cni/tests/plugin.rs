@@ -8,9 +8,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{conf, in_netns, FakeNetd, Invocation, Mode, Run};
+use common::{conf, FakeNetd, Invocation, Mode, Run};
 use serde_json::{json, Value};
 use weft_cni::host_veth_name;
+use weft_tests::in_netns;
 use weft_tests::{Container, Host, Lab, LabOptions, Netns};
 
 const VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];

@@ -5,10 +5,8 @@
 //! UDP, FORWARD policy DROP, conntrack flush). Needs root; everything happens
 //! inside lab network namespaces, never in the root namespace.
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -19,25 +17,9 @@ use weft_api::{PortMapping, Protocol};
 use weft_netd::nat::{
     flush_conntrack_in, hooks, render, ApplyOutcome, Backend, Iptables, NatSpec, PublishedPort,
 };
-use weft_tests::{Lab, LabOptions, Netns};
+use weft_tests::{in_netns, Lab, LabOptions, Netns};
 
 const DNS: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 250);
-
-/// Runs `f` on a thread that has joined `ns`'s network namespace: sockets it
-/// creates live in that namespace (and stay there when used elsewhere).
-fn in_netns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let file = File::open(ns.path()).unwrap();
-            // SAFETY: setns(2) on a valid namespace fd; affects this thread only.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .unwrap()
-    })
-}
 
 /// A server in a namespace that answers every TCP connection or UDP datagram
 /// with `<name> <peer address>` (so the client learns who answered and which
@@ -49,7 +31,7 @@ struct Server {
 
 impl Server {
     fn tcp(ns: &Netns, name: &str, addr: &str) -> Server {
-        let listener = in_netns(ns, || TcpListener::bind(addr).unwrap());
+        let listener = in_netns(ns.path(), || TcpListener::bind(addr).unwrap());
         listener.set_nonblocking(true).unwrap();
         let name = name.to_owned();
         Server::run(move |stop| {
@@ -66,7 +48,7 @@ impl Server {
     }
 
     fn udp(ns: &Netns, name: &str, addr: &str) -> Server {
-        let sock = in_netns(ns, || UdpSocket::bind(addr).unwrap());
+        let sock = in_netns(ns.path(), || UdpSocket::bind(addr).unwrap());
         sock.set_read_timeout(Some(Duration::from_millis(20)))
             .unwrap();
         let name = name.to_owned();
@@ -115,7 +97,7 @@ fn parse_answer(answer: &str) -> (String, Ipv4Addr) {
 /// Connects from `ns` to `target` over TCP; who answered and the source it saw.
 fn tcp_ask(ns: &Netns, target: &str, timeout: Duration) -> std::io::Result<(String, Ipv4Addr)> {
     let target: SocketAddr = target.parse().unwrap();
-    in_netns(ns, || {
+    in_netns(ns.path(), || {
         let mut s = TcpStream::connect_timeout(&target, timeout)?;
         s.set_read_timeout(Some(Duration::from_secs(3)))?;
         let mut answer = String::new();
@@ -131,7 +113,7 @@ fn tcp(ns: &Netns, target: &str) -> (String, Ipv4Addr) {
 
 /// Sends UDP datagrams from `ns` to `target` until one is answered.
 fn udp(ns: &Netns, target: &str) -> (String, Ipv4Addr) {
-    let sock = in_netns(ns, || UdpSocket::bind("0.0.0.0:0").unwrap());
+    let sock = in_netns(ns.path(), || UdpSocket::bind("0.0.0.0:0").unwrap());
     sock.set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();
     let mut buf = [0u8; 1500];

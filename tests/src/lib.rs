@@ -38,7 +38,7 @@ pub use lab::{
     sweep_stale, Container, Host, Lab, LabOptions, Router, RouterOptions, FAR_SUBNET, HOST_IFACE,
     HOST_OFFSET, MAX_HOSTS, NEAR_SUBNET, UNDERLAY_PREFIX_LEN,
 };
-pub use netns::{list_netns, wait_until, ChildOutput, Netns, NsChild, NETNS_DIR};
+pub use netns::{in_netns, list_netns, wait_until, ChildOutput, Netns, NsChild, NETNS_DIR};
 
 /// Signal numbers for [`NsChild::signal`] and [`NsChild::stop_with`].
 pub mod signal {

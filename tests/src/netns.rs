@@ -250,6 +250,35 @@ impl std::fmt::Display for Netns {
     }
 }
 
+/// Runs `f` on a new thread that has entered the network namespace at
+/// `netns` (a path such as [`Netns::path`]); the calling thread never moves.
+/// Sockets and devices `f` creates stay in that namespace whichever thread
+/// uses them later. Panics (this is test code) if the namespace cannot be
+/// entered, and passes a panic of `f` on.
+pub fn in_netns<T: Send>(netns: impl AsRef<std::path::Path>, f: impl FnOnce() -> T + Send) -> T {
+    use std::os::fd::AsRawFd;
+    let path = netns.as_ref();
+    let file = File::open(path)
+        .unwrap_or_else(|e| panic!("opening network namespace {}: {e}", path.display()));
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns(2) on a namespace fd that stays open for the
+            // call; it changes only this thread.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(
+                rc,
+                0,
+                "setns into {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
+            f()
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
 /// Names of all named network namespaces (the entries of [`NETNS_DIR`]).
 pub fn list_netns() -> Result<Vec<String>> {
     let dir = match std::fs::read_dir(NETNS_DIR) {

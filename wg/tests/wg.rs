@@ -7,12 +7,10 @@
 //! underlay), nothing in clear on the underlay, crypto-key routing, the TUN
 //! MTU with DF, and restart/reattach of the persistent TUN plus `destroy`.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use weft_tests::{signal, wait_until, Host, Lab, LabOptions, Netns};
+use weft_tests::{in_netns, signal, wait_until, Host, Lab, LabOptions};
 use weft_wg::{self as wg, KeyPair, WgConfig, WgDevice, WgPeer};
 
 const TUN: &str = "weft-wg";
@@ -30,22 +28,6 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
         .with_test_writer()
         .try_init();
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Runs `f` on a thread that has joined `ns`'s network namespace: the TUN and
-/// sockets it creates live there (and stay there whichever thread uses them).
-fn in_netns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let file = File::open(ns.path()).unwrap();
-            // SAFETY: setns(2) on a valid namespace fd; affects this thread only.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .unwrap()
-    })
 }
 
 struct Node {
@@ -73,7 +55,7 @@ impl Node {
             private_key: self.keys.private_key(),
             keepalive: None,
         };
-        self.dev = Some(in_netns(self.host.netns(), || {
+        self.dev = Some(in_netns(self.host.netns().path(), || {
             WgDevice::start(cfg).unwrap()
         }));
     }
@@ -324,10 +306,10 @@ fn nothing_in_clear_on_the_underlay() {
     assert!(o.status.success(), "{}", text(&o));
     // Some TCP too: the marker in a TCP payload (the route's src makes
     // 10.42.0.1 the source).
-    let listener = in_netns(b.host.netns(), || {
+    let listener = in_netns(b.host.netns().path(), || {
         std::net::TcpListener::bind((b.gw().as_str(), 7000)).unwrap()
     });
-    let mut conn = in_netns(a.host.netns(), || {
+    let mut conn = in_netns(a.host.netns().path(), || {
         std::net::TcpStream::connect((b.gw().as_str(), 7000)).unwrap()
     });
     let (mut served, _) = listener.accept().unwrap();
@@ -605,13 +587,13 @@ fn restart_reattaches_the_persistent_tun_and_destroy_removes_it() {
     );
 
     // destroy: refused while a device is attached, then removes the TUN.
-    let busy = in_netns(b.host.netns(), || wg::destroy(TUN));
+    let busy = in_netns(b.host.netns().path(), || wg::destroy(TUN));
     let err = busy.expect_err("destroy while attached");
     assert!(err.to_string().contains("stop the other netd"), "{err}");
     b.dev.take().unwrap().stop();
-    in_netns(b.host.netns(), || wg::destroy(TUN)).unwrap();
+    in_netns(b.host.netns().path(), || wg::destroy(TUN)).unwrap();
     assert!(!b.host.links().unwrap().iter().any(|l| l == TUN));
     // Idempotent.
-    in_netns(b.host.netns(), || wg::destroy(TUN)).unwrap();
+    in_netns(b.host.netns().path(), || wg::destroy(TUN)).unwrap();
     drop(a);
 }

@@ -8,7 +8,6 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::Ipv4Addr;
-use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -171,21 +170,6 @@ pub fn conf(version: &str, socket: impl AsRef<Path>) -> Value {
         "name": "weft",
         "type": "weft",
         "socket": socket.as_ref(),
-    })
-}
-
-/// Runs `f` on a new thread that has entered the network namespace at
-/// `netns` (the calling thread never moves).
-pub fn in_netns<T: Send>(netns: impl AsRef<Path>, f: impl FnOnce() -> T + Send) -> T {
-    let file = std::fs::File::open(netns.as_ref()).unwrap();
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-                .expect("setns into the test namespace");
-            f()
-        })
-        .join()
-        .unwrap_or_else(|p| std::panic::resume_unwind(p))
     })
 }
 
