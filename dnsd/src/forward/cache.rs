@@ -4,6 +4,12 @@
 //! that expires soonest makes room (expired ones first, then the live one
 //! with the least time left): one entry goes per entry that comes, never
 //! the whole cache.
+//!
+//! Next to the parsed answer, an entry remembers the last reply written from
+//! it (for one age in whole seconds): a hit in the same second copies those
+//! bytes and patches the client's id and question in, instead of cloning
+//! and encoding the message again (that made cache hits 30 % slower than
+//! the hand-written cache this one replaced).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -17,6 +23,8 @@ pub struct Hit {
     pub answer: Arc<Message>,
     /// Whole seconds since it was stored (to count the TTLs down).
     pub age: u32,
+    /// The reply last written from this answer, if it was for this `age`.
+    pub rendered: Option<Arc<[u8]>>,
 }
 
 struct Entry {
@@ -24,6 +32,8 @@ struct Entry {
     stored: Instant,
     /// Its place in `by_expiry`.
     slot: (Instant, u64),
+    /// The last reply written from it, and for which age.
+    rendered: Option<(u32, Arc<[u8]>)>,
 }
 
 /// At most `capacity` answers by key.
@@ -57,10 +67,24 @@ impl Cache {
             self.remove(key);
             return None;
         }
+        let age = now.duration_since(e.stored).as_secs() as u32;
         Some(Hit {
             answer: e.answer.clone(),
-            age: now.duration_since(e.stored).as_secs() as u32,
+            age,
+            rendered: e
+                .rendered
+                .as_ref()
+                .filter(|(a, _)| *a == age)
+                .map(|(_, r)| r.clone()),
         })
+    }
+
+    /// Remembers `reply`, written from the answer under `key` at `age`
+    /// (nothing happens if that answer has gone meanwhile).
+    pub fn remember(&mut self, key: &[u8], age: u32, reply: Arc<[u8]>) {
+        if let Some(e) = self.map.get_mut(key) {
+            e.rendered = Some((age, reply));
+        }
     }
 
     /// Stores `answer` for `ttl` seconds. Returns how many live answers were
@@ -89,6 +113,7 @@ impl Cache {
                 answer,
                 stored: now,
                 slot,
+                rendered: None,
             },
         );
         evicted
