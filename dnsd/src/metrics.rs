@@ -200,6 +200,18 @@ fn encode(e: &mut DescriptorEncoder, dns: &StatsHandle) -> fmt::Result {
     )?;
     counter(
         e,
+        "weft_dns_merged",
+        "Forwarded queries that waited for an identical one already asked upstream",
+        f.merged.load(Relaxed),
+    )?;
+    counter(
+        e,
+        "weft_dns_cache_evictions",
+        "Live answers evicted from the full forwarding cache (expired ones do not count)",
+        f.evicted.load(Relaxed),
+    )?;
+    counter(
+        e,
         "weft_dns_upstream_failures",
         "Forwarded queries no upstream answered (SERVFAIL sent)",
         f.servfail.load(Relaxed),
@@ -216,7 +228,7 @@ fn encode(e: &mut DescriptorEncoder, dns: &StatsHandle) -> fmt::Result {
     counter(
         e,
         "weft_dns_tcp_refused",
-        "DNS TCP connections refused at the connection limit",
+        "DNS TCP queries refused at the limit of TCP queries answered at once",
         s.tcp_refused.load(Relaxed),
     )?;
     gauge(

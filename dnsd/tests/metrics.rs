@@ -127,6 +127,8 @@ fn standalone_dnsd_serves_its_counters_on_metrics_addr() {
         (r#"weft_dns_queries_total{transport="tcp"}"#, 0.0),
         (r#"weft_dns_query_types_total{type="A"}"#, 2.0),
         (r#"weft_dns_responses_total{rcode="NXDOMAIN"}"#, 2.0),
+        ("weft_dns_merged_total", 0.0),
+        ("weft_dns_cache_evictions_total", 0.0),
         ("weft_dns_forwarded_total", 0.0),
         ("weft_dns_cache_entries", 0.0),
     ] {
