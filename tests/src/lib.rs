@@ -31,6 +31,7 @@ mod error;
 mod lab;
 pub mod naming;
 mod netns;
+pub mod probe;
 pub mod weft;
 
 pub use error::{Error, Result};
