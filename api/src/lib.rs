@@ -62,7 +62,7 @@ pub struct AddEndpoint {
 
 /// An endpoint as netd answers it. Built from the stored
 /// [`EndpointRecord`](weft_model::EndpointRecord) (`From`), so the API and
-/// the store format can change apart; today the JSON is the same.
+/// the store format can change apart; the JSON is the record's plus `mac`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoint {
     pub container_id: String,
@@ -76,6 +76,12 @@ pub struct Endpoint {
     pub mtu: u32,
     /// The host bridge the host side of the veth joins.
     pub bridge: String,
+    /// The MAC the container interface must have: netd's anti-spoofing
+    /// lets only this MAC with `address` out of the container's port. Derived
+    /// from the address ([`weft_model::Mac::for_addr`], not stored); absent in
+    /// answers of a netd older than anti-spoofing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<weft_model::Mac>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -103,6 +109,7 @@ impl From<weft_model::EndpointRecord> for Endpoint {
             gateway: r.gateway,
             mtu: r.mtu,
             bridge: r.bridge.into(),
+            mac: Some(weft_model::Mac::for_addr(r.address.ip())),
             name: name(r.name),
             service: name(r.service),
             stack: name(r.stack),
@@ -226,14 +233,26 @@ mod tests {
     use super::*;
 
     /// The API's endpoint, built from a stored record, has the record's
-    /// JSON (the CNI plugin and the CLI read it).
+    /// JSON plus the MAC derived from the address (the CNI plugin and the
+    /// CLI read it); an answer without `mac` (an older netd) still parses.
     #[test]
     fn endpoint_from_record_keeps_the_json() {
         let json = r#"{"container_id":"abc","ifname":"eth0","netns":"/run/netns/x","host_id":"h1","address":"10.42.3.7/24","gateway":"10.42.3.1","mtu":1420,"bridge":"weft0","name":"web-1","service":"web","stack":"shop","aliases":["www"],"port_mappings":[{"host_port":8080,"container_port":80,"protocol":"tcp","host_ip":"0.0.0.0"}],"dns":{"nameservers":["169.254.169.250"],"domain":"weft.local","search":["weft.local"],"options":[]},"created_at_ms":7}"#;
+        let with_mac = json.replace(
+            r#""bridge":"weft0","#,
+            r#""bridge":"weft0","mac":"0a:58:0a:2a:03:07","#,
+        );
         let record: weft_model::EndpointRecord = serde_json::from_str(json).unwrap();
         let ep = Endpoint::from(record);
         assert_eq!(ep.service.as_deref(), Some("web"));
-        assert_eq!(serde_json::to_string(&ep).unwrap(), json);
-        assert_eq!(serde_json::from_str::<Endpoint>(json).unwrap(), ep);
+        assert_eq!(
+            ep.mac,
+            Some(weft_model::Mac::for_addr("10.42.3.7".parse().unwrap()))
+        );
+        assert_eq!(serde_json::to_string(&ep).unwrap(), with_mac);
+        assert_eq!(serde_json::from_str::<Endpoint>(&with_mac).unwrap(), ep);
+        let old = serde_json::from_str::<Endpoint>(json).unwrap();
+        assert_eq!(old.mac, None);
+        assert_eq!(Endpoint { mac: ep.mac, ..old }, ep);
     }
 }

@@ -115,6 +115,18 @@ pub fn diagnose(want: &Expected<'_>, prev: &CniResult, seen: &Observed<'_>) -> V
             ep.mtu
         ));
     }
+    // netd's anti-spoofing drops everything the interface sends with
+    // another MAC (an older netd does not say which MAC: nothing to check).
+    if let Some(mac) = ep.mac {
+        let have = iface.link.mac.as_deref();
+        if have.and_then(|m| m.parse::<weft_model::Mac>().ok()) != Some(mac) {
+            problems.push(format!(
+                "interface {} has MAC {}, expected {mac} (anything else is dropped as spoofed)",
+                want.ifname,
+                have.unwrap_or("?")
+            ));
+        }
+    }
     if !iface.addresses.contains(&ep.address) {
         problems.push(format!(
             "interface {} has address(es) [{}], expected {}",
@@ -175,6 +187,7 @@ mod tests {
             gateway: Ipv4Addr::new(10, 42, 0, 1),
             mtu: 1400,
             bridge: "weft0".into(),
+            mac: Some(weft_model::Mac::for_addr(Ipv4Addr::new(10, 42, 0, 2))),
             name: None,
             service: None,
             stack: None,
@@ -219,7 +232,10 @@ mod tests {
         };
         let gw = Some(Ipv4Addr::new(10, 42, 0, 1));
         let iface = InterfaceState {
-            link: link("eth0", 2, "veth", None),
+            link: LinkState {
+                mac: Some("0a:58:0a:2a:00:02".into()),
+                ..link("eth0", 2, "veth", None)
+            },
             addresses: vec!["10.42.0.2/24".parse().unwrap()],
             routes: vec![
                 RouteState {
@@ -276,6 +292,7 @@ mod tests {
         host.master = None;
         host.up = false;
         iface.link.mtu = Some(1500);
+        iface.link.mac = Some("0a:58:0a:2a:00:03".into());
         iface.addresses.clear();
         iface.routes.retain(|r| r.dst.prefix() != 32);
         let seen = Observed {
@@ -285,7 +302,7 @@ mod tests {
         };
         let problems = diagnose(&want, &prev, &seen);
         let text = problems.join("\n");
-        assert_eq!(problems.len(), 6, "{text}");
+        assert_eq!(problems.len(), 7, "{text}");
         assert!(
             text.contains("prevResult does not list address 10.42.0.2/24"),
             "{text}"
@@ -293,6 +310,10 @@ mod tests {
         assert!(text.contains("host interface wfabc is down"), "{text}");
         assert!(text.contains("not on bridge weft0"), "{text}");
         assert!(text.contains("MTU 1500, expected 1400"), "{text}");
+        assert!(
+            text.contains("MAC 0a:58:0a:2a:00:03, expected 0a:58:0a:2a:00:02"),
+            "{text}"
+        );
         assert!(text.contains("expected 10.42.0.2/24"), "{text}");
         assert!(
             text.contains("no route to 169.254.169.250 via 10.42.0.1"),

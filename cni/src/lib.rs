@@ -10,7 +10,9 @@
 //! * [`result`]: the CNI result in the shape of each spec version.
 //! * [`netlink`]: the veth pair between netd's bridge and the container
 //!   ([`attach`], [`detach`], [`Netlink`], [`Sandbox`]).
-//! * [`naming`]: the deterministic host-side veth name.
+//! * The host-side veth name and the container's MAC are
+//!   `weft_model`'s ([`weft_model::host_veth_name`], [`weft_model::Mac`]):
+//!   netd's anti-spoofing allows exactly what the plugin makes.
 //! * [`check`]: what CHECK compares.
 //! * [`error`] and [`version`]: CNI error JSON and codes, spec versions.
 //!
@@ -20,14 +22,12 @@ pub mod args;
 pub mod check;
 pub mod config;
 pub mod error;
-pub mod naming;
 pub mod netlink;
 pub mod plugin;
 pub mod result;
 pub mod version;
 
 pub use error::{code, CniError};
-pub use naming::host_veth_name;
 pub use netlink::{
     attach, detach, Attached, InterfaceState, LinkState, NetError, Netlink, RouteState, Sandbox,
     VethConfig,

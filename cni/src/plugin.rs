@@ -31,10 +31,10 @@ use crate::args::CniArgs;
 use crate::check::{diagnose, Expected, Observed};
 use crate::config::{peek_version, NetConf};
 use crate::error::{code, CniError};
-use crate::naming::host_veth_name;
 use crate::netlink::{NetError, Netlink, VethConfig};
 use crate::result::{CniResult, Dns, Interface, IpConfig, Route};
 use crate::version::{version_json, CniVersion};
+use weft_model::host_veth_name;
 
 /// How long one request to netd may take.
 pub const NETD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -343,6 +343,10 @@ fn add(env: &Env, conf: &NetConf, timer: &mut Timer) -> Result<String, CniError>
         ifname: ifname.to_string(),
         host_veth: host_veth.clone(),
         bridge: ep.bridge.clone(),
+        // An older netd does not send the MAC; the rule is the same.
+        mac: ep
+            .mac
+            .unwrap_or_else(|| weft_model::Mac::for_addr(ep.address.ip())),
         address: ep.address,
         gateway: ep.gateway,
         mtu: ep.mtu,

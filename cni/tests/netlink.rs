@@ -10,7 +10,8 @@ mod common;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use weft_cni::{host_veth_name, NetError, Netlink, VethConfig};
+use weft_cni::{NetError, Netlink, VethConfig};
+use weft_model::{host_veth_name, Mac};
 use weft_tests::in_netns;
 use weft_tests::{Host, Lab, LabOptions, Netns};
 
@@ -32,6 +33,7 @@ fn veth(id: &str, ifname: &str, last: u8) -> VethConfig {
         ifname: ifname.into(),
         host_veth: host_veth_name(id, ifname),
         bridge: "weft0".into(),
+        mac: Mac::for_addr(Ipv4Addr::new(10, 42, 0, last)),
         address: format!("10.42.0.{last}/24").parse().unwrap(),
         gateway: GATEWAY,
         mtu: MTU,
@@ -84,6 +86,9 @@ fn two_containers_attach_talk_and_detach() {
         assert!(line.contains(",UP"), "{line}");
         let mac = a.container_mac.clone().unwrap();
         assert!(line.contains(&mac), "{mac} not in {line}");
+        // The MAC is the one asked for (anti-spoofing allows only it).
+        assert_eq!(mac, v.mac.to_string());
+        assert!(line.contains(&format!("link/ether {} ", v.mac)), "{line}");
         assert!(
             host_line.contains(a.host_mac.as_deref().unwrap()),
             "{host_line}"

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::{conf, FakeNetd, Invocation, Mode, Run};
 use serde_json::{json, Value};
-use weft_cni::host_veth_name;
+use weft_model::host_veth_name;
 use weft_tests::in_netns;
 use weft_tests::{Container, Host, Lab, LabOptions, Netns};
 
@@ -127,6 +127,14 @@ fn add_check_del_in_every_version() {
         let result = run.json();
         let address = format!("10.42.0.{}/24", 2 + i);
         assert_eq!(result, expected_result(v, &id, host, &c, &address), "{v}");
+        // The container's eth0 has the MAC derived from its address (the
+        // one netd's anti-spoofing allows).
+        let ip: std::net::Ipv4Addr = address.trim_end_matches("/24").parse().unwrap();
+        assert_eq!(
+            mac_of(&c, "eth0"),
+            weft_model::Mac::for_addr(ip).to_string(),
+            "{v}"
+        );
         if *v == "1.0.0" || *v == "0.4.0" {
             eprintln!("ADD result in {v}:\n{}", run.stdout);
         }

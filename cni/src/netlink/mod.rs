@@ -19,8 +19,8 @@
 //! else in the process ever changes namespace.
 //!
 //! The pair itself is made in one request in the host namespace: the host
-//! end with its final name, MTU, bridge and up; the peer with `CNI_IFNAME`
-//! and the MTU, created directly inside the container namespace (by the
+//! end with its final name, MTU, bridge and up; the peer with `CNI_IFNAME`,
+//! the MTU and its MAC (the one netd's anti-spoofing allows), created directly inside the container namespace (by the
 //! namespace fd), so no interface ever appears in the host under the
 //! container's name. Deleting the host end deletes the peer too.
 //!
@@ -62,8 +62,11 @@ pub const LOOPBACK_IFINDEX: u32 = 1;
 pub struct VethConfig {
     /// The interface name inside the container (`CNI_IFNAME`).
     pub ifname: String,
-    /// The host end's name (see [`crate::naming::host_veth_name`]).
+    /// The host end's name (see [`weft_model::host_veth_name`]).
     pub host_veth: String,
+    /// The container end's MAC (netd's answer: [`weft_model::Mac::for_addr`]
+    /// of the address; anti-spoofing lets nothing else out of the port).
+    pub mac: weft_model::Mac,
     /// The bridge in the host namespace the host end joins.
     pub bridge: String,
     /// The container's address with its prefix.
@@ -234,7 +237,7 @@ impl Netlink {
     }
 
     /// The veths of the host namespace whose names follow
-    /// [`crate::naming`]'s scheme.
+    /// [`weft_model::host_veth_name`]'s scheme.
     pub fn host_veths(&self) -> Result<Vec<String>, NetError> {
         self.rt.block_on(async {
             let mut names = Vec::new();
@@ -245,7 +248,7 @@ impl Netlink {
                 .map_err(nl_err("listing host links"))?
             {
                 let s = link_state(&link);
-                if s.kind.as_deref() == Some("veth") && crate::naming::is_host_veth_name(&s.name) {
+                if s.kind.as_deref() == Some("veth") && weft_model::is_host_veth_name(&s.name) {
                     names.push(s.name);
                 }
             }

@@ -23,7 +23,7 @@ use super::{
 
 impl Sandbox<'_> {
     /// Creates the veth pair and configures the container side: `lo` up;
-    /// `ifname` with the address, the MTU, up; a default route and a route to
+    /// `ifname` with its MAC (set when it is made), the address, the MTU, up; a default route and a route to
     /// 169.254.169.250/32, both via the gateway. The host end joins the
     /// bridge, with the MTU, up.
     ///
@@ -47,6 +47,7 @@ impl Sandbox<'_> {
             // before both exist (ENOTCONN). It goes up after its address.
             let peer = LinkUnspec::new_with_name(&cfg.ifname)
                 .mtu(cfg.mtu)
+                .address(cfg.mac.octets().to_vec())
                 .setns_by_fd(self.file.as_raw_fd())
                 .build();
             let pair = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)

@@ -411,6 +411,7 @@ fn route(st: &mut State, method: &str, path: &str, body: &str) -> (u16, Value) {
                 gateway: st.gateway,
                 mtu: st.mtu,
                 bridge: st.bridge.clone(),
+                mac: Some(weft_model::Mac::for_addr(ip)),
                 name: req.name,
                 service: req.service,
                 stack: req.stack,
