@@ -11,6 +11,9 @@
 //! * `endpoints/<host>/<container>/<ifname>` — one endpoint record per
 //!   container interface, read by dnsd on every host.
 //! * `hosts/<host>` — one host record per live host, under a lease.
+//! * `policy/cluster` — the network policy document (JSON of
+//!   [`crate::Policy`]), written with compare-and-swap; every netd follows
+//!   `policy/`.
 
 /// The prefix every key lives under unless configured otherwise.
 pub const DEFAULT_PREFIX: &str = "/weft/";
@@ -94,6 +97,16 @@ impl Keys {
     pub fn host(&self, host: &str) -> String {
         format!("{}{host}", self.hosts())
     }
+
+    /// Prefix of the network policy (every netd follows it).
+    pub fn policy(&self) -> String {
+        format!("{}policy/", self.root)
+    }
+
+    /// The cluster's policy document.
+    pub fn policy_doc(&self) -> String {
+        format!("{}cluster", self.policy())
+    }
 }
 
 #[cfg(test)]
@@ -125,12 +138,14 @@ mod tests {
                 k.endpoint("h0", "c1", "eth0"),
                 k.hosts(),
                 k.host("h0"),
+                k.policy(),
+                k.policy_doc(),
             ] {
                 let rest = key
                     .strip_prefix(&root)
                     .unwrap_or_else(|| panic!("{key} not under {root}"));
                 assert!(
-                    ["ipam/", "endpoints/", "hosts/"]
+                    ["ipam/", "endpoints/", "hosts/", "policy/"]
                         .iter()
                         .any(|s| rest.starts_with(s)),
                     "{key}"
@@ -141,6 +156,8 @@ mod tests {
         assert_eq!(k.endpoint("h0", "c1", "eth0"), "/x/endpoints/h0/c1/eth0");
         assert_eq!(k.host("h0"), "/x/hosts/h0");
         assert_eq!(k.ipam_config(), "/x/ipam/config");
+        assert_eq!(k.policy_doc(), "/x/policy/cluster");
+        assert!(k.policy_doc().starts_with(&k.policy()));
     }
 
     #[test]
