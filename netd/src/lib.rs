@@ -16,6 +16,7 @@ pub mod layered;
 pub mod mesh;
 pub mod metrics;
 pub mod nat;
+pub mod nft;
 pub mod tunnel;
 
 use anyhow::Context;

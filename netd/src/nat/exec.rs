@@ -198,7 +198,8 @@ impl Runner {
 
 /// The program's full path if it is in `PATH` or one of the sbin
 /// directories (which a daemon's or sudo's `PATH` may lack); else the bare name.
-fn resolve(program: &str) -> PathBuf {
+/// (netd's nf_tables runner uses it too.)
+pub(crate) fn resolve(program: &str) -> PathBuf {
     let from_env = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
         .unwrap_or_default();

@@ -54,6 +54,7 @@ use ipnetwork::Ipv4Network;
 use weft_model::{IfName, PortMapping, Protocol};
 
 pub use exec::{flush_conntrack, flush_conntrack_in, ApplyOutcome, Backend, Iptables};
+pub(crate) use exec::resolve;
 
 /// nat: hooked from PREROUTING; sends traffic for local addresses to [`DNAT_CHAIN`].
 pub const PREROUTING_CHAIN: &str = "WEFT-PREROUTING";

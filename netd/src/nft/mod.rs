@@ -1,0 +1,456 @@
+//! weft's nf_tables tables, and the one thing that runs `nft`.
+//!
+//! weft owns two tables, both called [`TABLE`]:
+//! * `table inet weft`: the policy (ingress to this host's containers),
+//!   rendered by [`policy::render`];
+//! * `table bridge weft`: anti-spoofing on the container ports, rendered by
+//!   `spoof::render` (helper HC's `nft/spoof.rs`; until it lands
+//!   [`Desired::spoof`] stays `None` and the bridge table is left alone).
+//!
+//! Two halves, kept apart:
+//! * pure: [`script`] turns the [`Desired`] tables into one `nft -f -` input.
+//!   Each table is declared, deleted and written again in that one input,
+//!   which nft applies as one transaction: the kernel switches from the old
+//!   rules to the new ones at once (no packet sees a half-written table), and
+//!   a failing line leaves the old table in place.
+//! * effects: [`Nft`] runs `nft` (on the host or, for tests, inside a named
+//!   network namespace, like [`crate::nat::Iptables::in_netns`]), reads the
+//!   named counters (`nft -j list counters`) and deletes the tables on
+//!   teardown; [`Nft::cut`] deletes the conntrack entries of address pairs
+//!   that lost reach.
+//!
+//! Re-creating a table resets its counters, so [`Nft`] adds what the kernel
+//! counted before each apply to a base it keeps, and [`Nft::counters`]
+//! reports base + kernel: the counters only ever grow while netd runs.
+//!
+//! These tables coexist with the iptables rules of [`crate::nat`] and with
+//! other tools' tables: every packet passes every table hooked at its hook,
+//! and an `accept` here is final only for this table.
+
+pub mod policy;
+pub mod spoof;
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::net::Ipv4Addr;
+use std::process::{Command, Output, Stdio};
+use std::sync::{Mutex, PoisonError};
+
+use serde::Deserialize;
+
+/// The name of both of weft's tables.
+pub const TABLE: &str = "weft";
+/// The families weft has a table in, in the order [`script`] writes them.
+pub const FAMILIES: [&str; 2] = ["inet", "bridge"];
+
+const NFT_HINT: &str = "is nftables installed? Debian: apt-get install nftables";
+const CONNTRACK_HINT: &str =
+    "is the conntrack package installed? Debian: apt-get install conntrack";
+const IPROUTE_HINT: &str = "is iproute2 installed, and does the network namespace exist?";
+
+/// What went wrong running `nft` or `conntrack`; each says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    #[error("cannot run `{cmd}`: {source} ({hint})")]
+    Spawn {
+        cmd: String,
+        #[source]
+        source: std::io::Error,
+        hint: &'static str,
+    },
+    #[error("`{cmd}` failed ({status}): {stderr} ({hint})")]
+    Command {
+        cmd: String,
+        status: String,
+        stderr: String,
+        hint: &'static str,
+    },
+    #[error("cannot read the JSON of `{cmd}`: {source} (nft 0.9.3 or newer is needed for -j)")]
+    Json {
+        cmd: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// weft's tables as they should be: each is the whole `table <family> weft
+/// { ... }` block.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// `table inet weft { ... }` ([`policy::render`]).
+    pub policy: String,
+    /// `table bridge weft { ... }` (`spoof::render`); `None` leaves the
+    /// bridge table as it is.
+    pub spoof: Option<String>,
+}
+
+/// One transaction that makes weft's tables those of `d`: per table,
+/// declare it (so the delete cannot fail on a host without it), delete it,
+/// write it whole.
+pub fn script(d: &Desired) -> String {
+    let mut out = String::new();
+    for (family, body) in [("inet", Some(&d.policy)), ("bridge", d.spoof.as_ref())] {
+        let Some(body) = body else { continue };
+        out.push_str(&format!(
+            "table {family} {TABLE} {{}}\ndelete table {family} {TABLE}\n"
+        ));
+        out.push_str(body);
+        if !body.ends_with('\n') {
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// The transaction that deletes both of weft's tables (nothing else).
+pub fn teardown_script() -> String {
+    FAMILIES
+        .iter()
+        .map(|f| format!("table {f} {TABLE} {{}}\ndelete table {f} {TABLE}\n"))
+        .collect()
+}
+
+/// What [`Nft::apply`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplyOutcome {
+    Applied,
+    /// The script equals the last one applied; nothing was run.
+    Unchanged,
+}
+
+/// A named counter object of one of weft's tables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedCounter {
+    /// `inet` or `bridge`.
+    pub family: String,
+    pub name: String,
+    /// What the counter counts, as the renderer labelled it.
+    pub comment: Option<String>,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// netd's handle on nf_tables: one per daemon (or per test namespace).
+#[derive(Debug, Default)]
+pub struct Nft {
+    netns: Option<String>,
+    /// The script last applied successfully.
+    last: Mutex<Option<String>>,
+    /// What the counters counted in tables since replaced, by (family, name).
+    base: Mutex<BTreeMap<(String, String), (u64, u64)>>,
+}
+
+impl Nft {
+    /// Runs `nft` in the host's network namespace.
+    pub fn new() -> Nft {
+        Nft::default()
+    }
+
+    /// Runs every command inside network namespace `netns`
+    /// (`ip netns exec <netns> ...`). For tests.
+    pub fn in_netns(mut self, netns: impl Into<String>) -> Nft {
+        self.netns = Some(netns.into());
+        self
+    }
+
+    /// Applies `script` (from [`script`]) as one transaction, unless it is
+    /// the one applied last (call [`Nft::invalidate`] to force it).
+    pub fn apply(&self, script: &str) -> Result<ApplyOutcome, NftError> {
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        if last.as_deref() == Some(script) {
+            return Ok(ApplyOutcome::Unchanged);
+        }
+        // The tables are re-created: keep what their counters counted.
+        let before = self.kernel_counters().unwrap_or_default();
+        *last = None;
+        self.check("nft", &["-f", "-"], Some(script), NFT_HINT)?;
+        let mut base = self.base.lock().unwrap_or_else(PoisonError::into_inner);
+        for c in before {
+            let b = base.entry((c.family, c.name)).or_default();
+            b.0 += c.packets;
+            b.1 += c.bytes;
+        }
+        *last = Some(script.to_owned());
+        Ok(ApplyOutcome::Applied)
+    }
+
+    /// Forgets the last applied script, so the next [`Nft::apply`] runs.
+    pub fn invalidate(&self) {
+        *self.last.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
+    /// The named counters of weft's tables: what the kernel counts now plus
+    /// what replaced tables counted before.
+    pub fn counters(&self) -> Result<Vec<NamedCounter>, NftError> {
+        let mut now = self.kernel_counters()?;
+        let base = self.base.lock().unwrap_or_else(PoisonError::into_inner);
+        for c in &mut now {
+            if let Some((p, b)) = base.get(&(c.family.clone(), c.name.clone())) {
+                c.packets += p;
+                c.bytes += b;
+            }
+        }
+        Ok(now)
+    }
+
+    fn kernel_counters(&self) -> Result<Vec<NamedCounter>, NftError> {
+        let args = ["-j", "list", "counters"];
+        let out = self.check("nft", &args, None, NFT_HINT)?;
+        parse_counters(&out).map_err(|source| NftError::Json {
+            cmd: self.display("nft", &args),
+            source,
+        })
+    }
+
+    /// `nft list table <family> weft`, as text (empty when there is no
+    /// such table).
+    pub fn list(&self, family: &str) -> Result<String, NftError> {
+        let out = self.run("nft", &["list", "table", family, TABLE], None, NFT_HINT)?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Ok(String::new())
+        }
+    }
+
+    /// Deletes both of weft's tables. Idempotent.
+    pub fn teardown(&self) -> Result<(), NftError> {
+        self.invalidate();
+        self.check("nft", &["-f", "-"], Some(&teardown_script()), NFT_HINT)?;
+        Ok(())
+    }
+
+    /// Deletes the conntrack entries of connections from `src` to `dst`
+    /// (original direction), one pair at a time; returns how many went.
+    pub fn cut(&self, pairs: &[(Ipv4Addr, Ipv4Addr)]) -> Result<usize, NftError> {
+        let mut total = 0;
+        for (src, dst) in pairs {
+            let (s, d) = (src.to_string(), dst.to_string());
+            let args = ["-D", "-f", "ipv4", "-s", s.as_str(), "-d", d.as_str()];
+            let out = self.run("conntrack", &args, None, CONNTRACK_HINT)?;
+            let deleted = deleted_count(&String::from_utf8_lossy(&out.stderr));
+            match (out.status.code(), deleted) {
+                (Some(0), n) => total += n.unwrap_or(0),
+                // conntrack exits 1 when nothing matched.
+                (Some(1), Some(0)) => {}
+                _ => return Err(self.failed("conntrack", &args, &out, CONNTRACK_HINT)),
+            }
+        }
+        Ok(total)
+    }
+
+    fn run(
+        &self,
+        program: &str,
+        args: &[&str],
+        stdin: Option<&str>,
+        hint: &'static str,
+    ) -> Result<Output, NftError> {
+        let path = crate::nat::resolve(program);
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&path);
+                c
+            }
+            None => Command::new(&path),
+        };
+        cmd.args(args)
+            .env("LC_ALL", "C")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            });
+        let spawn_err = |source: std::io::Error| NftError::Spawn {
+            cmd: self.display(program, args),
+            hint: match (&self.netns, source.kind()) {
+                (Some(_), std::io::ErrorKind::NotFound) => IPROUTE_HINT,
+                _ => hint,
+            },
+            source,
+        };
+        let mut child = cmd.spawn().map_err(spawn_err)?;
+        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            // A program that dies early closes the pipe; its exit status
+            // and stderr tell why.
+            let _ = pipe.write_all(input.as_bytes());
+        }
+        child.wait_with_output().map_err(spawn_err)
+    }
+
+    fn check(
+        &self,
+        program: &str,
+        args: &[&str],
+        stdin: Option<&str>,
+        hint: &'static str,
+    ) -> Result<String, NftError> {
+        let out = self.run(program, args, stdin, hint)?;
+        if out.status.success() {
+            return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+        }
+        Err(self.failed(program, args, &out, hint))
+    }
+
+    fn failed(&self, program: &str, args: &[&str], out: &Output, hint: &'static str) -> NftError {
+        let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        if stderr.is_empty() {
+            stderr = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        }
+        NftError::Command {
+            cmd: self.display(program, args),
+            status: out.status.to_string(),
+            hint: failure_hint(&stderr, hint),
+            stderr,
+        }
+    }
+
+    fn display(&self, program: &str, args: &[&str]) -> String {
+        let mut s = match &self.netns {
+            Some(ns) => format!("ip netns exec {ns} {program}"),
+            None => program.to_owned(),
+        };
+        for a in args {
+            s.push(' ');
+            s.push_str(a);
+        }
+        s
+    }
+}
+
+fn failure_hint(stderr: &str, default: &'static str) -> &'static str {
+    let s = stderr.to_ascii_lowercase();
+    if s.contains("operation not permitted") || s.contains("permission denied") {
+        "netd needs root (CAP_NET_ADMIN)"
+    } else if s.contains("not supported") || s.contains("could not process rule") {
+        "a kernel module may be missing (nf_tables, nft_chain_nat, nf_conntrack, br_netfilter): check dmesg"
+    } else {
+        default
+    }
+}
+
+/// `conntrack v1.4.7 (conntrack-tools): 3 flow entries have been deleted.` → 3.
+fn deleted_count(stderr: &str) -> Option<usize> {
+    let words: Vec<&str> = stderr.split_whitespace().collect();
+    words.windows(3).find_map(|w| {
+        (w[1] == "flow" && w[2] == "entries")
+            .then(|| w[0].parse().ok())
+            .flatten()
+    })
+}
+
+#[derive(Deserialize)]
+struct ListOutput {
+    nftables: Vec<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct JsonCounter {
+    family: String,
+    name: String,
+    table: String,
+    #[serde(default)]
+    comment: Option<String>,
+    #[serde(default)]
+    packets: u64,
+    #[serde(default)]
+    bytes: u64,
+}
+
+/// The counters of weft's tables in `nft -j list counters` output.
+fn parse_counters(json: &str) -> Result<Vec<NamedCounter>, serde_json::Error> {
+    let list: ListOutput = serde_json::from_str(json)?;
+    let mut out = Vec::new();
+    for item in list.nftables {
+        let Some(c) = item.get("counter") else {
+            continue;
+        };
+        let c: JsonCounter = serde_json::from_value(c.clone())?;
+        if c.table == TABLE && FAMILIES.contains(&c.family.as_str()) {
+            out.push(NamedCounter {
+                family: c.family,
+                name: c.name,
+                comment: c.comment,
+                packets: c.packets,
+                bytes: c.bytes,
+            });
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn script_replaces_each_table_in_one_input() {
+        let d = Desired {
+            policy: "table inet weft {\n}\n".into(),
+            spoof: None,
+        };
+        assert_eq!(
+            script(&d),
+            "table inet weft {}\ndelete table inet weft\ntable inet weft {\n}\n"
+        );
+        let d = Desired {
+            spoof: Some("table bridge weft {\n}".into()),
+            ..d
+        };
+        assert!(script(&d)
+            .ends_with("table bridge weft {}\ndelete table bridge weft\ntable bridge weft {\n}\n"));
+        assert_eq!(
+            teardown_script(),
+            "table inet weft {}\ndelete table inet weft\n\
+             table bridge weft {}\ndelete table bridge weft\n"
+        );
+    }
+
+    #[test]
+    fn counters_of_weft_tables_only() {
+        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}},
+            {"counter": {"family": "inet", "name": "allow-web", "table": "weft", "handle": 5, "comment": "web", "packets": 3, "bytes": 180}},
+            {"counter": {"family": "inet", "name": "drops", "table": "weft", "handle": 6, "packets": 0, "bytes": 0}},
+            {"counter": {"family": "ip", "name": "x", "table": "other", "handle": 1, "packets": 9, "bytes": 9}}]}"#;
+        let c = parse_counters(json).unwrap();
+        assert_eq!(c.len(), 2);
+        assert_eq!(
+            c[0],
+            NamedCounter {
+                family: "inet".into(),
+                name: "allow-web".into(),
+                comment: Some("web".into()),
+                packets: 3,
+                bytes: 180
+            }
+        );
+        assert_eq!(c[1].comment, None);
+        assert!(parse_counters("not json").is_err());
+    }
+
+    #[test]
+    fn errors_say_what_to_do() {
+        assert_eq!(
+            deleted_count("conntrack v1.4.7 (conntrack-tools): 2 flow entries have been deleted."),
+            Some(2)
+        );
+        assert!(failure_hint(
+            "Error: Could not process rule: Operation not permitted",
+            NFT_HINT
+        )
+        .contains("root"));
+        assert_eq!(failure_hint("syntax error", NFT_HINT), NFT_HINT);
+        let nft = Nft::new().in_netns("t-h0");
+        assert_eq!(
+            nft.display("nft", &["-f", "-"]),
+            "ip netns exec t-h0 nft -f -"
+        );
+        let e = Nft::new()
+            .run("weft-no-such-nft", &[], None, NFT_HINT)
+            .unwrap_err();
+        assert!(e.to_string().contains("apt-get install nftables"), "{e}");
+    }
+}

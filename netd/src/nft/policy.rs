@@ -1,0 +1,286 @@
+//! The policy in the kernel: [`compile`] turns a [`Policy`], the endpoint
+//! records of the cluster and those of this host into `table inet weft`,
+//! which enforces the policy on traffic *to this host's containers*
+//! (ingress; every host does its own, so every flow is checked once, where it
+//! arrives).
+//!
+//! ```text
+//! chain forward_in { type filter hook forward priority filter; policy accept;
+//!   ct direction reply accept            # replies of connections let in
+//!   ip saddr != <cluster range> accept   # from outside the cluster
+//!   ip daddr vmap @to_identity }         # -> goto id-<n> of the destination's party
+//! chain id-<n> {                         # one per (stack, service) on this host
+//!   ip saddr . meta l4proto . th dport vmap @ports-<n>
+//!   ip saddr vmap @all-<n>
+//!   ip saddr @known-<n> goto drop-flow
+//!   <what a source not in the maps may reach>
+//!   goto drop-flow }
+//! chain allow-<label> { counter name "allow-<label>" accept }  # one per rule or reason: the audit
+//! chain drop-flow { counter name "drops" drop }
+//! ```
+//!
+//! Per packet this is a few hash lookups whatever the number of rules and
+//! endpoints. Sources are grouped by [`Party`]; the maps of a destination
+//! hold only the sources whose [`Reach`] differs from that of an unknown
+//! source (a cluster address without an endpoint record, treated as a
+//! container without a stack), which the chain renders inline. So the
+//! default-allow cluster has empty maps. Original-direction packets of
+//! established connections go through the same rules, so a change that
+//! removes reach stops them at once; [`lost_reach`] lists the pairs whose
+//! conntrack entries should go too.
+//!
+//! Not subject to policy (documented in README "Policy"): traffic from
+//! outside the cluster range (published ports, other hosts' addresses, the
+//! internet) and traffic the host itself sends or receives (the `input` and
+//! `output` hooks, so DNS at 169.254.169.250 is always reachable). Cluster
+//! addresses without a record (for instance a host's gateway address) are
+//! treated as containers without a stack.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+
+use ipnetwork::Ipv4Network;
+use weft_model::{DecidedBy, EndpointRecord, Party, Policy, Protocol, Reach};
+
+/// The counter of dropped flows.
+pub const DROPS_COUNTER: &str = "drops";
+/// Prefix of the audit counters (and their chains); the counter's comment
+/// is the [`DecidedBy::label`].
+pub const ALLOW_PREFIX: &str = "allow-";
+
+/// What [`compile`] works from.
+#[derive(Debug, Clone, Copy)]
+pub struct PolicyInput<'a> {
+    pub policy: &'a Policy,
+    /// Every endpoint record of the cluster (the sources).
+    pub cluster: &'a [EndpointRecord],
+    /// This host's endpoint records (the destinations).
+    pub local: &'a [EndpointRecord],
+    pub cluster_range: Ipv4Network,
+}
+
+/// The table and what it was made of (for [`lost_reach`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Compiled {
+    /// `table inet weft { ... }`.
+    pub table: String,
+    /// What each source party may reach of each local party; the unknown
+    /// source is `Party::default()`.
+    reach: BTreeMap<(Party, Party), Reach>,
+    /// Source addresses by party.
+    sources: BTreeMap<Party, Vec<Ipv4Addr>>,
+    /// This host's addresses by party.
+    dests: BTreeMap<Party, Vec<Ipv4Addr>>,
+}
+
+/// Addresses by party; an address in two records counts for the first.
+fn by_party(records: &[EndpointRecord]) -> BTreeMap<Party, Vec<Ipv4Addr>> {
+    let mut seen = BTreeSet::new();
+    let mut out: BTreeMap<Party, Vec<Ipv4Addr>> = BTreeMap::new();
+    for r in records {
+        let ip = r.address.ip();
+        if seen.insert(ip) {
+            out.entry(Party::from(r)).or_default().push(ip);
+        }
+    }
+    for addrs in out.values_mut() {
+        addrs.sort();
+    }
+    out
+}
+
+/// The inet table for `input`: see the module docs.
+pub fn compile(input: &PolicyInput<'_>) -> Compiled {
+    let policy = input.policy;
+    let sources = by_party(input.cluster);
+    let dests = by_party(input.local);
+    let unknown = Party::default();
+    let mut reach = BTreeMap::new();
+    let mut counters = BTreeSet::new();
+    let mut decls = String::new();
+    let mut chains = String::new();
+    let mut to_identity = Vec::new();
+    for (n, (dp, daddrs)) in dests.iter().enumerate() {
+        let id = format!("id-{n}");
+        for a in daddrs {
+            to_identity.push(format!("{a} : goto {id}"));
+        }
+        let u = policy.reach(&unknown, dp);
+        let (mut known, mut ports, mut all) = (Vec::new(), Vec::new(), Vec::new());
+        for (sp, saddrs) in &sources {
+            let r = policy.reach(sp, dp);
+            if r != u {
+                for a in saddrs {
+                    known.push(a.to_string());
+                    for (p, by) in &r.ports {
+                        counters.insert(by.label().to_owned());
+                        ports.push(format!(
+                            "{a} . {} . {} : jump {}",
+                            p.proto.as_str(),
+                            p.port,
+                            chain(by)
+                        ));
+                    }
+                    if let Some(by) = &r.all {
+                        counters.insert(by.label().to_owned());
+                        all.push(format!("{a} : jump {}", chain(by)));
+                    }
+                }
+            }
+            reach.insert((sp.clone(), dp.clone()), r);
+        }
+        let mut rules = Vec::new();
+        if !ports.is_empty() {
+            decl_map(
+                &mut decls,
+                &format!("ports-{n}"),
+                "ipv4_addr . inet_proto . inet_service : verdict",
+                &ports,
+            );
+            rules.push(format!(
+                "ip saddr . meta l4proto . th dport vmap @ports-{n}"
+            ));
+        }
+        if !all.is_empty() {
+            decl_map(&mut decls, &format!("all-{n}"), "ipv4_addr : verdict", &all);
+            rules.push(format!("ip saddr vmap @all-{n}"));
+        }
+        if !known.is_empty() {
+            decl_map(&mut decls, &format!("known-{n}"), "ipv4_addr", &known);
+            rules.push(format!("ip saddr @known-{n} goto drop-flow"));
+        }
+        if !u.ports.is_empty() {
+            let elems: Vec<String> = u
+                .ports
+                .iter()
+                .map(|(p, by)| format!("{} . {} : jump {}", p.proto.as_str(), p.port, chain(by)))
+                .collect();
+            rules.push(format!(
+                "meta l4proto . th dport vmap {{ {} }}",
+                elems.join(", ")
+            ));
+        }
+        for by in u.ports.iter().map(|(_, by)| by).chain(u.all.iter()) {
+            counters.insert(by.label().to_owned());
+        }
+        if let Some(by) = &u.all {
+            rules.push(format!("jump {}", chain(by)));
+        }
+        rules.push("goto drop-flow".to_owned());
+        let _ = writeln!(chains, "\tchain {id} {{\n\t\tcomment \"{dp}\"");
+        for r in rules {
+            let _ = writeln!(chains, "\t\t{r}");
+        }
+        chains.push_str("\t}\n");
+        reach.insert((unknown.clone(), dp.clone()), u);
+    }
+    let mut t = String::from("table inet weft {\n");
+    let _ = writeln!(
+        t,
+        "\tcounter {DROPS_COUNTER} {{\n\t\tcomment \"flows the policy dropped\"\n\t}}"
+    );
+    for label in &counters {
+        let _ = writeln!(
+            t,
+            "\tcounter {ALLOW_PREFIX}{label} {{\n\t\tcomment \"{label}\"\n\t}}"
+        );
+    }
+    decl_map(&mut t, "to_identity", "ipv4_addr : verdict", &to_identity);
+    t.push_str(&decls);
+    let _ = writeln!(
+        t,
+        "\tchain drop-flow {{\n\t\tcounter name \"{DROPS_COUNTER}\" drop\n\t}}"
+    );
+    for label in &counters {
+        let _ = writeln!(
+            t,
+            "\tchain {ALLOW_PREFIX}{label} {{\n\t\tcounter name \"{ALLOW_PREFIX}{label}\" accept\n\t}}"
+        );
+    }
+    t.push_str(&chains);
+    let range = input.cluster_range;
+    let _ = writeln!(
+        t,
+        "\tchain forward_in {{\n\t\ttype filter hook forward priority filter; policy accept;\n\
+         \t\tct direction reply accept\n\
+         \t\tip saddr != {}/{} accept\n\
+         \t\tip daddr vmap @to_identity\n\t}}",
+        range.network(),
+        range.prefix()
+    );
+    t.push_str("}\n");
+    Compiled {
+        table: t,
+        reach,
+        sources,
+        dests,
+    }
+}
+
+/// The chain a flow allowed by `by` jumps to.
+fn chain(by: &DecidedBy) -> String {
+    format!("{ALLOW_PREFIX}{}", by.label())
+}
+
+/// Declares set or map `name` of `ty` with `elems` (one per line).
+fn decl_map(out: &mut String, name: &str, ty: &str, elems: &[String]) {
+    let kind = if ty.contains(':') { "map" } else { "set" };
+    let _ = write!(out, "\t{kind} {name} {{\n\t\ttype {ty}\n");
+    if !elems.is_empty() {
+        let _ = write!(
+            out,
+            "\t\telements = {{\n\t\t\t{}\n\t\t}}\n",
+            elems.join(",\n\t\t\t")
+        );
+    }
+    out.push_str("\t}\n");
+}
+
+/// Whether everything `old` allows, `new` allows too.
+fn covers(new: &Reach, old: &Reach) -> bool {
+    match (&old.all, &new.all) {
+        (Some(_), None) => false,
+        (Some(_), Some(_)) => true,
+        (None, _) => old.ports.iter().all(|(p, _)| {
+            let l4: Option<(Protocol, u16)> = Some((p.proto, p.port));
+            new.allows(l4).is_some()
+        }),
+    }
+}
+
+/// The (source, destination) address pairs that had reach in `old` and lost
+/// some of it in `new`: their connections must be cut (conntrack entries
+/// deleted). Destinations no longer on this host are left out (their
+/// entries go when the endpoint is deleted), and so are unknown sources
+/// (no address to name; their packets are dropped by the rules anyway).
+pub fn lost_reach(old: &Compiled, new: &Compiled) -> Vec<(Ipv4Addr, Ipv4Addr)> {
+    let unknown = Party::default();
+    let mut pairs = BTreeSet::new();
+    for ((sp, dp), r_old) in &old.reach {
+        let (Some(saddrs), Some(daddrs)) = (old.sources.get(sp), new.dests.get(dp)) else {
+            continue;
+        };
+        let r_new = new
+            .reach
+            .get(&(sp.clone(), dp.clone()))
+            .or_else(|| new.reach.get(&(unknown.clone(), dp.clone())));
+        if r_new.is_some_and(|n| covers(n, r_old)) {
+            continue;
+        }
+        let was_here = old.dests.get(dp);
+        for d in daddrs
+            .iter()
+            .filter(|d| was_here.is_some_and(|w| w.contains(d)))
+        {
+            for s in saddrs {
+                pairs.insert((*s, *d));
+            }
+        }
+    }
+    pairs.into_iter().collect()
+}
+
+#[cfg(test)]
+#[path = "policy_tests.rs"]
+mod tests;
