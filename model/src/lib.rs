@@ -18,6 +18,9 @@
 //!   checked on parsing and deserialising, plain strings in JSON.
 //! * Shared defaults ([`DNS_ADDR`], [`DEFAULT_PREFIX`],
 //!   [`DEFAULT_CLUSTER_RANGE`], [`DEFAULT_DOMAIN`]).
+//! * A container's port on the host bridge ([`host_veth_name`], [`Mac`]):
+//!   the host veth name rule and the MAC derived from the address, shared by
+//!   the CNI plugin (which makes them) and netd (which allows only them).
 //! * The overlay MTU rule ([`mtu`]: the minimum, the range, the computation
 //!   from the underlay; each tunnel driver in netd brings its overhead).
 //!
@@ -30,6 +33,7 @@ mod keys;
 pub mod mtu;
 mod names;
 mod policy;
+mod port;
 mod records;
 mod wgkey;
 
@@ -40,6 +44,7 @@ pub use policy::{
     Action, DecidedBy, Decision, Party, Policy, PolicyError, PortSpec, Reach, Rule, Selector,
     StackPolicy,
 };
+pub use port::{host_veth_name, is_host_veth_name, Mac, MacError, HOST_VETH_PREFIX};
 pub use records::{
     find_port_conflict, DnsConfig, EndpointRecord, HostRecord, PortMapping, Protocol, TunnelBackend,
 };
