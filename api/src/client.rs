@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::{AddEndpoint, ApiError, Deleted, Endpoint, GcRequest, GcResult, Status};
+use crate::{
+    AddEndpoint, ApiError, Deleted, Endpoint, GcRequest, GcResult, PolicyCheck, PolicyDoc,
+    PolicyVerdict, PutPolicy, Status,
+};
 
 /// Largest answer the client accepts (an endpoint list of a full /16 block
 /// fits comfortably).
@@ -149,6 +152,24 @@ impl Client {
 
     pub fn gc(&self, req: &GcRequest) -> Result<GcResult, ClientError> {
         self.call("POST", "/v1/gc", Some(req))
+    }
+
+    /// The cluster's policy document and its revision.
+    pub fn policy(&self) -> Result<PolicyDoc, ClientError> {
+        self.call("GET", "/v1/policy", None::<&()>)
+    }
+
+    /// Replaces the cluster's policy; an [`ErrorKind::Conflict`] answer
+    /// means `expect_revision` was stale.
+    ///
+    /// [`ErrorKind::Conflict`]: crate::ErrorKind::Conflict
+    pub fn put_policy(&self, req: &PutPolicy) -> Result<PolicyDoc, ClientError> {
+        self.call("PUT", "/v1/policy", Some(req))
+    }
+
+    /// What the policy decides for one flow, and why.
+    pub fn check_policy(&self, req: &PolicyCheck) -> Result<PolicyVerdict, ClientError> {
+        self.call("POST", "/v1/policy/check", Some(req))
     }
 
     fn call<B: Serialize, T: DeserializeOwned>(

@@ -10,6 +10,9 @@
 //! | `DELETE /v1/endpoints/{container_id}/{ifname}` | | [`Deleted`] (idempotent) |
 //! | `POST /v1/gc` | [`GcRequest`] | [`GcResult`] |
 //! | `GET /v1/peers` | | `Vec<`[`PeerInfo`]`>` |
+//! | `GET /v1/policy` | | [`PolicyDoc`] |
+//! | `PUT /v1/policy` | [`PutPolicy`] | [`PolicyDoc`] (400 if invalid, 409 if `expect_revision` is stale) |
+//! | `POST /v1/policy/check` | [`PolicyCheck`] | [`PolicyVerdict`] |
 //!
 //! Errors are a 4xx/5xx status with an [`ApiError`] body. The types are plain
 //! data; the [`client`] is a small blocking client for the CNI plugin and the
@@ -20,6 +23,7 @@
 //! requests into them, and answers with types built from them.
 
 pub mod client;
+mod policy;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -34,6 +38,9 @@ pub const DEFAULT_SOCKET: &str = "/run/weft/netd.sock";
 /// The stored types the API carries as they are (their JSON is the same in
 /// the store and on the socket), and the DNS address, from the model.
 pub use weft_model::{DnsConfig, PortMapping, Protocol, DNS_ADDR};
+pub use weft_model::{Action, DecidedBy, Decision, Party, Policy, PortSpec};
+
+pub use policy::{PolicyCheck, PolicyDoc, PolicyVerdict, PutPolicy};
 
 /// Asks netd for an address for a container interface and records what the
 /// container is (for DNS and published ports).
@@ -193,6 +200,9 @@ pub enum ErrorKind {
     NotFound,
     /// The host block has no free address (HTTP 409).
     PoolExhausted,
+    /// What the request expected changed meanwhile (the policy's
+    /// revision): read again and retry (HTTP 409).
+    Conflict,
     /// The store or the kernel is unavailable now; retry (HTTP 503).
     TryAgainLater,
     /// Anything else (HTTP 500).
@@ -204,7 +214,7 @@ impl ErrorKind {
         match self {
             ErrorKind::InvalidRequest => 400,
             ErrorKind::NotFound => 404,
-            ErrorKind::PoolExhausted => 409,
+            ErrorKind::PoolExhausted | ErrorKind::Conflict => 409,
             ErrorKind::TryAgainLater => 503,
             ErrorKind::Internal => 500,
         }

@@ -55,6 +55,8 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         )
         .route("/v1/gc", axum::routing::post(gc))
         .route("/v1/peers", get(peers))
+        .route("/v1/policy", get(get_policy).put(put_policy))
+        .route("/v1/policy/check", axum::routing::post(check_policy))
         .fallback(|| async { Failure(ApiError::new(ErrorKind::NotFound, "no such API route")) })
         .with_state(daemon)
 }
@@ -87,6 +89,21 @@ async fn delete(
 
 async fn peers(State(d): State<Arc<Daemon>>) -> Answer<Vec<weft_api::PeerInfo>> {
     Ok(Json(d.peer_info()))
+}
+
+async fn get_policy(State(d): State<Arc<Daemon>>) -> Answer<weft_api::PolicyDoc> {
+    Ok(Json(d.get_policy().await?))
+}
+
+async fn put_policy(State(d): State<Arc<Daemon>>, bytes: Bytes) -> Answer<weft_api::PolicyDoc> {
+    Ok(Json(d.put_policy(body(&bytes)?).await?))
+}
+
+async fn check_policy(
+    State(d): State<Arc<Daemon>>,
+    bytes: Bytes,
+) -> Answer<weft_api::PolicyVerdict> {
+    Ok(Json(d.check_policy(body(&bytes)?).await?))
 }
 
 async fn gc(State(d): State<Arc<Daemon>>, bytes: Bytes) -> Answer<weft_api::GcResult> {

@@ -17,6 +17,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod nat;
 pub mod nft;
+pub mod policy;
 pub mod tunnel;
 
 use anyhow::Context;

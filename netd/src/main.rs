@@ -71,6 +71,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The cluster's network policy: show, replace, edit, and ask what it
+    /// decides for a flow.
+    Policy {
+        #[arg(long, env = "WEFT_SOCKET", default_value = weft_api::DEFAULT_SOCKET, global = true)]
+        socket: PathBuf,
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Remove everything weft made on this host: bridge, container veths,
     /// iptables chains, the control socket. Stop netd first.
     Teardown {
@@ -79,6 +87,41 @@ enum Command {
         /// Also give this host's block and endpoint records back to the store.
         #[arg(long)]
         release_block: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Print the policy document (TOML; `apply` reads it back).
+    Get {
+        /// Print JSON with the revision instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace the whole policy with a file (TOML, or JSON for `*.json`;
+    /// `-` reads standard input).
+    Apply { file: PathBuf },
+    /// Edit the stored policy: `default=deny`, `stacks.NAME.within_stack=allow`,
+    /// `stacks.NAME.within_service=...`, `stacks.NAME.ingress=...`,
+    /// `stacks.NAME.linked=a,b`, `rules.NAME.from=stack[/service]`,
+    /// `rules.NAME.to=...`, `rules.NAME.ports=tcp/80,udp/53`; an empty
+    /// value unsets (`stacks.NAME=` and `rules.NAME=` remove).
+    Set {
+        #[arg(required = true, value_name = "KEY=VALUE")]
+        edits: Vec<String>,
+    },
+    /// What the policy decides for a flow from FROM to TO, and why. FROM and
+    /// TO are `stack`, `stack/service` or `-` (no stack); PORT is `tcp/80`
+    /// or `udp/53` (none: a flow without a port, like ICMP).
+    Check {
+        from: String,
+        to: String,
+        port: Option<String>,
+        /// Decide with this file instead of the stored policy (a dry run).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -236,6 +279,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Policy { socket, command } => policy(&Client::new(socket), command),
         Command::Teardown {
             overrides,
             release_block,
@@ -245,6 +289,95 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime()?.block_on(weft_netd::teardown(&cfg, release_block))
         }
     }
+}
+
+fn policy(client: &Client, command: PolicyCommand) -> anyhow::Result<()> {
+    use weft_api::client::ClientError;
+    use weft_api::{ErrorKind, PolicyCheck, PutPolicy};
+    use weft_netd::policy::edit;
+    let read_file = |file: &std::path::Path| -> anyhow::Result<weft_api::Policy> {
+        let text = if file == std::path::Path::new("-") {
+            std::io::read_to_string(std::io::stdin()).context("reading standard input")?
+        } else {
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+        };
+        Ok(edit::parse_file(file, &text)?)
+    };
+    match command {
+        PolicyCommand::Get { json } => {
+            let doc = client.policy()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                match doc.revision {
+                    Some(rev) => println!("# weft policy, revision {rev}"),
+                    None => println!("# no policy stored: the default applies (allow everything)"),
+                }
+                print!("{}", edit::to_toml(&doc.policy));
+            }
+        }
+        PolicyCommand::Apply { file } => {
+            let policy = read_file(&file)?;
+            let doc = client.put_policy(&PutPolicy {
+                policy,
+                expect_revision: None,
+            })?;
+            println!(
+                "policy applied (revision {})",
+                doc.revision.unwrap_or_default()
+            );
+        }
+        PolicyCommand::Set { edits } => {
+            // Read, edit, write back only if nobody wrote in between; on a
+            // conflict, start again from the newer document.
+            let mut attempt = 0;
+            let doc = loop {
+                let mut doc = client.policy()?;
+                edit::apply_set(&mut doc.policy, &edits)?;
+                let put = PutPolicy {
+                    policy: doc.policy,
+                    expect_revision: Some(doc.revision.unwrap_or(0)),
+                };
+                match client.put_policy(&put) {
+                    Err(ClientError::Api(e)) if e.kind == ErrorKind::Conflict && attempt < 5 => {
+                        attempt += 1;
+                    }
+                    other => break other?,
+                }
+            };
+            println!(
+                "policy updated (revision {})",
+                doc.revision.unwrap_or_default()
+            );
+        }
+        PolicyCommand::Check {
+            from,
+            to,
+            port,
+            file,
+            json,
+        } => {
+            let req = PolicyCheck {
+                from: from.parse()?,
+                to: to.parse()?,
+                port: port.as_deref().map(str::parse).transpose()?,
+                policy: file.as_deref().map(read_file).transpose()?,
+            };
+            let verdict = client.check_policy(&req)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&verdict)?);
+                return Ok(());
+            }
+            let port = req.port.map_or("(no port)".to_owned(), |p| p.to_string());
+            println!("{} -> {} {port}: {}", req.from, req.to, verdict.explanation);
+            match (&file, verdict.revision) {
+                (Some(f), _) => println!("(policy from {})", f.display()),
+                (None, Some(rev)) => println!("(stored policy, revision {rev})"),
+                (None, None) => println!("(no policy stored: the default)"),
+            }
+        }
+    }
+    Ok(())
 }
 
 fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
