@@ -6,7 +6,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use weft_api::{Action, Policy, PolicyDoc};
+use weft_api::client::ClientError;
+use weft_api::{Action, ErrorKind, Policy, PolicyDoc, PutPolicy};
 use weft_tests::weft::Netd;
 use weft_tests::{Lab, LabOptions};
 
@@ -164,5 +165,35 @@ fn apply_get_set_and_check_through_the_cli() {
     let (success, _, stderr) = policy(&netd, &["check", "a b", "c"]);
     assert!(!success);
     assert!(stderr.contains("invalid party"), "{stderr}");
+    assert_eq!(stored(&netd), before);
+
+    // The API refuses the same on its own (the CLI checks before sending):
+    // 400 with the reason, and 409 for a stale revision.
+    let client = weft_api::client::Client::new(netd.socket());
+    let mut invalid = before.policy.clone();
+    invalid.rules.push(invalid.rules[0].clone());
+    let err = client
+        .put_policy(&PutPolicy {
+            policy: invalid,
+            expect_revision: None,
+        })
+        .unwrap_err();
+    match err {
+        ClientError::Api(e) => {
+            assert_eq!(e.kind, ErrorKind::InvalidRequest);
+            assert!(e.message.contains("two rules are named"), "{}", e.message);
+        }
+        e => panic!("{e}"),
+    }
+    let err = client
+        .put_policy(&PutPolicy {
+            policy: Policy::default(),
+            expect_revision: Some(first),
+        })
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Api(e) if e.kind == ErrorKind::Conflict),
+        "{err}"
+    );
     assert_eq!(stored(&netd), before);
 }
