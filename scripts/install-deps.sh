@@ -35,10 +35,10 @@ util-linux|setpriv, nsenter, unshare, flock: tests, this script (Essential)
 mount|mount --bind: the deploy test
 coreutils|timeout and the usual tools (Essential)
 mawk|awk: demo.sh, deploy/build-rootfs.sh
-python3|demo.sh (reads the CNI result), the deploy test (HTTP GETs), scripts/leftovers.py
+python3|demo.sh (reads the CNI result), the deploy and anti-spoofing tests (HTTP GETs), scripts/leftovers.py
 podman|a real CNI client: the podman and deploy tests (CNI backend)
 runc|the OCI runtime those tests configure (crun refuses the cgroup layout here)
-busybox-static|the root filesystem of the containers in those tests
+busybox-static|the root filesystem of the containers in those tests; arping (gratuitous ARP) in the anti-spoofing tests
 dnsmasq-base|dnsmasq: the DNS benchmark reference
 dnsperf|dnsperf: the DNS benchmark load generator
 unbound|unbound: the DNS benchmark reference
