@@ -1141,5 +1141,14 @@ ports = ["tcp/80", "udp/53"]
             let mut seen = std::collections::BTreeSet::new();
             prop_assert!(reach.ports.iter().all(|(port, _)| seen.insert(*port)), "a port listed twice");
         }
+
+        /// Every document survives JSON (the store) and TOML (files).
+        #[test]
+        fn documents_round_trip_json_and_toml(p in policy()) {
+            let json = serde_json::to_string(&p).unwrap();
+            prop_assert_eq!(&serde_json::from_str::<Policy>(&json).unwrap(), &p);
+            let text = toml::to_string(&p).unwrap();
+            prop_assert_eq!(&toml::from_str::<Policy>(&text).unwrap(), &p);
+        }
     }
 }

@@ -74,6 +74,7 @@ enum Command {
     /// The cluster's network policy: show, replace, edit, and ask what it
     /// decides for a flow.
     Policy {
+        /// Control socket of the netd to ask.
         #[arg(long, env = "WEFT_SOCKET", default_value = weft_api::DEFAULT_SOCKET, global = true)]
         socket: PathBuf,
         #[command(subcommand)]
