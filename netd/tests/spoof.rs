@@ -3,8 +3,8 @@
 //! kernel, without netd: a lab host with a bridge and two containers wired
 //! as the CNI plugin wires them (host veth named by
 //! `weft_model::host_veth_name`, container MAC `Mac::for_addr`). Their own
-//! traffic flows; an IP spoof, an ARP spoof and a MAC spoof from one of
-//! them fail and are counted on its port; without the table the same ARP
+//! IPv4 traffic flows; an IP spoof, an ARP spoof and a MAC spoof from one of
+//! them fail and are counted on its port; IPv6 is dropped uncounted; without the table the same ARP
 //! spoof poisons the host's neighbour table (so the test sees the attack
 //! work where nothing stops it). The whole path through netd and the plugin
 //! is tests/tests/spoof.rs. Needs root; everything happens in lab
@@ -92,6 +92,28 @@ fn spoofing_fails_and_is_counted_own_traffic_flows() {
         "the ARP spoof should work without anti-spoofing"
     );
     host.ip(["neigh", "flush", "dev", "weft0"]).unwrap();
+    // IPv6 between the containers works too (once b's link-local address
+    // has passed duplicate address detection).
+    let line = b
+        .ip(["-6", "-o", "addr", "show", "dev", "eth0", "scope", "link"])
+        .unwrap();
+    let b6 = line
+        .split_whitespace()
+        .skip_while(|w| *w != "inet6")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .map(|a| format!("{a}%eth0"))
+        .unwrap_or_else(|| panic!("no IPv6 link-local address on b: {line:?}"));
+    let ping6 = |c: &Container| {
+        c.output(["ping", "-6", "-c1", "-W1", &b6])
+            .unwrap()
+            .status
+            .success()
+    };
+    weft_tests::wait_until(std::time::Duration::from_secs(5), "IPv6 a -> b", || {
+        ping6(&a)
+    })
+    .unwrap();
 
     let nft = Nft::new().in_netns(host.netns().name());
     let local = [record("ctr-a", ip_a), record("ctr-b", ip_b)];
@@ -129,6 +151,10 @@ fn spoofing_fails_and_is_counted_own_traffic_flows() {
     assert_eq!(fdb_ports(host, &mac_b).unwrap(), vec![port_b.clone()]);
     let after_mac = drops(&nft, "ctr-a");
     assert!(after_mac >= after_arp + 2, "{after_arp} -> {after_mac}");
+
+    // IPv6 is dropped (weft is IPv4 only), and not counted as a spoof.
+    assert!(!ping6(&a), "IPv6 passed");
+    assert_eq!(drops(&nft, "ctr-a"), after_mac);
 
     // a is fine again, b never dropped anything.
     assert!(pings(&a, ip_b).unwrap());
