@@ -1,11 +1,14 @@
 //! Counters netd keeps itself: store operations that failed, reconcile runs
-//! and failures by kind. The daemon counts here; the exporter
+//! and failures by kind, how long policy applies take. (The policy's rule
+//! hits and drops are the kernel's counters, read at scrape time by
+//! [`crate::metrics`].) The daemon counts here; the exporter
 //! ([`crate::metrics`]) registers them, so the daemon does not depend on
 //! the exporter.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 /// The label of the reconcile counters: `host` (bridge, addresses,
@@ -23,6 +26,9 @@ pub struct NetdMetrics {
     pub store_errors: Counter,
     pub reconcile_runs: Family<KindLabel, Counter>,
     pub reconcile_failures: Family<KindLabel, Counter>,
+    /// Seconds each nf_tables apply that changed the kernel took (render,
+    /// `nft -f`).
+    pub policy_apply_seconds: Histogram,
 }
 
 impl Default for NetdMetrics {
@@ -31,6 +37,8 @@ impl Default for NetdMetrics {
             store_errors: Counter::default(),
             reconcile_runs: Family::default(),
             reconcile_failures: Family::default(),
+            // 1 ms to ~16 s.
+            policy_apply_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
         };
         // Both kinds show from the start, at zero.
         for kind in ["host", "mesh"] {
@@ -52,6 +60,14 @@ impl NetdMetrics {
         }
     }
 
+    /// Counts one policy apply that took `took` (`None`: nothing changed,
+    /// nothing counted).
+    pub fn policy_applied(&self, took: Option<std::time::Duration>) {
+        if let Some(t) = took {
+            self.policy_apply_seconds.observe(t.as_secs_f64());
+        }
+    }
+
     /// Adds the counters to a registry (they stay shared with `self`).
     pub fn register(&self, r: &mut Registry) {
         r.register(
@@ -69,6 +85,11 @@ impl NetdMetrics {
             "Reconcile runs that failed, by kind",
             self.reconcile_failures.clone(),
         );
+        r.register(
+            "weft_policy_apply_seconds",
+            "Seconds each apply of weft's nf_tables rules (policy, anti-spoofing) took",
+            self.policy_apply_seconds.clone(),
+        );
     }
 }
 
@@ -82,6 +103,8 @@ mod tests {
         m.reconciled("host", true);
         m.reconciled("mesh", false);
         m.store_errors.inc();
+        m.policy_applied(Some(std::time::Duration::from_millis(3)));
+        m.policy_applied(None);
         let mut r = Registry::default();
         m.register(&mut r);
         let mut text = String::new();
@@ -92,6 +115,7 @@ mod tests {
             r#"weft_reconcile_runs_total{kind="mesh"} 1"#,
             r#"weft_reconcile_failures_total{kind="host"} 0"#,
             r#"weft_reconcile_failures_total{kind="mesh"} 1"#,
+            "weft_policy_apply_seconds_count 1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }

@@ -10,7 +10,10 @@
 //! iptables always match the records), membership in [`crate::mesh`], the
 //! tunnel drivers and the MTU in [`crate::tunnel`], the store's health in
 //! [`crate::health`], netd's counters in [`crate::counters`] (exported by
-//! [`crate::metrics`], which the daemon does not import).
+//! [`crate::metrics`], which the daemon does not import), policy and
+//! anti-spoofing enforcement in [`crate::enforce`] (fed by
+//! [`Daemon::run_policy`], re-applied on the resync and after every change of
+//! this host's endpoints, [`Daemon::enforce_local`]).
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -26,6 +29,7 @@ use weft_store::{DynStore, StoreError};
 
 use crate::config::Config;
 use crate::counters::NetdMetrics;
+use crate::enforce::Enforcer;
 use crate::health::StoreHealth;
 use crate::host::{HostNet, Link};
 use crate::mesh::{HostRecord, Peer};
@@ -58,6 +62,8 @@ pub struct Daemon {
     tunnel: Tunnel,
     /// Counters netd keeps itself (store errors, reconcile runs).
     counters: NetdMetrics,
+    /// weft's nf_tables tables: policy and anti-spoofing.
+    enforcer: Arc<Enforcer>,
 }
 
 impl Daemon {
@@ -127,6 +133,12 @@ impl Daemon {
             mtu,
         })?;
         let counters = NetdMetrics::default();
+        let enforcer = Arc::new(Enforcer::new(
+            crate::nft::Nft::new(),
+            &host_id,
+            cfg.ipam.cluster_range,
+            &cfg.state_dir,
+        ));
         let health = StoreHealth::new(store.describe(), counters.store_errors.clone());
         let daemon = Arc::new(Daemon {
             cfg,
@@ -145,6 +157,7 @@ impl Daemon {
             peers: std::sync::Mutex::new(Vec::new()),
             tunnel,
             counters,
+            enforcer,
         });
         daemon.reconcile().await?;
         Ok(daemon)
@@ -184,6 +197,12 @@ impl Daemon {
     /// The tunnel driver.
     pub fn tunnel(&self) -> &Tunnel {
         &self.tunnel
+    }
+
+    /// Policy and anti-spoofing enforcement (its nf_tables handle reads the
+    /// counters).
+    pub fn enforcer(&self) -> &Enforcer {
+        &self.enforcer
     }
 
     /// The overlay MTU in use.
@@ -228,6 +247,8 @@ impl Daemon {
             ),
         ];
         sysctls.extend(crate::nat::required_sysctls(&self.nat_spec(&[])));
+        let (path, value) = crate::enforce::BRIDGE_NF_SYSCTL;
+        sysctls.push((path.to_owned(), value.to_owned()));
         for (path, value) in sysctls {
             crate::host::ensure_sysctl(&path, &value)?;
         }
@@ -260,6 +281,29 @@ impl Daemon {
             .await
             .context("iptables task")??;
         Ok(())
+    }
+
+    /// Enforces policy and anti-spoofing for `local`, this host's endpoint
+    /// records as just read or written (call under [`Daemon::lock`], before
+    /// answering the plugin).
+    pub async fn enforce_local(&self, local: Vec<EndpointRecord>) -> anyhow::Result<()> {
+        let took = self.enforcer.set_local(&self.cfg.keys, local).await?;
+        self.counters.policy_applied(took);
+        Ok(())
+    }
+
+    /// Follows the policy and every endpoint record until `stop` fires,
+    /// enforcing each change ([`crate::enforce::follow`]).
+    pub async fn run_policy(self: Arc<Self>, stop: tokio::sync::watch::Receiver<bool>) {
+        let me = self.clone();
+        crate::enforce::follow(
+            self.enforcer.clone(),
+            self.store.clone(),
+            self.cfg.keys.clone(),
+            stop,
+            move |took| me.counters.policy_applied(Some(took)),
+        )
+        .await;
     }
 
     pub(crate) fn note_store<T>(&self, r: Result<T, StoreError>) -> Result<T, StoreError> {
@@ -451,6 +495,10 @@ impl Daemon {
                     }
                     if let Err(e) = self.apply_mesh(None).await {
                         tracing::warn!(error = %format!("{e:#}"), "reconciling the tunnel peers failed");
+                    }
+                    match self.enforcer.reapply().await {
+                        Ok(took) => self.counters.policy_applied(took),
+                        Err(e) => tracing::warn!(error = %format!("{e:#}"), "re-applying the policy failed"),
                     }
                 }
             }

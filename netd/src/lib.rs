@@ -9,6 +9,7 @@ pub mod config;
 pub mod counters;
 pub mod daemon;
 pub mod endpoints;
+pub mod enforce;
 pub mod health;
 pub mod host;
 pub mod install;
@@ -53,6 +54,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         "netd ready"
     );
     let maintain = tokio::spawn(daemon.clone().maintain(stop_rx.clone()));
+    let policy = tokio::spawn(daemon.clone().run_policy(stop_rx.clone()));
     let mesh = tokio::spawn(daemon.clone().run_mesh(stop_rx));
     let server = axum::serve(listener, api::router(daemon.clone()))
         .with_graceful_shutdown(weft_sys::signal::shutdown_signal()?);
@@ -60,6 +62,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     let _ = maintain.await;
     let _ = mesh.await;
+    let _ = policy.await;
     if let Some(m) = metrics {
         let _ = m.await;
     }
@@ -114,8 +117,9 @@ async fn start_dns(
 
 /// Removes everything weft made on this host: the container veths on the
 /// bridge, the bridge (and with it the gateway and DNS addresses), weft's
-/// iptables chains and the control socket. With `release_block`, also this
-/// host's endpoint records and block lease in the store.
+/// iptables chains and nf_tables tables, and the control socket. With
+/// `release_block`, also this host's endpoint records and block lease in the
+/// store.
 pub async fn teardown(cfg: &Config, release_block: bool) -> anyhow::Result<()> {
     let net = host::HostNet::connect()?;
     if let Some(bridge) = net.link(&cfg.bridge).await? {
@@ -135,6 +139,8 @@ pub async fn teardown(cfg: &Config, release_block: bool) -> anyhow::Result<()> {
     };
     tokio::task::spawn_blocking(move || nat.teardown()).await??;
     tracing::info!("removed weft's iptables chains");
+    tokio::task::spawn_blocking(|| nft::Nft::new().teardown()).await??;
+    tracing::info!("removed weft's nf_tables tables");
     match std::fs::remove_file(&cfg.socket) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

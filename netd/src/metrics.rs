@@ -30,6 +30,8 @@ use weft_dnsd::metrics::{counter, counters, gauge, gauges, l1, Labels, OPENMETRI
 use crate::daemon::Daemon;
 use crate::health::{Readiness, STORE_TIMEOUT};
 use crate::host::LinkStats;
+use crate::nft::policy::{ALLOW_PREFIX, DROPS_COUNTER};
+use crate::nft::NamedCounter;
 
 /// What a scrape reads asynchronously before encoding.
 #[derive(Debug, Default, Clone)]
@@ -38,6 +40,9 @@ struct Snapshot {
     endpoints: Option<usize>,
     /// Kernel counters of weft's devices, by name.
     links: Vec<(String, LinkStats)>,
+    /// The named counters of weft's nf_tables tables (policy audit and
+    /// drops, anti-spoofing drops).
+    nft: Vec<NamedCounter>,
 }
 
 /// Everything the HTTP handlers need.
@@ -97,7 +102,20 @@ impl MetricsState {
                 Err(e) => tracing::debug!(device = dev, error = %e, "reading link counters failed"),
             }
         }
-        *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Snapshot { endpoints, links };
+        let nft = d.enforcer().nft().clone();
+        let nft = match tokio::task::spawn_blocking(move || nft.counters()).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "reading the nf_tables counters failed");
+                Vec::new()
+            }
+            Err(_) => Vec::new(),
+        };
+        *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Snapshot {
+            endpoints,
+            links,
+            nft,
+        };
     }
 }
 
@@ -187,8 +205,52 @@ impl Collector for Live {
             .clone();
         self.encode_host(&mut e, &snap)?;
         self.encode_peers(&mut e)?;
+        encode_policy(&mut e, &snap)?;
+        encode_spoof(&mut e, &snap)?;
         self.encode_links(&mut e, &snap)
     }
+}
+
+/// The policy's audit counters and drops, from the kernel's counters.
+fn encode_policy(e: &mut DescriptorEncoder, snap: &Snapshot) -> fmt::Result {
+    let policy = snap.nft.iter().filter(|c| c.family == "inet");
+    let mut hits = Vec::new();
+    let mut drops = 0;
+    for c in policy {
+        if c.name == DROPS_COUNTER {
+            drops += c.packets;
+        } else if let Some(name) = c.name.strip_prefix(ALLOW_PREFIX) {
+            let rule = c.comment.clone().unwrap_or_else(|| name.to_owned());
+            hits.push((l1("rule", rule), c.packets));
+        }
+    }
+    counters(
+        e,
+        "weft_policy_rule_hits",
+        "Connections (packets in the original direction) the policy allowed into this host's containers, by rule or built-in reason (within_service, within_stack, linked_stacks, stack_ingress, cluster_default)",
+        &hits,
+    )?;
+    counter(
+        e,
+        "weft_policy_drops",
+        "Packets to this host's containers the policy dropped",
+        drops,
+    )
+}
+
+/// `weft_spoof_drops_total{container}`: what anti-spoofing dropped on each
+/// container's port ([`crate::nft::spoof::drops_by_container`]).
+fn encode_spoof(e: &mut DescriptorEncoder, snap: &Snapshot) -> fmt::Result {
+    let drops: Vec<(Labels, u64)> = crate::nft::spoof::drops_by_container(&snap.nft)
+        .into_iter()
+        .map(|(container, n)| (l1("container", container), n))
+        .collect();
+    counters(
+        e,
+        "weft_spoof_drops",
+        "Frames this host's containers sent with an address or MAC weft did not assign them (anti-spoofing), dropped, by container id",
+        &drops,
+    )
 }
 
 impl Live {

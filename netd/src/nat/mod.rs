@@ -53,8 +53,8 @@ use std::net::Ipv4Addr;
 use ipnetwork::Ipv4Network;
 use weft_model::{IfName, PortMapping, Protocol};
 
-pub use exec::{flush_conntrack, flush_conntrack_in, ApplyOutcome, Backend, Iptables};
 pub(crate) use exec::resolve;
+pub use exec::{flush_conntrack, flush_conntrack_in, ApplyOutcome, Backend, Iptables};
 
 /// nat: hooked from PREROUTING; sends traffic for local addresses to [`DNAT_CHAIN`].
 pub const PREROUTING_CHAIN: &str = "WEFT-PREROUTING";

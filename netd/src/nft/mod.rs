@@ -2,10 +2,11 @@
 //!
 //! weft owns two tables, both called [`TABLE`]:
 //! * `table inet weft`: the policy (ingress to this host's containers),
-//!   rendered by [`policy::render`];
+//!   rendered by [`policy::compile`];
 //! * `table bridge weft`: anti-spoofing on the container ports, rendered by
-//!   `spoof::render` (helper HC's `nft/spoof.rs`; until it lands
-//!   [`Desired::spoof`] stays `None` and the bridge table is left alone).
+//!   [`spoof::render`].
+//!
+//! [`crate::enforce`] decides when to apply them and from what.
 //!
 //! Two halves, kept apart:
 //! * pure: [`script`] turns the [`Desired`] tables into one `nft -f -` input.
@@ -77,9 +78,10 @@ pub enum NftError {
 /// { ... }` block.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Desired {
-    /// `table inet weft { ... }` ([`policy::render`]).
+    /// `table inet weft { ... }` ([`policy::compile`]); empty leaves the
+    /// inet table as it is (while the policy is not known yet).
     pub policy: String,
-    /// `table bridge weft { ... }` (`spoof::render`); `None` leaves the
+    /// `table bridge weft { ... }` ([`spoof::render`]); `None` leaves the
     /// bridge table as it is.
     pub spoof: Option<String>,
 }
@@ -89,7 +91,8 @@ pub struct Desired {
 /// write it whole.
 pub fn script(d: &Desired) -> String {
     let mut out = String::new();
-    for (family, body) in [("inet", Some(&d.policy)), ("bridge", d.spoof.as_ref())] {
+    let policy = (!d.policy.is_empty()).then_some(&d.policy);
+    for (family, body) in [("inet", policy), ("bridge", d.spoof.as_ref())] {
         let Some(body) = body else { continue };
         out.push_str(&format!(
             "table {family} {TABLE} {{}}\ndelete table {family} {TABLE}\n"
@@ -402,6 +405,14 @@ mod tests {
         };
         assert!(script(&d)
             .ends_with("table bridge weft {}\ndelete table bridge weft\ntable bridge weft {\n}\n"));
+        let spoof_only = Desired {
+            policy: String::new(),
+            ..d
+        };
+        assert_eq!(
+            script(&spoof_only),
+            "table bridge weft {}\ndelete table bridge weft\ntable bridge weft {\n}\n"
+        );
         assert_eq!(
             teardown_script(),
             "table inet weft {}\ndelete table inet weft\n\

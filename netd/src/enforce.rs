@@ -1,0 +1,366 @@
+//! Isolation in the kernel (policy and anti-spoofing), kept in line with
+//! the store: the [`Enforcer`] holds the last policy and endpoint records it
+//! saw, renders weft's nf_tables tables from them ([`crate::nft`]) and
+//! applies them as one transaction whenever they change; [`follow`] feeds it
+//! from `<prefix>policy/` and `<prefix>endpoints/` (list, then watch, with
+//! [`weft_store::Follower`]), coalescing bursts of changes into one apply.
+//! The daemon re-applies on its 30 s resync (someone may have deleted the
+//! tables) and after every change of this host's endpoints
+//! ([`crate::daemon::Daemon::enforce_local`], before the plugin's add is
+//! answered).
+//!
+//! Anti-spoofing needs only this host's records and is applied from the
+//! first change on. The policy table needs the policy and a listing of
+//! every endpoint of the cluster (the sources); until both are known the
+//! inet table is left as the kernel has it (a stopped netd leaves its
+//! tables in place, so a restart has no window).
+//!
+//! Fail closed: the last policy is kept in `<state dir>/policy.json` and is
+//! the one enforced after a start until the store answers (a `deny` stays a
+//! `deny`). A document in the store that does not parse or validate is
+//! logged and the last good one stays.
+//!
+//! After a change, the conntrack entries of address pairs that lost reach
+//! are deleted in the background ([`crate::nft::policy::lost_reach`]); their
+//! packets are already refused by the new rules.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use ipnetwork::Ipv4Network;
+use weft_model::{EndpointRecord, Keys, Policy};
+use weft_store::{DynStore, EventKind, Follower, Update};
+
+use crate::nft::policy::{compile, lost_reach, Compiled, PolicyInput};
+use crate::nft::{ApplyOutcome, Desired, Nft};
+
+/// The kernel setting the policy relies on: bridged IPv4 between two
+/// containers of one host passes the inet `forward` hook only with it.
+pub const BRIDGE_NF_SYSCTL: (&str, &str) = ("net/bridge/bridge-nf-call-iptables", "1");
+
+/// After a change, further changes within this window join the same apply.
+const COALESCE: Duration = Duration::from_millis(20);
+
+/// The file the last policy is kept in, under the state dir.
+pub const POLICY_FILE: &str = "policy.json";
+
+/// What the enforcer knows.
+#[derive(Debug, Default)]
+struct Known {
+    /// `None`: no policy known yet (the inet table is left as it is).
+    policy: Option<Policy>,
+    /// Every endpoint record of the cluster, by store key.
+    endpoints: BTreeMap<String, EndpointRecord>,
+    /// Whether `endpoints` came from a listing of the store (until then it
+    /// holds only this host's records, and the inet table is left as it
+    /// is: the sources are not known).
+    listed: bool,
+    /// What was applied last.
+    applied: Option<Compiled>,
+}
+
+/// Policy enforcement on this host: see the module docs.
+#[derive(Debug)]
+pub struct Enforcer {
+    nft: Arc<Nft>,
+    host_id: String,
+    cluster_range: Ipv4Network,
+    state_file: PathBuf,
+    known: tokio::sync::Mutex<Known>,
+}
+
+impl Enforcer {
+    /// Starts with the policy kept in `state_dir` (if any).
+    pub fn new(nft: Nft, host_id: &str, cluster_range: Ipv4Network, state_dir: &Path) -> Enforcer {
+        let state_file = state_dir.join(POLICY_FILE);
+        let policy = match read_saved(&state_file) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "ignoring the saved policy");
+                None
+            }
+        };
+        Enforcer {
+            nft: Arc::new(nft),
+            host_id: host_id.to_owned(),
+            cluster_range,
+            state_file,
+            known: tokio::sync::Mutex::new(Known {
+                policy,
+                ..Known::default()
+            }),
+        }
+    }
+
+    /// The nf_tables handle (for counters and teardown).
+    pub fn nft(&self) -> &Arc<Nft> {
+        &self.nft
+    }
+
+    /// Takes a new policy (saved in the state dir) and/or every endpoint
+    /// record of the cluster (by store key), then applies.
+    pub async fn update(
+        &self,
+        policy: Option<Policy>,
+        endpoints: Option<BTreeMap<String, EndpointRecord>>,
+    ) -> anyhow::Result<Option<Duration>> {
+        let mut known = self.known.lock().await;
+        if let Some(policy) = policy {
+            if known.policy.as_ref() != Some(&policy) {
+                if let Err(e) = save(&self.state_file, &policy) {
+                    tracing::warn!(error = %format!("{e:#}"), "keeping the policy in the state dir failed");
+                }
+                known.policy = Some(policy);
+            }
+        }
+        if let Some(endpoints) = endpoints {
+            known.endpoints = endpoints;
+            known.listed = true;
+        }
+        self.apply_locked(&mut known).await
+    }
+
+    /// Replaces this host's records with `local` (read from the store just
+    /// now, e.g. after an endpoint was added) and applies; the watch brings
+    /// the same a moment later.
+    pub async fn set_local(
+        &self,
+        keys: &Keys,
+        local: Vec<EndpointRecord>,
+    ) -> anyhow::Result<Option<Duration>> {
+        let mut known = self.known.lock().await;
+        let eps = &mut known.endpoints;
+        eps.retain(|_, r| r.host_id.as_str() != self.host_id);
+        for r in local {
+            let key = keys.endpoint(&self.host_id, r.container_id.as_str(), r.ifname.as_str());
+            eps.insert(key, r);
+        }
+        self.apply_locked(&mut known).await
+    }
+
+    /// Applies again what is known even if unchanged (the resync).
+    pub async fn reapply(&self) -> anyhow::Result<Option<Duration>> {
+        self.nft.invalidate();
+        let mut known = self.known.lock().await;
+        self.apply_locked(&mut known).await
+    }
+
+    /// Renders and applies; the time it took when something was applied.
+    /// Anti-spoofing needs only this host's records; the policy also needs
+    /// the policy and the listing of every source.
+    async fn apply_locked(&self, known: &mut Known) -> anyhow::Result<Option<Duration>> {
+        let started = Instant::now();
+        let cluster: Vec<EndpointRecord> = known.endpoints.values().cloned().collect();
+        let local: Vec<EndpointRecord> = cluster
+            .iter()
+            .filter(|r| r.host_id.as_str() == self.host_id)
+            .cloned()
+            .collect();
+        let compiled = match &known.policy {
+            Some(policy) if known.listed => Some(compile(&PolicyInput {
+                policy,
+                cluster: &cluster,
+                local: &local,
+                cluster_range: self.cluster_range,
+            })),
+            _ => None,
+        };
+        let desired = Desired {
+            policy: compiled
+                .as_ref()
+                .map(|c| c.table.clone())
+                .unwrap_or_default(),
+            // Anti-spoofing on this host's container ports, in the same
+            // transaction.
+            spoof: Some(crate::nft::spoof::render(&local)),
+        };
+        let script = crate::nft::script(&desired);
+        let nft = self.nft.clone();
+        let outcome = tokio::task::spawn_blocking(move || nft.apply(&script))
+            .await
+            .context("nft task")?
+            .context("applying weft's nf_tables rules")?;
+        let cut = match (&known.applied, &compiled) {
+            (Some(old), Some(new)) => lost_reach(old, new),
+            _ => Vec::new(),
+        };
+        if compiled.is_some() {
+            known.applied = compiled;
+        }
+        if !cut.is_empty() {
+            let nft = self.nft.clone();
+            tokio::spawn(async move {
+                let n = cut.len();
+                match tokio::task::spawn_blocking(move || nft.cut(&cut)).await {
+                    Ok(Ok(deleted)) => {
+                        tracing::info!(
+                            pairs = n,
+                            deleted,
+                            "cut connections the policy no longer allows"
+                        )
+                    }
+                    Ok(Err(e)) => tracing::warn!(error = %e, "deleting conntrack entries failed"),
+                    Err(e) => tracing::warn!(error = %e, "conntrack task failed"),
+                }
+            });
+        }
+        match outcome {
+            ApplyOutcome::Unchanged => Ok(None),
+            ApplyOutcome::Applied => {
+                let took = started.elapsed();
+                tracing::debug!(
+                    took_ms = took.as_millis() as u64,
+                    endpoints = cluster.len(),
+                    local = local.len(),
+                    "policy applied"
+                );
+                Ok(Some(took))
+            }
+        }
+    }
+}
+
+fn read_saved(path: &Path) -> anyhow::Result<Option<Policy>> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let policy = crate::policy::decode(&path.display().to_string(), &bytes)?;
+    Ok(Some(policy))
+}
+
+/// Writes `policy` to `path` atomically (temporary file, then rename).
+fn save(path: &Path, policy: &Policy) -> anyhow::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let bytes = serde_json::to_vec_pretty(policy)?;
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+/// Follows the policy document and every endpoint record until `stop`
+/// fires, handing each coalesced change to `enforcer`; `applied` is told
+/// how long each apply that changed the kernel took.
+pub async fn follow(
+    enforcer: Arc<Enforcer>,
+    store: DynStore,
+    keys: Keys,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    applied: impl Fn(Duration),
+) {
+    let mut policies = Follower::new(store.clone(), keys.policy());
+    let mut endpoints = Follower::new(store, keys.endpoints());
+    let mut records: BTreeMap<String, EndpointRecord> = BTreeMap::new();
+    let doc = keys.policy_doc();
+    loop {
+        let (mut new_policy, mut eps_changed) = (None, false);
+        let mut first = true;
+        // The first update waits; more within COALESCE join it.
+        loop {
+            let wait = async {
+                if first {
+                    std::future::pending::<()>().await
+                } else {
+                    tokio::time::sleep(COALESCE).await
+                }
+            };
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = wait => break,
+                u = policies.next() => {
+                    if let Some(p) = policy_update(&doc, u) {
+                        new_policy = Some(p);
+                    }
+                }
+                u = endpoints.next() => {
+                    endpoint_update(&keys.endpoints(), &mut records, u);
+                    eps_changed = true;
+                }
+            }
+            first = false;
+        }
+        if new_policy.is_none() && !eps_changed {
+            continue;
+        }
+        let eps = eps_changed.then(|| records.clone());
+        let result = enforcer.update(new_policy, eps).await;
+        match result {
+            Ok(Some(took)) => applied(took),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "enforcing the policy failed; the resync retries")
+            }
+        }
+    }
+}
+
+/// The policy after `u`: `Some` when the document changed (a deleted
+/// document is the default policy); a bad document keeps the last one.
+fn policy_update(doc: &str, u: Update) -> Option<Policy> {
+    // Some(None): the document is gone (or was never stored).
+    let latest: Option<Option<Vec<u8>>> = match u {
+        Update::Snapshot(range) => Some(
+            range
+                .kvs
+                .into_iter()
+                .find(|kv| kv.key == doc)
+                .map(|kv| kv.value),
+        ),
+        Update::Changes { events, .. } => {
+            events
+                .into_iter()
+                .rfind(|ev| ev.kv.key == doc)
+                .map(|ev| match ev.kind {
+                    EventKind::Put => Some(ev.kv.value),
+                    EventKind::Delete => None,
+                })
+        }
+    };
+    let value = latest?;
+    match value {
+        None => Some(Policy::default()),
+        Some(bytes) => match crate::policy::decode(doc, &bytes) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!(error = %e, "the stored policy is unusable; keeping the last one");
+                None
+            }
+        },
+    }
+}
+
+fn endpoint_update(prefix: &str, records: &mut BTreeMap<String, EndpointRecord>, u: Update) {
+    let put = |records: &mut BTreeMap<String, EndpointRecord>, key: String, value: &[u8]| {
+        match serde_json::from_slice::<EndpointRecord>(value) {
+            Ok(r) => {
+                records.insert(key, r);
+            }
+            Err(e) => tracing::warn!(key, error = %e, "unreadable endpoint record; ignored"),
+        }
+    };
+    match u {
+        Update::Snapshot(range) => {
+            records.clear();
+            for kv in range.kvs {
+                put(records, kv.key, &kv.value);
+            }
+        }
+        Update::Changes { events, .. } => {
+            for ev in events {
+                if !ev.kv.key.starts_with(prefix) {
+                    continue;
+                }
+                match ev.kind {
+                    EventKind::Put => put(records, ev.kv.key, &ev.kv.value),
+                    EventKind::Delete => {
+                        records.remove(&ev.kv.key);
+                    }
+                }
+            }
+        }
+    }
+}
