@@ -3,17 +3,19 @@
 //! `weft-bench all [--quick]`: everything, side by side with the reference
 //! tools, in one run: tunnel throughput, latency and CPU (weft's backends
 //! beside the raw underlay, a hand-made kernel VXLAN and wireguard-go), the
-//! MTU check and sweep, DNS (dnsd beside unbound and dnsmasq under dnsperf)
-//! and CNI latency (weft beside bridge + host-local). Writes a Markdown
+//! MTU check and sweep, DNS (dnsd beside unbound and dnsmasq under dnsperf),
+//! CNI latency (weft beside bridge + host-local) and network policy (update
+//! latency at scale, throughput and ping with policy on vs off). Writes a Markdown
 //! report, the raw numbers as JSON and SVG charts. Needs root. `bench/run`
 //! builds the binaries and runs this.
 //!
-//! `weft-bench tunnel | mtu | dns | cni-latency`: one part, its Markdown on
+//! `weft-bench tunnel | mtu | dns | cni-latency | policy`: one part, its Markdown on
 //! stdout. `weft-bench ipam-alloc`: the IPAM allocation rate per store
 //! backend (no root).
 
 mod cni;
 mod dns;
+mod policy;
 mod report;
 mod svg;
 mod sys;
@@ -77,6 +79,12 @@ enum Bench {
         /// The report's JSON, e.g. bench/results/2026-11-23.json.
         json: PathBuf,
     },
+    /// Network policy: change written -> enforced on a host at scale, and
+    /// throughput and ping p99 with policy on vs off (root).
+    Policy {
+        #[command(flatten)]
+        o: Opts,
+    },
     /// Allocation and release rate of one process, per store backend.
     IpamAlloc {
         /// Backends to measure.
@@ -97,6 +105,7 @@ enum Part {
     Mtu,
     Dns,
     Cni,
+    Policy,
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
@@ -176,6 +185,18 @@ struct Opts {
     /// CNI: calls at once in the concurrent test.
     #[arg(long, default_value_t = 8)]
     cni_concurrency: usize,
+    /// Policy: stacks [1000; quick 100].
+    #[arg(long)]
+    policy_stacks: Option<usize>,
+    /// Policy: simulated endpoints (10 per stack) [10000; quick 1000].
+    #[arg(long)]
+    policy_endpoints: Option<usize>,
+    /// Policy: rules [1000; quick 100].
+    #[arg(long)]
+    policy_rules: Option<usize>,
+    /// Policy: rule removals and additions timed [10; quick 2].
+    #[arg(long)]
+    policy_changes: Option<usize>,
 }
 
 impl Opts {
@@ -237,6 +258,18 @@ impl Opts {
         }
     }
 
+    fn policy(&self) -> policy::Options {
+        policy::Options {
+            stacks: self.pick(self.policy_stacks, 1000, 100).max(1),
+            endpoints: self.pick(self.policy_endpoints, 10_000, 1000),
+            rules: self.pick(self.policy_rules, 1000, 100),
+            changes: self.pick(self.policy_changes, 10, 2).max(1),
+            runs: self.runs(),
+            secs: self.pick(self.secs, 5, 1).max(1),
+            pings: self.pick(self.pings, 200, 20).max(1),
+        }
+    }
+
     /// The quiet window of the busy rule.
     fn window(&self) -> Duration {
         Duration::from_millis(if self.quick { 500 } else { 2000 })
@@ -281,7 +314,7 @@ async fn main() -> Result<()> {
         } => ipam_alloc(&backend, blocks, runs.max(1)).await,
         Bench::All { o, out, only } => {
             let parts = if only.is_empty() {
-                vec![Part::Tunnel, Part::Mtu, Part::Dns, Part::Cni]
+                vec![Part::Tunnel, Part::Mtu, Part::Dns, Part::Cni, Part::Policy]
             } else {
                 only
             };
@@ -313,6 +346,7 @@ async fn main() -> Result<()> {
             }
             Ok(())
         }
+        Bench::Policy { o } => one(o, Part::Policy).await,
         Bench::Tunnel { o } => one(o, Part::Tunnel).await,
         Bench::Mtu { o } => one(o, Part::Mtu).await,
         Bench::Dns { o } => one(o, Part::Dns).await,
@@ -362,6 +396,7 @@ fn collect(o: &Opts, parts: &[Part], command: String) -> Report {
         mtu: None,
         dns: None,
         cni: None,
+        policy: None,
         missing: vec![],
     };
     let modes = o.modes();
@@ -417,6 +452,12 @@ fn collect(o: &Opts, parts: &[Part], command: String) -> Report {
                 let (info, v) = sys::part("cni", o.window(), || cni::run(&copts));
                 r.parts.push(info);
                 r.cni = v;
+            }
+            Part::Policy => {
+                let popts = o.policy();
+                let (info, v) = sys::part("policy", o.window(), || policy::run(&popts));
+                r.parts.push(info);
+                r.policy = v;
             }
         }
     }

@@ -364,6 +364,11 @@ pub fn markdown(r: &Report, chart_prefix: &str, charts: &[(String, String)]) -> 
         s.push_str(&chart("cni"));
     }
 
+    if let Some(p) = &r.policy {
+        s.push_str(&p.markdown());
+        s.push('\n');
+    }
+
     if !r.missing.is_empty() {
         let _ = writeln!(s, "## Not measured\n");
         for m in &r.missing {

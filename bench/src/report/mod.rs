@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cni::CniResults;
 use crate::dns::DnsResults;
+use crate::policy::PolicyResults;
 use crate::sys::{Fig, Machine, PartInfo, BUSY_BACKGROUND};
 use crate::tunnel::{Mode, ModeResult, MtuResults, TunnelResults};
 use charts::charts;
@@ -36,6 +37,8 @@ pub struct Report {
     pub mtu: Option<MtuResults>,
     pub dns: Option<DnsResults>,
     pub cni: Option<CniResults>,
+    #[serde(default)]
+    pub policy: Option<PolicyResults>,
     /// Figures that got no number (empty when the run is complete).
     pub missing: Vec<String>,
 }
@@ -93,6 +96,11 @@ pub fn missing(r: &Report) -> Vec<String> {
                 let how = if i < 4 { "sequential" } else { "concurrent" };
                 need(format!("CNI {} {how} {name}", p.name), fig.get());
             }
+        }
+    }
+    if let Some(p) = &r.policy {
+        for (name, v) in p.figures() {
+            need(format!("policy: {name}"), v);
         }
     }
     out
