@@ -6,6 +6,14 @@
 //! this host's endpoints runs under the daemon's lock and ends with a NAT
 //! reconcile, so the published ports in iptables always match the records.
 //!
+//! Anti-spoofing ([`crate::nft::spoof`]) has no window: an add answers the
+//! plugin only after this host's records, the new one included, are
+//! enforced in the kernel ([`Daemon::enforce_local`]), and the plugin makes
+//! the veth only after that answer; if that apply fails, the add is undone
+//! and refused. A delete or GC enforces the remaining records (the plugin
+//! has removed the veth already, so a failure there is only logged; the
+//! resync retries).
+//!
 //! The decisions are pure functions here: [`validate_add`] parses a request
 //! into model types (the names' rules are weft-model's), [`check_port_conflicts`]
 //! applies the one port-conflict rule ([`PortMapping::conflicts_with`], which
@@ -165,6 +173,15 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// An apply of weft's nf_tables rules failed: the add is refused (the
+/// plugin may retry).
+fn enforce_error(e: &anyhow::Error) -> ApiError {
+    ApiError::new(
+        ErrorKind::TryAgainLater,
+        format!("enforcing anti-spoofing for the endpoint failed: {e:#}"),
+    )
+}
+
 async fn flush_conntrack(addr: std::net::Ipv4Addr) {
     match tokio::task::spawn_blocking(move || crate::nat::flush_conntrack(addr)).await {
         Ok(Ok(())) => {}
@@ -249,6 +266,12 @@ impl Daemon {
             .iter()
             .find(|e| e.container_id == req.container_id && e.ifname == req.ifname)
         {
+            // A retried add: its port must be enforced before the plugin
+            // makes the veth, as for a new one (nothing runs when the
+            // kernel has it already).
+            self.enforce_local(existing.clone())
+                .await
+                .map_err(|e| enforce_error(&e))?;
             return Ok(Endpoint::from(ep.clone()));
         }
         check_port_conflicts(&req.port_mappings, &existing)?;
@@ -309,6 +332,16 @@ impl Daemon {
                     format!("publishing ports failed: {e:#}"),
                 ));
             }
+        }
+        if let Err(e) = self.enforce_local(all.clone()).await {
+            tracing::error!(error = %format!("{e:#}"), container = %record.container_id, "enforcing anti-spoofing failed; undoing the endpoint");
+            let _ = self.store().delete(&key).await;
+            let _ = self.ipam.release(self.block(), &owner).await;
+            all.pop();
+            if !record.port_mappings.is_empty() {
+                let _ = self.apply_nat(&all).await;
+            }
+            return Err(enforce_error(&e));
         }
         tracing::info!(
             container = %record.container_id, ifname = %record.ifname, address = %record.address,
@@ -373,6 +406,12 @@ impl Daemon {
                     format!("updating published ports failed: {e:#}"),
                 )
             })?;
+        }
+        if !gone.is_empty() {
+            // The ports of `gone` leave the anti-spoofing table.
+            if let Err(e) = self.enforce_local(rest.to_vec()).await {
+                tracing::warn!(error = %format!("{e:#}"), "removing deleted endpoints from weft's nf_tables rules failed; the resync retries");
+            }
         }
         Ok(())
     }

@@ -58,6 +58,12 @@ struct Known {
     /// holds only this host's records, and the inet table is left as it
     /// is: the sources are not known).
     listed: bool,
+    /// Whether this host's records are known (a listing, or
+    /// [`Enforcer::set_local`]). Until then the bridge table is left as it
+    /// is too: after a restart while the store is down, the anti-spoofing
+    /// netd left in the kernel stays (an empty table would let every
+    /// container spoof).
+    local_known: bool,
     /// What was applied last.
     applied: Option<Compiled>,
 }
@@ -132,6 +138,7 @@ impl Enforcer {
         local: Vec<EndpointRecord>,
     ) -> anyhow::Result<Option<Duration>> {
         let mut known = self.known.lock().await;
+        known.local_known = true;
         let eps = &mut known.endpoints;
         eps.retain(|_, r| r.host_id.as_str() != self.host_id);
         for r in local {
@@ -174,8 +181,9 @@ impl Enforcer {
                 .map(|c| c.table.clone())
                 .unwrap_or_default(),
             // Anti-spoofing on this host's container ports, in the same
-            // transaction.
-            spoof: Some(crate::nft::spoof::render(&local)),
+            // transaction, once they are known.
+            spoof: (known.listed || known.local_known)
+                .then(|| crate::nft::spoof::render(&local)),
         };
         let script = crate::nft::script(&desired);
         let nft = self.nft.clone();
