@@ -137,6 +137,7 @@ impl Daemon {
             crate::nft::Nft::new(),
             &host_id,
             cfg.ipam.cluster_range,
+            block.block,
             &cfg.state_dir,
         ));
         let health = StoreHealth::new(store.describe(), counters.store_errors.clone());
@@ -247,6 +248,7 @@ impl Daemon {
             ),
         ];
         sysctls.extend(crate::nat::required_sysctls(&self.nat_spec(&[])));
+        crate::enforce::load_bridge_netfilter()?;
         let (path, value) = crate::enforce::BRIDGE_NF_SYSCTL;
         sysctls.push((path.to_owned(), value.to_owned()));
         for (path, value) in sysctls {

@@ -41,6 +41,32 @@ use crate::nft::{ApplyOutcome, Desired, Nft};
 /// containers of one host passes the inet `forward` hook only with it.
 pub const BRIDGE_NF_SYSCTL: (&str, &str) = ("net/bridge/bridge-nf-call-iptables", "1");
 
+/// Loads `br_netfilter` when its sysctls ([`BRIDGE_NF_SYSCTL`]) are
+/// missing (a module on most distributions, built in on others).
+pub fn load_bridge_netfilter() -> anyhow::Result<()> {
+    let dir = Path::new("/proc/sys/net/bridge");
+    if dir.exists() {
+        return Ok(());
+    }
+    let modprobe = crate::nat::resolve("modprobe");
+    let outcome = std::process::Command::new(&modprobe)
+        .arg("br_netfilter")
+        .output();
+    if dir.exists() {
+        tracing::info!("loaded br_netfilter");
+        return Ok(());
+    }
+    let why = match outcome {
+        Ok(out) => String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        Err(e) => e.to_string(),
+    };
+    anyhow::bail!(
+        "{} is missing and `modprobe br_netfilter` failed ({why}): load the br_netfilter \
+         module; weft's policy needs bridged IPv4 to pass the forward hook",
+        dir.display()
+    )
+}
+
 /// After a change, further changes within this window join the same apply.
 const COALESCE: Duration = Duration::from_millis(20);
 
@@ -74,13 +100,21 @@ pub struct Enforcer {
     nft: Arc<Nft>,
     host_id: String,
     cluster_range: Ipv4Network,
+    /// This host's block.
+    block: Ipv4Network,
     state_file: PathBuf,
     known: tokio::sync::Mutex<Known>,
 }
 
 impl Enforcer {
     /// Starts with the policy kept in `state_dir` (if any).
-    pub fn new(nft: Nft, host_id: &str, cluster_range: Ipv4Network, state_dir: &Path) -> Enforcer {
+    pub fn new(
+        nft: Nft,
+        host_id: &str,
+        cluster_range: Ipv4Network,
+        block: Ipv4Network,
+        state_dir: &Path,
+    ) -> Enforcer {
         let state_file = state_dir.join(POLICY_FILE);
         let policy = match read_saved(&state_file) {
             Ok(p) => p,
@@ -93,6 +127,7 @@ impl Enforcer {
             nft: Arc::new(nft),
             host_id: host_id.to_owned(),
             cluster_range,
+            block,
             state_file,
             known: tokio::sync::Mutex::new(Known {
                 policy,
@@ -172,6 +207,7 @@ impl Enforcer {
                 cluster: &cluster,
                 local: &local,
                 cluster_range: self.cluster_range,
+                block: self.block,
             })),
             _ => None,
         };
@@ -182,8 +218,7 @@ impl Enforcer {
                 .unwrap_or_default(),
             // Anti-spoofing on this host's container ports, in the same
             // transaction, once they are known.
-            spoof: (known.listed || known.local_known)
-                .then(|| crate::nft::spoof::render(&local)),
+            spoof: (known.listed || known.local_known).then(|| crate::nft::spoof::render(&local)),
         };
         let script = crate::nft::script(&desired);
         let nft = self.nft.clone();
@@ -370,5 +405,134 @@ fn endpoint_update(prefix: &str, records: &mut BTreeMap<String, EndpointRecord>,
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use weft_model::Action;
+    use weft_store::{Event, KeyValue, Range};
+
+    fn kv(key: &str, value: &[u8]) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: value.to_vec(),
+            create_revision: 1,
+            mod_revision: 2,
+            version: 1,
+            lease: None,
+        }
+    }
+
+    fn changes(events: Vec<(EventKind, KeyValue)>) -> Update {
+        Update::Changes {
+            events: events
+                .into_iter()
+                .map(|(kind, kv)| Event { kind, kv })
+                .collect(),
+            revision: 2,
+        }
+    }
+
+    #[test]
+    fn policy_updates_fail_closed() {
+        let keys = Keys::default();
+        let doc = keys.policy_doc();
+        let deny = serde_json::to_vec(&Policy {
+            default: Action::Deny,
+            ..Policy::default()
+        })
+        .unwrap();
+        let snap = |kvs| Update::Snapshot(Range { kvs, revision: 2 });
+        // Listed without a document: none stored, the default applies.
+        assert_eq!(policy_update(&doc, snap(vec![])), Some(Policy::default()));
+        let got = policy_update(&doc, snap(vec![kv(&doc, &deny)])).unwrap();
+        assert_eq!(got.default, Action::Deny);
+        // Changes of other keys change nothing; a delete is the default.
+        let other = format!("{}other", keys.policy());
+        assert_eq!(
+            policy_update(&doc, changes(vec![(EventKind::Put, kv(&other, b"x"))])),
+            None
+        );
+        assert_eq!(
+            policy_update(&doc, changes(vec![(EventKind::Delete, kv(&doc, b""))])),
+            Some(Policy::default())
+        );
+        // The last change of the document wins; a bad document keeps the last
+        // good one (None: no change).
+        let last = changes(vec![
+            (EventKind::Delete, kv(&doc, b"")),
+            (EventKind::Put, kv(&doc, &deny)),
+        ]);
+        assert_eq!(policy_update(&doc, last).unwrap().default, Action::Deny);
+        assert_eq!(
+            policy_update(&doc, changes(vec![(EventKind::Put, kv(&doc, b"{nope"))])),
+            None
+        );
+    }
+
+    #[test]
+    fn endpoint_updates_replace_and_patch() {
+        let keys = Keys::default();
+        let prefix = keys.endpoints();
+        let rec = |addr: &str| {
+            serde_json::json!({
+                "container_id": format!("c-{addr}"), "ifname": "eth0", "netns": "/n",
+                "host_id": "h0", "address": format!("{addr}/24"), "gateway": "10.42.0.1",
+                "mtu": 1400, "bridge": "weft0",
+                "dns": {"nameservers": [], "domain": "weft", "search": []}, "created_at_ms": 0
+            })
+            .to_string()
+            .into_bytes()
+        };
+        let k1 = keys.endpoint("h0", "c-1", "eth0");
+        let k2 = keys.endpoint("h0", "c-2", "eth0");
+        let mut records = BTreeMap::new();
+        records.insert(
+            "stale".to_owned(),
+            serde_json::from_slice(&rec("10.42.0.9")).unwrap(),
+        );
+        let snapshot = Update::Snapshot(Range {
+            kvs: vec![kv(&k1, &rec("10.42.0.2")), kv(&k2, b"corrupt")],
+            revision: 1,
+        });
+        endpoint_update(&prefix, &mut records, snapshot);
+        assert_eq!(records.keys().collect::<Vec<_>>(), [&k1]);
+        endpoint_update(
+            &prefix,
+            &mut records,
+            changes(vec![
+                (EventKind::Put, kv(&k2, &rec("10.42.0.3"))),
+                (EventKind::Delete, kv(&k1, b"")),
+            ]),
+        );
+        assert_eq!(records.keys().collect::<Vec<_>>(), [&k2]);
+    }
+
+    #[test]
+    fn the_last_policy_survives_in_the_state_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(POLICY_FILE);
+        assert!(read_saved(&path).unwrap().is_none());
+        let p = Policy {
+            default: Action::Deny,
+            ..Policy::default()
+        };
+        save(&path, &p).unwrap();
+        assert_eq!(read_saved(&path).unwrap(), Some(p));
+        std::fs::write(&path, b"{broken").unwrap();
+        assert!(read_saved(&path).is_err());
+        // An enforcer started on a broken file knows no policy (and leaves the
+        // kernel's table as it is) rather than failing or opening up.
+        let e = Enforcer::new(
+            Nft::new(),
+            "h0",
+            "10.42.0.0/16".parse().unwrap(),
+            "10.42.0.0/24".parse().unwrap(),
+            dir.path(),
+        );
+        assert!(e.known.try_lock().unwrap().policy.is_none());
     }
 }

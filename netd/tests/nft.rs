@@ -35,6 +35,7 @@ fn desired(policy: &str) -> Desired {
         cluster: &cluster,
         local: &local,
         cluster_range: "10.42.0.0/16".parse().unwrap(),
+        block: "10.42.0.0/24".parse().unwrap(),
     });
     Desired {
         policy: c.table,

@@ -8,7 +8,8 @@
 //! chain forward_in { type filter hook forward priority filter; policy accept;
 //!   ct direction reply accept            # replies of connections let in
 //!   ip saddr != <cluster range> accept   # from outside the cluster
-//!   ip daddr vmap @to_identity }         # -> goto id-<n> of the destination's party
+//!   ip daddr vmap @to_identity           # -> goto id-<n> of the destination's party
+//!   ip daddr <this host's block> goto id-0 } # no record (yet): as a stack-less container
 //! chain id-<n> {                         # one per (stack, service) on this host
 //!   ip saddr . meta l4proto . th dport vmap @ports-<n>
 //!   ip saddr vmap @all-<n>
@@ -34,7 +35,9 @@
 //! internet) and traffic the host itself sends or receives (the `input` and
 //! `output` hooks, so DNS at 169.254.169.250 is always reachable). Cluster
 //! addresses without a record (for instance a host's gateway address) are
-//! treated as containers without a stack.
+//! treated as containers without a stack, and so is a destination in this
+//! host's block without a record (say, while netd restarts: the table it
+//! left refuses a new container what it refuses a stack-less one).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -58,6 +61,8 @@ pub struct PolicyInput<'a> {
     /// This host's endpoint records (the destinations).
     pub local: &'a [EndpointRecord],
     pub cluster_range: Ipv4Network,
+    /// This host's block.
+    pub block: Ipv4Network,
 }
 
 /// The table and what it was made of (for [`lost_reach`]).
@@ -94,8 +99,10 @@ fn by_party(records: &[EndpointRecord]) -> BTreeMap<Party, Vec<Ipv4Addr>> {
 pub fn compile(input: &PolicyInput<'_>) -> Compiled {
     let policy = input.policy;
     let sources = by_party(input.cluster);
-    let dests = by_party(input.local);
     let unknown = Party::default();
+    let mut dests = by_party(input.local);
+    // The stack-less (and unknown) destination: always id-0, the first party.
+    dests.entry(unknown.clone()).or_default();
     let mut reach = BTreeMap::new();
     let mut counters = BTreeSet::new();
     let mut decls = String::new();
@@ -205,9 +212,12 @@ pub fn compile(input: &PolicyInput<'_>) -> Compiled {
         "\tchain forward_in {{\n\t\ttype filter hook forward priority filter; policy accept;\n\
          \t\tct direction reply accept\n\
          \t\tip saddr != {}/{} accept\n\
-         \t\tip daddr vmap @to_identity\n\t}}",
+         \t\tip daddr vmap @to_identity\n\
+         \t\tip daddr {}/{} goto id-0\n\t}}",
         range.network(),
-        range.prefix()
+        range.prefix(),
+        input.block.network(),
+        input.block.prefix()
     );
     t.push_str("}\n");
     Compiled {

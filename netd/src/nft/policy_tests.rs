@@ -55,6 +55,7 @@ fn compile_on_h0(p: &Policy, cluster: &[EndpointRecord]) -> Compiled {
         cluster,
         local: &local,
         cluster_range: "10.42.0.0/16".parse().unwrap(),
+        block: "10.42.0.0/24".parse().unwrap(),
     })
 }
 
@@ -74,30 +75,30 @@ fn small_case_golden() {
 	map to_identity {
 		type ipv4_addr : verdict
 		elements = {
-			10.42.0.3 : goto id-0,
-			10.42.0.2 : goto id-1
+			10.42.0.3 : goto id-1,
+			10.42.0.2 : goto id-2
 		}
 	}
-	map ports-0 {
+	map ports-1 {
 		type ipv4_addr . inet_proto . inet_service : verdict
 		elements = {
 			10.42.0.2 . tcp . 80 : jump allow-web-to-api
 		}
 	}
-	set known-0 {
+	set known-1 {
 		type ipv4_addr
 		elements = {
 			10.42.0.2
 		}
 	}
-	map all-1 {
+	map all-2 {
 		type ipv4_addr : verdict
 		elements = {
 			10.42.1.2 : jump allow-within_stack,
 			10.42.0.2 : jump allow-within_stack
 		}
 	}
-	set known-1 {
+	set known-2 {
 		type ipv4_addr
 		elements = {
 			10.42.1.2,
@@ -114,15 +115,19 @@ fn small_case_golden() {
 		counter name \"allow-within_stack\" accept
 	}
 	chain id-0 {
-		comment \"api/api\"
-		ip saddr . meta l4proto . th dport vmap @ports-0
-		ip saddr @known-0 goto drop-flow
+		comment \"-\"
 		goto drop-flow
 	}
 	chain id-1 {
-		comment \"shop/web\"
-		ip saddr vmap @all-1
+		comment \"api/api\"
+		ip saddr . meta l4proto . th dport vmap @ports-1
 		ip saddr @known-1 goto drop-flow
+		goto drop-flow
+	}
+	chain id-2 {
+		comment \"shop/web\"
+		ip saddr vmap @all-2
+		ip saddr @known-2 goto drop-flow
 		goto drop-flow
 	}
 	chain forward_in {
@@ -130,6 +135,7 @@ fn small_case_golden() {
 		ct direction reply accept
 		ip saddr != 10.42.0.0/16 accept
 		ip daddr vmap @to_identity
+		ip daddr 10.42.0.0/24 goto id-0
 	}
 }
 ";
