@@ -12,7 +12,8 @@
 
 use std::net::Ipv4Addr;
 
-use weft_model::{host_veth_name, EndpointRecord, Mac};
+use weft_model::{host_veth_name, EndpointRecord, Keys, Mac};
+use weft_netd::enforce::Enforcer;
 use weft_netd::nft::spoof::{drops_by_container, render};
 use weft_netd::nft::{script, Desired, Nft};
 use weft_tests::spoof::{arp_spoof, fdb_ports, ip_spoof, mac, mac_spoof, neighbour_mac, pings};
@@ -175,4 +176,56 @@ fn spoofing_fails_and_is_counted_own_traffic_flows() {
     assert!(listed.contains(&port_b), "{listed}");
     assert!(!drops_by_container(&nft.counters().unwrap()).contains_key("ctr-a"));
     nft.teardown().unwrap();
+}
+
+/// A netd that starts while the store does not answer knows neither the
+/// policy nor its endpoints: its resync must leave the anti-spoofing table
+/// the previous netd left in the kernel alone (an empty table would let
+/// every container spoof). Once it knows this host's records (an endpoint
+/// add, or the first listing), it writes the table from them.
+#[test]
+fn a_netd_that_knows_no_records_keeps_the_table() {
+    weft_tests::require_root!();
+    let lab = Lab::new(LabOptions::hosts(1)).unwrap();
+    let ns = lab.host(0).netns().name().to_owned();
+    let (ip_a, ip_b) = (Ipv4Addr::new(10, 42, 0, 2), Ipv4Addr::new(10, 42, 0, 3));
+    let local = [record("ctr-a", ip_a), record("ctr-b", ip_b)];
+    let (port_a, port_b) = (
+        host_veth_name("ctr-a", "eth0"),
+        host_veth_name("ctr-b", "eth0"),
+    );
+    // What the previous netd left.
+    Nft::new()
+        .in_netns(&ns)
+        .apply(&script(&Desired {
+            policy: String::new(),
+            spoof: Some(render(&local)),
+        }))
+        .unwrap();
+
+    let state = tempfile::tempdir().unwrap();
+    let enforcer = Enforcer::new(
+        Nft::new().in_netns(&ns),
+        "h0",
+        "10.42.0.0/16".parse().unwrap(),
+        "10.42.0.0/24".parse().unwrap(),
+        state.path(),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(enforcer.reapply()).unwrap();
+    let listed = enforcer.nft().list("bridge").unwrap();
+    assert!(
+        listed.contains(&port_a) && listed.contains(&port_b),
+        "the table was emptied:\n{listed}"
+    );
+
+    // An endpoint change tells it this host's records: b is gone.
+    rt.block_on(enforcer.set_local(&Keys::new("/weft/"), local[..1].to_vec()))
+        .unwrap();
+    let listed = enforcer.nft().list("bridge").unwrap();
+    assert!(listed.contains(&port_a), "{listed}");
+    assert!(!listed.contains(&port_b), "{listed}");
+    enforcer.nft().teardown().unwrap();
 }
