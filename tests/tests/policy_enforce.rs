@@ -168,4 +168,21 @@ fn deny_allow_cut_and_restart() {
     }
     assert!(netd.dir().join("policy.json").exists());
     netd.stop().unwrap();
+
+    // Teardown removes weft's tables (and nothing keeps enforcing).
+    let host = lab.host(0);
+    let tables = host.exec(["nft", "list", "tables"]).unwrap();
+    assert!(tables.contains("table inet weft"), "{tables}");
+    let bin = weft_tests::weft::bin("netd").unwrap();
+    host.exec([
+        bin.to_str().unwrap(),
+        "teardown",
+        &format!("--state-dir={}", netd.dir().display()),
+        &format!("--socket={}", netd.socket().display()),
+        &format!("--store={store}"),
+        "--host-id=host0",
+    ])
+    .unwrap();
+    let tables = host.exec(["nft", "list", "tables"]).unwrap();
+    assert!(!tables.contains("weft"), "{tables}");
 }
