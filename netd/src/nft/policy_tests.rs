@@ -208,6 +208,28 @@ fn lost_reach_names_the_pairs_to_cut() {
     let wide = compile_on_h0(&policy(&SMALL.replace("ports = [\"tcp/80\"]", "")), &eps);
     let api: Ipv4Addr = "10.42.0.3".parse().unwrap();
     assert!(lost_reach(&wide, &before).contains(&(web, api)));
+    // From allow-all to SMALL: what unknown sources get shrank, so every
+    // source is checked (api -> web was allowed by the default, now is not;
+    // db -> web keeps within_stack).
+    let open = compile_on_h0(&Policy::default(), &eps);
+    let cut = lost_reach(&open, &before);
+    let stackless: Ipv4Addr = "10.42.1.3".parse().unwrap();
+    assert!(
+        cut.contains(&(api, web)) && cut.contains(&(stackless, web)),
+        "{cut:?}"
+    );
+    assert!(
+        !cut.contains(&(db, web)) && !cut.contains(&(web, web)),
+        "{cut:?}"
+    );
+    // A source whose record is gone is unknown: it loses what it had.
+    let fewer: Vec<_> = eps
+        .iter()
+        .filter(|e| e.address.ip() != db)
+        .cloned()
+        .collect();
+    let gone = compile_on_h0(&policy(SMALL), &fewer);
+    assert_eq!(lost_reach(&before, &gone), vec![(db, web)]);
 }
 
 #[test]
@@ -228,4 +250,54 @@ fn covers_compares_ports_and_all() {
     assert!(covers(&one, &one));
     assert!(!covers(&none, &one));
     assert!(covers(&none, &none));
+}
+
+#[test]
+fn restricting_rules_to_a_destination_changes_no_reach() {
+    let p = policy(
+        r#"
+default = "deny"
+[stacks.shop]
+within_service = "allow"
+linked = ["api"]
+[stacks.api]
+ingress = "deny"
+[[rules]]
+name = "any-to-api-80"
+from = "*"
+to = "api"
+ports = ["tcp/80"]
+[[rules]]
+name = "web-to-db"
+from = "shop/web"
+to = "shop/db"
+[[rules]]
+name = "to-all-53"
+from = "shop"
+to = "*"
+ports = ["udp/53", "tcp/80"]
+[[rules]]
+name = "api-to-web"
+from = "api"
+to = "shop/web"
+ports = ["tcp/8080"]
+"#,
+    );
+    let parties: Vec<Party> = [
+        "-", "shop", "shop/web", "shop/db", "api", "api/api", "-/web", "other/x",
+    ]
+    .iter()
+    .map(|s| s.parse().unwrap())
+    .collect();
+    for to in &parties {
+        let (restricted, index) = restrict(&p, to);
+        assert!(restricted.rules.len() < p.rules.len() || to.stack.is_none());
+        for from in &parties {
+            assert_eq!(
+                renumber(restricted.reach(from, to), &index),
+                p.reach(from, to),
+                "{from} -> {to}"
+            );
+        }
+    }
 }
