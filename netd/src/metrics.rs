@@ -227,7 +227,7 @@ fn encode_policy(e: &mut DescriptorEncoder, snap: &Snapshot) -> fmt::Result {
     counters(
         e,
         "weft_policy_rule_hits",
-        "Connections (packets in the original direction) the policy allowed into this host's containers, by rule or built-in reason (within_service, within_stack, linked_stacks, stack_ingress, cluster_default)",
+        "Packets to this host's containers the policy allowed (every packet in the original direction of a connection from inside the cluster is checked), by rule or built-in reason (within_service, within_stack, linked_stacks, stack_ingress, cluster_default)",
         &hits,
     )?;
     counter(
