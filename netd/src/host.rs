@@ -219,6 +219,7 @@ impl HostNet {
                 kind: link.kind.unwrap_or_else(|| "unknown".into()),
             });
         }
+        self.pin_mac(&link).await?;
         if link.mtu != mtu || !link.up {
             tracing::info!(bridge = %name, from = link.mtu, to = mtu, "setting bridge MTU and up");
             self.handle
@@ -233,6 +234,32 @@ impl HostNet {
             up: true,
             ..link
         })
+    }
+
+    /// Sets the bridge's MAC to the one it has. A bridge whose MAC was never
+    /// set takes the lowest MAC of its ports and changes when that port
+    /// leaves (a container deleted): every other container's ARP entry for
+    /// the gateway then names a MAC nobody answers for, and their traffic
+    /// out of the host stops until the entry expires (tens of seconds). Set
+    /// once, the kernel keeps it. Idempotent; the MAC does not change.
+    async fn pin_mac(&self, link: &Link) -> Result<()> {
+        let what = || format!("pinning the MAC of bridge {}", link.name);
+        let mut links = self.handle.link().get().match_index(link.index).execute();
+        let Some(m) = links.try_next().await.map_err(nl(what()))? else {
+            return Ok(());
+        };
+        let Some(mac) = m.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Address(mac) => Some(mac.clone()),
+            _ => None,
+        }) else {
+            return Ok(());
+        };
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(link.index).address(mac).build())
+            .execute()
+            .await
+            .map_err(nl(what()))
     }
 
     /// The IPv4 addresses on a link.
