@@ -424,6 +424,18 @@ impl Daemon {
         self.tunnel
             .apply(&self.net, &self.underlay(), self.block.gateway, &peers)
             .await?;
+        // What the other hosts send themselves (from their gateway) is not
+        // subject to policy.
+        let gateways = peers
+            .iter()
+            .map(|p| weft_ipam::plan::gateway(p.block))
+            .collect();
+        match self.enforcer.set_hosts(gateways).await {
+            Ok(took) => self.counters.policy_applied(took),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "updating the policy's host addresses failed; the resync retries")
+            }
+        }
         let mut current = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         if *current != peers {
             tracing::info!(peers = peers.len(), "tunnel peers updated");

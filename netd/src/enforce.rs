@@ -90,6 +90,8 @@ struct Known {
     /// netd left in the kernel stays (an empty table would let every
     /// container spoof).
     local_known: bool,
+    /// The other hosts' gateway addresses ([`PolicyInput::hosts`]).
+    hosts: Vec<std::net::Ipv4Addr>,
     /// What was applied last.
     applied: Option<Compiled>,
 }
@@ -183,6 +185,22 @@ impl Enforcer {
         self.apply_locked(&mut known).await
     }
 
+    /// Takes the other hosts' gateway addresses (from the mesh); applies
+    /// when they changed.
+    pub async fn set_hosts(
+        &self,
+        mut hosts: Vec<std::net::Ipv4Addr>,
+    ) -> anyhow::Result<Option<Duration>> {
+        hosts.sort();
+        hosts.dedup();
+        let mut known = self.known.lock().await;
+        if known.hosts == hosts {
+            return Ok(None);
+        }
+        known.hosts = hosts;
+        self.apply_locked(&mut known).await
+    }
+
     /// Applies again what is known even if unchanged (the resync).
     pub async fn reapply(&self) -> anyhow::Result<Option<Duration>> {
         self.nft.invalidate();
@@ -208,6 +226,7 @@ impl Enforcer {
                 local: &local,
                 cluster_range: self.cluster_range,
                 block: self.block,
+                hosts: &known.hosts,
             })),
             _ => None,
         };

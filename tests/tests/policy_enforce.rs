@@ -186,3 +186,37 @@ fn deny_allow_cut_and_restart() {
     let tables = host.exec(["nft", "list", "tables"]).unwrap();
     assert!(!tables.contains("weft"), "{tables}");
 }
+
+/// Across hosts (WireGuard): the policy of the destination's host decides
+/// for a container elsewhere, while what the other host sends itself (from
+/// its block's gateway) is not subject to policy, as README says.
+#[test]
+fn across_hosts_containers_are_checked_and_hosts_are_not() {
+    weft_tests::require_root!();
+    let lab = Lab::new(LabOptions::hosts(2)).unwrap();
+    let store = format!("sqlite:{}", lab.dir().join("store.db").display());
+    let netd0 = Netd::start(&lab, 0, &store, &[]).unwrap();
+    let netd1 = Netd::start(&lab, 1, &store, &[]).unwrap();
+    let api = lab.container(0, "api").unwrap();
+    let web = lab.container(1, "web").unwrap();
+    let other = lab.container(1, "other").unwrap();
+    let api_ip = attach(&netd0, &api, "ctr-api", "api", "api");
+    attach(&netd1, &web, "ctr-web", "shop", "web");
+    attach(&netd1, &other, "ctr-other", "other", "x");
+    let _server = ProbeServer::start(Some(&api.path()), "api", &[80], &[]).unwrap();
+    converges(&web, &api_ip, 80, true);
+
+    apply(&netd0, WEB_TO_API);
+    converges(&other, &api_ip, 80, false);
+    converges(&web, &api_ip, 80, true);
+    // Host 1 itself reaches the container on host 0 (from its gateway).
+    let from_host = Target {
+        proto: Protocol::Tcp,
+        addr: api_ip.parse().unwrap(),
+        port: 80,
+    };
+    let out = in_netns(lab.host(1).path(), || {
+        probe(&from_host, Duration::from_millis(500))
+    });
+    assert!(out.answered(), "host 1 -> {api_ip}:80: {out}");
+}

@@ -8,6 +8,7 @@
 //! chain forward_in { type filter hook forward priority filter; policy accept;
 //!   ct direction reply accept            # replies of connections let in
 //!   ip saddr != <cluster range> accept   # from outside the cluster
+//!   ip saddr @hosts accept               # from the other hosts themselves
 //!   ip daddr vmap @to_identity           # -> goto id-<n> of the destination's party
 //!   ip daddr <this host's block> goto id-0 } # no record (yet): as a stack-less container
 //! chain id-<n> {                         # one per (stack, service) on this host
@@ -35,10 +36,11 @@
 //!
 //! Not subject to policy (documented in README "Policy"): traffic from
 //! outside the cluster range (published ports, other hosts' addresses, the
-//! internet) and traffic the host itself sends or receives (the `input` and
-//! `output` hooks, so DNS at 169.254.169.250 is always reachable). Cluster
-//! addresses without a record (for instance a host's gateway address) are
-//! treated as containers without a stack, and so is a destination in this
+//! internet), traffic the other hosts send through the tunnel themselves
+//! (from their block's gateway address, [`PolicyInput::hosts`]) and traffic
+//! the host itself sends or receives (the `input` and `output` hooks, so DNS
+//! at 169.254.169.250 is always reachable). Other cluster addresses without
+//! a record are treated as containers without a stack, and so is a destination in this
 //! host's block without a record (say, while netd restarts: the table it
 //! left refuses a new container what it refuses a stack-less one).
 
@@ -66,6 +68,10 @@ pub struct PolicyInput<'a> {
     pub cluster_range: Ipv4Network,
     /// This host's block.
     pub block: Ipv4Network,
+    /// The other hosts' own addresses in the cluster range: their blocks'
+    /// gateways, the source of what a host itself sends to a container
+    /// elsewhere. Not subject to policy, like the host's own traffic.
+    pub hosts: &'a [Ipv4Addr],
 }
 
 /// The table and what it was made of (for [`lost_reach`]).
@@ -255,6 +261,11 @@ pub fn compile(input: &PolicyInput<'_>) -> Compiled {
         );
     }
     decl_map(&mut t, "to_identity", "ipv4_addr : verdict", &to_identity);
+    let hosts: BTreeSet<String> = input.hosts.iter().map(|a| a.to_string()).collect();
+    let hosts: Vec<String> = hosts.into_iter().collect();
+    if !hosts.is_empty() {
+        decl_map(&mut t, "hosts", "ipv4_addr", &hosts);
+    }
     t.push_str(&decls);
     let _ = writeln!(
         t,
@@ -268,11 +279,17 @@ pub fn compile(input: &PolicyInput<'_>) -> Compiled {
     }
     t.push_str(&chains);
     let range = input.cluster_range;
+    let from_hosts = if hosts.is_empty() {
+        ""
+    } else {
+        "\t\tip saddr @hosts accept\n"
+    };
     let _ = writeln!(
         t,
         "\tchain forward_in {{\n\t\ttype filter hook forward priority filter; policy accept;\n\
          \t\tct direction reply accept\n\
          \t\tip saddr != {}/{} accept\n\
+         {from_hosts}\
          \t\tip daddr vmap @to_identity\n\
          \t\tip daddr {}/{} goto id-0\n\t}}",
         range.network(),

@@ -56,6 +56,7 @@ fn compile_on_h0(p: &Policy, cluster: &[EndpointRecord]) -> Compiled {
         local: &local,
         cluster_range: "10.42.0.0/16".parse().unwrap(),
         block: "10.42.0.0/24".parse().unwrap(),
+        hosts: &[],
     })
 }
 
@@ -300,4 +301,37 @@ ports = ["tcp/8080"]
             );
         }
     }
+}
+
+#[test]
+fn other_hosts_are_not_subject_to_policy() {
+    let eps = cluster();
+    let local: Vec<_> = eps
+        .iter()
+        .filter(|e| &*e.host_id == "h0")
+        .cloned()
+        .collect();
+    let gw: Ipv4Addr = "10.42.1.1".parse().unwrap();
+    let c = compile(&PolicyInput {
+        policy: &policy(SMALL),
+        cluster: &eps,
+        local: &local,
+        cluster_range: "10.42.0.0/16".parse().unwrap(),
+        block: "10.42.0.0/24".parse().unwrap(),
+        hosts: &[gw, gw],
+    });
+    assert!(
+        c.table.contains(
+            "\tset hosts {\n\t\ttype ipv4_addr\n\t\telements = {\n\t\t\t10.42.1.1\n\t\t}\n\t}\n"
+        ),
+        "{}",
+        c.table
+    );
+    assert!(
+        c.table.contains(
+            "\t\tip saddr != 10.42.0.0/16 accept\n\t\tip saddr @hosts accept\n\t\tip daddr vmap @to_identity\n"
+        ),
+        "{}",
+        c.table
+    );
 }
