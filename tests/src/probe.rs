@@ -110,18 +110,25 @@ fn serve_tcp(listener: &TcpListener, stop: &Arc<AtomicBool>, answer: &str) {
         let Ok((conn, peer)) = listener.accept() else {
             continue;
         };
-        let (stop, line) = (stop.clone(), format!("{answer} {}\n", peer.ip()));
+        // The answer goes out from here (no thread start on the way of a
+        // probe's answer); the echo runs on its own thread.
+        let line = format!("{answer} {}\n", peer.ip());
+        let mut conn = conn;
+        if conn.write_all(line.as_bytes()).is_err() {
+            continue;
+        }
+        let stop = stop.clone();
         conns.retain(|c| !c.is_finished());
-        conns.push(std::thread::spawn(move || serve_conn(conn, &stop, &line)));
+        conns.push(std::thread::spawn(move || serve_conn(conn, &stop)));
     }
     for conn in conns {
         let _ = conn.join();
     }
 }
 
-/// Sends the answer line, then echoes until EOF, an error or the stop flag.
-fn serve_conn(mut conn: TcpStream, stop: &AtomicBool, line: &str) {
-    if conn.write_all(line.as_bytes()).is_err() || conn.set_read_timeout(Some(POLL)).is_err() {
+/// Echoes until EOF, an error or the stop flag.
+fn serve_conn(mut conn: TcpStream, stop: &AtomicBool) {
+    if conn.set_read_timeout(Some(POLL)).is_err() {
         return;
     }
     let mut buf = [0u8; 4096];

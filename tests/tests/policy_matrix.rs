@@ -26,8 +26,10 @@
 //!   ports, back to allow; on both backends.
 //! * `random_policies`: proptest generates random policies and change
 //!   sequences ([`CASES`] sequences of [`STEPS`] steps), the way Cyclonus
-//!   fuzzes Kubernetes network policies; the seed is printed, and
-//!   `WEFT_POLICY_SEED=<n>` replays a run.
+//!   fuzzes Kubernetes network policies; the seed is printed,
+//!   `WEFT_POLICY_SEED=<n>` replays a run and `WEFT_POLICY_CASES=<n>` runs
+//!   more sequences. Its cluster has a tenth
+//!   container without stack or service (10 × 10 × 4 = 400 cells).
 //! * `change_cuts_established_connections`: a TCP connection the policy
 //!   allowed stops being answered within a second of a change that denies
 //!   it, while one the change still allows keeps working.
@@ -90,7 +92,9 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn new(backend: &str) -> Cluster {
+    /// The 9 containers of [`STACKS`]; `loner`: and a tenth on host 1
+    /// without stack or service (it matches only `*` and the default).
+    fn new(backend: &str, loner: bool) -> Cluster {
         let lab = Lab::new(LabOptions::hosts(3)).unwrap();
         let store = format!("sqlite:{}", lab.dir().join("store.db").display());
         let flag = format!("--backend={backend}");
@@ -119,6 +123,16 @@ impl Cluster {
                 });
             }
         }
+        if loner {
+            let c = lab.container(1, "loner").unwrap();
+            let ip = attach(&netds[1], &c, "loner", "IgnoreUnknown=1;WEFT_NAME=loner");
+            members.push(Member {
+                c,
+                ip,
+                party: Party::default(),
+                label: "-/-#loner@h1".into(),
+            });
+        }
         let servers = members
             .iter()
             .map(|m| {
@@ -136,7 +150,13 @@ impl Cluster {
         // No policy stored: everything is open, as before policy existed
         // (the first round may wait for the tunnels to come up).
         let t0 = Instant::now();
-        match cluster.await_matrix("no policy", &Policy::default(), t0, Duration::from_secs(15)) {
+        match cluster.await_matrix(
+            "no policy",
+            &Policy::default(),
+            &Policy::default(),
+            t0,
+            Duration::from_secs(15),
+        ) {
             Ok((_, rounds)) => {
                 eprintln!(
                     "{backend}: without a policy the full matrix is open \
@@ -156,7 +176,9 @@ impl Cluster {
         };
         let n = cluster.members.len();
         assert_eq!(
-            cluster.mismatches(&deny_all, &targets, &seen).len(),
+            cluster
+                .mismatches(&deny_all, &deny_all, &targets, &seen)
+                .len(),
             n * (n - 1) * (TCP_PORTS.len() + UDP_PORTS.len()),
             "every cell between two containers is open and seen as open"
         );
@@ -214,8 +236,12 @@ impl Cluster {
     }
 
     /// The cells where the kernel differs from the model, described.
+    /// (`before`: the previous policy; a cell whose outcome it decided the
+    /// same way is marked, as the kernel then showed a state neither
+    /// policy allows.)
     fn mismatches(
         &self,
+        before: &Policy,
         policy: &Policy,
         targets: &[Target],
         seen: &[Vec<Outcome>],
@@ -240,8 +266,9 @@ impl Cluster {
                     Outcome::Failed(_) => false,
                 };
                 if !ok {
+                    let same_before = self.expect(before, f, t, target).0 == allow;
                     out.push(format!(
-                        "{} -> {} {}/{}: kernel {got}, model {} ({why}){}",
+                        "{} -> {} {}/{}: kernel {got}, model {} ({why}){}{}",
                         from.label,
                         to.label,
                         target.proto.as_str(),
@@ -251,6 +278,11 @@ impl Cluster {
                             format!(", expected {want:?}")
                         } else {
                             String::new()
+                        },
+                        if same_before && before != policy {
+                            " [the previous policy decided the same]"
+                        } else {
+                            ""
                         },
                     ));
                 }
@@ -358,7 +390,7 @@ impl Cluster {
         self.apply(policy, host);
         let applied = t0.elapsed();
         let flipped = self.await_flips(&changed, &targets, t0);
-        let (verified, rounds) = self.await_matrix(step, policy, t0, CONVERGE_DEADLINE)?;
+        let (verified, rounds) = self.await_matrix(step, &before, policy, t0, CONVERGE_DEADLINE)?;
         // A cell that did not flip in time fails the matrix check above.
         let took = flipped.unwrap_or(verified);
         eprintln!(
@@ -376,6 +408,7 @@ impl Cluster {
     fn await_matrix(
         &self,
         step: &str,
+        before: &Policy,
         policy: &Policy,
         t0: Instant,
         deadline: Duration,
@@ -386,9 +419,20 @@ impl Cluster {
             let started = t0.elapsed();
             let seen = self.observe(&targets);
             rounds += 1;
-            let bad = self.mismatches(policy, &targets, &seen);
+            let bad = self.mismatches(before, policy, &targets, &seen);
             if bad.is_empty() {
                 return Ok((started, rounds));
+            }
+            if rounds == 1 {
+                // Not an error (a change may still be on its way), but
+                // worth seeing when it happens after every changed cell
+                // has already flipped.
+                eprintln!(
+                    "step {step:?}: first full round at {started:.0?}: {} cell(s) differ, \
+                     probing again; e.g.\n  {}",
+                    bad.len(),
+                    worst_first(&bad).join("\n  ")
+                );
             }
             if t0.elapsed() > deadline {
                 return Err(format!(
@@ -419,6 +463,19 @@ impl Cluster {
             .map(|(i, n)| format!("--- netd {i}:\n{}", tail(&n.log(), 40)))
             .collect()
     }
+}
+
+/// A few mismatch lines, those the previous policy decided the same way
+/// first, then cells open that the model denies.
+fn worst_first(bad: &[String]) -> Vec<String> {
+    let mut v: Vec<&String> = bad.iter().collect();
+    v.sort_by_key(|l| {
+        (
+            !l.contains("[the previous policy decided the same]"),
+            !l.contains("model deny"),
+        )
+    });
+    v.into_iter().take(6).cloned().collect()
 }
 
 /// Probes `target` from this thread's namespace until it shows `open`;
@@ -571,7 +628,7 @@ fn sequence() -> Vec<(&'static str, Policy)> {
 }
 
 fn fixed_sequence(backend: &str) {
-    let cluster = Cluster::new(backend);
+    let cluster = Cluster::new(backend, false);
     let mut took = Vec::new();
     for (i, (step, policy)) in sequence().iter().enumerate() {
         match cluster.converge(step, policy, i % 3) {
@@ -702,14 +759,19 @@ fn random_policies() {
                 .map(|d| d.as_nanos() as u64)
                 .unwrap_or(1)
         });
+    // More cases for a longer hunt by hand: WEFT_POLICY_CASES=<n>.
+    let cases = std::env::var("WEFT_POLICY_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(CASES);
     eprintln!(
-        "random_policies: seed {seed} ({CASES} sequences of {STEPS} changes; \
+        "random_policies: seed {seed} ({cases} sequences of {STEPS} changes; \
          replay with WEFT_POLICY_SEED={seed})"
     );
     let mut bytes = [0u8; 32];
     bytes[..8].copy_from_slice(&seed.to_le_bytes());
     let config = Config {
-        cases: CASES,
+        cases,
         // A case costs seconds of probing: a few shrink steps only, and
         // nothing written into the source tree.
         max_shrink_iters: 8,
@@ -718,7 +780,7 @@ fn random_policies() {
     };
     let mut runner =
         TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &bytes));
-    let cluster = Cluster::new("wireguard");
+    let cluster = Cluster::new("wireguard", true);
     let case = std::cell::Cell::new(0);
     let result = runner.run(
         &proptest::collection::vec(gen::policy(), STEPS),
@@ -746,7 +808,7 @@ fn random_policies() {
 #[test]
 fn change_cuts_established_connections() {
     weft_tests::require_root!();
-    let cluster = Cluster::new("wireguard");
+    let cluster = Cluster::new("wireguard", false);
     cluster
         .converge("allow", &Policy::default(), 0)
         .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
