@@ -69,6 +69,8 @@ pub fn load_bridge_netfilter() -> anyhow::Result<()> {
 
 /// After a change, further changes within this window join the same apply.
 const COALESCE: Duration = Duration::from_millis(20);
+/// The longest a change waits for others to join it.
+const MAX_COALESCE: Duration = Duration::from_millis(200);
 
 /// The file the last policy is kept in, under the state dir.
 pub const POLICY_FILE: &str = "policy.json";
@@ -320,14 +322,17 @@ pub async fn follow(
     let doc = keys.policy_doc();
     loop {
         let (mut new_policy, mut eps_changed) = (None, false);
-        let mut first = true;
-        // The first update waits; more within COALESCE join it.
+        let mut first: Option<Instant> = None;
+        // The first update waits; more within COALESCE of each other join
+        // it, for at most MAX_COALESCE (steady churn cannot hold it back).
         loop {
             let wait = async {
-                if first {
-                    std::future::pending::<()>().await
-                } else {
-                    tokio::time::sleep(COALESCE).await
+                match first {
+                    None => std::future::pending::<()>().await,
+                    Some(t) => {
+                        let left = MAX_COALESCE.saturating_sub(t.elapsed());
+                        tokio::time::sleep(COALESCE.min(left)).await
+                    }
                 }
             };
             tokio::select! {
@@ -343,7 +348,7 @@ pub async fn follow(
                     eps_changed = true;
                 }
             }
-            first = false;
+            first.get_or_insert_with(Instant::now);
         }
         if new_policy.is_none() && !eps_changed {
             continue;
