@@ -242,6 +242,10 @@ impl Enforcer {
             spoof: (known.listed || known.local_known).then(|| crate::nft::spoof::render(&local)),
         };
         let script = crate::nft::script(&desired);
+        if script.is_empty() {
+            // Neither table is known yet: the kernel keeps what it has.
+            return Ok(None);
+        }
         let nft = self.nft.clone();
         let outcome = tokio::task::spawn_blocking(move || nft.apply(&script))
             .await
