@@ -316,7 +316,8 @@ impl Cluster {
     /// outcome: when the last one flipped (measured from `t0`), or `None`
     /// if one had not by the deadline. A cell that opens counts at its
     /// first answer; one that closes at the first of two unanswered probes
-    /// in a row (one slow answer on a loaded machine is not a close).
+    /// in a row, the second with the long timeout (one slow answer on a
+    /// loaded machine is not a close).
     fn await_flips(
         &self,
         changed: &[(usize, usize, bool)],
@@ -484,7 +485,14 @@ fn flip(target: Target, open: bool, t0: Instant) -> Option<Duration> {
     let mut closed_since: Option<Duration> = None;
     loop {
         let started = t0.elapsed();
-        let answered = weft_tests::probe::probe(&target, FLIP_TIMEOUT).answered();
+        // A close is confirmed with the long timeout: a slow answer on a
+        // loaded machine must not count as one.
+        let wait = if closed_since.is_some() {
+            PROBE_TIMEOUT
+        } else {
+            FLIP_TIMEOUT
+        };
+        let answered = weft_tests::probe::probe(&target, wait).answered();
         match (open, answered) {
             (true, true) => return Some(started),
             (false, false) => match closed_since {
