@@ -188,7 +188,7 @@ struct Opts {
     /// Policy: stacks [1000; quick 100].
     #[arg(long)]
     policy_stacks: Option<usize>,
-    /// Policy: simulated endpoints (10 per stack) [10000; quick 1000].
+    /// Policy: simulated endpoints (10 per stack) [10000; quick 300].
     #[arg(long)]
     policy_endpoints: Option<usize>,
     /// Policy: rules [1000; quick 100].
@@ -261,7 +261,7 @@ impl Opts {
     fn policy(&self) -> policy::Options {
         policy::Options {
             stacks: self.pick(self.policy_stacks, 1000, 100).max(1),
-            endpoints: self.pick(self.policy_endpoints, 10_000, 1000),
+            endpoints: self.pick(self.policy_endpoints, 10_000, 300),
             rules: self.pick(self.policy_rules, 1000, 100),
             changes: self.pick(self.policy_changes, 10, 2).max(1),
             runs: self.runs(),

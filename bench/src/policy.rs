@@ -24,6 +24,10 @@
 //!   changes its outcome (probes back to back; a refused probe waits
 //!   [`PROBE`], a close counts from the first of two refused probes in a
 //!   row, the second waiting [`CONFIRM`]). Measured on the full-size policy.
+//! * netd deletes the conntrack entries of the pairs a change denies in the
+//!   background, one `conntrack` process per pair; after each switch the
+//!   bench waits until none runs ([`settle`]) and reports how long that
+//!   took, so the throughput and ping figures are the per-packet cost.
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -82,6 +86,10 @@ pub struct PolicyResults {
     pub tcp_gbps_on: Fig,
     pub ping_p99_ms_off: Fig,
     pub ping_p99_ms_on: Fig,
+    /// Seconds `conntrack` processes kept running after the switch from
+    /// off to on (netd's background cut of the pairs the change denied).
+    #[serde(default)]
+    pub cut_s: Fig,
 }
 
 impl PolicyResults {
@@ -127,6 +135,7 @@ impl PolicyResults {
              | TCP a → b, policy off (Gbit/s) | {} |\n\
              | TCP a → b, policy on (Gbit/s) | {} |\n\
              | on / off throughput | {ratio} |\n\
+             | conntrack cut after off → on, before measuring (s) | {} |\n\
              | ping p99, policy off (ms) | {} |\n\
              | ping p99, policy on (ms) | {} |\n",
             self.stacks,
@@ -136,6 +145,7 @@ impl PolicyResults {
             f(&self.allow_s, 1e3, 1),
             f(&self.tcp_gbps_off, 1.0, 2),
             f(&self.tcp_gbps_on, 1.0, 2),
+            f(&self.cut_s, 1.0, 1),
             f(&self.ping_p99_ms_off, 1.0, 3),
             f(&self.ping_p99_ms_on, 1.0, 3),
         )
@@ -313,6 +323,31 @@ fn until(from: &Path, to: Ipv4Addr, open: bool, t0: Instant) -> Result<Duration>
     })
 }
 
+/// Waits until no `conntrack` process has run for half a second (at most
+/// `limit`); how long it waited.
+fn settle(limit: Duration) -> Duration {
+    let t0 = Instant::now();
+    let mut quiet_since = Instant::now();
+    while t0.elapsed() < limit {
+        if conntrack_running() {
+            quiet_since = Instant::now();
+        } else if quiet_since.elapsed() >= Duration::from_millis(500) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    quiet_since.duration_since(t0)
+}
+
+fn conntrack_running() -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.flatten().any(|e| {
+        std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim_end() == "conntrack")
+    })
+}
+
 fn iperf_gbps(client: &Netns, server: &Netns, ip: Ipv4Addr, secs: u32) -> Result<f64> {
     let mut srv = server.spawn(["iperf3", "-s", "-1", "-p", "5201"])?;
     weft_tests::wait_until(Duration::from_secs(5), "iperf3 listening", || {
@@ -405,7 +440,11 @@ pub fn run(o: &Options) -> Result<PolicyResults> {
     rt.block_on(write_policy(&store, &on))?;
     r.first_load_s = Some(until(&c_ns, b_ip, false, t0)?.as_secs_f64());
     until(&a_ns, b_ip, true, Instant::now())?;
-    eprintln!("policy: first load {:?}", r.first_load_s);
+    eprintln!(
+        "policy: first load {:?}; conntrack cut of the pairs it denied: {:?}",
+        r.first_load_s,
+        settle(Duration::from_secs(300))
+    );
     let without = full_policy(o, false);
     for i in 0..o.changes {
         let t0 = Instant::now();
@@ -426,6 +465,18 @@ pub fn run(o: &Options) -> Result<PolicyResults> {
             let t0 = Instant::now();
             rt.block_on(write_policy(&store, if policy_on { &on } else { &off }))?;
             until(&c_ns, b_ip, !policy_on, t0)?;
+            // netd deletes the conntrack entries of the pairs a change
+            // denies in the background, one `conntrack` run per pair: let
+            // that finish (and say how long it took) so the figures below
+            // are the per-packet cost only.
+            let cut = settle(Duration::from_secs(if o.endpoints > 2000 {
+                300
+            } else {
+                60
+            }));
+            if policy_on {
+                r.cut_s.push(cut.as_secs_f64());
+            }
             let gbps = iperf_gbps(&a, &b, b_ip, o.secs)?;
             let p99 = ping_p99(&a, b_ip, o.pings)?;
             eprintln!(
