@@ -35,10 +35,10 @@ use serde::{Deserialize, Serialize};
 /// The default control socket.
 pub const DEFAULT_SOCKET: &str = "/run/weft/netd.sock";
 
+pub use weft_model::{Action, DecidedBy, Decision, Party, Policy, PortSpec};
 /// The stored types the API carries as they are (their JSON is the same in
 /// the store and on the socket), and the DNS address, from the model.
 pub use weft_model::{DnsConfig, PortMapping, Protocol, DNS_ADDR};
-pub use weft_model::{Action, DecidedBy, Decision, Party, Policy, PortSpec};
 
 pub use policy::{PolicyCheck, PolicyDoc, PolicyVerdict, PutPolicy};
 
