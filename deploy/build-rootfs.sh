@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Assembles the weft sidecar's root filesystem from built binaries and this
 # (Debian) machine's packages, without pulling any image: netd and the CNI
-# plugin, iptables (legacy and nft) with its extensions, conntrack, the
+# plugin, iptables (legacy and nft) with its extensions, conntrack, nft, the
 # reference portmap/tuning plugins if installed, and every shared library
 # they load. The result is what the Containerfile builds; run it with
 #   podman run --rootfs DEST ... /usr/local/bin/netd sidecar
@@ -9,7 +9,7 @@
 #
 # Usage: deploy/build-rootfs.sh DEST [BIN_DIR]
 #   BIN_DIR holds netd and weft (default: target/release of this repository).
-# Needs: ldd, iptables, conntrack (scripts/install-deps.sh installs them).
+# Needs: ldd, iptables, conntrack, nft (scripts/install-deps.sh installs them).
 set -euo pipefail
 
 dest=${1:?usage: $0 DEST [BIN_DIR]}
@@ -88,6 +88,9 @@ if [ -d "$ext_dir" ]; then
 fi
 
 put_elf /usr/sbin/conntrack
+# nft: netd keeps its anti-spoofing and policy tables with it (one
+# `nft -f -` transaction per change).
+put_elf /usr/sbin/nft
 
 # Reference plugins for --with-portmap / --with-tuning (optional).
 for p in portmap tuning; do
