@@ -9,7 +9,7 @@
 //!      containers a (stack bench-a) and c (stack bench-c)
 //!  h1: netd, container  b (stack bench-b): iperf3, ping and probe target
 //!  store (SQLite): + <endpoints> simulated endpoint records of <stacks>
-//!                  stacks on 40 simulated hosts, and the policy
+//!                  stacks on 100 simulated hosts, and the policy
 //! ```
 //!
 //! * **on**: default deny, every stack declared (`within_stack = allow`),
@@ -25,9 +25,10 @@
 //!   [`PROBE`], a close counts from the first of two refused probes in a
 //!   row, the second waiting [`CONFIRM`]). Measured on the full-size policy.
 //! * netd deletes the conntrack entries of the pairs a change denies in the
-//!   background, one `conntrack` process per pair; after each switch the
-//!   bench waits until none runs ([`settle`]) and reports how long that
-//!   took, so the throughput and ping figures are the per-packet cost.
+//!   background (one listing, then a delete per pair that has entries);
+//!   after each switch the bench waits until none runs ([`settle`]) and
+//!   reports how long that took, so the throughput and ping figures are the
+//!   per-packet cost.
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -56,7 +57,7 @@ const PROBE_PORT: u16 = 5300;
 /// How long one change may take before the run gives up.
 const DEADLINE: Duration = Duration::from_secs(30);
 /// Simulated hosts the endpoints are spread over.
-const SIM_HOSTS: usize = 40;
+const SIM_HOSTS: usize = 100;
 
 #[derive(Debug, Clone)]
 pub struct Options {
