@@ -333,7 +333,7 @@ impl Daemon {
                 ));
             }
         }
-        if let Err(e) = self.enforce_local(all.clone()).await {
+        if let Err(e) = self.enforce_new(all.clone(), &record).await {
             tracing::error!(error = %format!("{e:#}"), container = %record.container_id, "enforcing anti-spoofing failed; undoing the endpoint");
             let _ = self.store().delete(&key).await;
             let _ = self.ipam.release(self.block(), &owner).await;

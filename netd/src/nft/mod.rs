@@ -177,6 +177,16 @@ impl Nft {
         Ok(ApplyOutcome::Applied)
     }
 
+    /// Runs an incremental `script` (element additions to tables a full
+    /// [`Nft::apply`] made) as one transaction. The kernel then differs from
+    /// the last full script, so the next [`Nft::apply`] runs in any case.
+    pub fn patch(&self, script: &str) -> Result<(), NftError> {
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        *last = None;
+        self.check("nft", &["-f", "-"], Some(script), NFT_HINT)?;
+        Ok(())
+    }
+
     /// Forgets the last applied script, so the next [`Nft::apply`] runs.
     pub fn invalidate(&self) {
         *self.last.lock().unwrap_or_else(PoisonError::into_inner) = None;

@@ -163,6 +163,27 @@ pub fn render(local: &[EndpointRecord]) -> String {
 /// `weft_spoof_drops_total{container}`: the packets the anti-spoofing
 /// counters of `counters` (from [`super::Nft::counters`]) dropped, summed per
 /// container id (a container with two interfaces has two ports).
+/// The script that adds one container port to the `table bridge weft` this
+/// netd already wrote: the endpoint add's fast path (a few element additions
+/// in one transaction, instead of re-creating both tables while the plugin
+/// waits). Idempotent; the port goes into `ports` last, so the checks apply
+/// to it only once its addresses are in.
+pub fn add_port(record: &EndpointRecord) -> String {
+    let Some(p) = ports(std::slice::from_ref(record)).into_iter().next() else {
+        return String::new();
+    };
+    let (n, mac, addr) = (&p.name, p.mac, p.addr);
+    format!(
+        "add counter bridge weft {COUNTER_PREFIX}{n} {{ comment \"{c}\" ; }}\n\
+         add element bridge weft ip_ok {{ \"{n}\" . {mac} . {addr} }}\n\
+         add element bridge weft arp_ok {{ \"{n}\" . {mac} . {addr} }}\n\
+         add element bridge weft mac_ok {{ \"{n}\" . {mac} }}\n\
+         add element bridge weft spoof_drops {{ \"{n}\" : \"{COUNTER_PREFIX}{n}\" }}\n\
+         add element bridge weft ports {{ \"{n}\" }}\n",
+        c = comment(&p.container),
+    )
+}
+
 pub fn drops_by_container(counters: &[NamedCounter]) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
     for c in counters {
@@ -180,6 +201,38 @@ pub fn drops_by_container(counters: &[NamedCounter]) -> BTreeMap<String, u64> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn add_port_adds_one_ports_elements_ports_last() {
+        let r: EndpointRecord = serde_json::from_str(
+            r#"{"container_id":"abc","ifname":"eth0","netns":"","host_id":"h","address":"10.42.0.2/24","gateway":"10.42.0.1","mtu":1450,"bridge":"weft0","aliases":[],"port_mappings":[],"dns":{"nameservers":[],"domain":"d","search":[],"options":[]},"created_at_ms":1}"#,
+        )
+        .unwrap();
+        let n = host_veth_name("abc", "eth0");
+        let s = add_port(&r);
+        let lines: Vec<&str> = s.lines().collect();
+        assert_eq!(lines.len(), 6, "{s}");
+        assert_eq!(
+            lines[0],
+            format!("add counter bridge weft spoof_{n} {{ comment \"abc\" ; }}")
+        );
+        assert!(
+            lines[1].contains(&format!(
+                "ip_ok {{ \"{n}\" . 0a:58:0a:2a:00:02 . 10.42.0.2 }}"
+            )),
+            "{s}"
+        );
+        assert_eq!(
+            lines[5],
+            format!("add element bridge weft ports {{ \"{n}\" }}")
+        );
+        // The full table declares every set and map the fast path fills.
+        let full = render(&[r]);
+        for name in ["ports", "ip_ok", "arp_ok", "mac_ok", "spoof_drops"] {
+            assert!(full.contains(&format!(" {name} {{")), "{name} in {full}");
+        }
+    }
+
     use weft_model::{ContainerId, DnsConfig, HostId, IfName};
 
     use super::*;
