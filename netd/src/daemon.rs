@@ -299,6 +299,20 @@ impl Daemon {
         Ok(())
     }
 
+    /// [`Daemon::enforce_local`] for a delete or GC: `gone` left `local`.
+    pub async fn enforce_gone(
+        &self,
+        local: Vec<EndpointRecord>,
+        gone: &[EndpointRecord],
+    ) -> anyhow::Result<()> {
+        let took = self
+            .enforcer
+            .remove_local(&self.cfg.keys, local, gone)
+            .await?;
+        self.counters.policy_applied(took);
+        Ok(())
+    }
+
     pub async fn enforce_local(&self, local: Vec<EndpointRecord>) -> anyhow::Result<()> {
         let took = self.enforcer.set_local(&self.cfg.keys, local).await?;
         self.counters.policy_applied(took);

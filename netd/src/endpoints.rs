@@ -409,7 +409,7 @@ impl Daemon {
         }
         if !gone.is_empty() {
             // The ports of `gone` leave the anti-spoofing table.
-            if let Err(e) = self.enforce_local(rest.to_vec()).await {
+            if let Err(e) = self.enforce_gone(rest.to_vec(), gone).await {
                 tracing::warn!(error = %format!("{e:#}"), "removing deleted endpoints from weft's nf_tables rules failed; the resync retries");
             }
         }

@@ -239,6 +239,49 @@ impl Enforcer {
         Ok(Some(started.elapsed()))
     }
 
+    /// The endpoint delete's fast path: `gone` (no longer among `local`,
+    /// this host's records) leave the anti-spoofing table with one small
+    /// transaction; the policy's maps follow with the next full apply (the
+    /// records' store events trigger it). Falls back to the full
+    /// [`Enforcer::set_local`] when this netd has not written the table or
+    /// the small transaction fails (an element already gone).
+    pub async fn remove_local(
+        &self,
+        keys: &Keys,
+        local: Vec<EndpointRecord>,
+        gone: &[EndpointRecord],
+    ) -> anyhow::Result<Option<Duration>> {
+        let mut known = self.known.lock().await;
+        if !known.spoof_written || gone.is_empty() {
+            drop(known);
+            return self.set_local(keys, local).await;
+        }
+        let started = Instant::now();
+        let mut own = BTreeMap::new();
+        for r in &local {
+            own.insert(
+                keys.endpoint(&self.host_id, r.container_id.as_str(), r.ifname.as_str()),
+                r.clone(),
+            );
+        }
+        for r in gone {
+            let key = keys.endpoint(&self.host_id, r.container_id.as_str(), r.ifname.as_str());
+            known.endpoints.remove(&key);
+        }
+        known.own = Some(own);
+        let script = crate::nft::spoof::remove_ports(gone);
+        let nft = self.nft.clone();
+        let patched = tokio::task::spawn_blocking(move || nft.patch(&script))
+            .await
+            .context("nft task")?;
+        if let Err(e) = patched {
+            tracing::debug!(error = %e, "removing ports element by element failed; re-creating the tables");
+            drop(known);
+            return self.set_local(keys, local).await;
+        }
+        Ok(Some(started.elapsed()))
+    }
+
     /// Takes the other hosts' gateway addresses (from the mesh); applies
     /// when they changed.
     pub async fn set_hosts(

@@ -184,6 +184,27 @@ pub fn add_port(record: &EndpointRecord) -> String {
     )
 }
 
+/// The script that takes container ports out of the `table bridge weft`
+/// this netd wrote: the endpoint delete's fast path, the reverse of
+/// [`add_port`] (the port leaves `ports` first). It fails as a whole if an
+/// element is not there; the caller then re-creates the table.
+pub fn remove_ports(records: &[EndpointRecord]) -> String {
+    let mut s = String::new();
+    for p in ports(records) {
+        let (n, mac, addr) = (&p.name, p.mac, p.addr);
+        let _ = write!(
+            s,
+            "delete element bridge weft ports {{ \"{n}\" }}\n\
+             delete element bridge weft spoof_drops {{ \"{n}\" }}\n\
+             delete element bridge weft ip_ok {{ \"{n}\" . {mac} . {addr} }}\n\
+             delete element bridge weft arp_ok {{ \"{n}\" . {mac} . {addr} }}\n\
+             delete element bridge weft mac_ok {{ \"{n}\" . {mac} }}\n\
+             delete counter bridge weft {COUNTER_PREFIX}{n}\n"
+        );
+    }
+    s
+}
+
 pub fn drops_by_container(counters: &[NamedCounter]) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
     for c in counters {
@@ -226,6 +247,15 @@ mod tests {
             lines[5],
             format!("add element bridge weft ports {{ \"{n}\" }}")
         );
+        // Removal is the reverse: the port leaves `ports` first.
+        let del = remove_ports(std::slice::from_ref(&r));
+        let dl: Vec<&str> = del.lines().collect();
+        assert_eq!(dl.len(), 6, "{del}");
+        assert_eq!(
+            dl[0],
+            format!("delete element bridge weft ports {{ \"{n}\" }}")
+        );
+        assert_eq!(dl[5], format!("delete counter bridge weft spoof_{n}"));
         // The full table declares every set and map the fast path fills.
         let full = render(&[r]);
         for name in ["ports", "ip_ok", "arp_ok", "mac_ok", "spoof_drops"] {
