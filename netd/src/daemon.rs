@@ -287,32 +287,8 @@ impl Daemon {
 
     /// Enforces policy and anti-spoofing for `local`, this host's endpoint
     /// records as just read or written (call under [`Daemon::lock`], before
-    /// answering the plugin).
-    /// [`Daemon::enforce_local`] for an add: `new` is the last of `local`.
-    pub async fn enforce_new(
-        &self,
-        local: Vec<EndpointRecord>,
-        new: &EndpointRecord,
-    ) -> anyhow::Result<()> {
-        let took = self.enforcer.add_local(&self.cfg.keys, local, new).await?;
-        self.counters.policy_applied(took);
-        Ok(())
-    }
-
-    /// [`Daemon::enforce_local`] for a delete or GC: `gone` left `local`.
-    pub async fn enforce_gone(
-        &self,
-        local: Vec<EndpointRecord>,
-        gone: &[EndpointRecord],
-    ) -> anyhow::Result<()> {
-        let took = self
-            .enforcer
-            .remove_local(&self.cfg.keys, local, gone)
-            .await?;
-        self.counters.policy_applied(took);
-        Ok(())
-    }
-
+    /// answering the plugin). An add or delete changes only elements of the
+    /// tables the kernel has: one small transaction ([`crate::nft::Nft::apply`]).
     pub async fn enforce_local(&self, local: Vec<EndpointRecord>) -> anyhow::Result<()> {
         let took = self.enforcer.set_local(&self.cfg.keys, local).await?;
         self.counters.policy_applied(took);

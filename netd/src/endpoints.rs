@@ -333,7 +333,7 @@ impl Daemon {
                 ));
             }
         }
-        if let Err(e) = self.enforce_new(all.clone(), &record).await {
+        if let Err(e) = self.enforce_local(all.clone()).await {
             tracing::error!(error = %format!("{e:#}"), container = %record.container_id, "enforcing anti-spoofing failed; undoing the endpoint");
             let _ = self.store().delete(&key).await;
             let _ = self.ipam.release(self.block(), &owner).await;
@@ -409,7 +409,7 @@ impl Daemon {
         }
         if !gone.is_empty() {
             // The ports of `gone` leave the anti-spoofing table.
-            if let Err(e) = self.enforce_gone(rest.to_vec(), gone).await {
+            if let Err(e) = self.enforce_local(rest.to_vec()).await {
                 tracing::warn!(error = %format!("{e:#}"), "removing deleted endpoints from weft's nf_tables rules failed; the resync retries");
             }
         }

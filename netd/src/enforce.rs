@@ -1,11 +1,13 @@
 //! Isolation in the kernel (policy and anti-spoofing), kept in line with
 //! the store: the [`Enforcer`] holds the last policy and endpoint records it
 //! saw, renders weft's nf_tables tables from them ([`crate::nft`]) and
-//! applies them as one transaction whenever they change; [`follow`] feeds it
+//! applies them as one transaction whenever they change (only the elements
+//! and counters that differ when the tables keep their shape, as they do
+//! when a container comes or goes: [`crate::nft::Table::update`]); [`follow`] feeds it
 //! from `<prefix>policy/` and `<prefix>endpoints/` (list, then watch, with
 //! [`weft_store::Follower`]), coalescing bursts of changes into one apply.
-//! The daemon re-applies on its 30 s resync (someone may have deleted the
-//! tables) and after every change of this host's endpoints
+//! The daemon replaces both tables on its 30 s resync (someone may have
+//! changed or deleted them) and applies after every change of this host's endpoints
 //! ([`crate::daemon::Daemon::enforce_local`], before the plugin's add is
 //! answered).
 //!
@@ -92,11 +94,8 @@ struct Known {
     /// netd left in the kernel stays (an empty table would let every
     /// container spoof).
     local_known: bool,
-    /// Whether this netd has written the bridge table (so the endpoint
-    /// add's fast path can add elements to it).
-    spoof_written: bool,
     /// This host's records as the daemon's endpoint operations last gave
-    /// them ([`Enforcer::set_local`], [`Enforcer::add_local`]), by store
+    /// them ([`Enforcer::set_local`] and its callers), by store
     /// key: authoritative for this host, whatever an older listing from the
     /// follower says (a snapshot taken before an add must not take the new
     /// port out again).
@@ -199,89 +198,6 @@ impl Enforcer {
         self.apply_locked(&mut known).await
     }
 
-    /// The endpoint add's fast path: `new` (one of `local`, this host's
-    /// records) gets its anti-spoofing elements with one small transaction
-    /// when this netd has written the bridge table already; the rest (the
-    /// policy's maps for the new address) follows with the next full apply,
-    /// which the record's own store event triggers within milliseconds. Until
-    /// then the new address is enforced as a stack-less container (the
-    /// policy table's catch-all for this host's block). Otherwise the full
-    /// [`Enforcer::set_local`]. (Re-creating both tables on every add made a
-    /// CNI ADD 5× slower.)
-    pub async fn add_local(
-        &self,
-        keys: &Keys,
-        local: Vec<EndpointRecord>,
-        new: &EndpointRecord,
-    ) -> anyhow::Result<Option<Duration>> {
-        let mut known = self.known.lock().await;
-        if !known.spoof_written {
-            drop(known);
-            return self.set_local(keys, local).await;
-        }
-        let started = Instant::now();
-        let key = keys.endpoint(
-            &self.host_id,
-            new.container_id.as_str(),
-            new.ifname.as_str(),
-        );
-        known.endpoints.insert(key.clone(), new.clone());
-        known
-            .own
-            .get_or_insert_with(BTreeMap::new)
-            .insert(key, new.clone());
-        let script = crate::nft::spoof::add_port(new);
-        let nft = self.nft.clone();
-        tokio::task::spawn_blocking(move || nft.patch(&script))
-            .await
-            .context("nft task")?
-            .context("adding the container port to weft's anti-spoofing table")?;
-        Ok(Some(started.elapsed()))
-    }
-
-    /// The endpoint delete's fast path: `gone` (no longer among `local`,
-    /// this host's records) leave the anti-spoofing table with one small
-    /// transaction; the policy's maps follow with the next full apply (the
-    /// records' store events trigger it). Falls back to the full
-    /// [`Enforcer::set_local`] when this netd has not written the table or
-    /// the small transaction fails (an element already gone).
-    pub async fn remove_local(
-        &self,
-        keys: &Keys,
-        local: Vec<EndpointRecord>,
-        gone: &[EndpointRecord],
-    ) -> anyhow::Result<Option<Duration>> {
-        let mut known = self.known.lock().await;
-        if !known.spoof_written || gone.is_empty() {
-            drop(known);
-            return self.set_local(keys, local).await;
-        }
-        let started = Instant::now();
-        let mut own = BTreeMap::new();
-        for r in &local {
-            own.insert(
-                keys.endpoint(&self.host_id, r.container_id.as_str(), r.ifname.as_str()),
-                r.clone(),
-            );
-        }
-        for r in gone {
-            let key = keys.endpoint(&self.host_id, r.container_id.as_str(), r.ifname.as_str());
-            known.endpoints.remove(&key);
-        }
-        known.own = Some(own);
-        let script = crate::nft::spoof::remove_ports(gone);
-        let nft = self.nft.clone();
-        let patched = tokio::task::spawn_blocking(move || nft.patch(&script))
-            .await
-            .context("nft task")?;
-        if let Err(e) = patched {
-            tracing::debug!(error = %e, "removing ports element by element failed; re-creating the tables");
-            drop(known);
-            return self.set_local(keys, local).await;
-        }
-        Ok(Some(started.elapsed()))
-    }
-
     /// Takes the other hosts' gateway addresses (from the mesh); applies
     /// when they changed.
     pub async fn set_hosts(
@@ -335,28 +251,20 @@ impl Enforcer {
             _ => None,
         };
         let desired = Desired {
-            policy: compiled
-                .as_ref()
-                .map(|c| c.table.clone())
-                .unwrap_or_default(),
+            policy: compiled.as_ref().map(|c| c.table.clone()),
             // Anti-spoofing on this host's container ports, in the same
             // transaction, once they are known.
             spoof: (known.listed || known.local_known).then(|| crate::nft::spoof::render(&local)),
         };
-        let writes_spoof = desired.spoof.is_some();
-        let script = crate::nft::script(&desired);
-        if script.is_empty() {
+        if desired == Desired::default() {
             // Neither table is known yet: the kernel keeps what it has.
             return Ok(None);
         }
         let nft = self.nft.clone();
-        let outcome = tokio::task::spawn_blocking(move || nft.apply(&script))
+        let outcome = tokio::task::spawn_blocking(move || nft.apply(&desired))
             .await
             .context("nft task")?
             .context("applying weft's nf_tables rules")?;
-        if writes_spoof {
-            known.spoof_written = true;
-        }
         let cut = match (&known.applied, &compiled) {
             (Some(old), Some(new)) => lost_reach(old, new),
             _ => Vec::new(),
@@ -383,10 +291,11 @@ impl Enforcer {
         }
         match outcome {
             ApplyOutcome::Unchanged => Ok(None),
-            ApplyOutcome::Applied => {
+            ApplyOutcome::Replaced | ApplyOutcome::Updated => {
                 let took = started.elapsed();
                 tracing::debug!(
                     took_ms = took.as_millis() as u64,
+                    replaced = outcome == ApplyOutcome::Replaced,
                     endpoints = cluster.len(),
                     local = local.len(),
                     "policy applied"

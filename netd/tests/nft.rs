@@ -8,7 +8,7 @@
 
 use weft_model::{EndpointRecord, Policy};
 use weft_netd::nft::policy::{compile, PolicyInput};
-use weft_netd::nft::{script, ApplyOutcome, Desired, Nft};
+use weft_netd::nft::{ApplyOutcome, Desired, Nft};
 use weft_tests::{Lab, LabOptions};
 
 fn ep(addr: &str, host: &str, stack: &str, service: &str) -> EndpointRecord {
@@ -23,13 +23,21 @@ fn ep(addr: &str, host: &str, stack: &str, service: &str) -> EndpointRecord {
 }
 
 fn desired(policy: &str) -> Desired {
+    desired_with(policy, &[])
+}
+
+/// [`desired`] with more local endpoints `(address, stack, service)`.
+fn desired_with(policy: &str, more: &[(&str, &str, &str)]) -> Desired {
     let p: Policy = toml::from_str(policy).unwrap();
-    let cluster = vec![
+    let mut cluster = vec![
         ep("10.42.0.2", "h0", "shop", "web"),
         ep("10.42.0.3", "h0", "api", "api"),
-        ep("10.42.1.2", "h1", "shop", "db"),
     ];
-    let local = cluster[..2].to_vec();
+    for (addr, stack, service) in more {
+        cluster.push(ep(addr, "h0", stack, service));
+    }
+    let local = cluster.clone();
+    cluster.push(ep("10.42.1.2", "h1", "shop", "db"));
     let c = compile(&PolicyInput {
         policy: &p,
         cluster: &cluster,
@@ -39,7 +47,7 @@ fn desired(policy: &str) -> Desired {
         hosts: &["10.42.1.1".parse().unwrap()],
     });
     Desired {
-        policy: c.table,
+        policy: Some(c.table),
         spoof: None,
     }
 }
@@ -60,9 +68,9 @@ fn apply_list_counters_teardown() {
     weft_tests::require_root!();
     let lab = Lab::new(LabOptions::hosts(1)).unwrap();
     let nft = Nft::new().in_netns(lab.host(0).netns().name());
-    let s = script(&desired(DENY));
-    assert_eq!(nft.apply(&s).unwrap(), ApplyOutcome::Applied);
-    assert_eq!(nft.apply(&s).unwrap(), ApplyOutcome::Unchanged);
+    let d = desired(DENY);
+    assert_eq!(nft.apply(&d).unwrap(), ApplyOutcome::Replaced);
+    assert_eq!(nft.apply(&d).unwrap(), ApplyOutcome::Unchanged);
     let listed = nft.list("inet").unwrap();
     for want in [
         "chain forward_in {",
@@ -88,11 +96,15 @@ fn apply_list_counters_teardown() {
         .unwrap();
     assert_eq!(rule.comment.as_deref(), Some("web-to-api"));
 
-    // A bad script fails with nft's message and leaves the table as it was.
-    let bad = format!("{s}table inet weft {{ chain x {{ nonsense; }} }}\n");
+    // A bad table fails with nft's message and leaves the table as it was.
+    let mut bad = d.clone();
+    if let Some(t) = bad.policy.as_mut() {
+        t.chain("x", ["nonsense"]);
+    }
     let e = nft.apply(&bad).unwrap_err().to_string();
     assert!(e.contains("nft -f -"), "{e}");
     assert_eq!(nft.list("inet").unwrap(), listed);
+    assert_eq!(nft.apply(&d).unwrap(), ApplyOutcome::Replaced);
 
     // Counting survives the re-creation of the table by the next apply:
     // count the host's own pings as "drops" (in a chain of our own; the
@@ -118,10 +130,8 @@ fn apply_list_counters_teardown() {
     };
     let counted = drops(&nft);
     assert!(counted >= 3, "{counted}");
-    let open = script(&desired(
-        &DENY.replace("default = \"deny\"", "default = \"allow\""),
-    ));
-    assert_eq!(nft.apply(&open).unwrap(), ApplyOutcome::Applied);
+    let open = desired(&DENY.replace("default = \"deny\"", "default = \"allow\""));
+    assert_eq!(nft.apply(&open).unwrap(), ApplyOutcome::Replaced);
     assert!(nft
         .list("inet")
         .unwrap()
@@ -133,5 +143,56 @@ fn apply_list_counters_teardown() {
 
     nft.teardown().unwrap();
     assert_eq!(nft.list("inet").unwrap(), "");
+    nft.teardown().unwrap();
+}
+
+/// A container added or deleted changes only elements: the table is not
+/// re-created (its counters keep counting in the kernel), and an element
+/// someone else deleted makes netd replace the table instead of failing.
+#[test]
+fn element_changes_update_the_table_in_place() {
+    weft_tests::require_root!();
+    let lab = Lab::new(LabOptions::hosts(1)).unwrap();
+    let ns = lab.host(0).netns();
+    let nft = Nft::new().in_netns(ns.name());
+    let one = desired(DENY);
+    let two = desired_with(DENY, &[("10.42.0.4", "shop", "web")]);
+    assert_eq!(nft.apply(&one).unwrap(), ApplyOutcome::Replaced);
+    // A re-created table gets a new handle.
+    let table_handle = || {
+        let out = ns.exec(["nft", "-j", "list", "tables"]).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|i| i.get("table"))
+            .find(|t| t["family"] == "inet" && t["name"] == "weft")
+            .map(|t| t["handle"].as_u64().unwrap())
+    };
+    let before = table_handle();
+    assert!(before.is_some());
+    assert_eq!(nft.apply(&two).unwrap(), ApplyOutcome::Updated);
+    let listed = nft.list("inet").unwrap();
+    assert!(listed.contains("10.42.0.4 : goto id-"), "{listed}");
+    assert!(
+        listed.contains("10.42.0.4 . tcp . 80 : jump allow-web-to-api"),
+        "{listed}"
+    );
+    assert_eq!(nft.apply(&one).unwrap(), ApplyOutcome::Updated);
+    assert!(!nft.list("inet").unwrap().contains("10.42.0.4"));
+    assert_eq!(table_handle(), before, "the table was re-created");
+
+    // Someone deletes an element netd put there: the next change cannot
+    // delete it again, so netd replaces the table.
+    assert_eq!(nft.apply(&two).unwrap(), ApplyOutcome::Updated);
+    ns.exec(["nft", "delete element inet weft to_identity { 10.42.0.4 }"])
+        .unwrap();
+    assert_eq!(nft.apply(&one).unwrap(), ApplyOutcome::Replaced);
+    assert_eq!(nft.list("inet").unwrap(), {
+        nft.invalidate();
+        nft.apply(&one).unwrap();
+        nft.list("inet").unwrap()
+    });
     nft.teardown().unwrap();
 }

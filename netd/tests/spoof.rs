@@ -15,7 +15,7 @@ use std::net::Ipv4Addr;
 use weft_model::{host_veth_name, EndpointRecord, Keys, Mac};
 use weft_netd::enforce::Enforcer;
 use weft_netd::nft::spoof::{drops_by_container, render};
-use weft_netd::nft::{script, Desired, Nft};
+use weft_netd::nft::{Desired, Nft};
 use weft_tests::spoof::{arp_spoof, fdb_ports, ip_spoof, mac, mac_spoof, neighbour_mac, pings};
 use weft_tests::{Container, Host, Lab, LabOptions};
 
@@ -118,10 +118,10 @@ fn spoofing_fails_and_is_counted_own_traffic_flows() {
 
     let nft = Nft::new().in_netns(host.netns().name());
     let local = [record("ctr-a", ip_a), record("ctr-b", ip_b)];
-    nft.apply(&script(&Desired {
-        policy: String::new(),
+    nft.apply(&Desired {
+        policy: None,
         spoof: Some(render(&local)),
-    }))
+    })
     .unwrap();
 
     // Own traffic flows: to the neighbour, to the gateway, both ways.
@@ -163,10 +163,10 @@ fn spoofing_fails_and_is_counted_own_traffic_flows() {
     assert_eq!(drops(&nft, "ctr-b"), 0);
 
     // Removing a's record removes its port and its counter.
-    nft.apply(&script(&Desired {
-        policy: String::new(),
+    nft.apply(&Desired {
+        policy: None,
         spoof: Some(render(&local[1..])),
-    }))
+    })
     .unwrap();
     let listed = nft.list("bridge").unwrap();
     assert!(
@@ -197,10 +197,10 @@ fn a_netd_that_knows_no_records_keeps_the_table() {
     // What the previous netd left.
     Nft::new()
         .in_netns(&ns)
-        .apply(&script(&Desired {
-            policy: String::new(),
+        .apply(&Desired {
+            policy: None,
             spoof: Some(render(&local)),
-        }))
+        })
         .unwrap();
 
     let state = tempfile::tempdir().unwrap();

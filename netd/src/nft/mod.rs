@@ -9,19 +9,23 @@
 //! [`crate::enforce`] decides when to apply them and from what.
 //!
 //! Two halves, kept apart:
-//! * pure: [`script`] turns the [`Desired`] tables into one `nft -f -` input.
-//!   Each table is declared, deleted and written again in that one input,
-//!   which nft applies as one transaction: the kernel switches from the old
-//!   rules to the new ones at once (no packet sees a half-written table), and
-//!   a failing line leaves the old table in place.
+//! * pure: each table is plain data ([`Table`]) that can be written whole
+//!   ([`Table::replace`]: declared, deleted and written again in one `nft -f`
+//!   input, one transaction, so the kernel switches from the old rules to the
+//!   new ones at once and a failing line leaves the old table in place) or
+//!   changed by its elements and counters only ([`Table::update`], also one
+//!   transaction);
 //! * effects: [`Nft`] runs `nft` (on the host or, for tests, inside a named
-//!   network namespace, like [`crate::nat::Iptables::in_netns`]), reads the
-//!   named counters (`nft -j list counters`) and deletes the tables on
-//!   teardown; [`Nft::cut`] deletes the conntrack entries of address pairs
-//!   that lost reach.
+//!   network namespace, like [`crate::nat::Iptables::in_netns`]). It keeps
+//!   the tables it applied last, so [`Nft::apply`] sends only what changed
+//!   when the kernel has the same shape, and replaces the tables otherwise
+//!   (first apply, a new shape, after a failure, on the resync). It also reads
+//!   the named counters (`nft -j list counters`), deletes the tables on
+//!   teardown, and [`Nft::cut`] deletes the conntrack entries of address
+//!   pairs that lost reach.
 //!
 //! Re-creating a table resets its counters, so [`Nft`] adds what the kernel
-//! counted before each apply to a base it keeps, and [`Nft::counters`]
+//! counted before each replacement to a base it keeps, and [`Nft::counters`]
 //! reports base + kernel: the counters only ever grow while netd runs.
 //!
 //! These tables coexist with the iptables rules of [`crate::nat`] and with
@@ -30,6 +34,9 @@
 
 pub mod policy;
 pub mod spoof;
+pub mod table;
+
+pub use table::{Chain, Set, Table};
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -74,35 +81,27 @@ pub enum NftError {
     },
 }
 
-/// weft's tables as they should be: each is the whole `table <family> weft
-/// { ... }` block.
+/// weft's tables as they should be.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Desired {
-    /// `table inet weft { ... }` ([`policy::compile`]); empty leaves the
-    /// inet table as it is (while the policy is not known yet).
-    pub policy: String,
-    /// `table bridge weft { ... }` ([`spoof::render`]); `None` leaves the
-    /// bridge table as it is.
-    pub spoof: Option<String>,
+    /// `table inet weft` ([`policy::compile`]); `None` leaves the inet
+    /// table as it is (while the policy is not known yet).
+    pub policy: Option<Table>,
+    /// `table bridge weft` ([`spoof::render`]); `None` leaves the bridge
+    /// table as it is.
+    pub spoof: Option<Table>,
 }
 
-/// One transaction that makes weft's tables those of `d`: per table,
-/// declare it (so the delete cannot fail on a host without it), delete it,
-/// write it whole.
-pub fn script(d: &Desired) -> String {
-    let mut out = String::new();
-    let policy = (!d.policy.is_empty()).then_some(&d.policy);
-    for (family, body) in [("inet", policy), ("bridge", d.spoof.as_ref())] {
-        let Some(body) = body else { continue };
-        out.push_str(&format!(
-            "table {family} {TABLE} {{}}\ndelete table {family} {TABLE}\n"
-        ));
-        out.push_str(body);
-        if !body.ends_with('\n') {
-            out.push('\n');
-        }
+impl Desired {
+    fn tables(&self) -> impl Iterator<Item = &Table> {
+        self.policy.iter().chain(self.spoof.iter())
     }
-    out
+}
+
+/// One transaction that makes weft's tables those of `d` whatever the
+/// kernel has: each is replaced whole ([`Table::replace`]).
+pub fn script(d: &Desired) -> String {
+    d.tables().map(Table::replace).collect()
 }
 
 /// The transaction that deletes both of weft's tables (nothing else).
@@ -116,8 +115,11 @@ pub fn teardown_script() -> String {
 /// What [`Nft::apply`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ApplyOutcome {
-    Applied,
-    /// The script equals the last one applied; nothing was run.
+    /// At least one table was written whole.
+    Replaced,
+    /// Only elements and counters changed ([`Table::update`]).
+    Updated,
+    /// The tables equal those applied last; nothing was run.
     Unchanged,
 }
 
@@ -137,8 +139,9 @@ pub struct NamedCounter {
 #[derive(Debug, Default)]
 pub struct Nft {
     netns: Option<String>,
-    /// The script last applied successfully.
-    last: Mutex<Option<String>>,
+    /// The tables the kernel has, by family, as this handle last applied
+    /// them (forgotten after a failure and by [`Nft::invalidate`]).
+    last: Mutex<BTreeMap<&'static str, Table>>,
     /// What the counters counted in tables since replaced, by (family, name).
     base: Mutex<BTreeMap<(String, String), (u64, u64)>>,
 }
@@ -156,40 +159,76 @@ impl Nft {
         self
     }
 
-    /// Applies `script` (from [`script`]) as one transaction, unless it is
-    /// the one applied last (call [`Nft::invalidate`] to force it).
-    pub fn apply(&self, script: &str) -> Result<ApplyOutcome, NftError> {
+    /// Makes weft's tables those of `desired` in one transaction: a table
+    /// whose shape the kernel has (as this handle last applied it) gets
+    /// only its element and counter changes ([`Table::update`]), any other
+    /// is replaced whole. Nothing runs when nothing differs. When the
+    /// changes fail (someone else changed the table: an element to delete
+    /// is gone), every table is replaced at once.
+    pub fn apply(&self, desired: &Desired) -> Result<ApplyOutcome, NftError> {
         let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
-        if last.as_deref() == Some(script) {
+        let mut input = String::new();
+        let mut replaced = false;
+        for t in desired.tables() {
+            match last.get(t.family).and_then(|old| t.update(old)) {
+                Some(changes) => input.push_str(&changes),
+                None => {
+                    input.push_str(&t.replace());
+                    replaced = true;
+                }
+            }
+        }
+        if input.is_empty() {
             return Ok(ApplyOutcome::Unchanged);
         }
-        // The tables are re-created: keep what their counters counted.
+        for t in desired.tables() {
+            last.remove(t.family);
+        }
+        if !replaced {
+            match self.check("nft", &["-f", "-"], Some(&input), NFT_HINT) {
+                Ok(_) => {
+                    for t in desired.tables() {
+                        last.insert(t.family, t.clone());
+                    }
+                    return Ok(ApplyOutcome::Updated);
+                }
+                Err(e) => {
+                    tracing::info!(error = %e, "changing weft's nf_tables elements failed; replacing the tables")
+                }
+            }
+        }
+        // A replaced table's counters start again from zero: keep what they
+        // counted.
         let before = self.kernel_counters().unwrap_or_default();
-        *last = None;
-        self.check("nft", &["-f", "-"], Some(script), NFT_HINT)?;
+        self.check("nft", &["-f", "-"], Some(&script(desired)), NFT_HINT)?;
         let mut base = self.base.lock().unwrap_or_else(PoisonError::into_inner);
         for c in before {
             let b = base.entry((c.family, c.name)).or_default();
             b.0 += c.packets;
             b.1 += c.bytes;
         }
-        *last = Some(script.to_owned());
-        Ok(ApplyOutcome::Applied)
+        for t in desired.tables() {
+            last.insert(t.family, t.clone());
+        }
+        Ok(ApplyOutcome::Replaced)
     }
 
-    /// Runs an incremental `script` (element additions to tables a full
-    /// [`Nft::apply`] made) as one transaction. The kernel then differs from
-    /// the last full script, so the next [`Nft::apply`] runs in any case.
-    pub fn patch(&self, script: &str) -> Result<(), NftError> {
-        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
-        *last = None;
+    /// Runs `script` as one transaction, whatever it is (for tests, and
+    /// for tables netd does not keep). The kernel then differs from what
+    /// [`Nft::apply`] knows, so its next run replaces every table.
+    pub fn run_script(&self, script: &str) -> Result<(), NftError> {
+        self.invalidate();
         self.check("nft", &["-f", "-"], Some(script), NFT_HINT)?;
         Ok(())
     }
 
-    /// Forgets the last applied script, so the next [`Nft::apply`] runs.
+    /// Forgets what the kernel has, so the next [`Nft::apply`] replaces
+    /// every table (the resync: someone may have changed or deleted them).
     pub fn invalidate(&self) {
-        *self.last.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        self.last
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
     }
 
     /// The named counters of weft's tables: what the kernel counts now plus
@@ -435,7 +474,7 @@ mod tests {
     #[test]
     fn script_replaces_each_table_in_one_input() {
         let d = Desired {
-            policy: "table inet weft {\n}\n".into(),
+            policy: Some(Table::new("inet")),
             spoof: None,
         };
         assert_eq!(
@@ -443,19 +482,17 @@ mod tests {
             "table inet weft {}\ndelete table inet weft\ntable inet weft {\n}\n"
         );
         let d = Desired {
-            spoof: Some("table bridge weft {\n}".into()),
+            spoof: Some(Table::new("bridge")),
             ..d
         };
         assert!(script(&d)
             .ends_with("table bridge weft {}\ndelete table bridge weft\ntable bridge weft {\n}\n"));
-        let spoof_only = Desired {
-            policy: String::new(),
-            ..d
-        };
+        let spoof_only = Desired { policy: None, ..d };
         assert_eq!(
             script(&spoof_only),
             "table bridge weft {}\ndelete table bridge weft\ntable bridge weft {\n}\n"
         );
+        assert_eq!(script(&Desired::default()), "");
         assert_eq!(
             teardown_script(),
             "table inet weft {}\ndelete table inet weft\n\

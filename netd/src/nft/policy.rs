@@ -45,11 +45,12 @@
 //! left refuses a new container what it refuses a stack-less one).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
 use weft_model::{DecidedBy, EndpointRecord, Party, Policy, Protocol, Reach};
+
+use super::table::{Set, Table};
 
 /// The counter of dropped flows.
 pub const DROPS_COUNTER: &str = "drops";
@@ -75,10 +76,10 @@ pub struct PolicyInput<'a> {
 }
 
 /// The table and what it was made of (for [`lost_reach`]).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Compiled {
-    /// `table inet weft { ... }`.
-    pub table: String,
+    /// `table inet weft`.
+    pub table: Table,
     /// Per local party: what it grants.
     dests: BTreeMap<Party, Grants>,
     /// Source addresses by party.
@@ -159,19 +160,25 @@ pub fn compile(input: &PolicyInput<'_>) -> Compiled {
     // The stack-less (and unknown) destination: always id-0, the first party.
     local.entry(unknown.clone()).or_default();
     let mut dests = BTreeMap::new();
-    let mut counters = BTreeSet::new();
-    let mut decls = String::new();
-    let mut chains = String::new();
-    let mut to_identity = Vec::new();
+    let mut t = Table::new("inet");
+    let mut to_identity = Set::new("to_identity", "ipv4_addr : verdict");
+    let mut maps = Vec::new();
+    let mut id_chains = Vec::new();
+    let mut labels = BTreeSet::new();
     for (n, (dp, daddrs)) in local.into_iter().enumerate() {
         let id = format!("id-{n}");
         for a in &daddrs {
-            to_identity.push(format!("{a} : goto {id}"));
+            to_identity.map(a.to_string(), format!("goto {id}"));
         }
         let (policy, index) = restrict(input.policy, &dp);
         let u = policy.reach(&unknown, &dp);
         let mut differ = BTreeMap::new();
-        let (mut known, mut ports, mut all) = (Vec::new(), Vec::new(), Vec::new());
+        let mut ports = Set::new(
+            format!("ports-{n}"),
+            "ipv4_addr . inet_proto . inet_service : verdict",
+        );
+        let mut all = Set::new(format!("all-{n}"), "ipv4_addr : verdict");
+        let mut known = Set::new(format!("known-{n}"), "ipv4_addr");
         for (sp, saddrs) in &sources {
             let r = policy.reach(sp, &dp);
             if r == u {
@@ -179,43 +186,36 @@ pub fn compile(input: &PolicyInput<'_>) -> Compiled {
             }
             let r = renumber(r, &index);
             for a in saddrs {
-                known.push(a.to_string());
+                known.add(a.to_string());
                 for (p, by) in &r.ports {
-                    counters.insert(by.label().to_owned());
-                    ports.push(format!(
-                        "{a} . {} . {} : jump {}",
-                        p.proto.as_str(),
-                        p.port,
-                        chain(by)
-                    ));
+                    labels.insert(by.label().to_owned());
+                    ports.map(
+                        format!("{a} . {} . {}", p.proto.as_str(), p.port),
+                        format!("jump {}", chain(by)),
+                    );
                 }
                 if let Some(by) = &r.all {
-                    counters.insert(by.label().to_owned());
-                    all.push(format!("{a} : jump {}", chain(by)));
+                    labels.insert(by.label().to_owned());
+                    all.map(a.to_string(), format!("jump {}", chain(by)));
                 }
             }
             differ.insert(sp.clone(), r);
         }
         let u = renumber(u, &index);
-        let mut rules = Vec::new();
-        if !ports.is_empty() {
-            decl_map(
-                &mut decls,
-                &format!("ports-{n}"),
-                "ipv4_addr . inet_proto . inet_service : verdict",
-                &ports,
-            );
+        let mut rules = vec![format!("comment \"{dp}\"")];
+        if !ports.elements.is_empty() {
             rules.push(format!(
                 "ip saddr . meta l4proto . th dport vmap @ports-{n}"
             ));
+            maps.push(ports);
         }
-        if !all.is_empty() {
-            decl_map(&mut decls, &format!("all-{n}"), "ipv4_addr : verdict", &all);
+        if !all.elements.is_empty() {
             rules.push(format!("ip saddr vmap @all-{n}"));
+            maps.push(all);
         }
-        if !known.is_empty() {
-            decl_map(&mut decls, &format!("known-{n}"), "ipv4_addr", &known);
+        if !known.elements.is_empty() {
             rules.push(format!("ip saddr @known-{n} goto drop-flow"));
+            maps.push(known);
         }
         if !u.ports.is_empty() {
             let elems: Vec<String> = u
@@ -229,17 +229,13 @@ pub fn compile(input: &PolicyInput<'_>) -> Compiled {
             ));
         }
         for by in u.ports.iter().map(|(_, by)| by).chain(u.all.iter()) {
-            counters.insert(by.label().to_owned());
+            labels.insert(by.label().to_owned());
         }
         if let Some(by) = &u.all {
             rules.push(format!("jump {}", chain(by)));
         }
         rules.push("goto drop-flow".to_owned());
-        let _ = writeln!(chains, "\tchain {id} {{\n\t\tcomment \"{dp}\"");
-        for r in rules {
-            let _ = writeln!(chains, "\t\t{r}");
-        }
-        chains.push_str("\t}\n");
+        id_chains.push((id, rules));
         dests.insert(
             dp,
             Grants {
@@ -249,55 +245,53 @@ pub fn compile(input: &PolicyInput<'_>) -> Compiled {
             },
         );
     }
-    let mut t = String::from("table inet weft {\n");
-    let _ = writeln!(
-        t,
-        "\tcounter {DROPS_COUNTER} {{\n\t\tcomment \"flows the policy dropped\"\n\t}}"
+    t.counters.insert(
+        DROPS_COUNTER.to_owned(),
+        "flows the policy dropped".to_owned(),
     );
-    for label in &counters {
-        let _ = writeln!(
-            t,
-            "\tcounter {ALLOW_PREFIX}{label} {{\n\t\tcomment \"{label}\"\n\t}}"
+    for label in &labels {
+        t.counters
+            .insert(format!("{ALLOW_PREFIX}{label}"), label.clone());
+    }
+    t.sets.push(to_identity);
+    let mut hosts = Set::new("hosts", "ipv4_addr");
+    for a in input.hosts {
+        hosts.add(a.to_string());
+    }
+    let from_hosts = !hosts.elements.is_empty();
+    if from_hosts {
+        t.sets.push(hosts);
+    }
+    t.sets.extend(maps);
+    t.chain(
+        "drop-flow",
+        [format!("counter name \"{DROPS_COUNTER}\" drop")],
+    );
+    for label in &labels {
+        t.chain(
+            format!("{ALLOW_PREFIX}{label}"),
+            [format!("counter name \"{ALLOW_PREFIX}{label}\" accept")],
         );
     }
-    decl_map(&mut t, "to_identity", "ipv4_addr : verdict", &to_identity);
-    let hosts: BTreeSet<String> = input.hosts.iter().map(|a| a.to_string()).collect();
-    let hosts: Vec<String> = hosts.into_iter().collect();
-    if !hosts.is_empty() {
-        decl_map(&mut t, "hosts", "ipv4_addr", &hosts);
+    for (id, rules) in id_chains {
+        t.chain(id, rules);
     }
-    t.push_str(&decls);
-    let _ = writeln!(
-        t,
-        "\tchain drop-flow {{\n\t\tcounter name \"{DROPS_COUNTER}\" drop\n\t}}"
-    );
-    for label in &counters {
-        let _ = writeln!(
-            t,
-            "\tchain {ALLOW_PREFIX}{label} {{\n\t\tcounter name \"{ALLOW_PREFIX}{label}\" accept\n\t}}"
-        );
+    let (range, block) = (input.cluster_range, input.block);
+    let mut forward = vec![
+        "type filter hook forward priority filter; policy accept;".to_owned(),
+        "ct direction reply accept".to_owned(),
+        format!("ip saddr != {}/{} accept", range.network(), range.prefix()),
+    ];
+    if from_hosts {
+        forward.push("ip saddr @hosts accept".to_owned());
     }
-    t.push_str(&chains);
-    let range = input.cluster_range;
-    let from_hosts = if hosts.is_empty() {
-        ""
-    } else {
-        "\t\tip saddr @hosts accept\n"
-    };
-    let _ = writeln!(
-        t,
-        "\tchain forward_in {{\n\t\ttype filter hook forward priority filter; policy accept;\n\
-         \t\tct direction reply accept\n\
-         \t\tip saddr != {}/{} accept\n\
-         {from_hosts}\
-         \t\tip daddr vmap @to_identity\n\
-         \t\tip daddr {}/{} goto id-0\n\t}}",
-        range.network(),
-        range.prefix(),
-        input.block.network(),
-        input.block.prefix()
-    );
-    t.push_str("}\n");
+    forward.push("ip daddr vmap @to_identity".to_owned());
+    forward.push(format!(
+        "ip daddr {}/{} goto id-0",
+        block.network(),
+        block.prefix()
+    ));
+    t.chain("forward_in", forward);
     Compiled {
         table: t,
         dests,
@@ -308,20 +302,6 @@ pub fn compile(input: &PolicyInput<'_>) -> Compiled {
 /// The chain a flow allowed by `by` jumps to.
 fn chain(by: &DecidedBy) -> String {
     format!("{ALLOW_PREFIX}{}", by.label())
-}
-
-/// Declares set or map `name` of `ty` with `elems` (one per line).
-fn decl_map(out: &mut String, name: &str, ty: &str, elems: &[String]) {
-    let kind = if ty.contains(':') { "map" } else { "set" };
-    let _ = write!(out, "\t{kind} {name} {{\n\t\ttype {ty}\n");
-    if !elems.is_empty() {
-        let _ = write!(
-            out,
-            "\t\telements = {{\n\t\t\t{}\n\t\t}}\n",
-            elems.join(",\n\t\t\t")
-        );
-    }
-    out.push_str("\t}\n");
 }
 
 /// Whether everything `old` allows, `new` allows too.

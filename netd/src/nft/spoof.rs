@@ -41,10 +41,10 @@
 //! `weft_spoof_drops_total{container}`.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 
 use weft_model::{host_veth_name, EndpointRecord, Mac};
 
+use super::table::{Set, Table};
 use super::NamedCounter;
 
 /// Prefix of the per-port drop counters.
@@ -91,120 +91,51 @@ fn comment(container: &str) -> String {
     format!("{}...", &container[..cut])
 }
 
-fn elements(out: &mut String, items: impl Iterator<Item = String>) {
-    let items: Vec<String> = items.collect();
-    if !items.is_empty() {
-        let _ = writeln!(out, "\t\telements = {{ {} }}", items.join(", "));
-    }
-}
+/// The chain: see the module docs.
+const PREROUTING: [&str; 8] = [
+    "type filter hook prerouting priority -300; policy accept;",
+    "iifname != @ports accept",
+    "ether type ip iifname . ether saddr . ip saddr @ip_ok accept",
+    "ether type arp arp htype 1 arp ptype ip arp hlen 6 arp plen 4 \
+     iifname . ether saddr . arp saddr ip @arp_ok \
+     iifname . arp saddr ether . arp saddr ip @arp_ok accept",
+    "ether type ip ip saddr 0.0.0.0 ip daddr 255.255.255.255 udp sport 68 udp dport 67 \
+     iifname . ether saddr @mac_ok accept",
+    "ether type ip6 drop",
+    "counter name iifname map @spoof_drops drop",
+    "drop",
+];
 
-/// `table bridge weft { ... }` for this host's endpoint records `local`
-/// (see the module docs). A pure function of the set of records.
-pub fn render(local: &[EndpointRecord]) -> String {
+/// `table bridge weft` for this host's endpoint records `local` (see the
+/// module docs). A pure function of the set of records; a container added
+/// or deleted changes only elements and counters, so netd applies it as a
+/// few element changes ([`Table::update`]).
+pub fn render(local: &[EndpointRecord]) -> Table {
     let ports = ports(local);
-    let mut s = String::from("table bridge weft {\n");
-    s.push_str("\tset ports {\n\t\ttype ifname\n");
-    elements(&mut s, ports.iter().map(|p| format!("\"{}\"", p.name)));
-    s.push_str("\t}\n");
-    for set in ["ip_ok", "arp_ok"] {
-        let _ = writeln!(
-            s,
-            "\tset {set} {{\n\t\ttype ifname . ether_addr . ipv4_addr"
-        );
-        elements(
-            &mut s,
-            ports
-                .iter()
-                .map(|p| format!("\"{}\" . {} . {}", p.name, p.mac, p.addr)),
-        );
-        s.push_str("\t}\n");
-    }
-    s.push_str("\tset mac_ok {\n\t\ttype ifname . ether_addr\n");
-    elements(
-        &mut s,
-        ports.iter().map(|p| format!("\"{}\" . {}", p.name, p.mac)),
-    );
-    s.push_str("\t}\n");
+    let mut t = Table::new("bridge");
+    let mut port_set = Set::new("ports", "ifname");
+    let mut ip_ok = Set::new("ip_ok", "ifname . ether_addr . ipv4_addr");
+    let mut arp_ok = Set::new("arp_ok", "ifname . ether_addr . ipv4_addr");
+    let mut mac_ok = Set::new("mac_ok", "ifname . ether_addr");
+    let mut drops = Set::new("spoof_drops", "ifname : counter");
     for p in &ports {
-        let _ = writeln!(
-            s,
-            "\tcounter {COUNTER_PREFIX}{} {{\n\t\tcomment \"{}\"\n\t}}",
-            p.name,
-            comment(&p.container)
-        );
+        let (n, mac, addr) = (&p.name, p.mac, p.addr);
+        port_set.add(format!("\"{n}\""));
+        ip_ok.add(format!("\"{n}\" . {mac} . {addr}"));
+        arp_ok.add(format!("\"{n}\" . {mac} . {addr}"));
+        mac_ok.add(format!("\"{n}\" . {mac}"));
+        drops.map(format!("\"{n}\""), format!("\"{COUNTER_PREFIX}{n}\""));
+        t.counters
+            .insert(format!("{COUNTER_PREFIX}{n}"), comment(&p.container));
     }
-    s.push_str("\tmap spoof_drops {\n\t\ttype ifname : counter\n");
-    elements(
-        &mut s,
-        ports
-            .iter()
-            .map(|p| format!("\"{}\" : \"{COUNTER_PREFIX}{}\"", p.name, p.name)),
-    );
-    s.push_str("\t}\n");
-    s.push_str(
-        "\tchain prerouting {\n\
-         \t\ttype filter hook prerouting priority -300; policy accept;\n\
-         \t\tiifname != @ports accept\n\
-         \t\tether type ip iifname . ether saddr . ip saddr @ip_ok accept\n\
-         \t\tether type arp arp htype 1 arp ptype ip arp hlen 6 arp plen 4 \
-         iifname . ether saddr . arp saddr ip @arp_ok \
-         iifname . arp saddr ether . arp saddr ip @arp_ok accept\n\
-         \t\tether type ip ip saddr 0.0.0.0 ip daddr 255.255.255.255 udp sport 68 udp dport 67 \
-         iifname . ether saddr @mac_ok accept\n\
-         \t\tether type ip6 drop\n\
-         \t\tcounter name iifname map @spoof_drops drop\n\
-         \t\tdrop\n\
-         \t}\n",
-    );
-    s.push_str("}\n");
-    s
+    t.sets = vec![port_set, ip_ok, arp_ok, mac_ok, drops];
+    t.chain("prerouting", PREROUTING);
+    t
 }
 
 /// `weft_spoof_drops_total{container}`: the packets the anti-spoofing
 /// counters of `counters` (from [`super::Nft::counters`]) dropped, summed per
 /// container id (a container with two interfaces has two ports).
-/// The script that adds one container port to the `table bridge weft` this
-/// netd already wrote: the endpoint add's fast path (a few element additions
-/// in one transaction, instead of re-creating both tables while the plugin
-/// waits). Idempotent; the port goes into `ports` last, so the checks apply
-/// to it only once its addresses are in.
-pub fn add_port(record: &EndpointRecord) -> String {
-    let Some(p) = ports(std::slice::from_ref(record)).into_iter().next() else {
-        return String::new();
-    };
-    let (n, mac, addr) = (&p.name, p.mac, p.addr);
-    format!(
-        "add counter bridge weft {COUNTER_PREFIX}{n} {{ comment \"{c}\" ; }}\n\
-         add element bridge weft ip_ok {{ \"{n}\" . {mac} . {addr} }}\n\
-         add element bridge weft arp_ok {{ \"{n}\" . {mac} . {addr} }}\n\
-         add element bridge weft mac_ok {{ \"{n}\" . {mac} }}\n\
-         add element bridge weft spoof_drops {{ \"{n}\" : \"{COUNTER_PREFIX}{n}\" }}\n\
-         add element bridge weft ports {{ \"{n}\" }}\n",
-        c = comment(&p.container),
-    )
-}
-
-/// The script that takes container ports out of the `table bridge weft`
-/// this netd wrote: the endpoint delete's fast path, the reverse of
-/// [`add_port`] (the port leaves `ports` first). It fails as a whole if an
-/// element is not there; the caller then re-creates the table.
-pub fn remove_ports(records: &[EndpointRecord]) -> String {
-    let mut s = String::new();
-    for p in ports(records) {
-        let (n, mac, addr) = (&p.name, p.mac, p.addr);
-        let _ = write!(
-            s,
-            "delete element bridge weft ports {{ \"{n}\" }}\n\
-             delete element bridge weft spoof_drops {{ \"{n}\" }}\n\
-             delete element bridge weft ip_ok {{ \"{n}\" . {mac} . {addr} }}\n\
-             delete element bridge weft arp_ok {{ \"{n}\" . {mac} . {addr} }}\n\
-             delete element bridge weft mac_ok {{ \"{n}\" . {mac} }}\n\
-             delete counter bridge weft {COUNTER_PREFIX}{n}\n"
-        );
-    }
-    s
-}
-
 pub fn drops_by_container(counters: &[NamedCounter]) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
     for c in counters {
@@ -222,46 +153,6 @@ pub fn drops_by_container(counters: &[NamedCounter]) -> BTreeMap<String, u64> {
 
 #[cfg(test)]
 mod tests {
-
-    #[test]
-    fn add_port_adds_one_ports_elements_ports_last() {
-        let r: EndpointRecord = serde_json::from_str(
-            r#"{"container_id":"abc","ifname":"eth0","netns":"","host_id":"h","address":"10.42.0.2/24","gateway":"10.42.0.1","mtu":1450,"bridge":"weft0","aliases":[],"port_mappings":[],"dns":{"nameservers":[],"domain":"d","search":[],"options":[]},"created_at_ms":1}"#,
-        )
-        .unwrap();
-        let n = host_veth_name("abc", "eth0");
-        let s = add_port(&r);
-        let lines: Vec<&str> = s.lines().collect();
-        assert_eq!(lines.len(), 6, "{s}");
-        assert_eq!(
-            lines[0],
-            format!("add counter bridge weft spoof_{n} {{ comment \"abc\" ; }}")
-        );
-        assert!(
-            lines[1].contains(&format!(
-                "ip_ok {{ \"{n}\" . 0a:58:0a:2a:00:02 . 10.42.0.2 }}"
-            )),
-            "{s}"
-        );
-        assert_eq!(
-            lines[5],
-            format!("add element bridge weft ports {{ \"{n}\" }}")
-        );
-        // Removal is the reverse: the port leaves `ports` first.
-        let del = remove_ports(std::slice::from_ref(&r));
-        let dl: Vec<&str> = del.lines().collect();
-        assert_eq!(dl.len(), 6, "{del}");
-        assert_eq!(
-            dl[0],
-            format!("delete element bridge weft ports {{ \"{n}\" }}")
-        );
-        assert_eq!(dl[5], format!("delete counter bridge weft spoof_{n}"));
-        // The full table declares every set and map the fast path fills.
-        let full = render(&[r]);
-        for name in ["ports", "ip_ok", "arp_ok", "mac_ok", "spoof_drops"] {
-            assert!(full.contains(&format!(" {name} {{")), "{name} in {full}");
-        }
-    }
 
     use weft_model::{ContainerId, DnsConfig, HostId, IfName};
 
@@ -298,31 +189,46 @@ mod tests {
         assert_eq!(host_veth_name("abc", "eth0"), "wfa4f37b237e2");
         assert_eq!(host_veth_name("abc", "net1"), "wf8cacae54a3b");
         let want = r#"table bridge weft {
-	set ports {
-		type ifname
-		elements = { "wf8cacae54a3b", "wfa4f37b237e2" }
-	}
-	set ip_ok {
-		type ifname . ether_addr . ipv4_addr
-		elements = { "wf8cacae54a3b" . 0a:58:0a:2a:00:02 . 10.42.0.2, "wfa4f37b237e2" . 0a:58:0a:2a:00:03 . 10.42.0.3 }
-	}
-	set arp_ok {
-		type ifname . ether_addr . ipv4_addr
-		elements = { "wf8cacae54a3b" . 0a:58:0a:2a:00:02 . 10.42.0.2, "wfa4f37b237e2" . 0a:58:0a:2a:00:03 . 10.42.0.3 }
-	}
-	set mac_ok {
-		type ifname . ether_addr
-		elements = { "wf8cacae54a3b" . 0a:58:0a:2a:00:02, "wfa4f37b237e2" . 0a:58:0a:2a:00:03 }
-	}
 	counter spoof_wf8cacae54a3b {
 		comment "abc"
 	}
 	counter spoof_wfa4f37b237e2 {
 		comment "abc"
 	}
+	set ports {
+		type ifname
+		elements = {
+			"wf8cacae54a3b",
+			"wfa4f37b237e2"
+		}
+	}
+	set ip_ok {
+		type ifname . ether_addr . ipv4_addr
+		elements = {
+			"wf8cacae54a3b" . 0a:58:0a:2a:00:02 . 10.42.0.2,
+			"wfa4f37b237e2" . 0a:58:0a:2a:00:03 . 10.42.0.3
+		}
+	}
+	set arp_ok {
+		type ifname . ether_addr . ipv4_addr
+		elements = {
+			"wf8cacae54a3b" . 0a:58:0a:2a:00:02 . 10.42.0.2,
+			"wfa4f37b237e2" . 0a:58:0a:2a:00:03 . 10.42.0.3
+		}
+	}
+	set mac_ok {
+		type ifname . ether_addr
+		elements = {
+			"wf8cacae54a3b" . 0a:58:0a:2a:00:02,
+			"wfa4f37b237e2" . 0a:58:0a:2a:00:03
+		}
+	}
 	map spoof_drops {
 		type ifname : counter
-		elements = { "wf8cacae54a3b" : "spoof_wf8cacae54a3b", "wfa4f37b237e2" : "spoof_wfa4f37b237e2" }
+		elements = {
+			"wf8cacae54a3b" : "spoof_wf8cacae54a3b",
+			"wfa4f37b237e2" : "spoof_wfa4f37b237e2"
+		}
 	}
 	chain prerouting {
 		type filter hook prerouting priority -300; policy accept;
@@ -336,15 +242,43 @@ mod tests {
 	}
 }
 "#;
-        assert_eq!(render(&local), want);
+        assert_eq!(render(&local).render(), want);
         // The order of the records does not matter.
         let swapped = [local[1].clone(), local[0].clone()];
-        assert_eq!(render(&swapped), want);
+        assert_eq!(render(&swapped), render(&local));
+    }
+
+    /// A container added or deleted is a few element and counter changes of
+    /// the table the kernel has, never a new table.
+    #[test]
+    fn adding_and_deleting_a_container_changes_only_its_elements() {
+        let one = [record("abc", "eth0", "10.42.0.3/24")];
+        let two = [one[0].clone(), record("def", "eth0", "10.42.0.4/24")];
+        let n = host_veth_name("def", "eth0");
+        let add = render(&two).update(&render(&one)).unwrap();
+        let lines: Vec<&str> = add.lines().collect();
+        assert_eq!(lines.len(), 6, "{add}");
+        assert_eq!(
+            lines[0],
+            format!("add counter bridge weft spoof_{n} {{ comment \"def\" ; }}")
+        );
+        assert!(add.contains(&format!(
+            "add element bridge weft ip_ok {{ \"{n}\" . 0a:58:0a:2a:00:04 . 10.42.0.4 }}"
+        )));
+        let del = render(&one).update(&render(&two)).unwrap();
+        let lines: Vec<&str> = del.lines().collect();
+        assert_eq!(lines.len(), 6, "{del}");
+        assert_eq!(
+            lines[0],
+            format!("delete element bridge weft ports {{ \"{n}\" }}")
+        );
+        assert_eq!(lines[5], format!("delete counter bridge weft spoof_{n}"));
+        assert_eq!(render(&[]).update(&render(&[])).unwrap(), "");
     }
 
     #[test]
     fn no_containers_no_elements() {
-        let s = render(&[]);
+        let s = render(&[]).render();
         assert!(!s.contains("elements"), "{s}");
         assert!(!s.contains("counter spoof_"), "{s}");
         assert!(s.contains("iifname != @ports accept"), "{s}");
@@ -353,7 +287,7 @@ mod tests {
     #[test]
     fn long_container_ids_fit_in_a_comment() {
         let id = "a".repeat(256);
-        let s = render(&[record(&id, "eth0", "10.42.0.2/24")]);
+        let s = render(&[record(&id, "eth0", "10.42.0.2/24")]).render();
         let want = format!("comment \"{}...\"", "a".repeat(125));
         assert!(s.contains(&want), "{s}");
         assert_eq!(comment(&"b".repeat(128)), "b".repeat(128));
