@@ -21,6 +21,16 @@ pub struct IpamConfig {
     /// renewing it (a dead host gets the same block back within this time).
     #[serde(with = "secs")]
     pub block_grace: Duration,
+    /// Every service's virtual IP comes from this range
+    /// ([`weft_model::ServiceRecord::vip`]); it shares no address with the
+    /// cluster range. Plans stored before services existed read as the
+    /// default.
+    #[serde(default = "default_service_range")]
+    pub service_range: Ipv4Network,
+}
+
+fn default_service_range() -> Ipv4Network {
+    weft_model::DEFAULT_SERVICE_RANGE
 }
 
 /// Each host's block when none is configured: a /24 (253 containers).
@@ -34,6 +44,7 @@ impl Default for IpamConfig {
             cluster_range: weft_model::DEFAULT_CLUSTER_RANGE,
             block_prefix: DEFAULT_BLOCK_PREFIX,
             block_grace: DEFAULT_BLOCK_GRACE,
+            service_range: weft_model::DEFAULT_SERVICE_RANGE,
         }
     }
 }
@@ -64,14 +75,27 @@ pub enum ConfigError {
          a gateway, at least one container and a broadcast address (use /{MAX_BLOCK_PREFIX} or larger)"
     )]
     BlockTooSmall { block_prefix: u8 },
-    #[error("cluster range {range} overlaps {what} {other}: pick a cluster range that does not")]
+    #[error("{which} {range} overlaps {what} {other}: pick a {which} that does not")]
     Overlap {
+        /// `cluster range` or `service range`.
+        which: &'static str,
         range: Ipv4Network,
         what: String,
         other: Ipv4Network,
     },
     #[error("block grace period must be longer than zero")]
     ZeroGrace,
+    #[error(
+        "service range {given} is not a network address: its host bits are set \
+         (did you mean {network}/{prefix}?)"
+    )]
+    ServiceRangeNotNetwork {
+        given: Ipv4Network,
+        network: Ipv4Addr,
+        prefix: u8,
+    },
+    #[error("service range {range} is too small: use /30 or larger")]
+    ServiceRangeTooSmall { range: Ipv4Network },
 }
 
 impl IpamConfig {
@@ -100,6 +124,25 @@ impl IpamConfig {
         if self.block_grace.is_zero() {
             return Err(ConfigError::ZeroGrace);
         }
+        let svc = self.service_range;
+        if svc.network() != svc.ip() {
+            return Err(ConfigError::ServiceRangeNotNetwork {
+                given: svc,
+                network: svc.network(),
+                prefix: svc.prefix(),
+            });
+        }
+        if svc.prefix() > 30 {
+            return Err(ConfigError::ServiceRangeTooSmall { range: svc });
+        }
+        if overlaps(svc, range) {
+            return Err(ConfigError::Overlap {
+                which: "service range",
+                range: svc,
+                what: "the cluster range".to_owned(),
+                other: range,
+            });
+        }
         Ok(())
     }
 
@@ -111,12 +154,18 @@ impl IpamConfig {
         others: impl IntoIterator<Item = (&'a str, Ipv4Network)>,
     ) -> Result<(), ConfigError> {
         for (what, other) in others {
-            if overlaps(self.cluster_range, other) {
-                return Err(ConfigError::Overlap {
-                    range: self.cluster_range,
-                    what: what.to_owned(),
-                    other,
-                });
+            for (which, range) in [
+                ("cluster range", self.cluster_range),
+                ("service range", self.service_range),
+            ] {
+                if overlaps(range, other) {
+                    return Err(ConfigError::Overlap {
+                        which,
+                        range,
+                        what: what.to_owned(),
+                        other,
+                    });
+                }
             }
         }
         Ok(())
@@ -172,6 +221,46 @@ mod tests {
             block_prefix,
             ..IpamConfig::default()
         }
+    }
+
+    #[test]
+    fn the_service_range_is_checked_and_defaults_for_old_plans() {
+        let old: IpamConfig = serde_json::from_str(
+            r#"{"cluster_range":"10.42.0.0/16","block_prefix":24,"block_grace":3600}"#,
+        )
+        .unwrap();
+        assert_eq!(old.service_range, net("10.43.0.0/16"));
+        let inside = IpamConfig {
+            service_range: net("10.42.128.0/20"),
+            ..IpamConfig::default()
+        };
+        let e = inside.validate().unwrap_err().to_string();
+        assert!(
+            e.starts_with("service range 10.42.128.0/20 overlaps the cluster range"),
+            "{e}"
+        );
+        let host_bits = IpamConfig {
+            service_range: net("10.43.0.1/16"),
+            ..IpamConfig::default()
+        };
+        assert!(host_bits
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("10.43.0.0/16"));
+        let tiny = IpamConfig {
+            service_range: net("10.43.0.0/31"),
+            ..IpamConfig::default()
+        };
+        assert!(tiny.validate().is_err());
+        let e = IpamConfig::default()
+            .check_no_overlap([("underlay subnet", net("10.43.7.0/24"))])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "service range 10.43.0.0/16 overlaps underlay subnet 10.43.7.0/24: pick a service range that does not"
+        );
     }
 
     #[test]
@@ -241,7 +330,7 @@ mod tests {
         c.check_no_overlap([
             ("underlay", net("192.168.1.0/24")),
             ("docker0", net("172.17.0.0/16")),
-            ("neighbour", net("10.43.0.0/16")),
+            ("neighbour", net("10.44.0.0/16")),
         ])
         .unwrap();
     }

@@ -141,6 +141,7 @@ mod tests {
             cluster_range: net("10.42.0.0/23"),
             block_prefix: 24,
             block_grace: Duration::from_secs(10),
+            ..IpamConfig::default()
         }
     }
 

@@ -20,6 +20,7 @@ fn cfg(range: &str, block_prefix: u8, grace: Duration) -> IpamConfig {
         cluster_range: range.parse().unwrap(),
         block_prefix,
         block_grace: grace,
+        ..IpamConfig::default()
     }
 }
 

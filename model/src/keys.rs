@@ -107,6 +107,43 @@ impl Keys {
     pub fn policy_doc(&self) -> String {
         format!("{}cluster", self.policy())
     }
+
+    /// Prefix of every service record ([`crate::ServiceRecord`]).
+    pub fn services(&self) -> String {
+        format!("{}services/", self.root)
+    }
+
+    /// The record of service `name`.
+    pub fn service(&self, name: &crate::ServiceName) -> String {
+        format!("{}{}", self.services(), name.key_suffix())
+    }
+
+    /// The service named by a key under [`Keys::services`], if it is one.
+    pub fn service_of_key(&self, key: &str) -> Option<crate::ServiceName> {
+        let suffix = key.strip_prefix(&self.services())?;
+        crate::ServiceName::from_key_suffix(suffix).ok()
+    }
+
+    /// Prefix of the VIP claims.
+    pub fn vips(&self) -> String {
+        format!("{}vips/", self.root)
+    }
+
+    /// The claim of virtual IP `vip` (its value: the service's name);
+    /// created by compare-and-swap, so an address has one service at most.
+    pub fn vip(&self, vip: std::net::Ipv4Addr) -> String {
+        format!("{}{vip}", self.vips())
+    }
+
+    /// Prefix of every health record ([`crate::HealthRecord`]).
+    pub fn health(&self) -> String {
+        format!("{}health/", self.root)
+    }
+
+    /// The health of `container`'s interface `ifname` on `host`.
+    pub fn health_of(&self, host: &str, container: &str, ifname: &str) -> String {
+        format!("{}{host}/{container}/{ifname}", self.health())
+    }
 }
 
 #[cfg(test)]
@@ -140,14 +177,28 @@ mod tests {
                 k.host("h0"),
                 k.policy(),
                 k.policy_doc(),
+                k.services(),
+                k.service(&"web.shop".parse().unwrap_or_else(|e| panic!("{e}"))),
+                k.vips(),
+                k.vip(std::net::Ipv4Addr::new(10, 43, 0, 2)),
+                k.health(),
+                k.health_of("h0", "c1", "eth0"),
             ] {
                 let rest = key
                     .strip_prefix(&root)
                     .unwrap_or_else(|| panic!("{key} not under {root}"));
                 assert!(
-                    ["ipam/", "endpoints/", "hosts/", "policy/"]
-                        .iter()
-                        .any(|s| rest.starts_with(s)),
+                    [
+                        "ipam/",
+                        "endpoints/",
+                        "hosts/",
+                        "policy/",
+                        "services/",
+                        "vips/",
+                        "health/"
+                    ]
+                    .iter()
+                    .any(|s| rest.starts_with(s)),
                     "{key}"
                 );
             }
@@ -158,6 +209,19 @@ mod tests {
         assert_eq!(k.ipam_config(), "/x/ipam/config");
         assert_eq!(k.policy_doc(), "/x/policy/cluster");
         assert!(k.policy_doc().starts_with(&k.policy()));
+        let web = "web.shop".parse().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(k.service(&web), "/x/services/shop/web");
+        assert_eq!(k.service_of_key("/x/services/shop/web"), Some(web));
+        assert_eq!(
+            k.service_of_key("/x/services/db").map(|n| n.to_string()),
+            Some("db".to_owned())
+        );
+        assert_eq!(k.service_of_key("/x/hosts/h0"), None);
+        assert_eq!(
+            k.vip(std::net::Ipv4Addr::new(10, 43, 0, 2)),
+            "/x/vips/10.43.0.2"
+        );
+        assert_eq!(k.health_of("h0", "c1", "eth0"), "/x/health/h0/c1/eth0");
     }
 
     #[test]

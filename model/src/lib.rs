@@ -21,6 +21,9 @@
 //! * A container's port on the host bridge ([`host_veth_name`], [`Mac`]):
 //!   the host veth name rule and the MAC derived from the address, shared by
 //!   the CNI plugin (which makes them) and netd (which allows only them).
+//! * Services ([`ServiceName`], [`ServiceSpec`], [`ServiceRecord`],
+//!   [`HealthRecord`], [`HealthState`]): VIPs, balancing and health checks,
+//!   stored at [`Keys::service`], [`Keys::vip`] and [`Keys::health_of`].
 //! * The overlay MTU rule ([`mtu`]: the minimum, the range, the computation
 //!   from the underlay; each tunnel driver in netd brings its overhead).
 //!
@@ -35,6 +38,7 @@ mod names;
 mod policy;
 mod port;
 mod records;
+mod service;
 mod wgkey;
 
 pub use defaults::{DEFAULT_CLUSTER_RANGE, DEFAULT_DOMAIN, DNS_ADDR};
@@ -47,5 +51,9 @@ pub use policy::{
 pub use port::{host_veth_name, is_host_veth_name, Mac, MacError, HOST_VETH_PREFIX};
 pub use records::{
     find_port_conflict, DnsConfig, EndpointRecord, HostRecord, PortMapping, Protocol, TunnelBackend,
+};
+pub use service::{
+    Balance, HealthCheck, HealthRecord, HealthState, Mode, Probe, ServiceError, ServiceName,
+    ServiceRecord, ServiceSpec, DEFAULT_SERVICE_GRACE, DEFAULT_SERVICE_RANGE,
 };
 pub use wgkey::{WgKey, WgKeyError};

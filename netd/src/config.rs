@@ -163,6 +163,7 @@ impl Config {
             cluster_range: s.ipam.cluster_range,
             block_prefix: s.ipam.block_prefix,
             block_grace: Duration::from_secs(s.ipam.block_grace_secs),
+            ..IpamConfig::default()
         };
         ipam.validate()?;
         let keys = weft_model::Keys::new(&s.store.prefix);
