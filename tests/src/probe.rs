@@ -1,7 +1,9 @@
 //! Reachability probes run by the test binary itself, no process per probe:
 //! a [`ProbeServer`] answers on TCP and UDP ports inside a container's
 //! network namespace, and [`probe_all`] tries many targets from one
-//! namespace in parallel with a short timeout each.
+//! namespace in parallel with a short timeout each. A [`Flow`] is a port
+//! ([`Target`]) or an ICMP echo, which the kernel itself answers
+//! ([`ping`]); [`probe_flows`] tries those.
 //!
 //! A socket keeps the namespace it was created in, so both are made on a
 //! thread that entered the namespace ([`crate::in_netns`]); the threads
@@ -14,6 +16,8 @@
 //! peer address (it left from the namespace it meant to). A TCP
 //! connection then echoes what it is sent until the client closes it, so
 //! a test can hold a connection open and see when it stops being answered.
+//! An answered echo reads [`echo_answer`]: the reply came from the
+//! address probed, to the namespace that probed.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
@@ -27,6 +31,8 @@ use std::time::{Duration, Instant};
 use weft_model::Protocol;
 
 use crate::{Error, Result};
+
+mod ping;
 
 /// How often a connection thread looks at the stop flag.
 const POLL: Duration = Duration::from_millis(100);
@@ -173,6 +179,52 @@ impl std::fmt::Display for Target {
     }
 }
 
+/// One probe of any kind, as the model sees a flow (`Policy::decide`'s
+/// `l4`): a TCP or UDP port, or no port (`None`), probed with an ICMP echo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Flow {
+    pub addr: Ipv4Addr,
+    pub l4: Option<(Protocol, u16)>,
+}
+
+impl Flow {
+    /// An ICMP echo to `addr`.
+    pub fn echo(addr: Ipv4Addr) -> Self {
+        Flow { addr, l4: None }
+    }
+
+    /// `tcp/80`, `udp/53` or `icmp`.
+    pub fn kind(&self) -> String {
+        match self.l4 {
+            Some((proto, port)) => format!("{}/{port}", proto.as_str()),
+            None => "icmp".to_owned(),
+        }
+    }
+}
+
+impl From<Target> for Flow {
+    fn from(t: Target) -> Self {
+        Flow {
+            addr: t.addr,
+            l4: Some((t.proto, t.port)),
+        }
+    }
+}
+
+impl std::fmt::Display for Flow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.l4 {
+            Some((proto, port)) => write!(f, "{}/{}:{port}", proto.as_str(), self.addr),
+            None => write!(f, "icmp/{}", self.addr),
+        }
+    }
+}
+
+/// The answer line of an echo to `addr` that was answered.
+pub fn echo_answer(addr: Ipv4Addr) -> String {
+    format!("echo reply from {addr}")
+}
+
 /// What a probe got.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -207,17 +259,45 @@ impl std::fmt::Display for Outcome {
 /// thread's own), all at once, each waiting at most `timeout`. The
 /// outcomes are in the order of `targets`.
 pub fn probe_all(netns: Option<&Path>, targets: &[Target], timeout: Duration) -> Vec<Outcome> {
+    let flows: Vec<Flow> = targets.iter().map(|&t| Flow::from(t)).collect();
+    probe_flows(netns, &flows, timeout)
+}
+
+/// [`probe_all`] for flows of any kind: a thread per port, and one thread
+/// for all the echoes ([`ping::echo_all`]).
+pub fn probe_flows(netns: Option<&Path>, flows: &[Flow], timeout: Duration) -> Vec<Outcome> {
     let run = || {
         std::thread::scope(|s| {
-            let handles: Vec<_> = targets
+            let echoes: Vec<Ipv4Addr> = flows
                 .iter()
-                .map(|t| s.spawn(move || probe(t, timeout)))
+                .filter(|f| f.l4.is_none())
+                .map(|f| f.addr)
                 .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Outcome::Failed("probe thread panicked".into()))
+            let echoed = s.spawn(move || {
+                let got = ping::echo_all(&echoes, timeout);
+                got.into_iter()
+                    .zip(echoes)
+                    .map(|(r, addr)| echo_outcome(addr, r))
+                    .collect::<Vec<_>>()
+            });
+            let ports: Vec<_> = flows
+                .iter()
+                .filter(|f| f.l4.is_some())
+                .map(|f| s.spawn(move || probe_flow(f, timeout)))
+                .collect();
+            let panicked = || Outcome::Failed("probe thread panicked".into());
+            let mut echoed = echoed.join().unwrap_or_default().into_iter();
+            let mut ports = ports.into_iter();
+            flows
+                .iter()
+                .map(|f| {
+                    let got = match f.l4 {
+                        None => echoed.next(),
+                        Some(_) => ports
+                            .next()
+                            .map(|h| h.join().unwrap_or_else(|_| panicked())),
+                    };
+                    got.unwrap_or_else(panicked)
                 })
                 .collect()
         })
@@ -230,12 +310,26 @@ pub fn probe_all(netns: Option<&Path>, targets: &[Target], timeout: Duration) ->
 
 /// One probe from this thread's namespace.
 pub fn probe(target: &Target, timeout: Duration) -> Outcome {
-    let result = match target.proto {
-        Protocol::Tcp => probe_tcp(target, timeout),
-        Protocol::Udp => probe_udp(target, timeout),
+    probe_flow(&Flow::from(*target), timeout)
+}
+
+/// One probe of any kind from this thread's namespace.
+pub fn probe_flow(flow: &Flow, timeout: Duration) -> Outcome {
+    let addr = flow.addr;
+    let result = match flow.l4 {
+        Some((Protocol::Tcp, port)) => probe_tcp(addr, port, timeout),
+        Some((Protocol::Udp, port)) => probe_udp(addr, port, timeout),
+        None => return echo_outcome(addr, ping::echo(addr, timeout)),
     };
     match result {
         Ok(line) => Outcome::Answered(line),
+        Err(e) => classify(&e),
+    }
+}
+
+fn echo_outcome(addr: Ipv4Addr, result: std::io::Result<()>) -> Outcome {
+    match result {
+        Ok(()) => Outcome::Answered(echo_answer(addr)),
         Err(e) => classify(&e),
     }
 }
@@ -251,9 +345,9 @@ fn classify(e: &std::io::Error) -> Outcome {
     }
 }
 
-fn probe_tcp(t: &Target, timeout: Duration) -> std::io::Result<String> {
+fn probe_tcp(addr: Ipv4Addr, port: u16, timeout: Duration) -> std::io::Result<String> {
     let start = Instant::now();
-    let conn = TcpStream::connect_timeout(&SocketAddr::from((t.addr, t.port)), timeout)?;
+    let conn = TcpStream::connect_timeout(&SocketAddr::from((addr, port)), timeout)?;
     let left = timeout
         .saturating_sub(start.elapsed())
         .max(Duration::from_millis(1));
@@ -275,9 +369,9 @@ fn read_line(conn: TcpStream) -> std::io::Result<String> {
 
 /// Sends a datagram, and a second one halfway through the timeout in case
 /// the first was lost (e.g. while the neighbour entry resolved).
-fn probe_udp(t: &Target, timeout: Duration) -> std::io::Result<String> {
+fn probe_udp(addr: Ipv4Addr, port: u16, timeout: Duration) -> std::io::Result<String> {
     let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
-    socket.connect(SocketAddr::from((t.addr, t.port)))?;
+    socket.connect(SocketAddr::from((addr, port)))?;
     let start = Instant::now();
     let mut buf = [0u8; 1500];
     for attempt in 0..2u32 {
@@ -396,5 +490,34 @@ mod tests {
         drop(server);
         // Stopped: the held connection is no longer answered.
         assert!(held.echo("three", Duration::from_millis(500)).is_err());
+    }
+
+    /// Needs root (a raw ICMP socket): echoes on loopback are answered,
+    /// several at once, next to port probes.
+    #[test]
+    fn echoes_answer() {
+        crate::require_root!();
+        let lo = Ipv4Addr::LOCALHOST;
+        let flows = [
+            Flow::echo(lo),
+            Flow::echo(lo),
+            Flow::echo(Ipv4Addr::new(127, 0, 0, 2)),
+            Flow::from(Target {
+                proto: Protocol::Tcp,
+                addr: lo,
+                port: 47316,
+            }),
+        ];
+        let got = probe_flows(None, &flows, Duration::from_secs(2));
+        assert_eq!(got[0], Outcome::Answered(echo_answer(lo)));
+        assert_eq!(got[1], Outcome::Answered(echo_answer(lo)));
+        assert_eq!(
+            got[2],
+            Outcome::Answered(echo_answer(Ipv4Addr::new(127, 0, 0, 2)))
+        );
+        assert_eq!(got[3], Outcome::Refused);
+        assert_eq!(flows[0].kind(), "icmp");
+        assert_eq!(flows[3].kind(), "tcp/47316");
+        assert_eq!(flows[3].to_string(), "tcp/127.0.0.1:47316");
     }
 }
