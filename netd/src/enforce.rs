@@ -255,6 +255,7 @@ impl Enforcer {
             // Anti-spoofing on this host's container ports, in the same
             // transaction, once they are known.
             spoof: (known.listed || known.local_known).then(|| crate::nft::spoof::render(&local)),
+            services: None,
         };
         if desired == Desired::default() {
             // Neither table is known yet: the kernel keeps what it has.

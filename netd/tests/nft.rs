@@ -49,6 +49,7 @@ fn desired_with(policy: &str, more: &[(&str, &str, &str)]) -> Desired {
     Desired {
         policy: Some(c.table),
         spoof: None,
+        services: None,
     }
 }
 

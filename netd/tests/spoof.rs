@@ -121,6 +121,7 @@ fn spoofing_fails_and_is_counted_own_traffic_flows() {
     nft.apply(&Desired {
         policy: None,
         spoof: Some(render(&local)),
+        services: None,
     })
     .unwrap();
 
@@ -166,6 +167,7 @@ fn spoofing_fails_and_is_counted_own_traffic_flows() {
     nft.apply(&Desired {
         policy: None,
         spoof: Some(render(&local[1..])),
+        services: None,
     })
     .unwrap();
     let listed = nft.list("bridge").unwrap();
@@ -200,6 +202,7 @@ fn a_netd_that_knows_no_records_keeps_the_table() {
         .apply(&Desired {
             policy: None,
             spoof: Some(render(&local)),
+            services: None,
         })
         .unwrap();
 

@@ -1,10 +1,12 @@
 //! weft's nf_tables tables, and the one thing that runs `nft`.
 //!
-//! weft owns two tables, both called [`TABLE`]:
+//! weft owns three tables ([`TABLES`]):
 //! * `table inet weft`: the policy (ingress to this host's containers),
 //!   rendered by [`policy::compile`];
 //! * `table bridge weft`: anti-spoofing on the container ports, rendered by
-//!   [`spoof::render`].
+//!   [`spoof::render`];
+//! * `table ip weft_svc`: the services' virtual IPs, balanced over their
+//!   healthy backends (issue 12).
 //!
 //! [`crate::enforce`] decides when to apply them and from what.
 //!
@@ -48,8 +50,13 @@ use serde::Deserialize;
 
 /// The name of both of weft's tables.
 pub const TABLE: &str = "weft";
-/// The families weft has a table in, in the order [`script`] writes them.
+/// The families weft has a [`TABLE`] in, in the order [`script`] writes them.
 pub const FAMILIES: [&str; 2] = ["inet", "bridge"];
+/// The name of the services' table (`table ip weft_svc`: VIPs and their
+/// backends).
+pub const SERVICES_TABLE: &str = "weft_svc";
+/// Every table weft owns: (family, name).
+pub const TABLES: [(&str, &str); 3] = [("inet", TABLE), ("bridge", TABLE), ("ip", SERVICES_TABLE)];
 
 const NFT_HINT: &str = "is nftables installed? Debian: apt-get install nftables";
 const CONNTRACK_HINT: &str =
@@ -90,11 +97,16 @@ pub struct Desired {
     /// `table bridge weft` ([`spoof::render`]); `None` leaves the bridge
     /// table as it is.
     pub spoof: Option<Table>,
+    /// `table ip weft_svc`: the services' VIPs; `None` leaves it as it is.
+    pub services: Option<Table>,
 }
 
 impl Desired {
     fn tables(&self) -> impl Iterator<Item = &Table> {
-        self.policy.iter().chain(self.spoof.iter())
+        self.policy
+            .iter()
+            .chain(self.spoof.iter())
+            .chain(self.services.iter())
     }
 }
 
@@ -106,9 +118,9 @@ pub fn script(d: &Desired) -> String {
 
 /// The transaction that deletes both of weft's tables (nothing else).
 pub fn teardown_script() -> String {
-    FAMILIES
+    TABLES
         .iter()
-        .map(|f| format!("table {f} {TABLE} {{}}\ndelete table {f} {TABLE}\n"))
+        .map(|(f, t)| format!("table {f} {t} {{}}\ndelete table {f} {t}\n"))
         .collect()
 }
 
@@ -141,7 +153,7 @@ pub struct Nft {
     netns: Option<String>,
     /// The tables the kernel has, by family, as this handle last applied
     /// them (forgotten after a failure and by [`Nft::invalidate`]).
-    last: Mutex<BTreeMap<&'static str, Table>>,
+    last: Mutex<BTreeMap<(&'static str, &'static str), Table>>,
     /// What the counters counted in tables since replaced, by (family, name).
     base: Mutex<BTreeMap<(String, String), (u64, u64)>>,
 }
@@ -170,7 +182,7 @@ impl Nft {
         let mut input = String::new();
         let mut replaced = false;
         for t in desired.tables() {
-            match last.get(t.family).and_then(|old| t.update(old)) {
+            match last.get(&(t.family, t.name)).and_then(|old| t.update(old)) {
                 Some(changes) => input.push_str(&changes),
                 None => {
                     input.push_str(&t.replace());
@@ -182,13 +194,13 @@ impl Nft {
             return Ok(ApplyOutcome::Unchanged);
         }
         for t in desired.tables() {
-            last.remove(t.family);
+            last.remove(&(t.family, t.name));
         }
         if !replaced {
             match self.check("nft", &["-f", "-"], Some(&input), NFT_HINT) {
                 Ok(_) => {
                     for t in desired.tables() {
-                        last.insert(t.family, t.clone());
+                        last.insert((t.family, t.name), t.clone());
                     }
                     return Ok(ApplyOutcome::Updated);
                 }
@@ -208,7 +220,7 @@ impl Nft {
             b.1 += c.bytes;
         }
         for t in desired.tables() {
-            last.insert(t.family, t.clone());
+            last.insert((t.family, t.name), t.clone());
         }
         Ok(ApplyOutcome::Replaced)
     }
@@ -257,7 +269,13 @@ impl Nft {
     /// `nft list table <family> weft`, as text (empty when there is no
     /// such table).
     pub fn list(&self, family: &str) -> Result<String, NftError> {
-        let out = self.run("nft", &["list", "table", family, TABLE], None, NFT_HINT)?;
+        self.list_table(family, TABLE)
+    }
+
+    /// `nft list table <family> <name>`, as text (empty when there is no
+    /// such table).
+    pub fn list_table(&self, family: &str, name: &str) -> Result<String, NftError> {
+        let out = self.run("nft", &["list", "table", family, name], None, NFT_HINT)?;
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
@@ -265,7 +283,7 @@ impl Nft {
         }
     }
 
-    /// Deletes both of weft's tables. Idempotent.
+    /// Deletes every table of weft's ([`TABLES`]). Idempotent.
     pub fn teardown(&self) -> Result<(), NftError> {
         self.invalidate();
         self.check("nft", &["-f", "-"], Some(&teardown_script()), NFT_HINT)?;
@@ -454,7 +472,7 @@ fn parse_counters(json: &str) -> Result<Vec<NamedCounter>, serde_json::Error> {
             continue;
         };
         let c: JsonCounter = serde_json::from_value(c.clone())?;
-        if c.table == TABLE && FAMILIES.contains(&c.family.as_str()) {
+        if TABLES.contains(&(c.family.as_str(), c.table.as_str())) {
             out.push(NamedCounter {
                 family: c.family,
                 name: c.name,
@@ -476,6 +494,7 @@ mod tests {
         let d = Desired {
             policy: Some(Table::new("inet")),
             spoof: None,
+            services: None,
         };
         assert_eq!(
             script(&d),
@@ -496,7 +515,8 @@ mod tests {
         assert_eq!(
             teardown_script(),
             "table inet weft {}\ndelete table inet weft\n\
-             table bridge weft {}\ndelete table bridge weft\n"
+             table bridge weft {}\ndelete table bridge weft\n\
+             table ip weft_svc {}\ndelete table ip weft_svc\n"
         );
     }
 
