@@ -183,8 +183,8 @@ fn enforce_error(e: &anyhow::Error) -> ApiError {
 }
 
 async fn flush_conntrack(addr: std::net::Ipv4Addr) {
-    match tokio::task::spawn_blocking(move || crate::nat::flush_conntrack(addr)).await {
-        Ok(Ok(())) => {}
+    match tokio::task::spawn_blocking(move || crate::conntrack::flush(None, addr)).await {
+        Ok(Ok(_)) => {}
         Ok(Err(e)) => tracing::warn!(%addr, error = %e, "flushing conntrack entries failed"),
         Err(e) => tracing::warn!(%addr, error = %e, "conntrack task failed"),
     }

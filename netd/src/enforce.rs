@@ -50,7 +50,7 @@ pub fn load_bridge_netfilter() -> anyhow::Result<()> {
     if dir.exists() {
         return Ok(());
     }
-    let modprobe = crate::nat::resolve("modprobe");
+    let modprobe = crate::command::resolve("modprobe");
     let outcome = std::process::Command::new(&modprobe)
         .arg("br_netfilter")
         .output();

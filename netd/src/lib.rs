@@ -5,7 +5,9 @@
 //! its docs for where each concern lives.
 
 pub mod api;
+pub mod command;
 pub mod config;
+pub mod conntrack;
 pub mod counters;
 pub mod daemon;
 pub mod endpoints;

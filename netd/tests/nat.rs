@@ -14,9 +14,8 @@ use std::time::Duration;
 
 use ipnetwork::Ipv4Network;
 use weft_api::{PortMapping, Protocol};
-use weft_netd::nat::{
-    flush_conntrack_in, hooks, render, ApplyOutcome, Backend, Iptables, NatSpec, PublishedPort,
-};
+use weft_netd::conntrack;
+use weft_netd::nat::{hooks, render, ApplyOutcome, Backend, Iptables, NatSpec, PublishedPort};
 use weft_tests::{in_netns, Lab, LabOptions, Netns};
 
 const DNS: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 250);
@@ -474,14 +473,14 @@ fn traffic(backend: Backend, bridge_nf: bool) {
 
     // (e) conntrack: the UDP flow to b is there, and gone after the flush.
     assert!(conntrack_mentions(h0, b_ip));
-    let deleted = flush_conntrack_in(Some(h0.name()), b_ip).unwrap();
+    let deleted = conntrack::flush(Some(h0.name()), b_ip).unwrap();
     assert!(deleted >= 1, "deleted {deleted}");
     assert!(!conntrack_mentions(h0, b_ip));
     // a's flows too (TCP, NATed several ways); a second flush finds nothing.
     assert!(conntrack_mentions(h0, a_ip));
-    assert!(flush_conntrack_in(Some(h0.name()), a_ip).unwrap() >= 1);
+    assert!(conntrack::flush(Some(h0.name()), a_ip).unwrap() >= 1);
     assert!(!conntrack_mentions(h0, a_ip));
-    assert_eq!(flush_conntrack_in(Some(h0.name()), a_ip).unwrap(), 0);
+    assert_eq!(conntrack::flush(Some(h0.name()), a_ip).unwrap(), 0);
 
     // route_localnet on the bridge must not open the host's loopback services
     // to containers. Container a routes 127.0.0.1 to the host on purpose.

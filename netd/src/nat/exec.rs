@@ -1,22 +1,20 @@
-//! The effects: running iptables (one backend) and conntrack.
+//! The effects: running iptables (one backend), through [`crate::command`].
 
 use std::fmt;
-use std::io::Write as _;
-use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
 use std::str::FromStr;
 use std::sync::{Mutex, PoisonError};
+
+use crate::command::{Hint, Runner};
 
 use super::{hooks, render, NatError, NatSpec, CHAIN_PREFIX};
 
 /// Seconds to wait for the xtables lock (legacy backend) before failing.
 const LOCK_WAIT_SECS: &str = "30";
 
-const IPTABLES_HINT: &str = "is the iptables package installed? Debian: apt-get install iptables";
-const CONNTRACK_HINT: &str =
-    "is the conntrack package installed? Debian: apt-get install conntrack";
-const IPROUTE_HINT: &str = "is iproute2 installed, and does the network namespace exist?";
+const IPTABLES_HINT: Hint = Hint {
+    install: "is the iptables package installed? Debian: apt-get install iptables",
+    diagnose: failure_hint,
+};
 
 /// Which iptables implementation to drive. Both speak the same rule language;
 /// a host must use one of them, or rules of one are invisible to the other
@@ -89,149 +87,8 @@ pub enum ApplyOutcome {
     Unchanged,
 }
 
-/// Runs programs on the host, or inside a named network namespace
-/// (`ip netns exec <ns> ...`, for tests).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct Runner {
-    netns: Option<String>,
-}
-
-impl Runner {
-    /// Runs `program args...`, feeding `stdin`; the output whatever the exit
-    /// status. Fails only when the program cannot be started.
-    fn run(
-        &self,
-        program: &str,
-        args: &[&str],
-        stdin: Option<&str>,
-        hint: &str,
-    ) -> Result<Output, NatError> {
-        let path = resolve(program);
-        let mut cmd = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(&path);
-                c
-            }
-            None => Command::new(&path),
-        };
-        cmd.args(args)
-            .env("LC_ALL", "C")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            });
-        let shown = self.display(program, args);
-        let spawn_err = |source: std::io::Error| {
-            let hint = match (&self.netns, source.kind()) {
-                (Some(_), std::io::ErrorKind::NotFound) => IPROUTE_HINT,
-                _ => hint,
-            };
-            NatError::Spawn {
-                cmd: shown.clone(),
-                source,
-                hint: hint.to_owned(),
-            }
-        };
-        let mut child = cmd.spawn().map_err(spawn_err)?;
-        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            // A program that dies early closes the pipe; its exit status and
-            // stderr tell why, so a write error here is not the story.
-            let _ = pipe.write_all(input.as_bytes());
-        }
-        child.wait_with_output().map_err(spawn_err)
-    }
-
-    /// Like [`Runner::run`], but a non-zero exit is a [`NatError::Command`].
-    fn check(
-        &self,
-        program: &str,
-        args: &[&str],
-        stdin: Option<&str>,
-        hint: &str,
-    ) -> Result<String, NatError> {
-        let out = self.run(program, args, stdin, hint)?;
-        if out.status.success() {
-            return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
-        }
-        Err(self.failed(program, args, &out, stdin, hint))
-    }
-
-    fn failed(
-        &self,
-        program: &str,
-        args: &[&str],
-        out: &Output,
-        stdin: Option<&str>,
-        hint: &str,
-    ) -> NatError {
-        let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-        if stderr.is_empty() {
-            stderr = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        }
-        if let Some(line) = stdin.and_then(|input| failed_line(&stderr, input)) {
-            stderr.push_str(&format!(" [that line is: {line}]"));
-        }
-        NatError::Command {
-            cmd: self.display(program, args),
-            status: out.status.to_string(),
-            hint: failure_hint(&stderr, hint),
-            stderr,
-        }
-    }
-
-    fn display(&self, program: &str, args: &[&str]) -> String {
-        let mut s = match &self.netns {
-            Some(ns) => format!("ip netns exec {ns} {program}"),
-            None => program.to_owned(),
-        };
-        for a in args {
-            s.push(' ');
-            s.push_str(a);
-        }
-        s
-    }
-}
-
-/// The program's full path if it is in `PATH` or one of the sbin
-/// directories (which a daemon's or sudo's `PATH` may lack); else the bare name.
-/// (netd's nf_tables runner uses it too.)
-pub(crate) fn resolve(program: &str) -> PathBuf {
-    let from_env = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default();
-    let fallback = ["/usr/sbin", "/sbin", "/usr/local/sbin", "/usr/bin", "/bin"];
-    from_env
-        .into_iter()
-        .chain(fallback.iter().map(PathBuf::from))
-        .map(|dir| dir.join(program))
-        .find(|p| is_executable(p))
-        .unwrap_or_else(|| PathBuf::from(program))
-}
-
-fn is_executable(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
-/// iptables-restore says `line N failed`; the text of that line of `input`.
-fn failed_line(stderr: &str, input: &str) -> Option<String> {
-    let words: Vec<&str> = stderr.split_whitespace().collect();
-    let n = words.windows(2).find_map(|w| {
-        (w[0] == "line")
-            .then(|| w[1].trim_end_matches(':').parse::<usize>().ok())
-            .flatten()
-    })?;
-    input
-        .lines()
-        .nth(n.checked_sub(1)?)
-        .map(|l| l.trim().to_owned())
-}
-
-fn failure_hint(stderr: &str, default: &str) -> String {
+/// What to do about a failed iptables command, from its stderr.
+fn failure_hint(stderr: &str, default: &'static str) -> String {
     let s = stderr.to_ascii_lowercase();
     let hint = if s.contains("permission denied") || s.contains("must be root") {
         "netd needs root (CAP_NET_ADMIN and CAP_NET_RAW)"
@@ -275,9 +132,7 @@ impl Iptables {
     /// [`Iptables::detect`], run inside network namespace `netns`; the
     /// result runs every command there too.
     pub fn detect_in_netns(netns: &str) -> Result<Iptables, NatError> {
-        Self::detect_with(Runner {
-            netns: Some(netns.to_owned()),
-        })
+        Self::detect_with(Runner::new(Some(netns)))
     }
 
     fn detect_with(runner: Runner) -> Result<Iptables, NatError> {
@@ -406,8 +261,9 @@ impl Iptables {
 
     /// `iptables-<backend>-save`: all tables, as text.
     pub fn save(&self) -> Result<String, NatError> {
-        self.runner
-            .check(self.backend.save(), &[], None, IPTABLES_HINT)
+        Ok(self
+            .runner
+            .check(self.backend.save(), &[], None, IPTABLES_HINT)?)
     }
 
     fn restore(&self, input: &str) -> Result<(), NatError> {
@@ -430,7 +286,12 @@ impl Iptables {
                 Some(0) => continue,
                 // "Bad rule (does a matching rule exist in that chain?)"
                 Some(1) => {}
-                _ => return Err(self.runner.failed(ipt, &check, &out, None, IPTABLES_HINT)),
+                _ => {
+                    return Err(self
+                        .runner
+                        .failed(ipt, &check, &out, None, IPTABLES_HINT)
+                        .into())
+                }
             }
             let mut insert = vec!["-w", LOCK_WAIT_SECS, "-t", h.table, "-I", h.chain, "1"];
             insert.extend_from_slice(h.rule);
@@ -543,53 +404,10 @@ fn split_rule(rule: &str) -> Vec<String> {
     out
 }
 
-/// Deletes the host's conntrack entries of `addr`, so a container that gets
-/// the address next never inherits stale (UDP, NAT) flows. See
-/// [`flush_conntrack_in`].
-pub fn flush_conntrack(addr: Ipv4Addr) -> Result<(), NatError> {
-    flush_conntrack_in(None, addr).map(|_| ())
-}
-
-/// Deletes the conntrack entries whose original source or destination, or
-/// reply source or destination, is `addr` (in network namespace `netns`, or
-/// the host's with `None`). Returns how many were deleted.
-pub fn flush_conntrack_in(netns: Option<&str>, addr: Ipv4Addr) -> Result<usize, NatError> {
-    let runner = Runner {
-        netns: netns.map(str::to_owned),
-    };
-    let a = addr.to_string();
-    let mut total = 0;
-    for selector in ["--orig-src", "--orig-dst", "--reply-src", "--reply-dst"] {
-        let args = ["-D", "-f", "ipv4", selector, a.as_str()];
-        let out = runner.run("conntrack", &args, None, CONNTRACK_HINT)?;
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let deleted = deleted_count(&stderr);
-        match (out.status.code(), deleted) {
-            (Some(0), n) => total += n.unwrap_or(0),
-            // conntrack exits 1 when nothing matched.
-            (Some(1), Some(0)) => {}
-            _ => return Err(runner.failed("conntrack", &args, &out, None, CONNTRACK_HINT)),
-        }
-    }
-    if total > 0 {
-        tracing::debug!(%addr, deleted = total, "conntrack entries deleted");
-    }
-    Ok(total)
-}
-
-/// `conntrack v1.4.7 (conntrack-tools): 3 flow entries have been deleted.` → 3.
-fn deleted_count(stderr: &str) -> Option<usize> {
-    let words: Vec<&str> = stderr.split_whitespace().collect();
-    words.windows(3).find_map(|w| {
-        (w[1] == "flow" && w[2] == "entries")
-            .then(|| w[0].parse().ok())
-            .flatten()
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::command::CommandError;
 
     #[test]
     fn backend_names_and_parse() {
@@ -656,57 +474,33 @@ mod tests {
     }
 
     #[test]
-    fn conntrack_count_and_failed_line() {
-        assert_eq!(
-            deleted_count(
-                "conntrack v1.4.7 (conntrack-tools): 3 flow entries have been deleted.\n"
-            ),
-            Some(3)
-        );
-        assert_eq!(deleted_count("conntrack: Operation failed"), None);
-        let input = "*nat\n:WEFT-X - [0:0]\n-A WEFT-X -j BOGUS\nCOMMIT\n";
-        assert_eq!(
-            failed_line("iptables-restore v1.8.9 (nf_tables): line 3 failed", input).as_deref(),
-            Some("-A WEFT-X -j BOGUS")
-        );
-        assert_eq!(
-            failed_line(
-                "iptables-nft-restore: line 3: RULE_APPEND failed (No such file)",
-                input
-            )
-            .as_deref(),
-            Some("-A WEFT-X -j BOGUS")
-        );
-        assert_eq!(failed_line("line 9 failed", input), None);
-        assert_eq!(failed_line("no line number", input), None);
-    }
-
-    #[test]
-    fn runner_shows_netns() {
-        let r = Runner {
-            netns: Some("t-h0".into()),
-        };
-        assert_eq!(
-            r.display("iptables-nft", &["-t", "nat", "-S"]),
-            "ip netns exec t-h0 iptables-nft -t nat -S"
-        );
-        assert_eq!(
-            Runner::default().display("conntrack", &["-L"]),
-            "conntrack -L"
-        );
-    }
-
-    #[test]
     fn missing_program_is_a_spawn_error_with_a_hint() {
         let r = Runner::default();
-        let e = r
+        let e: NatError = r
             .check("weft-no-such-program", &[], None, IPTABLES_HINT)
-            .unwrap_err();
+            .unwrap_err()
+            .into();
         let msg = e.to_string();
-        assert!(matches!(e, NatError::Spawn { .. }), "{msg}");
+        assert!(
+            matches!(e, NatError::Command(CommandError::Spawn { .. })),
+            "{msg}"
+        );
         assert!(
             msg.contains("weft-no-such-program") && msg.contains("iptables package"),
             "{msg}"
+        );
+    }
+
+    #[test]
+    fn iptables_failures_say_what_to_do() {
+        let hint = |stderr| failure_hint(stderr, IPTABLES_HINT.install);
+        assert!(hint("iptables: Permission denied (you must be root)").contains("root"));
+        assert!(hint("Another app is currently holding the xtables lock").contains("retry"));
+        assert!(hint("Couldn't load target `MASQUERADE'").contains("kernel module"));
+        assert_eq!(hint("exec of iptables-nft failed"), IPTABLES_HINT.install);
+        assert_eq!(
+            hint("odd"),
+            format!("see the message above; {}", IPTABLES_HINT.install)
         );
     }
 }

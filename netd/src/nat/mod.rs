@@ -6,8 +6,8 @@
 //!   `iptables-restore --noflush` batch; [`hooks`] lists the jumps from the
 //!   built-in chains; [`required_sysctls`] the kernel settings the rules rely on.
 //! * effects: [`Iptables`] is the only thing that runs iptables (one backend,
-//!   legacy or nft, picked like kube-proxy does), [`flush_conntrack`] the only
-//!   thing that runs `conntrack`.
+//!   legacy or nft, picked like kube-proxy does), through
+//!   [`crate::command::Runner`]. (`conntrack` is [`crate::conntrack`]'s.)
 //!
 //! All rules live in weft's own chains ([`CHAINS`]). Declaring a chain in a
 //! `--noflush` restore batch (`:WEFT-DNAT - [0:0]`) creates or empties just that
@@ -53,8 +53,7 @@ use std::net::Ipv4Addr;
 use ipnetwork::Ipv4Network;
 use weft_model::{IfName, PortMapping, Protocol};
 
-pub(crate) use exec::resolve;
-pub use exec::{flush_conntrack, flush_conntrack_in, ApplyOutcome, Backend, Iptables};
+pub use exec::{ApplyOutcome, Backend, Iptables};
 
 /// nat: hooked from PREROUTING; sends traffic for local addresses to [`DNAT_CHAIN`].
 pub const PREROUTING_CHAIN: &str = "WEFT-PREROUTING";
@@ -307,20 +306,9 @@ pub enum NatError {
     InvalidSpec(String),
     #[error("unknown iptables backend {0:?}: use \"legacy\" or \"nft\"")]
     UnknownBackend(String),
-    #[error("cannot run `{cmd}`: {source} ({hint})")]
-    Spawn {
-        cmd: String,
-        #[source]
-        source: std::io::Error,
-        hint: String,
-    },
-    #[error("`{cmd}` failed ({status}): {stderr} ({hint})")]
-    Command {
-        cmd: String,
-        status: String,
-        stderr: String,
-        hint: String,
-    },
+    /// iptables could not be started, or failed.
+    #[error(transparent)]
+    Command(#[from] crate::command::CommandError),
     #[error(
         "no usable iptables backend: iptables-legacy-save: {legacy}; iptables-nft-save: {nft} \
          (is the iptables package installed? Debian: apt-get install iptables)"

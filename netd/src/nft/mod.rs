@@ -41,12 +41,14 @@ pub mod table;
 pub use table::{Chain, Set, Table};
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::net::Ipv4Addr;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::sync::{Mutex, PoisonError};
 
 use serde::Deserialize;
+
+use crate::command::{CommandError, Hint, Runner};
+use crate::conntrack::Conntrack;
 
 /// The name of both of weft's tables.
 pub const TABLE: &str = "weft";
@@ -58,28 +60,17 @@ pub const SERVICES_TABLE: &str = "weft_svc";
 /// Every table weft owns: (family, name).
 pub const TABLES: [(&str, &str); 3] = [("inet", TABLE), ("bridge", TABLE), ("ip", SERVICES_TABLE)];
 
-const NFT_HINT: &str = "is nftables installed? Debian: apt-get install nftables";
-const CONNTRACK_HINT: &str =
-    "is the conntrack package installed? Debian: apt-get install conntrack";
-const IPROUTE_HINT: &str = "is iproute2 installed, and does the network namespace exist?";
+const NFT_HINT: Hint = Hint {
+    install: "is nftables installed? Debian: apt-get install nftables",
+    diagnose: failure_hint,
+};
 
 /// What went wrong running `nft` or `conntrack`; each says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
-    #[error("cannot run `{cmd}`: {source} ({hint})")]
-    Spawn {
-        cmd: String,
-        #[source]
-        source: std::io::Error,
-        hint: &'static str,
-    },
-    #[error("`{cmd}` failed ({status}): {stderr} ({hint})")]
-    Command {
-        cmd: String,
-        status: String,
-        stderr: String,
-        hint: &'static str,
-    },
+    /// `nft` or `conntrack` could not be started, or failed.
+    #[error(transparent)]
+    Command(#[from] CommandError),
     #[error("cannot read the JSON of `{cmd}`: {source} (nft 0.9.3 or newer is needed for -j)")]
     Json {
         cmd: String,
@@ -150,7 +141,7 @@ pub struct NamedCounter {
 /// netd's handle on nf_tables: one per daemon (or per test namespace).
 #[derive(Debug, Default)]
 pub struct Nft {
-    netns: Option<String>,
+    runner: Runner,
     /// The tables the kernel has, by family, as this handle last applied
     /// them (forgotten after a failure and by [`Nft::invalidate`]).
     last: Mutex<BTreeMap<(&'static str, &'static str), Table>>,
@@ -167,7 +158,7 @@ impl Nft {
     /// Runs every command inside network namespace `netns`
     /// (`ip netns exec <netns> ...`). For tests.
     pub fn in_netns(mut self, netns: impl Into<String>) -> Nft {
-        self.netns = Some(netns.into());
+        self.runner.netns = Some(netns.into());
         self
     }
 
@@ -291,39 +282,10 @@ impl Nft {
     }
 
     /// Deletes the conntrack entries of connections from `src` to `dst`
-    /// (original direction); returns how many went. The table is listed once
-    /// and only pairs that have entries get a delete: a change that denies
-    /// thousands of pairs has a handful of live connections among them (one
-    /// `conntrack -D` per lost pair spawned processes for two minutes at
-    /// 10,000 endpoints and halved the throughput meanwhile).
+    /// (original direction); returns how many went ([`Conntrack::cut`]: one
+    /// listing, a delete only for pairs that have entries).
     pub fn cut(&self, pairs: &[(Ipv4Addr, Ipv4Addr)]) -> Result<usize, NftError> {
-        if pairs.is_empty() {
-            return Ok(0);
-        }
-        let args = ["-L", "-f", "ipv4"];
-        let out = self.run("conntrack", &args, None, CONNTRACK_HINT)?;
-        if !out.status.success() {
-            return Err(self.failed("conntrack", &args, &out, CONNTRACK_HINT));
-        }
-        let live = original_pairs(&String::from_utf8_lossy(&out.stdout));
-        let mut todo: Vec<(Ipv4Addr, Ipv4Addr)> =
-            pairs.iter().filter(|p| live.contains(p)).copied().collect();
-        todo.sort();
-        todo.dedup();
-        let mut total = 0;
-        for (src, dst) in &todo {
-            let (s, d) = (src.to_string(), dst.to_string());
-            let args = ["-D", "-f", "ipv4", "-s", s.as_str(), "-d", d.as_str()];
-            let out = self.run("conntrack", &args, None, CONNTRACK_HINT)?;
-            let deleted = deleted_count(&String::from_utf8_lossy(&out.stderr));
-            match (out.status.code(), deleted) {
-                (Some(0), n) => total += n.unwrap_or(0),
-                // conntrack exits 1 when nothing matched.
-                (Some(1), Some(0)) => {}
-                _ => return Err(self.failed("conntrack", &args, &out, CONNTRACK_HINT)),
-            }
-        }
-        Ok(total)
+        Ok(Conntrack::new(self.runner.clone()).cut(pairs)?)
     }
 
     fn run(
@@ -331,41 +293,9 @@ impl Nft {
         program: &str,
         args: &[&str],
         stdin: Option<&str>,
-        hint: &'static str,
+        hint: Hint,
     ) -> Result<Output, NftError> {
-        let path = crate::nat::resolve(program);
-        let mut cmd = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(&path);
-                c
-            }
-            None => Command::new(&path),
-        };
-        cmd.args(args)
-            .env("LC_ALL", "C")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            });
-        let spawn_err = |source: std::io::Error| NftError::Spawn {
-            cmd: self.display(program, args),
-            hint: match (&self.netns, source.kind()) {
-                (Some(_), std::io::ErrorKind::NotFound) => IPROUTE_HINT,
-                _ => hint,
-            },
-            source,
-        };
-        let mut child = cmd.spawn().map_err(spawn_err)?;
-        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            // A program that dies early closes the pipe; its exit status
-            // and stderr tell why.
-            let _ = pipe.write_all(input.as_bytes());
-        }
-        child.wait_with_output().map_err(spawn_err)
+        Ok(self.runner.run(program, args, stdin, hint)?)
     }
 
     fn check(
@@ -373,42 +303,18 @@ impl Nft {
         program: &str,
         args: &[&str],
         stdin: Option<&str>,
-        hint: &'static str,
+        hint: Hint,
     ) -> Result<String, NftError> {
-        let out = self.run(program, args, stdin, hint)?;
-        if out.status.success() {
-            return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
-        }
-        Err(self.failed(program, args, &out, hint))
-    }
-
-    fn failed(&self, program: &str, args: &[&str], out: &Output, hint: &'static str) -> NftError {
-        let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-        if stderr.is_empty() {
-            stderr = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        }
-        NftError::Command {
-            cmd: self.display(program, args),
-            status: out.status.to_string(),
-            hint: failure_hint(&stderr, hint),
-            stderr,
-        }
+        Ok(self.runner.check(program, args, stdin, hint)?)
     }
 
     fn display(&self, program: &str, args: &[&str]) -> String {
-        let mut s = match &self.netns {
-            Some(ns) => format!("ip netns exec {ns} {program}"),
-            None => program.to_owned(),
-        };
-        for a in args {
-            s.push(' ');
-            s.push_str(a);
-        }
-        s
+        self.runner.display(program, args)
     }
 }
 
-fn failure_hint(stderr: &str, default: &'static str) -> &'static str {
+/// What to do about a failed `nft`, from its stderr.
+fn failure_hint(stderr: &str, default: &'static str) -> String {
     let s = stderr.to_ascii_lowercase();
     if s.contains("operation not permitted") || s.contains("permission denied") {
         "netd needs root (CAP_NET_ADMIN)"
@@ -417,32 +323,7 @@ fn failure_hint(stderr: &str, default: &'static str) -> &'static str {
     } else {
         default
     }
-}
-
-/// The (source, destination) of each entry's original direction in a
-/// `conntrack -L` listing (the first `src=` and `dst=` of a line).
-fn original_pairs(listing: &str) -> std::collections::HashSet<(Ipv4Addr, Ipv4Addr)> {
-    listing
-        .lines()
-        .filter_map(|line| {
-            let field = |key: &str| {
-                line.split_whitespace()
-                    .find_map(|w| w.strip_prefix(key))
-                    .and_then(|v| v.parse::<Ipv4Addr>().ok())
-            };
-            Some((field("src=")?, field("dst=")?))
-        })
-        .collect()
-}
-
-/// `conntrack v1.4.7 (conntrack-tools): 3 flow entries have been deleted.` → 3.
-fn deleted_count(stderr: &str) -> Option<usize> {
-    let words: Vec<&str> = stderr.split_whitespace().collect();
-    words.windows(3).find_map(|w| {
-        (w[1] == "flow" && w[2] == "entries")
-            .then(|| w[0].parse().ok())
-            .flatten()
-    })
+    .to_owned()
 }
 
 #[derive(Deserialize)]
@@ -543,32 +424,21 @@ mod tests {
     }
 
     #[test]
-    fn conntrack_listing_gives_each_entrys_original_pair() {
-        let listing = "\
-tcp      6 431999 ESTABLISHED src=10.42.1.2 dst=10.42.2.3 sport=40000 dport=80 src=10.42.2.3 dst=10.42.1.2 sport=80 dport=40000 [ASSURED] mark=0 use=1
-udp      17 29 src=10.42.2.3 dst=10.42.1.9 sport=5353 dport=53 [UNREPLIED] src=10.42.1.9 dst=10.42.2.3 sport=53 dport=5353 mark=0 use=1
-garbage line
-";
-        let pairs = original_pairs(listing);
-        let a = |s: &str| s.parse::<Ipv4Addr>().unwrap();
-        assert_eq!(pairs.len(), 2);
-        assert!(pairs.contains(&(a("10.42.1.2"), a("10.42.2.3"))));
-        assert!(pairs.contains(&(a("10.42.2.3"), a("10.42.1.9"))));
-        assert!(!pairs.contains(&(a("10.42.2.3"), a("10.42.1.2"))));
-    }
-
-    #[test]
     fn errors_say_what_to_do() {
-        assert_eq!(
-            deleted_count("conntrack v1.4.7 (conntrack-tools): 2 flow entries have been deleted."),
-            Some(2)
-        );
         assert!(failure_hint(
             "Error: Could not process rule: Operation not permitted",
-            NFT_HINT
+            NFT_HINT.install
         )
         .contains("root"));
-        assert_eq!(failure_hint("syntax error", NFT_HINT), NFT_HINT);
+        assert!(failure_hint(
+            "Error: Could not process rule: No such file",
+            NFT_HINT.install
+        )
+        .contains("kernel module"));
+        assert_eq!(
+            failure_hint("syntax error", NFT_HINT.install),
+            NFT_HINT.install
+        );
         let nft = Nft::new().in_netns("t-h0");
         assert_eq!(
             nft.display("nft", &["-f", "-"]),
