@@ -140,9 +140,14 @@ impl Keys {
         format!("{}health/", self.root)
     }
 
+    /// Prefix of the health records of host `host`'s containers.
+    pub fn host_health(&self, host: &str) -> String {
+        format!("{}{host}/", self.health())
+    }
+
     /// The health of `container`'s interface `ifname` on `host`.
     pub fn health_of(&self, host: &str, container: &str, ifname: &str) -> String {
-        format!("{}{host}/{container}/{ifname}", self.health())
+        format!("{}{container}/{ifname}", self.host_health(host))
     }
 }
 
@@ -182,6 +187,7 @@ mod tests {
                 k.vips(),
                 k.vip(std::net::Ipv4Addr::new(10, 43, 0, 2)),
                 k.health(),
+                k.host_health("h0"),
                 k.health_of("h0", "c1", "eth0"),
             ] {
                 let rest = key

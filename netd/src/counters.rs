@@ -1,5 +1,6 @@
 //! Counters netd keeps itself: store operations that failed, reconcile runs
-//! and failures by kind, how long policy applies take. (The policy's rule
+//! and failures by kind, how long policy applies take, service health
+//! checks and how many of this host's containers fail them. (The policy's rule
 //! hits and drops are the kernel's counters, read at scrape time by
 //! [`crate::metrics`].) The daemon counts here; the exporter
 //! ([`crate::metrics`]) registers them, so the daemon does not depend on
@@ -8,6 +9,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -16,6 +18,29 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
     pub kind: &'static str,
+}
+
+/// The label of the health check counter: `ok` or `fail`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+/// What the service health checks ([`crate::services::health`]) count.
+#[derive(Clone, Debug, Default)]
+pub struct HealthCounters {
+    /// Probes run, by result.
+    pub checks: Family<ResultLabel, Counter>,
+    /// This host's containers whose health check finds them unhealthy now.
+    pub unhealthy: Gauge,
+}
+
+impl HealthCounters {
+    /// Counts one probe.
+    pub fn probed(&self, ok: bool) {
+        let result = if ok { "ok" } else { "fail" };
+        self.checks.get_or_create(&ResultLabel { result }).inc();
+    }
 }
 
 /// Counters netd keeps itself.
@@ -29,6 +54,7 @@ pub struct NetdMetrics {
     /// Seconds each nf_tables apply that changed the kernel took (render,
     /// `nft -f`).
     pub policy_apply_seconds: Histogram,
+    pub health: HealthCounters,
 }
 
 impl Default for NetdMetrics {
@@ -39,12 +65,16 @@ impl Default for NetdMetrics {
             reconcile_failures: Family::default(),
             // 1 ms to ~16 s.
             policy_apply_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            health: HealthCounters::default(),
         };
         // Both kinds show from the start, at zero.
         for kind in ["host", "mesh"] {
             let l = KindLabel { kind };
             drop(m.reconcile_runs.get_or_create(&l));
             drop(m.reconcile_failures.get_or_create(&l));
+        }
+        for result in ["ok", "fail"] {
+            drop(m.health.checks.get_or_create(&ResultLabel { result }));
         }
         m
     }
@@ -90,6 +120,16 @@ impl NetdMetrics {
             "Seconds each apply of weft's nf_tables rules (policy, anti-spoofing) took",
             self.policy_apply_seconds.clone(),
         );
+        r.register(
+            "weft_service_health_checks",
+            "Service health check probes this host ran, by result (ok, fail)",
+            self.health.checks.clone(),
+        );
+        r.register(
+            "weft_service_unhealthy_backends",
+            "This host's containers whose service health check finds them unhealthy",
+            self.health.unhealthy.clone(),
+        );
     }
 }
 
@@ -105,6 +145,8 @@ mod tests {
         m.store_errors.inc();
         m.policy_applied(Some(std::time::Duration::from_millis(3)));
         m.policy_applied(None);
+        m.health.probed(false);
+        m.health.unhealthy.inc();
         let mut r = Registry::default();
         m.register(&mut r);
         let mut text = String::new();
@@ -116,6 +158,9 @@ mod tests {
             r#"weft_reconcile_failures_total{kind="host"} 0"#,
             r#"weft_reconcile_failures_total{kind="mesh"} 1"#,
             "weft_policy_apply_seconds_count 1",
+            r#"weft_service_health_checks_total{result="ok"} 0"#,
+            r#"weft_service_health_checks_total{result="fail"} 1"#,
+            "weft_service_unhealthy_backends 1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }

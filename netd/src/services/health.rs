@@ -1,0 +1,563 @@
+//! Service health checks: this host's netd probes this host's containers
+//! whose service has a [`HealthCheck`] and writes what it finds to the store
+//! for every host (the VIP backends and DNS leave out a container whose
+//! [`HealthRecord`] says unhealthy). Checks scale with hosts: each netd
+//! probes only its own containers, from the host over the bridge (the
+//! isolation policy does not apply to the host's own traffic).
+//!
+//! * [`run`] follows `services/`, this host's `endpoints/` and this host's
+//!   `health/` records with [`weft_store::Follower`]; after every change it
+//!   decides ([`targets`], [`plan`]) which containers are probed with which
+//!   check, starts and stops one task per container, and deletes the health
+//!   records of containers that went or whose service no longer has a check.
+//! * Each task probes its container every `interval_ms` ([`probe`]: a TCP
+//!   connect, or an HTTP/1.1 GET where 2xx and 3xx are healthy, within
+//!   `timeout_ms`), first after an offset taken from its key
+//!   ([`first_probe_after`]) so probes spread over the interval. The tasks
+//!   are independent: a slow container delays only its own probes.
+//! * [`Tracker`] (pure) feeds each result to [`HealthState`] (rise/fall) and
+//!   says when to write: the store holds one record per transition, never
+//!   one per probe; a failed write is retried on the next probe. A
+//!   container starts in the state its record says (no record: healthy),
+//!   so a netd restart neither flaps nor forgets an unhealthy container.
+//!
+//! One log line per transition; probes are only counted
+//! ([`crate::counters::HealthCounters`]).
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::de::DeserializeOwned;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use weft_model::{
+    EndpointRecord, HealthCheck, HealthRecord, HealthState, Keys, Probe, ServiceName, ServiceRecord,
+};
+use weft_store::{DynStore, EventKind, Follower, Update};
+
+use crate::counters::HealthCounters;
+
+/// How soon a failed record delete is tried again.
+const RETRY_DELETE: Duration = Duration::from_secs(5);
+/// The most of an HTTP answer read to find its status line.
+const MAX_STATUS_LINE: usize = 1024;
+
+/// One container interface to probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub service: ServiceName,
+    pub container: String,
+    pub ifname: String,
+    pub addr: Ipv4Addr,
+    pub check: HealthCheck,
+}
+
+/// What should be probed on `host`, by health record key: every endpoint
+/// of `host` whose service (by its store key) has a valid check. Records
+/// that did not parse are `None` and skipped.
+pub fn targets(
+    keys: &Keys,
+    host: &str,
+    endpoints: &BTreeMap<String, Option<EndpointRecord>>,
+    services: &BTreeMap<String, Option<ServiceRecord>>,
+) -> BTreeMap<String, Target> {
+    let checks: BTreeMap<ServiceName, &HealthCheck> = services
+        .iter()
+        .filter_map(|(key, rec)| {
+            let check = rec.as_ref()?.spec.health.as_ref()?;
+            check.validate().ok()?;
+            Some((keys.service_of_key(key)?, check))
+        })
+        .collect();
+    endpoints
+        .values()
+        .flatten()
+        .filter(|r| r.host_id.as_str() == host)
+        .filter_map(|r| {
+            let service = ServiceName::of(r)?;
+            let check = (*checks.get(&service)?).clone();
+            let (container, ifname) = (r.container_id.as_str(), r.ifname.as_str());
+            let target = Target {
+                service,
+                container: container.to_owned(),
+                ifname: ifname.to_owned(),
+                addr: r.address.ip(),
+                check,
+            };
+            Some((keys.health_of(host, container, ifname), target))
+        })
+        .collect()
+}
+
+/// What to change, by health record key.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Tasks to stop: their target went or changed.
+    pub stop: Vec<String>,
+    /// Tasks to start: new or changed targets.
+    pub start: Vec<String>,
+    /// Stored records with no target: the endpoint went or its service has
+    /// no check any more.
+    pub delete: Vec<String>,
+}
+
+/// From the `running` tasks' targets and the `stored` record keys to
+/// `wanted`. A changed target (address, check) restarts its task and keeps
+/// its record (the new task starts from it).
+pub fn plan<'a>(
+    running: &BTreeMap<String, Target>,
+    wanted: &BTreeMap<String, Target>,
+    stored: impl IntoIterator<Item = &'a String>,
+) -> Plan {
+    let changed = |k: &String| wanted.get(k) != running.get(k);
+    Plan {
+        stop: running.keys().filter(|k| changed(k)).cloned().collect(),
+        start: wanted.keys().filter(|k| changed(k)).cloned().collect(),
+        delete: stored
+            .into_iter()
+            .filter(|k| !wanted.contains_key(*k))
+            .cloned()
+            .collect(),
+    }
+}
+
+/// When a container's first probe runs after its task starts: an offset in
+/// `[0, interval)` taken from its key (FNV-1a), so a host's probes spread
+/// over the interval instead of all firing at once, and a restarted task
+/// keeps its place.
+pub fn first_probe_after(key: &str, interval: Duration) -> Duration {
+    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let ms = u64::try_from(interval.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    Duration::from_millis(hash % ms)
+}
+
+/// One container's checks and what the store says about it.
+#[derive(Debug, Clone)]
+pub struct Tracker {
+    state: HealthState,
+    /// The health the store holds (no record: healthy); `None` when a
+    /// record is there but unreadable (the next probe writes it anew).
+    stored: Option<bool>,
+}
+
+/// What a probe result changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Step {
+    /// `Some(new health)` when the container just turned.
+    pub turned: Option<bool>,
+    /// `Some(health)` to write to the store.
+    pub write: Option<bool>,
+}
+
+impl Tracker {
+    /// Starts from the stored record (`None`: no record, healthy;
+    /// `Some(None)`: a record that does not parse).
+    pub fn new(stored: Option<Option<&HealthRecord>>, check: &HealthCheck) -> Tracker {
+        let stored = match stored {
+            None => Some(true),
+            Some(r) => r.map(|r| r.healthy),
+        };
+        let mut state = HealthState::default();
+        if stored == Some(false) {
+            // HealthState starts healthy: `fall` failures turn it.
+            while state.healthy() {
+                state.observe(false, check);
+            }
+        }
+        Tracker { state, stored }
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.state.healthy()
+    }
+
+    /// Takes one probe's result.
+    pub fn observe(&mut self, ok: bool, check: &HealthCheck) -> Step {
+        let turned = self.state.observe(ok, check);
+        let healthy = self.state.healthy();
+        let write = (self.stored != Some(healthy)).then_some(healthy);
+        Step { turned, write }
+    }
+
+    /// The store now holds `healthy`.
+    pub fn written(&mut self, healthy: bool) {
+        self.stored = Some(healthy);
+    }
+}
+
+/// What one probe saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub ok: bool,
+    /// `connected`, `HTTP 200`, `connection refused`, `timed out after 400 ms`...
+    pub detail: String,
+}
+
+/// Probes `addr` once, all within `timeout`.
+pub async fn probe(addr: Ipv4Addr, probe: &Probe, timeout: Duration) -> Seen {
+    let attempt = async {
+        let mut stream = TcpStream::connect((addr, probe.port()))
+            .await
+            .map_err(|e| io_detail(&e))?;
+        match probe {
+            Probe::Tcp { .. } => Ok("connected".to_owned()),
+            Probe::Http { port, path } => {
+                let request = http_request(addr, *port, path);
+                stream
+                    .write_all(request.as_bytes())
+                    .await
+                    .map_err(|e| io_detail(&e))?;
+                let head = read_status_line(&mut stream).await?;
+                let status = http_status(&head)?;
+                let detail = format!("HTTP {status}");
+                if (200..400).contains(&status) {
+                    Ok(detail)
+                } else {
+                    Err(detail)
+                }
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(Ok(detail)) => Seen { ok: true, detail },
+        Ok(Err(detail)) => Seen { ok: false, detail },
+        Err(_) => Seen {
+            ok: false,
+            detail: format!("timed out after {} ms", timeout.as_millis()),
+        },
+    }
+}
+
+fn io_detail(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => "connection refused".to_owned(),
+        std::io::ErrorKind::ConnectionReset => "connection reset".to_owned(),
+        _ => e.to_string(),
+    }
+}
+
+/// The GET a health check sends.
+pub fn http_request(addr: Ipv4Addr, port: u16, path: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}:{port}\r\nUser-Agent: weft-netd-health\r\n\
+         Accept: */*\r\nConnection: close\r\n\r\n"
+    )
+}
+
+/// Reads until the end of the first line (or the answer's end).
+async fn read_status_line(stream: &mut TcpStream) -> Result<Vec<u8>, String> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 512];
+    while !head.contains(&b'\n') && head.len() < MAX_STATUS_LINE {
+        let n = stream.read(&mut buf).await.map_err(|e| io_detail(&e))?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    Ok(head)
+}
+
+/// The status code of an HTTP answer's first line (`HTTP/1.1 200 OK`).
+pub fn http_status(head: &[u8]) -> Result<u16, String> {
+    if head.is_empty() {
+        return Err("closed without an HTTP answer".to_owned());
+    }
+    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut words = line.split_whitespace();
+    let status = match (words.next(), words.next()) {
+        (Some(v), Some(code)) if v.starts_with("HTTP/") && code.len() == 3 => code.parse().ok(),
+        _ => None,
+    };
+    status.ok_or_else(|| {
+        let shown: String = line.trim().chars().take(60).collect();
+        format!("not an HTTP answer: {shown:?}")
+    })
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// What every probe task shares.
+#[derive(Clone)]
+struct Ctx {
+    store: DynStore,
+    counters: HealthCounters,
+}
+
+/// Counts one unhealthy container in the gauge while it is unhealthy,
+/// until dropped (a stopped task's container leaves the count).
+struct Unhealthy {
+    gauge: prometheus_client::metrics::gauge::Gauge,
+    counted: bool,
+}
+
+impl Unhealthy {
+    fn set(&mut self, unhealthy: bool) {
+        if unhealthy != self.counted {
+            if unhealthy {
+                self.gauge.inc();
+            } else {
+                self.gauge.dec();
+            }
+            self.counted = unhealthy;
+        }
+    }
+}
+
+impl Drop for Unhealthy {
+    fn drop(&mut self) {
+        self.set(false);
+    }
+}
+
+/// The tracker (a panic cannot leave one half-changed: take it as it is).
+fn lock(t: &Shared) -> std::sync::MutexGuard<'_, Tracker> {
+    t.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Probes one container until aborted: see the module docs.
+async fn probe_loop(ctx: Ctx, key: String, target: Target, tracker: Shared) {
+    let check = &target.check;
+    let interval = Duration::from_millis(check.interval_ms);
+    let timeout = Duration::from_millis(check.timeout_ms);
+    let mut gauge = Unhealthy {
+        gauge: ctx.counters.unhealthy.clone(),
+        counted: false,
+    };
+    gauge.set(!lock(&tracker).healthy());
+    tokio::time::sleep(first_probe_after(&key, interval)).await;
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut write_failing = false;
+    loop {
+        ticks.tick().await;
+        let seen = probe(target.addr, &check.probe, timeout).await;
+        ctx.counters.probed(seen.ok);
+        let step = lock(&tracker).observe(seen.ok, check);
+        if let Some(healthy) = step.turned {
+            gauge.set(!healthy);
+            let (service, container, ifname) = (&target.service, &target.container, &target.ifname);
+            let addr = target.addr;
+            if healthy {
+                tracing::info!(%service, container, ifname, %addr, probe = %check.probe,
+                    detail = %seen.detail, "container healthy again");
+            } else {
+                tracing::warn!(%service, container, ifname, %addr, probe = %check.probe,
+                    detail = %seen.detail, "container unhealthy");
+            }
+        }
+        let Some(healthy) = step.write else { continue };
+        let record = HealthRecord {
+            healthy,
+            since_ms: now_ms(),
+            detail: seen.detail,
+        };
+        let written = match serde_json::to_vec(&record) {
+            Ok(value) => ctx
+                .store
+                .put(&key, &value, None)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match written {
+            Ok(_) => {
+                lock(&tracker).written(healthy);
+                if write_failing {
+                    tracing::info!(key, "health record written after failures");
+                }
+                write_failing = false;
+            }
+            Err(e) => {
+                // Logged once per run of failures; the next probe retries.
+                if !write_failing {
+                    tracing::warn!(key, error = %e, "writing the health record failed; retrying with the next probe");
+                }
+                write_failing = true;
+            }
+        }
+    }
+}
+
+/// Applies a follower's update to `map` (by store key); a value that does
+/// not parse is kept as `None`.
+fn apply_update<T: DeserializeOwned>(map: &mut BTreeMap<String, Option<T>>, u: Update) {
+    let decode = |key: &str, value: &[u8]| match serde_json::from_slice::<T>(value) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::warn!(key, error = %e, "unreadable record; ignored");
+            None
+        }
+    };
+    match u {
+        Update::Snapshot(range) => {
+            map.clear();
+            for kv in range.kvs {
+                let v = decode(&kv.key, &kv.value);
+                map.insert(kv.key, v);
+            }
+        }
+        Update::Changes { events, .. } => {
+            for ev in events {
+                match ev.kind {
+                    EventKind::Put => {
+                        let v = decode(&ev.kv.key, &ev.kv.value);
+                        map.insert(ev.kv.key, v);
+                    }
+                    EventKind::Delete => {
+                        map.remove(&ev.kv.key);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What the followers have handed over.
+#[derive(Default)]
+struct Known {
+    services: BTreeMap<String, Option<ServiceRecord>>,
+    endpoints: BTreeMap<String, Option<EndpointRecord>>,
+    health: BTreeMap<String, Option<HealthRecord>>,
+    /// Services, endpoints, health: listed once each (until all three are,
+    /// nothing is decided: an empty view would delete every record).
+    listed: [bool; 3],
+}
+
+/// A container's [`Tracker`], shared by its task and the manager (a task
+/// restarted for a changed check carries on from it).
+type Shared = Arc<Mutex<Tracker>>;
+
+/// A probe task and the target it probes.
+struct Running {
+    target: Target,
+    tracker: Shared,
+    task: JoinHandle<()>,
+}
+
+/// Runs this host's health checks until `stop` fires: see the module docs.
+/// Stopping aborts the probes and leaves the records in place (a restarted
+/// netd starts from them).
+pub async fn run(
+    store: DynStore,
+    keys: Keys,
+    host: String,
+    counters: HealthCounters,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut services = Follower::new(store.clone(), keys.services());
+    let mut endpoints = Follower::new(store.clone(), keys.host_endpoints(&host));
+    let mut health = Follower::new(store.clone(), keys.host_health(&host));
+    let ctx = Ctx { store, counters };
+    let mut known = Known::default();
+    let mut running: BTreeMap<String, Running> = BTreeMap::new();
+    let mut retry = false;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            u = services.next() => {
+                apply_update(&mut known.services, u);
+                known.listed[0] = true;
+            }
+            u = endpoints.next() => {
+                apply_update(&mut known.endpoints, u);
+                known.listed[1] = true;
+            }
+            u = health.next() => {
+                apply_update(&mut known.health, u);
+                known.listed[2] = true;
+            }
+            _ = tokio::time::sleep(RETRY_DELETE), if retry => {}
+        }
+        if known.listed.contains(&false) {
+            continue;
+        }
+        retry = !reconcile(&ctx, &keys, &host, &mut known, &mut running).await;
+    }
+    for (_, r) in running {
+        r.task.abort();
+    }
+}
+
+/// Starts and stops probe tasks and deletes stale records (from `known`
+/// too, so a task started before the follower reports the delete does not
+/// start from the old record); false when a delete failed (retried later).
+async fn reconcile(
+    ctx: &Ctx,
+    keys: &Keys,
+    host: &str,
+    known: &mut Known,
+    running: &mut BTreeMap<String, Running>,
+) -> bool {
+    let wanted = targets(keys, host, &known.endpoints, &known.services);
+    let current: BTreeMap<String, Target> = running
+        .iter()
+        .map(|(k, r)| (k.clone(), r.target.clone()))
+        .collect();
+    let plan = plan(&current, &wanted, known.health.keys());
+    let mut stopped = BTreeMap::new();
+    for key in plan.stop {
+        if let Some(r) = running.remove(&key) {
+            r.task.abort();
+            stopped.insert(key, r.tracker);
+        }
+    }
+    for key in plan.start {
+        let Some(target) = wanted.get(&key).cloned() else {
+            continue;
+        };
+        let tracker = match stopped.remove(&key) {
+            Some(t) => t,
+            None => {
+                tracing::info!(service = %target.service, container = target.container,
+                    ifname = target.ifname, probe = %target.check.probe, "health checks start");
+                let stored = known.health.get(&key).map(Option::as_ref);
+                Arc::new(Mutex::new(Tracker::new(stored, &target.check)))
+            }
+        };
+        let task = tokio::spawn(probe_loop(
+            ctx.clone(),
+            key.clone(),
+            target.clone(),
+            tracker.clone(),
+        ));
+        running.insert(
+            key,
+            Running {
+                target,
+                tracker,
+                task,
+            },
+        );
+    }
+    let mut ok = true;
+    for key in plan.delete {
+        match ctx.store.delete(&key).await {
+            Ok(_) => {
+                known.health.remove(&key);
+                tracing::info!(key, "health record deleted: no check for it any more");
+            }
+            Err(e) => {
+                tracing::warn!(key, error = %e, "deleting a health record failed; retrying");
+                ok = false;
+            }
+        }
+    }
+    ok
+}
+
+#[cfg(test)]
+mod tests;
