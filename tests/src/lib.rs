@@ -32,6 +32,7 @@ mod lab;
 pub mod naming;
 mod netns;
 pub mod probe;
+pub mod services;
 pub mod spoof;
 pub mod weft;
 
