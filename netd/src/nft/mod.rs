@@ -35,6 +35,7 @@
 //! and an `accept` here is final only for this table.
 
 pub mod policy;
+pub mod services;
 pub mod spoof;
 pub mod table;
 
