@@ -109,11 +109,11 @@ pub fn answer(
                 w.write(out, RCODE_NOERROR, &[], 1, table.soa(Zone::Domain), 0)
             }
         }
-        Resolution::Ptr(rec) => {
+        Resolution::Ptr(rec, zone) => {
             if wants(TYPE_PTR) {
                 w.write(out, RCODE_NOERROR, rec, rec.len(), &[], 0)
             } else {
-                w.write(out, RCODE_NOERROR, &[], 1, table.soa(Zone::Reverse), 0)
+                w.write(out, RCODE_NOERROR, &[], 1, table.soa(zone), 0)
             }
         }
         Resolution::Apex(zone) => {

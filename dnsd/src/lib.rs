@@ -18,7 +18,8 @@
 //! Pieces:
 //! * [`wire`]: parsing queries and writing answers by hand, no allocation.
 //! * [`table`]: every name with its answer records in wire form, built from
-//!   the endpoints and swapped in atomically on every change.
+//!   the endpoints, services (VIPs) and health records and swapped in
+//!   atomically on every change.
 //! * [`answer`]: one query against the table (the fast path).
 //! * `server`: UDP threads with SO_REUSEPORT sockets and recvmmsg/sendmmsg
 //!   batches.
@@ -27,7 +28,8 @@
 //! * [`resolv`]: the upstreams from the host's resolv.conf, re-read on change.
 //! * [`metrics`]: the counters as OpenMetrics text, for netd's exporter and
 //!   the standalone binary's `/metrics`.
-//! * `sync`: list-then-watch of the store's endpoints, with backoff.
+//! * `sync`: list-then-watch of the store's endpoints, service records and
+//!   health records, with backoff.
 
 pub mod answer;
 pub mod counters;
@@ -96,12 +98,15 @@ pub struct DnsConfig {
     pub listen: Vec<SocketAddr>,
     /// The host's resolv.conf: the upstream resolvers.
     pub resolv_conf: PathBuf,
-    /// The store key layout netd uses (endpoints are read from
-    /// [`weft_model::Keys::endpoints`]).
+    /// The store key layout netd uses (dnsd reads the endpoints, service
+    /// records and health records: [`weft_model::Keys::endpoints`],
+    /// [`weft_model::Keys::services`], [`weft_model::Keys::health`]).
     pub keys: weft_model::Keys,
     /// The cluster range: PTR answers for these addresses, and these
     /// clients may have other names forwarded.
     pub cluster_range: Ipv4Network,
+    /// The service range (the VIPs): PTR answers for these addresses too.
+    pub service_range: Ipv4Network,
     /// How long to wait for one upstream before trying the next.
     pub upstream_timeout: Duration,
     /// The port of the resolv.conf nameservers: 53 (resolv.conf cannot say
@@ -135,6 +140,7 @@ impl Default for DnsConfig {
             resolv_conf: PathBuf::from(DEFAULT_RESOLV_CONF),
             keys: weft_model::Keys::default(),
             cluster_range: weft_model::DEFAULT_CLUSTER_RANGE,
+            service_range: weft_model::DEFAULT_SERVICE_RANGE,
             upstream_timeout: DEFAULT_UPSTREAM_TIMEOUT,
             upstream_port: DEFAULT_UPSTREAM_PORT,
             max_tcp_connections: DEFAULT_MAX_TCP_CONNECTIONS,
@@ -184,6 +190,7 @@ impl DnsConfig {
             domain: self.domain.trim_end_matches('.').to_ascii_lowercase(),
             ttl: self.ttl.as_secs() as u32,
             cluster_range: self.cluster_range,
+            service_range: self.service_range,
         }
     }
 
@@ -301,7 +308,7 @@ impl DnsServer {
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let sync = sync::Sync {
             store,
-            prefix: cfg.keys.endpoints(),
+            keys: cfg.keys.clone(),
             table_cfg,
             table,
         };

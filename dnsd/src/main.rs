@@ -35,6 +35,9 @@ struct Args {
     /// The cluster range (PTR answers; these clients may recurse).
     #[arg(long, default_value_t = weft_model::DEFAULT_CLUSTER_RANGE)]
     cluster_range: Ipv4Network,
+    /// The service range (PTR answers for the VIPs).
+    #[arg(long, default_value_t = weft_model::DEFAULT_SERVICE_RANGE)]
+    service_range: Ipv4Network,
     /// More networks whose clients may have other names forwarded.
     #[arg(long = "allow-recursion")]
     allow_recursion: Vec<IpNetwork>,
@@ -78,6 +81,7 @@ impl Args {
             resolv_conf: self.resolv_conf.clone(),
             keys: weft_model::Keys::new(&self.store_prefix),
             cluster_range: self.cluster_range,
+            service_range: self.service_range,
             upstream_timeout: Duration::from_millis(self.upstream_timeout_ms),
             upstream_port: self.upstream_port,
             max_tcp_connections: self.max_tcp_connections,

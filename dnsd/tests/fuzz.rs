@@ -48,8 +48,19 @@ fn build_table() -> Table {
         domain: "weft.internal".into(),
         ttl: 1,
         cluster_range: "10.42.0.0/16".parse().unwrap(),
+        service_range: "10.43.0.0/16".parse().unwrap(),
     };
-    Table::build(&cfg, &eps, 1)
+    // `web.shop` answers its VIP; every third `big` is unhealthy.
+    let web: weft_model::ServiceRecord = serde_json::from_value(serde_json::json!({
+        "name": "web.shop", "vip": "10.43.0.7", "spec": {"mode": "vip"}
+    }))
+    .unwrap();
+    Table::build_with(
+        &cfg,
+        eps.iter().enumerate().map(|(i, ep)| (ep, i % 3 != 0)),
+        [&web],
+        1,
+    )
 }
 
 fn acl() -> Acl {
@@ -90,6 +101,15 @@ fn framed_query() -> impl Strategy<Value = Vec<u8>> {
             "internal".into()
         ]),
         Just(vec!["big".to_string(), "shop".into()]),
+        Just(vec!["tasks".to_string(), "web".into(), "shop".into()]),
+        Just(vec![
+            "7".to_string(),
+            "0".into(),
+            "43".into(),
+            "10".into(),
+            "in-addr".into(),
+            "arpa".into()
+        ]),
         Just(vec!["web".to_string()]),
         Just(vec![
             "2".to_string(),

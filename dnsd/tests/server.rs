@@ -1,7 +1,8 @@
 //! dnsd as a whole on 127.0.0.1 (no root needed): names from a real store
 //! over UDP and TCP, following store changes, forwarding with cache,
 //! failover and SERVFAIL, merged identical queries, cache eviction,
-//! resolv.conf reloads, TCP limits, and serving on while the store is down.
+//! resolv.conf reloads, TCP limits, serving on while the store is down, and
+//! following the service (VIP) and health records.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -217,6 +218,109 @@ async fn follows_store_changes_within_a_second() {
     })
     .await;
     eprintln!("deleted endpoint NXDOMAIN after {took:?}");
+    server.stop().await;
+}
+
+fn service_json(name: &str, vip: Option<&str>, mode: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({"name": name, "vip": vip, "spec": {"mode": mode}}))
+        .unwrap()
+}
+
+fn health_json(healthy: bool) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({"healthy": healthy, "since_ms": 1})).unwrap()
+}
+
+fn ptr_names(m: &Message) -> Vec<String> {
+    m.answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::PTR(p) => Some(p.0.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follows_service_and_health_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite(dir.path()).await;
+    let keys = weft_model::Keys::default();
+    let web: weft_model::ServiceName = "web.shop".parse().unwrap();
+    for (id, ip, name) in [("c1", "10.42.3.2", "web-1"), ("c2", "10.42.3.3", "web-2")] {
+        store
+            .put(&key(id), &endpoint_json(id, ip, name, "web", "shop"), None)
+            .await
+            .unwrap();
+    }
+    // The record is there before dnsd starts: the first table has the VIP.
+    store
+        .put(
+            &keys.service(&web),
+            &service_json("web.shop", Some("10.43.0.5"), "vip"),
+            None,
+        )
+        .await
+        .unwrap();
+    let server = DnsServer::start(config(&dir.path().join("none")), store.clone())
+        .await
+        .unwrap();
+    let at = server.local_addrs()[0];
+    let ask = move |name: &str| addrs(&udp(at, name, A));
+    let both = vec!["10.42.3.2", "10.42.3.3"];
+    assert_eq!(ask("web.shop.weft.internal"), vec!["10.43.0.5"]);
+    assert_eq!(ask("web.shop"), vec!["10.43.0.5"]);
+    assert_eq!(ask("tasks.web.shop.weft.internal"), both);
+    assert_eq!(ask("tasks.web.shop"), both);
+    assert_eq!(
+        ptr_names(&udp(at, "5.0.43.10.in-addr.arpa", PTR)),
+        vec!["web.shop.weft.internal."]
+    );
+
+    // web-2 turns unhealthy: out of tasks.*, its own name answers.
+    let sick = keys.health_of("h0", "c2", "eth0");
+    store.put(&sick, &health_json(false), None).await.unwrap();
+    let took = wait_for("unhealthy container out", Duration::from_secs(1), || {
+        ask("tasks.web.shop") == vec!["10.42.3.2"]
+    })
+    .await;
+    eprintln!("unhealthy container left tasks.web.shop after {took:?}");
+    assert_eq!(ask("web-2.shop"), vec!["10.42.3.3"]);
+    assert_eq!(ask("web.shop"), vec!["10.43.0.5"]);
+
+    // dnsrr: the round robin, without the unhealthy one; no VIP PTR.
+    store
+        .put(
+            &keys.service(&web),
+            &service_json("web.shop", Some("10.43.0.5"), "dnsrr"),
+            None,
+        )
+        .await
+        .unwrap();
+    wait_for("dnsrr mode", Duration::from_secs(1), || {
+        ask("web.shop") == vec!["10.42.3.2"]
+    })
+    .await;
+    let m = udp(at, "5.0.43.10.in-addr.arpa", PTR);
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+
+    // Healthy again (the record goes), then no record at all: as before.
+    store.delete(&sick).await.unwrap();
+    wait_for("healthy again", Duration::from_secs(1), || {
+        ask("web.shop") == both
+    })
+    .await;
+    store.delete(&keys.service(&web)).await.unwrap();
+    store
+        .put(
+            &keys.health_of("h0", "c1", "eth0"),
+            &health_json(true),
+            None,
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(ask("web.shop"), both);
+    assert_eq!(ask("tasks.web.shop"), both);
     server.stop().await;
 }
 

@@ -33,8 +33,20 @@ fn table() -> &'static Table {
             ttl: 1,
             cluster_range: ipnetwork::Ipv4Network::new([10, 42, 0, 0].into(), 16)
                 .unwrap_or_else(|_| unreachable!()),
+            service_range: ipnetwork::Ipv4Network::new([10, 43, 0, 0].into(), 16)
+                .unwrap_or_else(|_| unreachable!()),
         };
-        Table::build(&cfg, &eps, 1)
+        // `web.shop` answers its VIP; every third container is unhealthy.
+        let web: Option<weft_model::ServiceRecord> = serde_json::from_value(serde_json::json!({
+            "name": "web.shop", "vip": "10.43.0.7", "spec": {"mode": "vip"}
+        }))
+        .ok();
+        Table::build_with(
+            &cfg,
+            eps.iter().enumerate().map(|(i, ep)| (ep, i % 3 != 0)),
+            web.iter(),
+            1,
+        )
     })
 }
 

@@ -1,5 +1,6 @@
-//! The lookup table: every name dnsd answers for, built from the endpoints in
-//! the store, with its answer records already in wire form.
+//! The lookup table: every name dnsd answers for, built from the endpoints,
+//! the service records and the health records in the store, with its answer
+//! records already in wire form.
 //!
 //! A table is immutable once built (apart from the round-robin counters);
 //! the store sync builds a new one on every change and swaps it in
@@ -13,29 +14,51 @@
 //! |---|---|
 //! | `web-1.shop.weft.internal`, `web-1.shop` | the container |
 //! | `web-1.weft.internal`, `web-1` | every container named `web-1` (any stack) |
-//! | `web.shop.weft.internal`, `web.shop` | every running container of service `web` in stack `shop`, on every host |
-//! | `www.shop.weft.internal`, `www.shop` | like a service: every container with that alias |
+//! | `web.shop.weft.internal`, `web.shop` | `vip` mode: the service's VIP (one A record); otherwise every healthy container of service `web` in stack `shop`, on every host, round robin |
+//! | `tasks.web.shop.weft.internal`, `tasks.web.shop` | every healthy container of the service (Docker's name), in both modes |
+//! | `www.shop.weft.internal`, `www.shop` | like a round-robin service: every healthy container with that alias |
 //! | `web` (one label) from a container of stack `shop` | `web.shop.weft.internal` (the client's stack first) |
 //! | `7.0.42.10.in-addr.arpa` PTR | `web-1.shop.weft.internal` |
+//! | `9.0.43.10.in-addr.arpa` PTR (a VIP) | `web.shop.weft.internal` |
 //!
-//! Endpoints without a stack get `<name>.<domain>` and `<service>.<domain>`.
-//! Names that have names below them (`shop.weft.internal`, the domain
-//! itself) exist without records (NOERROR, no answer); any other name in the
-//! domain is NXDOMAIN. So is any other name under the short form of a stack
-//! weft knows (`nosuch.shop`): it is answered at once, never forwarded (which
-//! would be slow and would leak internal names to the upstream). A stack
-//! named like the domain's top label or `arpa` claims nothing short.
+//! A service is in `vip` mode when its [`ServiceRecord`] says so and has a
+//! VIP; a service with no record, in `dnsrr` mode or without a VIP (the
+//! service range was full) is answered by round robin, as before services
+//! had records. The VIP names (and the VIP's PTR) exist while the service
+//! has a container in the table; they answer the VIP alone, even if a
+//! container is named like the service. A container whose [`HealthRecord`]
+//! says unhealthy leaves every service answer (the round robin, `tasks.`,
+//! aliases) and keeps its own names; a service name whose containers are
+//! all unhealthy exists without records (NOERROR, no answer).
+//!
+//! Endpoints without a stack get `<name>.<domain>`, `<service>.<domain>`
+//! and `tasks.<service>[.<domain>]`. Names that have names below them
+//! (`shop.weft.internal`, the domain itself) exist without records
+//! (NOERROR, no answer); any other name in the domain is NXDOMAIN. So is
+//! any other name under the short form of a stack weft knows
+//! (`nosuch.shop`): it is answered at once, never forwarded (which would be
+//! slow and would leak internal names to the upstream). A stack named like
+//! the domain's top label or `arpa` claims nothing short. PTR names are
+//! answered for the cluster range and the service range (NXDOMAIN for
+//! addresses there without a record).
+//!
+//! [`HealthRecord`]: weft_model::HealthRecord
+
+mod names;
+mod reverse;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ipnetwork::Ipv4Network;
-use rustc_hash::FxHashMap;
-use weft_model::EndpointRecord;
+use rustc_hash::{FxHashMap, FxHashSet};
+use weft_model::{EndpointRecord, Mode, ServiceRecord};
 
 use crate::wire::{
     name_from_str, wire_label_count, Name, CLASS_IN, MAX_NAME_LEN, TYPE_A, TYPE_PTR, TYPE_SOA,
 };
+use names::{endpoint_names, service_id, ServiceId};
+use reverse::ReverseZone;
 
 /// Length of one A record written with a pointer to the question name.
 pub const A_RECORD_LEN: usize = 16;
@@ -47,8 +70,10 @@ pub struct TableConfig {
     pub domain: String,
     /// TTL of every answer, and the SOA minimum (negative caching).
     pub ttl: u32,
-    /// Addresses dnsd answers PTR queries for.
+    /// Addresses dnsd answers PTR queries for (the containers').
     pub cluster_range: Ipv4Network,
+    /// The VIPs' range: dnsd answers PTR queries for these too.
+    pub service_range: Ipv4Network,
 }
 
 /// One name: its addresses (sorted) and their A records.
@@ -105,14 +130,17 @@ pub enum Zone {
     Domain,
     /// The reverse zone of the cluster range.
     Reverse,
+    /// The reverse zone of the service range (the VIPs).
+    ServiceReverse,
 }
 
 /// What the table says about a name.
 pub enum Resolution<'t> {
     /// A name with addresses.
     Addrs(&'t NameEntry),
-    /// A cluster address: its PTR record (wire, pointing at the question).
-    Ptr(&'t [u8]),
+    /// A container's address or a VIP: its PTR record (wire, pointing at
+    /// the question), and the reverse zone it is in.
+    Ptr(&'t [u8], Zone),
     /// The apex of a zone (SOA queries get the SOA).
     Apex(Zone),
     /// The name exists but has no records (names below it do).
@@ -128,25 +156,20 @@ pub struct Table {
     /// Lowercase wire-form name → entry (no addresses for empty non-terminals).
     names: FxHashMap<Box<[u8]>, NameEntry>,
     /// Wire form of each known stack's short zone (`\x04shop\x00`).
-    stacks: rustc_hash::FxHashSet<Box<[u8]>>,
+    stacks: FxHashSet<Box<[u8]>>,
     /// Client address → wire form of `<its stack>.<domain>`.
     client_suffix: FxHashMap<Ipv4Addr, Box<[u8]>>,
-    /// Cluster address → its PTR record.
+    /// Container address or VIP → its PTR record.
     ptr: FxHashMap<Ipv4Addr, Box<[u8]>>,
     domain: Box<[u8]>,
     domain_labels: usize,
-    reverse_zone: Box<[u8]>,
-    reverse_labels: usize,
-    /// Whether the cluster range is a whole reverse zone (prefix a multiple of 8).
-    reverse_exact: bool,
-    cluster: Ipv4Network,
+    /// The cluster range's, then the service range's.
+    reverse: [ReverseZone; 2],
     soa_domain: Box<[u8]>,
-    soa_reverse: Box<[u8]>,
     endpoints: usize,
+    vips: usize,
     revision: i64,
 }
-
-const IN_ADDR_ARPA: &[u8] = b"\x07in-addr\x04arpa\x00";
 
 impl Table {
     /// An empty table (before the first read of the store).
@@ -154,28 +177,53 @@ impl Table {
         Table::build(cfg, std::iter::empty(), 0)
     }
 
-    /// Builds the table for `endpoints` (the store snapshot at `revision`).
-    /// Endpoints whose names are not valid DNS names are skipped with a
-    /// warning; an invalid domain yields a table that answers nothing
-    /// locally (the config is checked before, see [`crate::DnsConfig`]).
+    /// Builds the table for `endpoints` alone (every one healthy, every
+    /// service round robin): see [`Table::build_with`].
     pub fn build<'a>(
         cfg: &TableConfig,
         endpoints: impl IntoIterator<Item = &'a EndpointRecord>,
         revision: i64,
     ) -> Table {
+        Table::build_with(
+            cfg,
+            endpoints.into_iter().map(|ep| (ep, true)),
+            std::iter::empty(),
+            revision,
+        )
+    }
+
+    /// Builds the table for `endpoints`, each with whether it is healthy
+    /// (no health record is healthy), and the `services`' records (the
+    /// store snapshot at `revision`). Endpoints whose names are not valid
+    /// DNS names are skipped with a warning; an invalid domain yields a
+    /// table that answers nothing locally (the config is checked before,
+    /// see [`crate::DnsConfig`]).
+    pub fn build_with<'a>(
+        cfg: &TableConfig,
+        endpoints: impl IntoIterator<Item = (&'a EndpointRecord, bool)>,
+        services: impl IntoIterator<Item = &'a ServiceRecord>,
+        revision: i64,
+    ) -> Table {
         let domain_str = cfg.domain.trim_end_matches('.').to_ascii_lowercase();
         let domain = name_from_str(&domain_str).unwrap_or_else(|| vec![0]);
         let domain_labels = wire_label_count(&domain);
-        let (reverse_zone, reverse_exact) = reverse_zone(cfg.cluster_range);
-        let reverse_labels = wire_label_count(&reverse_zone);
         let ttl = cfg.ttl;
+        // The services answered by their VIP.
+        let vip_of: FxHashMap<ServiceId, Ipv4Addr> = services
+            .into_iter()
+            .filter(|r| r.spec.mode == Mode::Vip)
+            .filter_map(|r| Some((service_id(&r.name), r.vip?)))
+            .collect();
 
         let mut addrs: FxHashMap<Vec<u8>, Vec<Ipv4Addr>> = FxHashMap::default();
+        // A service's name → its VIP; the VIP → the service's FQDN.
+        let mut vip_names: FxHashMap<Vec<u8>, Ipv4Addr> = FxHashMap::default();
+        let mut vip_targets: FxHashMap<Ipv4Addr, Vec<u8>> = FxHashMap::default();
         let mut client_suffix = FxHashMap::default();
-        let mut stacks = rustc_hash::FxHashSet::default();
+        let mut stacks = FxHashSet::default();
         let mut ptr = FxHashMap::default();
         let mut count = 0;
-        for ep in endpoints {
+        for (ep, healthy) in endpoints {
             let Some(names) = endpoint_names(ep, &domain_str) else {
                 tracing::warn!(
                     container = %ep.container_id,
@@ -188,9 +236,32 @@ impl Table {
             };
             count += 1;
             let ip = ep.address.ip();
-            for n in names.names {
+            for n in names.container {
                 addrs.entry(n).or_default().push(ip);
             }
+            // Service names exist while the service has a container; an
+            // unhealthy one adds no address to them.
+            let mut member = |list: Vec<Vec<u8>>| {
+                for n in list {
+                    let entry = addrs.entry(n).or_default();
+                    if healthy {
+                        entry.push(ip);
+                    }
+                }
+            };
+            match names.service_id.as_ref().and_then(|id| vip_of.get(id)) {
+                Some(&vip) => {
+                    if let Some(fqdn) = names.service.first() {
+                        vip_targets.insert(vip, fqdn.clone());
+                    }
+                    for n in names.service {
+                        vip_names.insert(n, vip);
+                    }
+                }
+                None => member(names.service),
+            }
+            member(names.tasks);
+            member(names.aliases);
             if let Some(s) = names.stack_suffix {
                 // `<stack>.<domain>`: its first label, as a one-label name.
                 let first = 1 + s[0] as usize;
@@ -202,6 +273,14 @@ impl Table {
             if let Some(target) = names.ptr_target {
                 ptr.insert(ip, ptr_record(&target, ttl));
             }
+        }
+        // The VIP alone, even over a container named like the service.
+        for (name, vip) in vip_names {
+            addrs.insert(name, vec![vip]);
+        }
+        let vips = vip_targets.len();
+        for (vip, target) in vip_targets {
+            ptr.insert(vip, ptr_record(&target, ttl));
         }
 
         // A stack named like the domain's top label or `arpa` claims nothing
@@ -242,7 +321,16 @@ impl Table {
 
         let serial = (revision.max(0) as u64 & 0xFFFF_FFFF) as u32;
         let soa_domain = soa_record(&domain, &domain, ttl, serial);
-        let soa_reverse = soa_record(&reverse_zone, &domain, ttl, serial);
+        let reverse = [
+            ReverseZone::new(Zone::Reverse, cfg.cluster_range, &domain, ttl, serial),
+            ReverseZone::new(
+                Zone::ServiceReverse,
+                cfg.service_range,
+                &domain,
+                ttl,
+                serial,
+            ),
+        ];
         Table {
             names,
             stacks,
@@ -250,13 +338,10 @@ impl Table {
             ptr,
             domain: domain.into_boxed_slice(),
             domain_labels,
-            reverse_zone: reverse_zone.into_boxed_slice(),
-            reverse_labels,
-            reverse_exact,
-            cluster: cfg.cluster_range,
+            reverse,
             soa_domain,
-            soa_reverse,
             endpoints: count,
+            vips,
             revision,
         }
     }
@@ -264,6 +349,11 @@ impl Table {
     /// Number of endpoints in the table.
     pub fn endpoints(&self) -> usize {
         self.endpoints
+    }
+
+    /// Number of services answered by their VIP.
+    pub fn vips(&self) -> usize {
+        self.vips
     }
 
     /// Number of names (with and without addresses).
@@ -280,7 +370,8 @@ impl Table {
     pub fn soa(&self, zone: Zone) -> &[u8] {
         match zone {
             Zone::Domain => &self.soa_domain,
-            Zone::Reverse => &self.soa_reverse,
+            Zone::Reverse => &self.reverse[0].soa,
+            Zone::ServiceReverse => &self.reverse[1].soa,
         }
     }
 
@@ -327,148 +418,8 @@ impl Table {
         if n >= 2 && self.stacks.contains(name.suffix(n - 1)) {
             return Resolution::NxDomain(Zone::Domain);
         }
-        self.resolve_reverse(name)
+        reverse::resolve(&self.reverse, &self.ptr, name)
     }
-
-    fn resolve_reverse(&self, name: &Name) -> Resolution<'_> {
-        let n = name.label_count();
-        if n < 2 || name.suffix(n - 2) != IN_ADDR_ARPA {
-            return Resolution::External;
-        }
-        let in_zone =
-            self.reverse_exact && name.is_at_or_under(&self.reverse_zone, self.reverse_labels);
-        if n == 6 {
-            if let Some(ip) = reverse_address(name) {
-                if self.cluster.contains(ip) {
-                    return match self.ptr.get(&ip) {
-                        Some(rec) => Resolution::Ptr(rec),
-                        None => Resolution::NxDomain(Zone::Reverse),
-                    };
-                }
-            }
-            return if in_zone {
-                Resolution::NxDomain(Zone::Reverse)
-            } else {
-                Resolution::External
-            };
-        }
-        if !in_zone {
-            return Resolution::External;
-        }
-        if n == self.reverse_labels {
-            return Resolution::Apex(Zone::Reverse);
-        }
-        if n < 6 && (0..n - 2).all(|i| octet(name.label(i)).is_some()) {
-            Resolution::NoData(Zone::Reverse)
-        } else {
-            Resolution::NxDomain(Zone::Reverse)
-        }
-    }
-}
-
-/// The names of one endpoint (lowercase wire form).
-struct EndpointNames {
-    names: Vec<Vec<u8>>,
-    /// `<stack>.<domain>` for single-label queries from this endpoint.
-    stack_suffix: Option<Vec<u8>>,
-    ptr_target: Option<Vec<u8>>,
-}
-
-fn endpoint_names(ep: &EndpointRecord, domain: &str) -> Option<EndpointNames> {
-    let lower = |s: Option<&str>| {
-        s.map(|s| s.trim_end_matches('.').to_ascii_lowercase())
-            .filter(|s| !s.is_empty())
-    };
-    let stack = lower(ep.stack.as_deref());
-    // Without a name, the short container id (as docker shows it).
-    let cname = lower(ep.name.as_deref()).or_else(|| {
-        let short: String = ep.container_id.chars().take(12).collect();
-        name_from_str(&short).map(|_| short.to_ascii_lowercase())
-    });
-    let mut texts: Vec<String> = Vec::new();
-    let mut ptr = None;
-    if let Some(c) = &cname {
-        match &stack {
-            Some(s) => {
-                texts.push(format!("{c}.{s}.{domain}"));
-                texts.push(format!("{c}.{s}"));
-                ptr = Some(format!("{c}.{s}.{domain}"));
-            }
-            None => ptr = Some(format!("{c}.{domain}")),
-        }
-        texts.push(format!("{c}.{domain}"));
-        texts.push(c.clone());
-    }
-    let services = lower(ep.service.as_deref()).into_iter().chain(
-        ep.aliases
-            .iter()
-            .map(|a| a.trim_end_matches('.').to_ascii_lowercase()),
-    );
-    for svc in services {
-        match &stack {
-            Some(s) => {
-                texts.push(format!("{svc}.{s}.{domain}"));
-                texts.push(format!("{svc}.{s}"));
-            }
-            None => {
-                texts.push(format!("{svc}.{domain}"));
-                texts.push(svc);
-            }
-        }
-    }
-    let mut names = Vec::with_capacity(texts.len());
-    for t in &texts {
-        names.push(name_from_str(t)?);
-    }
-    names.sort();
-    names.dedup();
-    let stack_suffix = match &stack {
-        Some(s) => Some(name_from_str(&format!("{s}.{domain}"))?),
-        None => None,
-    };
-    let ptr_target = match ptr {
-        Some(p) => Some(name_from_str(&p)?),
-        None => None,
-    };
-    Some(EndpointNames {
-        names,
-        stack_suffix,
-        ptr_target,
-    })
-}
-
-/// The reverse zone of a range (`10.42.0.0/16` → `42.10.in-addr.arpa`),
-/// rounded to whole octets, and whether the range is exactly that zone.
-fn reverse_zone(range: Ipv4Network) -> (Vec<u8>, bool) {
-    let octets = (range.prefix() / 8) as usize;
-    let ip = range.network().octets();
-    let mut text = String::new();
-    for o in ip[..octets].iter().rev() {
-        text.push_str(&format!("{o}."));
-    }
-    text.push_str("in-addr.arpa");
-    let wire = name_from_str(&text).unwrap_or_else(|| IN_ADDR_ARPA.to_vec());
-    (wire, range.prefix().is_multiple_of(8))
-}
-
-/// A decimal octet label (`0` to `255`).
-fn octet(label: &[u8]) -> Option<u8> {
-    if label.is_empty() || label.len() > 3 || !label.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    let v = label
-        .iter()
-        .fold(0u32, |acc, d| acc * 10 + (d - b'0') as u32);
-    u8::try_from(v).ok()
-}
-
-/// `d.c.b.a.in-addr.arpa` → a.b.c.d.
-fn reverse_address(name: &Name) -> Option<Ipv4Addr> {
-    let d = octet(name.label(0))?;
-    let c = octet(name.label(1))?;
-    let b = octet(name.label(2))?;
-    let a = octet(name.label(3))?;
-    Some(Ipv4Addr::new(a, b, c, d))
 }
 
 fn ptr_record(target: &[u8], ttl: u32) -> Box<[u8]> {
@@ -505,371 +456,4 @@ fn soa_record(zone: &[u8], domain: &[u8], ttl: u32, serial: u32) -> Box<[u8]> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
-    use crate::wire::parse_query;
-
-    pub(crate) fn endpoint(
-        id: &str,
-        ip: &str,
-        name: Option<&str>,
-        service: Option<&str>,
-        stack: Option<&str>,
-        aliases: &[&str],
-    ) -> EndpointRecord {
-        let v = serde_json::json!({
-            "container_id": id,
-            "ifname": "eth0",
-            "netns": "",
-            "host_id": "h0",
-            "address": format!("{ip}/24"),
-            "gateway": "10.42.0.1",
-            "mtu": 1420,
-            "bridge": "weft0",
-            "name": name,
-            "service": service,
-            "stack": stack,
-            "aliases": aliases,
-            "dns": {"nameservers": ["169.254.169.250"], "domain": "weft.internal", "search": []},
-            "created_at_ms": 0
-        });
-        match serde_json::from_value(v) {
-            Ok(e) => e,
-            Err(e) => panic!("bad test endpoint: {e}"),
-        }
-    }
-
-    pub(crate) fn cfg() -> TableConfig {
-        TableConfig {
-            domain: "weft.internal".into(),
-            ttl: 1,
-            cluster_range: "10.42.0.0/16".parse().unwrap(),
-        }
-    }
-
-    pub(crate) fn sample() -> Vec<EndpointRecord> {
-        vec![
-            endpoint(
-                "c1",
-                "10.42.0.2",
-                Some("web-1"),
-                Some("web"),
-                Some("shop"),
-                &["www"],
-            ),
-            endpoint(
-                "c2",
-                "10.42.1.2",
-                Some("web-2"),
-                Some("Web"),
-                Some("SHOP"),
-                &[],
-            ),
-            endpoint(
-                "c3",
-                "10.42.0.3",
-                Some("db-1"),
-                Some("db"),
-                Some("shop"),
-                &[],
-            ),
-            endpoint(
-                "c4",
-                "10.42.1.3",
-                Some("web-1"),
-                Some("web"),
-                Some("blog"),
-                &[],
-            ),
-            endpoint("0123456789abcdef", "10.42.0.9", None, None, None, &[]),
-        ]
-    }
-
-    fn q(name: &str) -> Name {
-        let mut p = vec![0, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
-        for label in name.split('.') {
-            p.push(label.len() as u8);
-            p.extend(label.as_bytes());
-        }
-        p.extend([0, 0, 1, 0, 1]);
-        parse_query(&p).unwrap().name
-    }
-
-    fn addrs(t: &Table, name: &str, client: &str) -> Option<Vec<String>> {
-        match t.resolve(&q(name), client.parse().unwrap()) {
-            Resolution::Addrs(e) => Some(e.addrs().iter().map(|a| a.to_string()).collect()),
-            _ => None,
-        }
-    }
-
-    const OUTSIDE: &str = "127.0.0.1";
-
-    #[test]
-    fn names_services_stacks_aliases_and_case() {
-        let eps = sample();
-        let t = Table::build(&cfg(), &eps, 7);
-        assert_eq!(t.endpoints(), 5);
-        assert_eq!(t.revision(), 7);
-        let both = Some(vec!["10.42.0.2".to_string(), "10.42.1.2".to_string()]);
-        assert_eq!(addrs(&t, "web.shop.weft.internal", OUTSIDE), both);
-        assert_eq!(addrs(&t, "WEB.Shop.Weft.Internal", OUTSIDE), both);
-        assert_eq!(addrs(&t, "web.shop", OUTSIDE), both);
-        assert_eq!(
-            addrs(&t, "web-1.shop.weft.internal", OUTSIDE),
-            Some(vec!["10.42.0.2".into()])
-        );
-        assert_eq!(
-            addrs(&t, "web-1.blog", OUTSIDE),
-            Some(vec!["10.42.1.3".into()])
-        );
-        // The alias resolves like the service name.
-        assert_eq!(
-            addrs(&t, "www.shop.weft.internal", OUTSIDE),
-            Some(vec!["10.42.0.2".into()])
-        );
-        assert_eq!(
-            addrs(&t, "www.shop", OUTSIDE),
-            Some(vec!["10.42.0.2".into()])
-        );
-        // Bare container names are global (both web-1s).
-        assert_eq!(
-            addrs(&t, "web-1", OUTSIDE),
-            Some(vec!["10.42.0.2".into(), "10.42.1.3".into()])
-        );
-        assert_eq!(
-            addrs(&t, "web-1.weft.internal", OUTSIDE),
-            addrs(&t, "web-1", OUTSIDE)
-        );
-        // A bare service name from a container of stack shop: its stack.
-        assert_eq!(addrs(&t, "web", "10.42.0.3"), both);
-        assert_eq!(addrs(&t, "db", "10.42.1.2"), Some(vec!["10.42.0.3".into()]));
-        // ... and from stack blog, blog's.
-        assert_eq!(
-            addrs(&t, "web", "10.42.1.3"),
-            Some(vec!["10.42.1.3".into()])
-        );
-        // A bare container name from a stack prefers the client's stack.
-        assert_eq!(
-            addrs(&t, "web-1", "10.42.1.3"),
-            Some(vec!["10.42.1.3".into()])
-        );
-        // From outside any stack, a bare service name is not ours.
-        assert!(matches!(
-            t.resolve(&q("web"), OUTSIDE.parse().unwrap()),
-            Resolution::External
-        ));
-        // Without a name: the short container id; without a stack: <name>.<domain>.
-        assert_eq!(
-            addrs(&t, "0123456789ab.weft.internal", OUTSIDE),
-            Some(vec!["10.42.0.9".into()])
-        );
-        assert_eq!(
-            t.lookup("db.shop.weft.internal"),
-            Some(&["10.42.0.3".parse().unwrap()][..])
-        );
-    }
-
-    #[test]
-    fn nxdomain_nodata_apex_and_external() {
-        let eps = sample();
-        let t = Table::build(&cfg(), &eps, 1);
-        let c: IpAddr = OUTSIDE.parse().unwrap();
-        assert!(matches!(
-            t.resolve(&q("nope.shop.weft.internal"), c),
-            Resolution::NxDomain(Zone::Domain)
-        ));
-        assert!(matches!(
-            t.resolve(&q("nope.weft.internal"), c),
-            Resolution::NxDomain(Zone::Domain)
-        ));
-        assert!(matches!(
-            t.resolve(&q("shop.weft.internal"), c),
-            Resolution::NoData(Zone::Domain)
-        ));
-        assert!(matches!(
-            t.resolve(&q("weft.internal"), c),
-            Resolution::Apex(Zone::Domain)
-        ));
-        assert!(matches!(
-            t.resolve(&q("example.com"), c),
-            Resolution::External
-        ));
-        assert!(matches!(t.resolve(&q("internal"), c), Resolution::External));
-        // Under the short form of a known stack: ours, answered at once.
-        assert!(matches!(
-            t.resolve(&q("nosuch.shop"), c),
-            Resolution::NxDomain(Zone::Domain)
-        ));
-        assert!(matches!(
-            t.resolve(&q("a.b.shop"), c),
-            Resolution::NxDomain(Zone::Domain)
-        ));
-        assert!(matches!(t.resolve(&q("web.shop"), c), Resolution::Addrs(_)));
-        // The stack's bare name and unknown stacks stay external.
-        assert!(matches!(t.resolve(&q("shop"), c), Resolution::External));
-        let mut odd = sample();
-        odd[0].stack = Some("internal".parse().unwrap());
-        odd[1].stack = Some("arpa".parse().unwrap());
-        let t = Table::build(&cfg(), &odd, 1);
-        assert!(matches!(
-            t.resolve(&q("nosuch.internal"), c),
-            Resolution::External
-        ));
-        assert!(matches!(
-            t.resolve(&q("9.9.in-addr.arpa"), c),
-            Resolution::External
-        ));
-        assert!(matches!(
-            t.resolve(&q("nosuch.nostack"), c),
-            Resolution::External
-        ));
-    }
-
-    #[test]
-    fn ptr_for_cluster_addresses() {
-        let eps = sample();
-        let t = Table::build(&cfg(), &eps, 1);
-        let c: IpAddr = OUTSIDE.parse().unwrap();
-        match t.resolve(&q("2.0.42.10.in-addr.arpa"), c) {
-            Resolution::Ptr(rec) => {
-                assert!(rec.ends_with(b"\x05web-1\x04shop\x04weft\x08internal\x00"))
-            }
-            _ => panic!("no PTR"),
-        }
-        match t.resolve(&q("9.0.42.10.IN-ADDR.ARPA"), c) {
-            Resolution::Ptr(rec) => {
-                assert!(rec.ends_with(b"\x0c0123456789ab\x04weft\x08internal\x00"))
-            }
-            _ => panic!("no PTR"),
-        }
-        assert!(matches!(
-            t.resolve(&q("77.0.42.10.in-addr.arpa"), c),
-            Resolution::NxDomain(Zone::Reverse)
-        ));
-        assert!(matches!(
-            t.resolve(&q("0.42.10.in-addr.arpa"), c),
-            Resolution::NoData(Zone::Reverse)
-        ));
-        assert!(matches!(
-            t.resolve(&q("42.10.in-addr.arpa"), c),
-            Resolution::Apex(Zone::Reverse)
-        ));
-        assert!(matches!(
-            t.resolve(&q("x.2.0.42.10.in-addr.arpa"), c),
-            Resolution::NxDomain(Zone::Reverse)
-        ));
-        // Outside the cluster range: forwarded.
-        assert!(matches!(
-            t.resolve(&q("1.1.168.192.in-addr.arpa"), c),
-            Resolution::External
-        ));
-        assert!(matches!(
-            t.resolve(&q("1.0.43.10.in-addr.arpa"), c),
-            Resolution::External
-        ));
-    }
-
-    #[test]
-    fn non_octet_cluster_range() {
-        let cfg = TableConfig {
-            cluster_range: "10.40.0.0/13".parse().unwrap(),
-            ..cfg()
-        };
-        let eps = sample();
-        let t = Table::build(&cfg, &eps, 1);
-        let c: IpAddr = OUTSIDE.parse().unwrap();
-        assert!(matches!(
-            t.resolve(&q("2.0.42.10.in-addr.arpa"), c),
-            Resolution::Ptr(_)
-        ));
-        assert!(matches!(
-            t.resolve(&q("2.0.41.10.in-addr.arpa"), c),
-            Resolution::NxDomain(Zone::Reverse)
-        ));
-        // 10.50.x is outside 10.40.0.0/13 though inside 10.in-addr.arpa.
-        assert!(matches!(
-            t.resolve(&q("2.0.50.10.in-addr.arpa"), c),
-            Resolution::External
-        ));
-        assert!(matches!(
-            t.resolve(&q("42.10.in-addr.arpa"), c),
-            Resolution::External
-        ));
-        assert!(t
-            .soa(Zone::Reverse)
-            .starts_with(b"\x0210\x07in-addr\x04arpa\x00"));
-    }
-
-    #[test]
-    fn round_robin_rotates_every_query() {
-        let eps: Vec<EndpointRecord> = (2..6)
-            .map(|i| {
-                endpoint(
-                    &format!("c{i}"),
-                    &format!("10.42.0.{i}"),
-                    None,
-                    Some("s"),
-                    Some("k"),
-                    &[],
-                )
-            })
-            .collect();
-        let t = Table::build(&cfg(), &eps, 1);
-        let c: IpAddr = OUTSIDE.parse().unwrap();
-        let Resolution::Addrs(e) = t.resolve(&q("s.k"), c) else {
-            panic!("s.k unknown");
-        };
-        let mut firsts = Vec::new();
-        for _ in 0..8 {
-            let recs = e.rotated_records();
-            assert_eq!(recs.len(), 4 * A_RECORD_LEN);
-            firsts.push(recs[A_RECORD_LEN - 1]);
-            // Every rotation holds every address once.
-            let mut last: Vec<u8> = recs.chunks(A_RECORD_LEN).map(|r| r[15]).collect();
-            last.sort();
-            assert_eq!(last, vec![2, 3, 4, 5]);
-        }
-        assert_eq!(firsts, vec![2, 3, 4, 5, 2, 3, 4, 5]);
-    }
-
-    #[test]
-    fn invalid_names_are_skipped() {
-        // A record with a name that breaks the DNS name rule does not even
-        // parse (sync ignores it, with a warning).
-        let bad = serde_json::json!({
-            "container_id": "c0", "ifname": "eth0", "netns": "", "host_id": "h0",
-            "address": "10.42.0.9/24", "gateway": "10.42.0.1", "mtu": 1420,
-            "bridge": "weft0", "name": "bad name",
-            "dns": {"nameservers": [], "domain": "weft.internal", "search": []},
-            "created_at_ms": 0
-        });
-        assert!(serde_json::from_value::<EndpointRecord>(bad).is_err());
-        // Names that are valid alone but too long together with the stack
-        // and the domain (over 253 bytes) leave the endpoint out.
-        let long_stack = format!("{}.{}.{}", "b".repeat(63), "c".repeat(63), "d".repeat(63));
-        let eps = vec![
-            endpoint(
-                "c1",
-                "10.42.0.2",
-                Some(&"a".repeat(63)),
-                Some("web"),
-                Some(&long_stack),
-                &[],
-            ),
-            endpoint(
-                "c2",
-                "10.42.0.3",
-                Some("ok"),
-                Some("web"),
-                Some("shop"),
-                &[],
-            ),
-        ];
-        let t = Table::build(&cfg(), &eps, 1);
-        assert_eq!(t.endpoints(), 1);
-        assert_eq!(
-            t.lookup("web.shop"),
-            Some(&["10.42.0.3".parse().unwrap()][..])
-        );
-    }
-}
+pub(crate) mod tests;
