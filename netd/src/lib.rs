@@ -107,6 +107,7 @@ async fn start_dns(
         resolv_conf: s.resolv_conf.clone(),
         keys: cfg.keys.clone(),
         cluster_range: cfg.ipam.cluster_range,
+        service_range: cfg.ipam.service_range,
         upstream_timeout: s.upstream_timeout,
         ..weft_dnsd::DnsConfig::default()
     };
