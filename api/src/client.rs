@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::{
     AddEndpoint, ApiError, Deleted, Endpoint, GcRequest, GcResult, PolicyCheck, PolicyDoc,
-    PolicyVerdict, PutPolicy, Status,
+    PolicyVerdict, PutPolicy, ServiceInfo, ServiceSpec, Status,
 };
 
 /// Largest answer the client accepts (an endpoint list of a full /16 block
@@ -170,6 +170,27 @@ impl Client {
     /// What the policy decides for one flow, and why.
     pub fn check_policy(&self, req: &PolicyCheck) -> Result<PolicyVerdict, ClientError> {
         self.call("POST", "/v1/policy/check", Some(req))
+    }
+
+    /// Every service with its VIP, settings and backends.
+    pub fn services(&self) -> Result<Vec<ServiceInfo>, ClientError> {
+        self.call("GET", "/v1/services", None::<&()>)
+    }
+
+    /// One service (`service.stack`), or `None` if it has no record.
+    pub fn service(&self, name: &str) -> Result<Option<ServiceInfo>, ClientError> {
+        let path = format!("/v1/services/{}", escape(name));
+        match self.call("GET", &path, None::<&()>) {
+            Ok(s) => Ok(Some(s)),
+            Err(ClientError::Api(e)) if e.kind == crate::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sets a service's mode, balancing, affinity and health check
+    /// (creating its record if needed).
+    pub fn put_service(&self, name: &str, spec: &ServiceSpec) -> Result<ServiceInfo, ClientError> {
+        self.call("PUT", &format!("/v1/services/{}", escape(name)), Some(spec))
     }
 
     fn call<B: Serialize, T: DeserializeOwned>(

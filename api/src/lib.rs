@@ -13,6 +13,9 @@
 //! | `GET /v1/policy` | | [`PolicyDoc`] |
 //! | `PUT /v1/policy` | [`PutPolicy`] | [`PolicyDoc`] (400 if invalid, 409 if `expect_revision` is stale) |
 //! | `POST /v1/policy/check` | [`PolicyCheck`] | [`PolicyVerdict`] |
+//! | `GET /v1/services` | | `Vec<`[`ServiceInfo`]`>` |
+//! | `GET /v1/services/{name}` | | [`ServiceInfo`] or 404 |
+//! | `PUT /v1/services/{name}` | [`ServiceSpec`] | [`ServiceInfo`] (creates the record if needed; 400 if invalid, 409 `pool_exhausted` if `vip` mode finds the service range full) |
 //!
 //! Errors are a 4xx/5xx status with an [`ApiError`] body. The types are plain
 //! data; the [`client`] is a small blocking client for the CNI plugin and the
@@ -24,6 +27,7 @@
 
 pub mod client;
 mod policy;
+mod services;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -41,6 +45,8 @@ pub use weft_model::{Action, DecidedBy, Decision, Party, Policy, PortSpec};
 pub use weft_model::{DnsConfig, PortMapping, Protocol, DNS_ADDR};
 
 pub use policy::{PolicyCheck, PolicyDoc, PolicyVerdict, PutPolicy};
+pub use services::{Backend, ServiceInfo};
+pub use weft_model::{Balance, HealthCheck, Mode, Probe, ServiceName, ServiceSpec};
 
 /// Asks netd for an address for a container interface and records what the
 /// container is (for DNS and published ports).
@@ -65,6 +71,10 @@ pub struct AddEndpoint {
     pub aliases: Vec<String>,
     #[serde(default)]
     pub port_mappings: Vec<PortMapping>,
+    /// The mode of the container's service (CNI_ARGS `WEFT_SERVICE_MODE`),
+    /// used only when its first container creates the service's record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_mode: Option<Mode>,
 }
 
 /// An endpoint as netd answers it. Built from the stored
@@ -198,7 +208,7 @@ pub enum ErrorKind {
     InvalidRequest,
     /// No such endpoint (HTTP 404).
     NotFound,
-    /// The host block has no free address (HTTP 409).
+    /// The host block, or the service range, has no free address (HTTP 409).
     PoolExhausted,
     /// What the request expected changed meanwhile (the policy's
     /// revision): read again and retry (HTTP 409).

@@ -51,6 +51,7 @@ fn add_request() -> AddEndpoint {
         stack: None,
         aliases: Vec::new(),
         port_mappings: Vec::new(),
+        service_mode: None,
     }
 }
 

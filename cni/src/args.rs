@@ -1,12 +1,14 @@
 //! `CNI_ARGS`: `KEY=VALUE` pairs separated by `;`.
 //!
-//! Known keys: `WEFT_NAME`, `WEFT_SERVICE`, `WEFT_STACK` (weft's own),
+//! Known keys: `WEFT_NAME`, `WEFT_SERVICE`, `WEFT_STACK`, `WEFT_SERVICE_MODE`
+//! (`vip` or `dnsrr`: the service's mode when its first container creates
+//! its record) (weft's own),
 //! `K8S_POD_NAME` (podman passes the container name there),
 //! `K8S_POD_NAMESPACE`, `K8S_POD_INFRA_CONTAINER_ID`, `K8S_POD_UID` and
 //! `IgnoreUnknown`. As in libcni, an unknown key is an error unless
 //! `IgnoreUnknown` is `1`/`true` (any case).
 
-use weft_model::DnsName;
+use weft_model::{DnsName, Mode};
 
 use crate::error::{code, CniError};
 
@@ -16,6 +18,7 @@ pub struct CniArgs {
     pub weft_name: Option<String>,
     pub weft_service: Option<String>,
     pub weft_stack: Option<String>,
+    pub weft_service_mode: Option<String>,
     pub k8s_pod_name: Option<String>,
     pub k8s_pod_namespace: Option<String>,
     pub ignore_unknown: bool,
@@ -29,6 +32,8 @@ pub struct Metadata {
     pub name: Option<DnsName>,
     pub service: Option<DnsName>,
     pub stack: Option<DnsName>,
+    /// `WEFT_SERVICE_MODE`.
+    pub service_mode: Option<Mode>,
 }
 
 fn invalid(msg: impl Into<String>) -> CniError {
@@ -56,6 +61,7 @@ impl CniArgs {
                 "WEFT_NAME" => args.weft_name = value,
                 "WEFT_SERVICE" => args.weft_service = value,
                 "WEFT_STACK" => args.weft_stack = value,
+                "WEFT_SERVICE_MODE" => args.weft_service_mode = value,
                 "K8S_POD_NAME" => args.k8s_pod_name = value,
                 "K8S_POD_NAMESPACE" => args.k8s_pod_namespace = value,
                 "K8S_POD_INFRA_CONTAINER_ID" | "K8S_POD_UID" => {}
@@ -78,7 +84,7 @@ impl CniArgs {
         if !args.unknown.is_empty() && !args.ignore_unknown {
             return Err(invalid(format!(
                 "CNI_ARGS: unknown key(s) {} (known: WEFT_NAME, WEFT_SERVICE, WEFT_STACK, \
-                 K8S_POD_NAME, K8S_POD_NAMESPACE; set IgnoreUnknown=1 to ignore others)",
+                 WEFT_SERVICE_MODE, K8S_POD_NAME, K8S_POD_NAMESPACE; set IgnoreUnknown=1 to ignore others)",
                 args.unknown.join(", ")
             )));
         }
@@ -86,8 +92,9 @@ impl CniArgs {
     }
 
     /// The container's name, service and stack for netd: `WEFT_NAME` else
-    /// `K8S_POD_NAME`; `WEFT_SERVICE`; `WEFT_STACK` else `K8S_POD_NAMESPACE`.
-    /// A `WEFT_*` value that is no valid DNS name is an error; a fallback
+    /// `K8S_POD_NAME`; `WEFT_SERVICE`; `WEFT_STACK` else `K8S_POD_NAMESPACE`;
+    /// `WEFT_SERVICE_MODE`. A `WEFT_*` value that is no valid DNS name (or
+    /// mode) is an error; a fallback
     /// that is not is dropped (a runtime's own naming must not fail the
     /// container).
     pub fn metadata(&self) -> Result<Metadata, CniError> {
@@ -109,6 +116,14 @@ impl CniArgs {
             service: explicit("WEFT_SERVICE", &self.weft_service)?,
             stack: explicit("WEFT_STACK", &self.weft_stack)?
                 .or_else(|| fallback(&self.k8s_pod_namespace)),
+            service_mode: self
+                .weft_service_mode
+                .as_deref()
+                .map(|v| {
+                    v.parse::<Mode>()
+                        .map_err(|e| invalid(format!("CNI_ARGS: WEFT_SERVICE_MODE: {e}")))
+                })
+                .transpose()?,
         })
     }
 }
@@ -133,6 +148,7 @@ mod tests {
                 name: Some(dns("web-1")),
                 service: Some(dns("web")),
                 stack: Some(dns("shop")),
+                service_mode: None,
             }
         );
         assert_eq!(CniArgs::parse("").unwrap(), CniArgs::default());
@@ -149,6 +165,7 @@ mod tests {
                 name: Some(dns("db")),
                 service: None,
                 stack: Some(dns("shop")),
+                service_mode: None,
             }
         );
         // WEFT_* win over the fallbacks.
@@ -197,5 +214,27 @@ mod tests {
         let a = CniArgs::parse("WEFT_NAME=;WEFT_STACK=a=b").unwrap();
         assert_eq!(a.weft_name, None);
         assert_eq!(a.weft_stack.as_deref(), Some("a=b"));
+    }
+
+    #[test]
+    fn service_mode() {
+        let a = CniArgs::parse("WEFT_SERVICE=web;WEFT_SERVICE_MODE=dnsrr").unwrap();
+        assert_eq!(a.metadata().unwrap().service_mode, Some(Mode::Dnsrr));
+        let a = CniArgs::parse("WEFT_SERVICE_MODE=VIP").unwrap();
+        assert_eq!(a.metadata().unwrap().service_mode, Some(Mode::Vip));
+        assert_eq!(
+            CniArgs::parse("").unwrap().metadata().unwrap().service_mode,
+            None
+        );
+        let e = CniArgs::parse("WEFT_SERVICE_MODE=rr")
+            .unwrap()
+            .metadata()
+            .unwrap_err();
+        assert_eq!(e.code, code::INVALID_ENV);
+        assert!(
+            e.msg.contains("WEFT_SERVICE_MODE") && e.msg.contains("dnsrr"),
+            "{}",
+            e.msg
+        );
     }
 }

@@ -333,6 +333,7 @@ fn add(env: &Env, conf: &NetConf, timer: &mut Timer) -> Result<String, CniError>
         stack: meta.stack.map(String::from),
         aliases: conf.runtime.aliases.iter().map(|a| a.to_string()).collect(),
         port_mappings: conf.runtime.port_mappings.clone(),
+        service_mode: meta.service_mode,
     };
     let ep = netd
         .add_endpoint(&request)
@@ -692,6 +693,7 @@ mod tests {
             stack: None,
             aliases: Vec::new(),
             port_mappings: Vec::new(),
+            service_mode: None,
         };
         let e = Client::new(socket)
             .with_timeout(timeout)

@@ -57,6 +57,8 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/peers", get(peers))
         .route("/v1/policy", get(get_policy).put(put_policy))
         .route("/v1/policy/check", axum::routing::post(check_policy))
+        .route("/v1/services", get(list_services))
+        .route("/v1/services/{name}", get(get_service).put(put_service))
         .fallback(|| async { Failure(ApiError::new(ErrorKind::NotFound, "no such API route")) })
         .with_state(daemon)
 }
@@ -104,6 +106,25 @@ async fn check_policy(
     bytes: Bytes,
 ) -> Answer<weft_api::PolicyVerdict> {
     Ok(Json(d.check_policy(body(&bytes)?).await?))
+}
+
+async fn list_services(State(d): State<Arc<Daemon>>) -> Answer<Vec<weft_api::ServiceInfo>> {
+    Ok(Json(d.list_services().await?))
+}
+
+async fn get_service(
+    State(d): State<Arc<Daemon>>,
+    UrlPath(name): UrlPath<String>,
+) -> Answer<weft_api::ServiceInfo> {
+    Ok(Json(d.get_service(&name).await?))
+}
+
+async fn put_service(
+    State(d): State<Arc<Daemon>>,
+    UrlPath(name): UrlPath<String>,
+    bytes: Bytes,
+) -> Answer<weft_api::ServiceInfo> {
+    Ok(Json(d.put_service(&name, body(&bytes)?).await?))
 }
 
 async fn gc(State(d): State<Arc<Daemon>>, bytes: Bytes) -> Answer<weft_api::GcResult> {

@@ -46,6 +46,14 @@ pub struct MeshConfig {
     pub vni: u32,
 }
 
+/// Service records and their VIPs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicesConfig {
+    /// How long a service keeps its record and VIP after its last
+    /// container went.
+    pub grace: Duration,
+}
+
 /// The resolved configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -61,6 +69,7 @@ pub struct Config {
     /// The embedded DNS server (`None`: off).
     pub dns: Option<DnsSettings>,
     pub ipam: IpamConfig,
+    pub services: ServicesConfig,
     pub store: StoreConfig,
     /// The store key layout under the configured prefix (normalised).
     pub keys: weft_model::Keys,
@@ -163,7 +172,7 @@ impl Config {
             cluster_range: s.ipam.cluster_range,
             block_prefix: s.ipam.block_prefix,
             block_grace: Duration::from_secs(s.ipam.block_grace_secs),
-            ..IpamConfig::default()
+            service_range: s.ipam.service_range,
         };
         ipam.validate()?;
         let keys = weft_model::Keys::new(&s.store.prefix);
@@ -189,6 +198,9 @@ impl Config {
             mesh,
             dns,
             ipam,
+            services: ServicesConfig {
+                grace: Duration::from_secs(s.services.grace_secs),
+            },
             store,
             keys,
             dns_addr: weft_model::DNS_ADDR,

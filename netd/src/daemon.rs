@@ -64,6 +64,8 @@ pub struct Daemon {
     counters: NetdMetrics,
     /// weft's nf_tables tables: policy and anti-spoofing.
     enforcer: Arc<Enforcer>,
+    /// Service records and VIPs ([`crate::services`]).
+    services: Arc<crate::services::Services>,
 }
 
 impl Daemon {
@@ -141,6 +143,11 @@ impl Daemon {
             &cfg.state_dir,
         ));
         let health = StoreHealth::new(store.describe(), counters.store_errors.clone());
+        let services = Arc::new(crate::services::Services::new(
+            crate::services::Registry::new(store.clone(), cfg.keys.clone(), cfg.ipam.service_range),
+            host_id.to_string(),
+            cfg.services.grace,
+        ));
         let daemon = Arc::new(Daemon {
             cfg,
             host_id,
@@ -159,6 +166,7 @@ impl Daemon {
             tunnel,
             counters,
             enforcer,
+            services,
         });
         daemon.reconcile().await?;
         Ok(daemon)
@@ -198,6 +206,11 @@ impl Daemon {
     /// The tunnel driver.
     pub fn tunnel(&self) -> &Tunnel {
         &self.tunnel
+    }
+
+    /// Service records and VIPs.
+    pub fn services(&self) -> &Arc<crate::services::Services> {
+        &self.services
     }
 
     /// Policy and anti-spoofing enforcement (its nf_tables handle reads the

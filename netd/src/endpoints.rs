@@ -257,6 +257,7 @@ impl Daemon {
     /// Allocates an address and records the endpoint. A retried add for the
     /// same container and interface gets the same endpoint back.
     pub async fn add_endpoint(&self, req: AddEndpoint) -> Result<Endpoint, ApiError> {
+        let service_mode = req.service_mode;
         let req = validate_add(&req)?;
         let host_id = HostId::new(self.host_id())
             .map_err(|e| ApiError::new(ErrorKind::Internal, format!("this host's id: {e}")))?;
@@ -349,6 +350,10 @@ impl Daemon {
             stack = record.stack.as_deref().unwrap_or(""), ports = record.port_mappings.len(),
             "endpoint added"
         );
+        // The first container of a service creates its record and VIP
+        // (known services: a map lookup); never fails the add.
+        drop(_guard);
+        self.services().ensure_for(&record, service_mode).await;
         Ok(Endpoint::from(record))
     }
 
@@ -470,6 +475,7 @@ mod tests {
             stack: Some("shop".into()),
             aliases: vec![],
             port_mappings: ports,
+            service_mode: None,
         }
     }
 

@@ -80,6 +80,21 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// List the services: VIP, mode, balancing, health check and backends.
+    Services {
+        #[arg(long, env = "WEFT_SOCKET", default_value = weft_api::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show or change one service (NAME.STACK, or NAME without a stack).
+    Service {
+        /// Control socket of the netd to ask.
+        #[arg(long, env = "WEFT_SOCKET", default_value = weft_api::DEFAULT_SOCKET, global = true)]
+        socket: PathBuf,
+        #[command(subcommand)]
+        command: ServiceCommand,
+    },
     /// Remove everything weft made on this host: bridge, container veths,
     /// iptables chains, the control socket. Stop netd first.
     Teardown {
@@ -123,6 +138,23 @@ enum PolicyCommand {
         file: Option<PathBuf>,
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ServiceCommand {
+    /// Show one service.
+    Get {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a service's settings (creates its record if needed; the
+    /// flags not given keep their values).
+    Set {
+        name: String,
+        #[command(flatten)]
+        edit: weft_netd::services::SpecEdit,
     },
 }
 
@@ -281,6 +313,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Policy { socket, command } => policy(&Client::new(socket), command),
+        Command::Services { socket, json } => {
+            let services = Client::new(socket).services()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&services)?);
+                return Ok(());
+            }
+            print_services(&services);
+            Ok(())
+        }
+        Command::Service { socket, command } => {
+            let client = Client::new(socket);
+            match command {
+                ServiceCommand::Get { name, json } => {
+                    let s = client
+                        .service(&name)?
+                        .with_context(|| format!("no service {name}"))?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&s)?);
+                    } else {
+                        print_services(std::slice::from_ref(&s));
+                    }
+                }
+                ServiceCommand::Set { name, edit } => {
+                    let mut spec = client.service(&name)?.map(|s| s.spec).unwrap_or_default();
+                    edit.apply(&mut spec)?;
+                    let s = client.put_service(&name, &spec)?;
+                    print_services(std::slice::from_ref(&s));
+                }
+            }
+            Ok(())
+        }
         Command::Teardown {
             overrides,
             release_block,
@@ -379,6 +442,51 @@ fn policy(client: &Client, command: PolicyCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn print_services(services: &[weft_api::ServiceInfo]) {
+    let rows: Vec<[String; 6]> = services
+        .iter()
+        .map(|s| {
+            let healthy = s.backends.iter().filter(|b| b.healthy).count();
+            [
+                s.name.to_string(),
+                s.spec.mode.to_string(),
+                s.vip.map_or("-".into(), |v| v.to_string()),
+                format!(
+                    "{}{}",
+                    s.spec.balance,
+                    if s.spec.affinity { "+affinity" } else { "" }
+                ),
+                s.spec
+                    .health
+                    .as_ref()
+                    .map_or("-".into(), |h| h.probe.to_string()),
+                format!("{healthy}/{} healthy", s.backends.len()),
+            ]
+        })
+        .collect();
+    print_table(
+        &["SERVICE", "MODE", "VIP", "BALANCE", "HEALTH", "BACKENDS"],
+        &rows,
+    );
+    for s in services {
+        if let Some(p) = &s.problem {
+            println!("{}: {p}", s.name);
+        }
+        for b in &s.backends {
+            let state = if b.healthy { "healthy" } else { "UNHEALTHY" };
+            let detail = if b.detail.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", b.detail)
+            };
+            println!(
+                "  {}  {}  host {}  {state}{detail}",
+                s.name, b.address, b.host_id
+            );
+        }
+    }
 }
 
 fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {

@@ -88,6 +88,8 @@ pub struct Settings {
     #[command(flatten)]
     pub ipam: IpamSection,
     #[command(flatten)]
+    pub services: ServicesSection,
+    #[command(flatten)]
     pub store: StoreSection,
     /// `[cni]`: what `install-cni` puts on the host (its flags are on
     /// `install-cni` and `sidecar`).
@@ -177,6 +179,23 @@ pub struct IpamSection {
     #[arg(long, env = "WEFT_BLOCK_GRACE_SECS",
           default_value_t = weft_ipam::DEFAULT_BLOCK_GRACE.as_secs())]
     pub block_grace_secs: u64,
+    /// Service range: every service's virtual IP comes from it.
+    #[arg(long, env = "WEFT_SERVICE_RANGE", default_value_t = weft_model::DEFAULT_SERVICE_RANGE)]
+    pub service_range: Ipv4Network,
+}
+
+/// `[services]`: service records and their virtual IPs.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, clap::Args)]
+#[cfg_attr(test, derive(serde::Serialize))]
+#[serde(default, deny_unknown_fields)]
+#[group(id = "services")]
+#[command(next_help_heading = "Services ([services] in the file)")]
+pub struct ServicesSection {
+    /// Seconds a service keeps its record and VIP after its last container
+    /// went.
+    #[arg(long = "service-grace-secs", env = "WEFT_SERVICE_GRACE_SECS",
+          default_value_t = weft_model::DEFAULT_SERVICE_GRACE.as_secs())]
+    pub grace_secs: u64,
 }
 
 /// `[store]`: where the cluster's state lives. The file names it in parts
@@ -217,7 +236,14 @@ macro_rules! builtin_default {
         }
     )*};
 }
-builtin_default!(Settings, MeshSection, DnsSection, IpamSection, StoreSection);
+builtin_default!(
+    Settings,
+    MeshSection,
+    DnsSection,
+    IpamSection,
+    ServicesSection,
+    StoreSection
+);
 
 impl Settings {
     /// Reads the settings file over the built-in defaults. A missing file is
@@ -307,6 +333,8 @@ mod tests {
         assert_eq!(s.dns.ttl_secs, 1);
         assert_eq!(s.dns.upstream_timeout_ms, 1500);
         assert_eq!(s.ipam.cluster_range, weft_model::DEFAULT_CLUSTER_RANGE);
+        assert_eq!(s.ipam.service_range, weft_model::DEFAULT_SERVICE_RANGE);
+        assert_eq!(s.services.grace_secs, 600);
         assert_eq!(s.store.backend, "sqlite");
         assert_eq!(s.store.spec, None);
         assert_eq!(s.cni, CniSettings::default());
