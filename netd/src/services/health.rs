@@ -23,265 +23,29 @@
 //!
 //! One log line per transition; probes are only counted
 //! ([`crate::counters::HealthCounters`]).
+//!
+//! Files: the pure decisions in `health/decide.rs`, one probe in
+//! `health/probe.rs`, the tasks and the store here.
+
+mod decide;
+mod probe;
+
+pub use decide::{first_probe_after, plan, targets, Plan, Step, Target, Tracker};
+pub use probe::{http_request, http_status, probe, Seen};
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::de::DeserializeOwned;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
-use weft_model::{
-    EndpointRecord, HealthCheck, HealthRecord, HealthState, Keys, Probe, ServiceName, ServiceRecord,
-};
+use weft_model::{EndpointRecord, HealthRecord, Keys, ServiceRecord};
 use weft_store::{DynStore, EventKind, Follower, Update};
 
 use crate::counters::HealthCounters;
 
 /// How soon a failed record delete is tried again.
 const RETRY_DELETE: Duration = Duration::from_secs(5);
-/// The most of an HTTP answer read to find its status line.
-const MAX_STATUS_LINE: usize = 1024;
-
-/// One container interface to probe.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
-    pub service: ServiceName,
-    pub container: String,
-    pub ifname: String,
-    pub addr: Ipv4Addr,
-    pub check: HealthCheck,
-}
-
-/// What should be probed on `host`, by health record key: every endpoint
-/// of `host` whose service (by its store key) has a valid check. Records
-/// that did not parse are `None` and skipped.
-pub fn targets(
-    keys: &Keys,
-    host: &str,
-    endpoints: &BTreeMap<String, Option<EndpointRecord>>,
-    services: &BTreeMap<String, Option<ServiceRecord>>,
-) -> BTreeMap<String, Target> {
-    let checks: BTreeMap<ServiceName, &HealthCheck> = services
-        .iter()
-        .filter_map(|(key, rec)| {
-            let check = rec.as_ref()?.spec.health.as_ref()?;
-            check.validate().ok()?;
-            Some((keys.service_of_key(key)?, check))
-        })
-        .collect();
-    endpoints
-        .values()
-        .flatten()
-        .filter(|r| r.host_id.as_str() == host)
-        .filter_map(|r| {
-            let service = ServiceName::of(r)?;
-            let check = (*checks.get(&service)?).clone();
-            let (container, ifname) = (r.container_id.as_str(), r.ifname.as_str());
-            let target = Target {
-                service,
-                container: container.to_owned(),
-                ifname: ifname.to_owned(),
-                addr: r.address.ip(),
-                check,
-            };
-            Some((keys.health_of(host, container, ifname), target))
-        })
-        .collect()
-}
-
-/// What to change, by health record key.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Plan {
-    /// Tasks to stop: their target went or changed.
-    pub stop: Vec<String>,
-    /// Tasks to start: new or changed targets.
-    pub start: Vec<String>,
-    /// Stored records with no target: the endpoint went or its service has
-    /// no check any more.
-    pub delete: Vec<String>,
-}
-
-/// From the `running` tasks' targets and the `stored` record keys to
-/// `wanted`. A changed target (address, check) restarts its task and keeps
-/// its record (the new task starts from it).
-pub fn plan<'a>(
-    running: &BTreeMap<String, Target>,
-    wanted: &BTreeMap<String, Target>,
-    stored: impl IntoIterator<Item = &'a String>,
-) -> Plan {
-    let changed = |k: &String| wanted.get(k) != running.get(k);
-    Plan {
-        stop: running.keys().filter(|k| changed(k)).cloned().collect(),
-        start: wanted.keys().filter(|k| changed(k)).cloned().collect(),
-        delete: stored
-            .into_iter()
-            .filter(|k| !wanted.contains_key(*k))
-            .cloned()
-            .collect(),
-    }
-}
-
-/// When a container's first probe runs after its task starts: an offset in
-/// `[0, interval)` taken from its key (FNV-1a), so a host's probes spread
-/// over the interval instead of all firing at once, and a restarted task
-/// keeps its place.
-pub fn first_probe_after(key: &str, interval: Duration) -> Duration {
-    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    let ms = u64::try_from(interval.as_millis())
-        .unwrap_or(u64::MAX)
-        .max(1);
-    Duration::from_millis(hash % ms)
-}
-
-/// One container's checks and what the store says about it.
-#[derive(Debug, Clone)]
-pub struct Tracker {
-    state: HealthState,
-    /// The health the store holds (no record: healthy); `None` when a
-    /// record is there but unreadable (the next probe writes it anew).
-    stored: Option<bool>,
-}
-
-/// What a probe result changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Step {
-    /// `Some(new health)` when the container just turned.
-    pub turned: Option<bool>,
-    /// `Some(health)` to write to the store.
-    pub write: Option<bool>,
-}
-
-impl Tracker {
-    /// Starts from the stored record (`None`: no record, healthy;
-    /// `Some(None)`: a record that does not parse).
-    pub fn new(stored: Option<Option<&HealthRecord>>, check: &HealthCheck) -> Tracker {
-        let stored = match stored {
-            None => Some(true),
-            Some(r) => r.map(|r| r.healthy),
-        };
-        let mut state = HealthState::default();
-        if stored == Some(false) {
-            // HealthState starts healthy: `fall` failures turn it.
-            while state.healthy() {
-                state.observe(false, check);
-            }
-        }
-        Tracker { state, stored }
-    }
-
-    pub fn healthy(&self) -> bool {
-        self.state.healthy()
-    }
-
-    /// Takes one probe's result.
-    pub fn observe(&mut self, ok: bool, check: &HealthCheck) -> Step {
-        let turned = self.state.observe(ok, check);
-        let healthy = self.state.healthy();
-        let write = (self.stored != Some(healthy)).then_some(healthy);
-        Step { turned, write }
-    }
-
-    /// The store now holds `healthy`.
-    pub fn written(&mut self, healthy: bool) {
-        self.stored = Some(healthy);
-    }
-}
-
-/// What one probe saw.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Seen {
-    pub ok: bool,
-    /// `connected`, `HTTP 200`, `connection refused`, `timed out after 400 ms`...
-    pub detail: String,
-}
-
-/// Probes `addr` once, all within `timeout`.
-pub async fn probe(addr: Ipv4Addr, probe: &Probe, timeout: Duration) -> Seen {
-    let attempt = async {
-        let mut stream = TcpStream::connect((addr, probe.port()))
-            .await
-            .map_err(|e| io_detail(&e))?;
-        match probe {
-            Probe::Tcp { .. } => Ok("connected".to_owned()),
-            Probe::Http { port, path } => {
-                let request = http_request(addr, *port, path);
-                stream
-                    .write_all(request.as_bytes())
-                    .await
-                    .map_err(|e| io_detail(&e))?;
-                let head = read_status_line(&mut stream).await?;
-                let status = http_status(&head)?;
-                let detail = format!("HTTP {status}");
-                if (200..400).contains(&status) {
-                    Ok(detail)
-                } else {
-                    Err(detail)
-                }
-            }
-        }
-    };
-    match tokio::time::timeout(timeout, attempt).await {
-        Ok(Ok(detail)) => Seen { ok: true, detail },
-        Ok(Err(detail)) => Seen { ok: false, detail },
-        Err(_) => Seen {
-            ok: false,
-            detail: format!("timed out after {} ms", timeout.as_millis()),
-        },
-    }
-}
-
-fn io_detail(e: &std::io::Error) -> String {
-    match e.kind() {
-        std::io::ErrorKind::ConnectionRefused => "connection refused".to_owned(),
-        std::io::ErrorKind::ConnectionReset => "connection reset".to_owned(),
-        _ => e.to_string(),
-    }
-}
-
-/// The GET a health check sends.
-pub fn http_request(addr: Ipv4Addr, port: u16, path: &str) -> String {
-    format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}:{port}\r\nUser-Agent: weft-netd-health\r\n\
-         Accept: */*\r\nConnection: close\r\n\r\n"
-    )
-}
-
-/// Reads until the end of the first line (or the answer's end).
-async fn read_status_line(stream: &mut TcpStream) -> Result<Vec<u8>, String> {
-    let mut head = Vec::new();
-    let mut buf = [0u8; 512];
-    while !head.contains(&b'\n') && head.len() < MAX_STATUS_LINE {
-        let n = stream.read(&mut buf).await.map_err(|e| io_detail(&e))?;
-        if n == 0 {
-            break;
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
-    Ok(head)
-}
-
-/// The status code of an HTTP answer's first line (`HTTP/1.1 200 OK`).
-pub fn http_status(head: &[u8]) -> Result<u16, String> {
-    if head.is_empty() {
-        return Err("closed without an HTTP answer".to_owned());
-    }
-    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut words = line.split_whitespace();
-    let status = match (words.next(), words.next()) {
-        (Some(v), Some(code)) if v.starts_with("HTTP/") && code.len() == 3 => code.parse().ok(),
-        _ => None,
-    };
-    status.ok_or_else(|| {
-        let shown: String = line.trim().chars().take(60).collect();
-        format!("not an HTTP answer: {shown:?}")
-    })
-}
 
 fn now_ms() -> u64 {
     SystemTime::now()

@@ -1,8 +1,10 @@
 #![allow(clippy::unwrap_used)]
+use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU16, Ordering};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use weft_model::ServiceSpec;
+use weft_model::{HealthCheck, Probe, ServiceName, ServiceSpec};
 use weft_store::testing::TestStore;
 
 use super::*;
