@@ -1,9 +1,10 @@
 //! Service health checks: this host's netd probes this host's containers
-//! whose service has a [`HealthCheck`] and writes what it finds to the store
-//! for every host (the VIP backends and DNS leave out a container whose
-//! [`HealthRecord`] says unhealthy). Checks scale with hosts: each netd
-//! probes only its own containers, from the host over the bridge (the
-//! isolation policy does not apply to the host's own traffic).
+//! whose service has a [`weft_model::HealthCheck`] and writes what it finds
+//! to the store for every host (the VIP backends and DNS leave out a
+//! container whose [`weft_model::HealthRecord`] says unhealthy). Checks
+//! scale with hosts: each netd probes only its own containers, from the
+//! host over the bridge (the isolation policy does not apply to the host's
+//! own traffic).
 //!
 //! * [`run`] follows `services/`, this host's `endpoints/` and this host's
 //!   `health/` records with [`weft_store::Follower`]; after every change it
@@ -15,10 +16,10 @@
 //!   `timeout_ms`), first after an offset taken from its key
 //!   ([`first_probe_after`]) so probes spread over the interval. The tasks
 //!   are independent: a slow container delays only its own probes.
-//! * [`Tracker`] (pure) feeds each result to [`HealthState`] (rise/fall) and
-//!   says when to write: the store holds one record per transition, never
-//!   one per probe; a failed write is retried on the next probe. A
-//!   container starts in the state its record says (no record: healthy),
+//! * [`Tracker`] (pure) feeds each result to [`weft_model::HealthState`]
+//!   (rise/fall) and says when to write: the store holds one record per
+//!   transition, never one per probe; a failed write is retried on the next
+//!   probe (with the transition's time). A container starts in the state its record says (no record: healthy),
 //!   so a netd restart neither flaps nor forgets an unhealthy container.
 //!
 //! One log line per transition; probes are only counted
@@ -106,12 +107,16 @@ async fn probe_loop(ctx: Ctx, key: String, target: Target, tracker: Shared) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut write_failing = false;
+    // When the last transition happened (a record written anew without
+    // one, after an unreadable record, says since now).
+    let mut since_ms = now_ms();
     loop {
         ticks.tick().await;
         let seen = probe(target.addr, &check.probe, timeout).await;
         ctx.counters.probed(seen.ok);
         let step = lock(&tracker).observe(seen.ok, check);
         if let Some(healthy) = step.turned {
+            since_ms = now_ms();
             gauge.set(!healthy);
             let (service, container, ifname) = (&target.service, &target.container, &target.ifname);
             let addr = target.addr;
@@ -126,7 +131,7 @@ async fn probe_loop(ctx: Ctx, key: String, target: Target, tracker: Shared) {
         let Some(healthy) = step.write else { continue };
         let record = HealthRecord {
             healthy,
-            since_ms: now_ms(),
+            since_ms,
             detail: seen.detail,
         };
         let written = match serde_json::to_vec(&record) {
