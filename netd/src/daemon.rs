@@ -13,7 +13,9 @@
 //! [`crate::metrics`], which the daemon does not import), policy and
 //! anti-spoofing enforcement in [`crate::enforce`] (fed by
 //! [`Daemon::run_policy`], re-applied on the resync and after every change of
-//! this host's endpoints, [`Daemon::enforce_local`]).
+//! this host's endpoints, [`Daemon::enforce_local`]), the VIPs' load
+//! balancing in [`crate::services::lb`] (fed by [`Daemon::run_balancer`],
+//! written whole again on the resync).
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -66,6 +68,9 @@ pub struct Daemon {
     enforcer: Arc<Enforcer>,
     /// Service records and VIPs ([`crate::services`]).
     services: Arc<crate::services::Services>,
+    /// The VIPs' load balancing (`table ip weft_svc`, through the
+    /// enforcer's nf_tables handle).
+    balancer: Arc<crate::services::lb::Balancer>,
 }
 
 impl Daemon {
@@ -148,6 +153,12 @@ impl Daemon {
             host_id.to_string(),
             cfg.services.grace,
         ));
+        let balancer = Arc::new(crate::services::lb::Balancer::new(
+            enforcer.nft().clone(),
+            crate::conntrack::Conntrack::default(),
+            cfg.keys.clone(),
+            cfg.ipam.service_range,
+        ));
         let daemon = Arc::new(Daemon {
             cfg,
             host_id,
@@ -167,6 +178,7 @@ impl Daemon {
             counters,
             enforcer,
             services,
+            balancer,
         });
         daemon.reconcile().await?;
         Ok(daemon)
@@ -318,6 +330,20 @@ impl Daemon {
             self.cfg.keys.clone(),
             stop,
             move |took| me.counters.policy_applied(Some(took)),
+        )
+        .await;
+    }
+
+    /// Follows the service, endpoint and health records until `stop`
+    /// fires, balancing each VIP over its healthy backends
+    /// ([`crate::services::lb::follow`]).
+    pub async fn run_balancer(self: Arc<Self>, stop: tokio::sync::watch::Receiver<bool>) {
+        crate::services::lb::follow(
+            self.balancer.clone(),
+            self.store.clone(),
+            self.cfg.keys.clone(),
+            stop,
+            |_| {},
         )
         .await;
     }
@@ -527,6 +553,11 @@ impl Daemon {
                     match self.enforcer.reapply().await {
                         Ok(took) => self.counters.policy_applied(took),
                         Err(e) => tracing::warn!(error = %format!("{e:#}"), "re-applying the policy failed"),
+                    }
+                    // After the enforcer's resync forgot what the kernel
+                    // has: the services' table is written whole too.
+                    if let Err(e) = self.balancer.reapply().await {
+                        tracing::warn!(error = %format!("{e:#}"), "re-applying the services' table failed");
                     }
                 }
             }

@@ -56,7 +56,7 @@
 //! one packet: weft uses no other mark.
 //!
 //! What [`compile`] returns also says which backends each VIP had, so the
-//! follower (`crate::services::lb`) can delete the UDP conntrack entries
+//! follower ([`crate::services::lb`]) can delete the UDP conntrack entries
 //! of flows to a VIP answered by a backend that left ([`removed`]; TCP is
 //! left to fail or finish by itself).
 

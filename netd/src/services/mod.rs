@@ -21,6 +21,7 @@
 //!   ([`SpecEdit`]).
 
 pub mod health;
+pub mod lb;
 pub mod records;
 // (lb.rs and health.rs add their `pub mod` lines here.)
 
