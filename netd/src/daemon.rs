@@ -348,6 +348,20 @@ impl Daemon {
         .await;
     }
 
+    /// Probes this host's containers whose service has a health check and
+    /// records their health until `stop` fires
+    /// ([`crate::services::health::run`]).
+    pub async fn run_health(self: Arc<Self>, stop: tokio::sync::watch::Receiver<bool>) {
+        crate::services::health::run(
+            self.store.clone(),
+            self.cfg.keys.clone(),
+            self.host_id.to_string(),
+            self.counters.health.clone(),
+            stop,
+        )
+        .await;
+    }
+
     pub(crate) fn note_store<T>(&self, r: Result<T, StoreError>) -> Result<T, StoreError> {
         self.health.observe(r)
     }

@@ -58,6 +58,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     );
     let maintain = tokio::spawn(daemon.clone().maintain(stop_rx.clone()));
     let policy = tokio::spawn(daemon.clone().run_policy(stop_rx.clone()));
+    let health = tokio::spawn(daemon.clone().run_health(stop_rx.clone()));
     let services = tokio::spawn(daemon.clone().run_services(stop_rx.clone()));
     let balancer = tokio::spawn(daemon.clone().run_balancer(stop_rx.clone()));
     let mesh = tokio::spawn(daemon.clone().run_mesh(stop_rx));
@@ -68,6 +69,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let _ = maintain.await;
     let _ = mesh.await;
     let _ = policy.await;
+    let _ = health.await;
     let _ = services.await;
     let _ = balancer.await;
     if let Some(m) = metrics {
