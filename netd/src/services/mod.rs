@@ -3,6 +3,8 @@
 //!
 //! * [`records`]: the records and VIP claims in the store, and the pure
 //!   rules (which address, when a service is empty or expired).
+//! * [`lb`]: the VIPs balanced in the kernel (`table ip weft_svc`).
+//! * [`health`]: the health checks of this host's containers.
 //! * Here: [`Services`], what this netd knows of every service, kept by a
 //!   reconciler ([`Services::run`]: `Follower`s on `services/`, `vips/` and
 //!   `endpoints/`) that every netd runs: a service with no container
@@ -23,7 +25,6 @@
 pub mod health;
 pub mod lb;
 pub mod records;
-// (lb.rs and health.rs add their `pub mod` lines here.)
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
