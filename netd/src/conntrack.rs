@@ -16,6 +16,8 @@
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
 
+use weft_model::Protocol;
+
 use crate::command::{CommandError, Hint, Runner};
 
 /// (source, destination) of one direction of a connection.
@@ -39,13 +41,18 @@ fn diagnose(stderr: &str, install: &'static str) -> String {
 }
 
 /// One entry of a `conntrack -L` listing: the addresses of both directions
-/// (they differ for NATed connections).
+/// (they differ for NATed connections) and what it carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Entry {
     /// The first `src=` and `dst=` of the line.
     pub original: Pair,
     /// The second ones (what the replies carry), if the line has them.
     pub reply: Option<Pair>,
+    /// The IP protocol number (the line's second word: 6 tcp, 17 udp, 1 icmp).
+    pub proto: u8,
+    /// TCP or UDP and the original destination port; `None` for other
+    /// protocols (ICMP echo and the rest, which have no port).
+    pub l4: Option<(Protocol, u16)>,
 }
 
 /// The ways `conntrack -D` selects an entry by one address, in the order
@@ -79,9 +86,23 @@ pub fn parse(listing: &str) -> Vec<Entry> {
                     .collect()
             };
             let (src, dst) = (values("src="), values("dst="));
+            let mut words = line.split_whitespace();
+            let name = words.next()?;
+            let proto: u8 = words.next()?.parse().ok()?;
+            let dport = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("dport="))
+                .and_then(|v| v.parse().ok());
+            let l4 = match (name, dport) {
+                ("tcp", Some(p)) => Some((Protocol::Tcp, p)),
+                ("udp", Some(p)) => Some((Protocol::Udp, p)),
+                _ => None,
+            };
             Some(Entry {
                 original: (*src.first()?, *dst.first()?),
                 reply: src.get(1).copied().zip(dst.get(1).copied()),
+                proto,
+                l4,
             })
         })
         .collect()
@@ -144,8 +165,14 @@ impl Conntrack {
         let deleted = deleted_count(&String::from_utf8_lossy(&out.stderr));
         match (out.status.code(), deleted) {
             (Some(0), n) => Ok(n.unwrap_or(0)),
-            // conntrack exits 1 when nothing matched.
-            (Some(1), Some(0)) => Ok(0),
+            // conntrack exits 1 when nothing matched (or the entry expired
+            // since it was listed).
+            (Some(1), Some(0) | None)
+                if deleted.is_some()
+                    || String::from_utf8_lossy(&out.stderr).contains("doesn't exist") =>
+            {
+                Ok(0)
+            }
             _ => Err(self.runner.failed("conntrack", &args, &out, None, HINT)),
         }
     }
@@ -168,21 +195,39 @@ impl Conntrack {
     }
 
     /// Deletes the entries of connections from `src` to `dst` (original
-    /// direction) for each pair; returns how many went. Only pairs the one
-    /// listing shows get a delete: a change that denies thousands of pairs
-    /// has a handful of live connections among them.
-    pub fn cut(&self, pairs: &[Pair]) -> Result<usize, CommandError> {
+    /// direction) of each pair in `pairs` that `keep` no longer allows
+    /// (`keep(pair, l4)`: whether the pair may still have a flow of `l4`,
+    /// `None` for a protocol without ports); returns how many went.
+    /// Connections of a pair on what is still allowed stay. One listing,
+    /// then one delete per (pair, protocol, port) it shows: a change that
+    /// denies thousands of pairs has a handful of live connections among
+    /// them. An entry that expired since the listing is not an error.
+    pub fn cut(
+        &self,
+        pairs: &[Pair],
+        keep: impl Fn(Pair, Option<(Protocol, u16)>) -> bool,
+    ) -> Result<usize, CommandError> {
         if pairs.is_empty() {
             return Ok(0);
         }
-        let live: HashSet<Pair> = self.list()?.iter().map(|e| e.original).collect();
-        let mut todo: Vec<Pair> = pairs.iter().filter(|p| live.contains(p)).copied().collect();
+        let wanted: HashSet<Pair> = pairs.iter().copied().collect();
+        let mut todo: Vec<(Pair, u8, Option<u16>)> = self
+            .list()?
+            .into_iter()
+            .filter(|e| wanted.contains(&e.original) && !keep(e.original, e.l4))
+            .map(|e| (e.original, e.proto, e.l4.map(|(_, p)| p)))
+            .collect();
         todo.sort();
         todo.dedup();
         let mut total = 0;
-        for (src, dst) in &todo {
-            let (s, d) = (src.to_string(), dst.to_string());
-            total += self.delete(&["-s", s.as_str(), "-d", d.as_str()])?;
+        for ((src, dst), proto, dport) in &todo {
+            let (s, d, p) = (src.to_string(), dst.to_string(), proto.to_string());
+            let mut sel = vec!["-s", s.as_str(), "-d", d.as_str(), "-p", p.as_str()];
+            let port = dport.map(|p| p.to_string());
+            if let Some(port) = &port {
+                sel.extend(["--dport", port.as_str()]);
+            }
+            total += self.delete(&sel)?;
         }
         Ok(total)
     }
@@ -219,8 +264,12 @@ garbage line
             Entry {
                 original: (a("10.42.1.2"), a("10.42.2.3")),
                 reply: Some((a("10.42.2.3"), a("10.42.1.2"))),
+                proto: 6,
+                l4: Some((Protocol::Tcp, 80)),
             }
         );
+        assert_eq!(entries[1].l4, Some((Protocol::Udp, 53)));
+        assert_eq!((entries[3].proto, entries[3].l4), (1, None));
         // DNAT to a published port: the container is only in the reply.
         assert_eq!(entries[2].original, (a("192.168.1.5"), a("192.168.1.1")));
         assert_eq!(entries[2].reply, Some((a("10.42.1.7"), a("192.168.1.5"))));
@@ -286,6 +335,6 @@ garbage line
             .unwrap_err();
         assert!(matches!(e, CommandError::Spawn { .. }), "{e}");
         assert!(e.to_string().contains("apt-get install conntrack"), "{e}");
-        assert_eq!(c.cut(&[]).unwrap(), 0);
+        assert_eq!(c.cut(&[], |_, _| false).unwrap(), 0);
     }
 }

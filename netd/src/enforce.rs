@@ -18,13 +18,16 @@
 //! tables in place, so a restart has no window).
 //!
 //! Fail closed: the last policy is kept in `<state dir>/policy.json` and is
-//! the one enforced after a start until the store answers (a `deny` stays a
-//! `deny`). A document in the store that does not parse or validate is
+//! the one enforced after a start until the first read of the store's
+//! policy (a `deny` stays a `deny`). netd cannot start while the store is
+//! down; the tables a stopped netd left stay in the kernel meanwhile. A
+//! document in the store that does not parse or validate is
 //! logged and the last good one stays.
 //!
 //! After a change, the conntrack entries of address pairs that lost reach
-//! are deleted in the background ([`crate::nft::policy::lost_reach`]); their
-//! packets are already refused by the new rules.
+//! are deleted in the background ([`crate::nft::policy::lost_reach`]), only
+//! those on what the pair may no longer reach (its connections on a port
+//! still allowed stay); their packets are already refused by the new rules.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -30,8 +30,10 @@ use crate::config::Config;
 use crate::daemon::Daemon;
 
 /// Runs the daemon until SIGTERM or SIGINT. Stopping leaves the kernel state
-/// (bridge, routes, iptables) in place, so containers keep working while
-/// netd restarts.
+/// (bridge, routes, iptables, nf_tables) in place, so containers on one host
+/// and across hosts over kernel VXLAN keep working while netd restarts; the
+/// WireGuard tunnel runs inside netd, so with it cross-host traffic pauses
+/// until netd is back.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let daemon = Daemon::start(cfg).await?;
     // DNS after host setup: 169.254.169.250 is on the bridge now.

@@ -282,11 +282,17 @@ impl Nft {
         Ok(())
     }
 
-    /// Deletes the conntrack entries of connections from `src` to `dst`
-    /// (original direction); returns how many went ([`Conntrack::cut`]: one
-    /// listing, a delete only for pairs that have entries).
-    pub fn cut(&self, pairs: &[(Ipv4Addr, Ipv4Addr)]) -> Result<usize, NftError> {
-        Ok(Conntrack::new(self.runner.clone()).cut(pairs)?)
+    /// Deletes the conntrack entries of the connections each pair of `lost`
+    /// (original direction) may no longer have: those on what it keeps
+    /// stay. Returns how many went ([`Conntrack::cut`]: one listing, a
+    /// delete only for what it shows).
+    pub fn cut(&self, lost: &[policy::Lost]) -> Result<usize, NftError> {
+        let keep: std::collections::HashMap<(Ipv4Addr, Ipv4Addr), &weft_model::Reach> =
+            lost.iter().map(|l| ((l.src, l.dst), &l.keep)).collect();
+        let pairs: Vec<(Ipv4Addr, Ipv4Addr)> = keep.keys().copied().collect();
+        Ok(Conntrack::new(self.runner.clone()).cut(&pairs, |pair, l4| {
+            keep.get(&pair).is_some_and(|r| r.allows(l4).is_some())
+        })?)
     }
 
     fn run(

@@ -316,14 +316,25 @@ fn covers(new: &Reach, old: &Reach) -> bool {
     }
 }
 
+/// A pair of addresses that lost reach, and what it may still reach: its
+/// connections on anything else must be cut.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lost {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    /// What the pair may still reach (its connections on these stay).
+    pub keep: Reach,
+}
+
 /// The (source, destination) address pairs that had reach in `old` and lost
-/// some of it in `new`: their connections must be cut (conntrack entries
-/// deleted). A source no longer in the records counts as unknown in `new`.
-/// Destinations no longer on this host are left out (their entries go when
-/// the endpoint is deleted), and so are unknown sources (no address to
-/// name; their packets are dropped by the rules anyway).
-pub fn lost_reach(old: &Compiled, new: &Compiled) -> Vec<(Ipv4Addr, Ipv4Addr)> {
-    let mut pairs = BTreeSet::new();
+/// some of it in `new`, with what they keep: their other connections must
+/// be cut (conntrack entries deleted). A source no longer in the records
+/// counts as unknown in `new`. Destinations no longer on this host are left
+/// out (their entries go when the endpoint is deleted), and so are unknown
+/// sources (no address to name; their packets are dropped by the rules
+/// anyway).
+pub fn lost_reach(old: &Compiled, new: &Compiled) -> Vec<Lost> {
+    let mut pairs = BTreeMap::new();
     for (dp, was) in &old.dests {
         let Some(now) = new.dests.get(dp) else {
             continue;
@@ -344,14 +355,22 @@ pub fn lost_reach(old: &Compiled, new: &Compiled) -> Vec<(Ipv4Addr, Ipv4Addr)> {
             if covers(now.reach(sp), was.reach(sp)) {
                 continue;
             }
+            // The source may have left: then it is unknown in `new`.
+            let keep = match new.sources.get(sp) {
+                Some(_) => now.reach(sp),
+                None => &now.unknown,
+            };
             for s in old.sources.get(sp).into_iter().flatten() {
                 for d in &still {
-                    pairs.insert((*s, **d));
+                    pairs.insert((*s, **d), keep.clone());
                 }
             }
         }
     }
-    pairs.into_iter().collect()
+    pairs
+        .into_iter()
+        .map(|((src, dst), keep)| Lost { src, dst, keep })
+        .collect()
 }
 
 #[cfg(test)]

@@ -193,6 +193,12 @@ ports = ["udp/53", "tcp/53"]
 
 #[test]
 fn lost_reach_names_the_pairs_to_cut() {
+    let lost_reach = |old: &Compiled, new: &Compiled| -> Vec<(Ipv4Addr, Ipv4Addr)> {
+        super::lost_reach(old, new)
+            .into_iter()
+            .map(|l| (l.src, l.dst))
+            .collect()
+    };
     let eps = cluster();
     let before = compile_on_h0(&policy(SMALL), &eps);
     // Nothing changed: nothing to cut.
@@ -336,4 +342,22 @@ fn other_hosts_are_not_subject_to_policy() {
         "{}",
         c.table.render()
     );
+}
+
+/// A pair that loses some ports keeps its connections on the others.
+#[test]
+fn lost_reach_says_what_each_pair_keeps() {
+    let eps = cluster();
+    let wide = compile_on_h0(&policy(&SMALL.replace("ports = [\"tcp/80\"]", "")), &eps);
+    let narrow = compile_on_h0(&policy(SMALL), &eps);
+    let web: Ipv4Addr = "10.42.0.2".parse().unwrap();
+    let api: Ipv4Addr = "10.42.0.3".parse().unwrap();
+    let lost = super::lost_reach(&wide, &narrow);
+    let l = lost
+        .iter()
+        .find(|l| (l.src, l.dst) == (web, api))
+        .unwrap_or_else(|| panic!("{lost:?}"));
+    assert!(l.keep.allows(Some((Protocol::Tcp, 80))).is_some());
+    assert!(l.keep.allows(Some((Protocol::Tcp, 81))).is_none());
+    assert!(l.keep.allows(None).is_none());
 }
