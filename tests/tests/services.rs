@@ -36,6 +36,11 @@
 //!   range is full (`netd services`, and `netd service set --mode vip`
 //!   fails with it); a service without containers loses its record and VIP
 //!   after the grace, and the service waiting for one gets it.
+//! * `policy_applies_after_dnat` (2 hosts, WireGuard): a default-deny
+//!   policy closes the VIP to another stack's clients on both hosts (the
+//!   same-host one too, whose packets are masqueraded only after the
+//!   policy's forward hook); a rule to `shop/web` on tcp/80 opens exactly
+//!   that port through the VIP.
 //!
 //! Source addresses: a backend on another host than the client sees the
 //! client's address. One on the client's own host sees the bridge's
@@ -1012,4 +1017,82 @@ fn range_full_and_vip_freed_after_grace() {
         "{a_vip} now c.shop's: {got:?}"
     );
     eprintln!("range_full_and_vip_freed_after_grace: {:.1?}", t0.elapsed());
+}
+
+/// Applies a policy document through host `h`'s netd.
+fn apply_policy(cl: &Cluster, h: usize, policy: &str) {
+    let file = cl.netds[h].dir().join("test-policy.toml");
+    std::fs::write(&file, policy).unwrap();
+    let out = cl.netds[h]
+        .cli(&["policy", "apply", &file.display().to_string()])
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "policy apply: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Whether every client's probes of `vip:port` (TCP, 8 each) are all
+/// answered (`Some(true)`), all unanswered (`Some(false)`), or mixed.
+fn vip_open(cl: &Cluster, vip: Ipv4Addr, port: u16) -> Option<bool> {
+    let target = Target {
+        proto: Protocol::Tcp,
+        addr: vip,
+        port,
+    };
+    let got: Vec<bool> = cl
+        .clients
+        .iter()
+        .flat_map(|c| probe_all(Some(&c.path()), &[target; 8], Duration::from_millis(300)))
+        .map(|o| o.answered())
+        .collect();
+    if got.iter().all(|&a| a) {
+        Some(true)
+    } else if got.iter().all(|&a| !a) {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+#[test]
+fn policy_applies_after_dnat() {
+    weft_tests::require_root!();
+    let _serial = serial();
+    let t0 = Instant::now();
+    // A member on each host: each client reaches one on its own host and
+    // one on the other through the VIP.
+    let cl = Cluster::new(2, "wireguard", &[0, 1]);
+    let vip = cl.vip();
+    cl.await_backends(vip);
+    assert_eq!(vip_open(&cl, vip, HEALTH_PORT), Some(true));
+
+    // Default deny: the clients' stack (ops) reaches no backend through
+    // the VIP, on either host.
+    apply_policy(&cl, 0, "default = \"deny\"\n");
+    let closed = wait(Duration::from_secs(3), || {
+        vip_open(&cl, vip, TCP_PORT) == Some(false)
+    });
+    assert!(closed, "deny: the VIP still answers\n{}", cl.logs());
+    assert_eq!(vip_open(&cl, vip, HEALTH_PORT), Some(false));
+
+    // A rule from ops to shop/web on tcp/80 opens exactly that port of
+    // the VIP's backends.
+    apply_policy(
+        &cl,
+        1,
+        "default = \"deny\"\n\n[[rules]]\nname = \"ops-to-web\"\nfrom = \"ops\"\nto = \"shop/web\"\nports = [\"tcp/80\"]\n",
+    );
+    let open = wait(Duration::from_secs(3), || {
+        vip_open(&cl, vip, TCP_PORT) == Some(true)
+    });
+    assert!(open, "the rule does not open the VIP's port\n{}", cl.logs());
+    assert_eq!(
+        vip_open(&cl, vip, HEALTH_PORT),
+        Some(false),
+        "only the rule's port opens"
+    );
+    cl.await_backends(vip);
+    eprintln!("policy_applies_after_dnat: {:.1?}", t0.elapsed());
 }
