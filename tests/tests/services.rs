@@ -778,7 +778,7 @@ fn udp_flow_moves_when_its_backend_is_deleted() {
         let deleted = Instant::now();
         let mut next = None;
         while deleted.elapsed() < Duration::from_secs(5) {
-            if let Some(tag) = ask(&flow, Duration::from_millis(100)) {
+            if let Some(tag) = ask(&flow, Duration::from_millis(20)) {
                 next = Some(tag);
                 break;
             }
