@@ -297,6 +297,7 @@ impl Daemon {
             block: self.block.block,
             bridge: self.cfg.bridge.clone(),
             dns_addr: self.cfg.dns_addr,
+            service_range: self.cfg.ipam.service_range,
             ports,
         }
     }

@@ -632,6 +632,7 @@ mod tests {
                 block: "10.42.0.0/24".parse().unwrap(),
                 bridge: "weft0".into(),
                 dns_addr: weft_model::DNS_ADDR,
+                service_range: weft_model::DEFAULT_SERVICE_RANGE,
                 ports: vec![
                     PublishedPort {
                         container: Ipv4Addr::new(10, 42, 0, 2),

@@ -147,6 +147,7 @@ fn spec(ports: Vec<PublishedPort>) -> NatSpec {
         block: net("10.42.0.0/24"),
         bridge: "weft0".into(),
         dns_addr: DNS,
+        service_range: weft_model::DEFAULT_SERVICE_RANGE,
         ports,
     }
 }

@@ -42,12 +42,9 @@
 //!   policy's forward hook); a rule to `shop/web` on tcp/80 opens exactly
 //!   that port through the VIP.
 //!
-//! Source addresses: a backend on another host than the client sees the
-//! client's address. One on the client's own host sees the bridge's
-//! gateway: netd's iptables rule for published-port hairpin (`-s BLOCK -d
-//! BLOCK -m conntrack --ctstate DNAT -j MASQUERADE`, nat/mod.rs) matches
-//! VIP DNAT within the block too. The test prints what each backend saw
-//! and checks only the cross-host ones.
+//! Source addresses: every backend, on the client's host or another, sees
+//! the client's own address (DNAT only; netd's published-port hairpin rule
+//! leaves the service range alone).
 //!
 //! The tests take a lock so they run one at a time: the time bounds are
 //! about netd, not about two labs sharing two cores.
@@ -482,9 +479,8 @@ fn balance_hairpin_affinity() {
     let took = t.elapsed();
     cl.assert_uniform("600 TCP connections", &tcp);
     eprintln!("  (600 TCP connections in {took:.1?})");
-    // Backends on other hosts see the client's own address (DNAT only, no
-    // SNAT). Those on the client's host see what the iptables NAT does to
-    // DNATed traffic within the block (printed; see the module docs).
+    // Every backend sees the client's own address (DNAT only, no SNAT), on
+    // the client's host too.
     let client_ip = cl.attach_addr(0);
     let mut peers: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
     for o in &tcp {
@@ -496,7 +492,7 @@ fn balance_hairpin_affinity() {
         peers.entry(tag).or_default().insert(peer);
     }
     eprintln!("  client-0 is {client_ip}; source addresses the backends saw: {peers:?}");
-    for m in cl.members.iter().filter(|m| m.host != 0) {
+    for m in &cl.members {
         let want = BTreeSet::from([client_ip.to_string()]);
         let got: BTreeSet<String> = peers[m.name.as_str()]
             .iter()

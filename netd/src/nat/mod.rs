@@ -227,6 +227,10 @@ pub struct NatSpec {
     pub bridge: String,
     /// The service-discovery DNS address (169.254.169.250).
     pub dns_addr: Ipv4Addr,
+    /// The services' VIP range (`table ip weft_svc` balances it and
+    /// masquerades only a backend reaching its own VIP, so the hairpin rule
+    /// here leaves it alone: a client keeps its address).
+    pub service_range: Ipv4Network,
     /// The published ports of this host's containers (any order).
     pub ports: Vec<PublishedPort>,
 }
@@ -324,6 +328,7 @@ pub fn render(spec: &NatSpec) -> Result<String, NatError> {
     spec.validate()?;
     let cluster = canonical(spec.cluster_range);
     let block = canonical(spec.block);
+    let svc = canonical(spec.service_range);
     let br = spec.bridge.as_str();
     let dns = format!("{}/32", spec.dns_addr);
     let mut out = String::new();
@@ -386,9 +391,11 @@ pub fn render(spec: &NatSpec) -> Result<String, NatError> {
     nat.extend([
         // Hairpin: a container of this block reaching a published port that
         // leads back into the block. Without SNAT the reply would go straight
-        // over the bridge and never be un-DNATed.
+        // over the bridge and never be un-DNATed. Not for a service's VIP
+        // (same-host clients would lose their address; br_netfilter un-DNATs
+        // the replies of those).
         format!(
-            "-A {POSTROUTING_CHAIN} -s {block} -d {block} -m conntrack --ctstate DNAT -j MASQUERADE"
+            "-A {POSTROUTING_CHAIN} -s {block} -d {block} -m conntrack --ctstate DNAT ! --ctorigdst {svc} -j MASQUERADE"
         ),
         // The host's own 127.0.0.1:<published port> (needs route_localnet).
         format!("-A {POSTROUTING_CHAIN} -s 127.0.0.0/8 -o {br} -j MASQUERADE"),

@@ -28,6 +28,7 @@ fn spec(ports: Vec<PublishedPort>) -> NatSpec {
         block: net("10.42.3.0/24"),
         bridge: "weft0".into(),
         dns_addr: Ipv4Addr::new(169, 254, 169, 250),
+        service_range: weft_model::DEFAULT_SERVICE_RANGE,
         ports,
     }
 }
@@ -72,7 +73,7 @@ COMMIT
 -A WEFT-DNAT -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.42.3.2:80
 -A WEFT-DNAT -d 192.168.77.10/32 -p tcp -m tcp --dport 8443 -j DNAT --to-destination 10.42.3.2:443
 -A WEFT-DNAT -p udp -m udp --dport 5353 -j DNAT --to-destination 10.42.3.3:53
--A WEFT-POSTROUTING -s 10.42.3.0/24 -d 10.42.3.0/24 -m conntrack --ctstate DNAT -j MASQUERADE
+-A WEFT-POSTROUTING -s 10.42.3.0/24 -d 10.42.3.0/24 -m conntrack --ctstate DNAT ! --ctorigdst 10.43.0.0/16 -j MASQUERADE
 -A WEFT-POSTROUTING -s 127.0.0.0/8 -o weft0 -j MASQUERADE
 -A WEFT-POSTROUTING -d 169.254.169.250/32 -j RETURN
 -A WEFT-POSTROUTING -s 10.42.0.0/16 -d 10.42.0.0/16 -j RETURN
@@ -138,7 +139,7 @@ fn masquerade_only_for_traffic_leaving_the_cluster() {
     assert_eq!(
         others,
         [
-            &"-A WEFT-POSTROUTING -s 10.42.3.0/24 -d 10.42.3.0/24 -m conntrack --ctstate DNAT -j MASQUERADE",
+            &"-A WEFT-POSTROUTING -s 10.42.3.0/24 -d 10.42.3.0/24 -m conntrack --ctstate DNAT ! --ctorigdst 10.43.0.0/16 -j MASQUERADE",
             &"-A WEFT-POSTROUTING -s 127.0.0.0/8 -o weft0 -j MASQUERADE",
         ]
     );
@@ -222,6 +223,7 @@ fn other_ranges_and_bridges_flow_through() {
         block: net("172.30.4.0/26"),
         bridge: "br-x_1.2".into(),
         dns_addr: Ipv4Addr::new(169, 254, 1, 1),
+        service_range: weft_model::DEFAULT_SERVICE_RANGE,
         ports: vec![port([172, 30, 4, 5], 1, 65535, Protocol::Udp, None)],
     };
     let out = render(&s).unwrap();
@@ -229,7 +231,7 @@ fn other_ranges_and_bridges_flow_through() {
     assert!(out.contains("-A WEFT-POSTROUTING -s 127.0.0.0/8 -o br-x_1.2 -j MASQUERADE\n"));
     assert!(out.contains("-A WEFT-POSTROUTING -s 172.30.0.0/20 -j MASQUERADE\n"));
     assert!(out.contains(
-        "-A WEFT-POSTROUTING -s 172.30.4.0/26 -d 172.30.4.0/26 -m conntrack --ctstate DNAT -j MASQUERADE\n"
+        "-A WEFT-POSTROUTING -s 172.30.4.0/26 -d 172.30.4.0/26 -m conntrack --ctstate DNAT ! --ctorigdst 10.43.0.0/16 -j MASQUERADE\n"
     ));
     assert!(out.contains("-A WEFT-PREROUTING -d 169.254.1.1/32 -j RETURN\n"));
     assert!(out.contains("--dport 1 -j DNAT --to-destination 172.30.4.5:65535\n"));
