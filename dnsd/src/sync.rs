@@ -12,7 +12,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio::sync::oneshot;
 use weft_model::{EndpointRecord, HealthRecord, Keys, ServiceRecord};
-use weft_store::{DynStore, EventKind, Follower, Revision, Update};
+use weft_store::{decode_json, DynStore, Follower, KeyValue, Revision, Update};
 
 use crate::table::{Table, TableConfig};
 
@@ -35,64 +35,30 @@ struct Records<T> {
     /// Keys under the prefix that are not records (a service key must
     /// name a service).
     wanted: fn(&Keys, &str) -> bool,
-    parse: fn(&[u8]) -> serde_json::Result<T>,
+    /// [`decode_json`] for `T`.
+    decode: fn(&KeyValue, &str) -> Option<T>,
 }
 
 impl<T> Records<T> {
     fn new(
         what: &'static str,
         wanted: fn(&Keys, &str) -> bool,
-        parse: fn(&[u8]) -> serde_json::Result<T>,
+        decode: fn(&KeyValue, &str) -> Option<T>,
     ) -> Self {
         Records {
             what,
             by_key: BTreeMap::new(),
             listed: false,
             wanted,
-            parse,
+            decode,
         }
     }
 
     /// Applies `update`; returns its revision.
     fn apply(&mut self, keys: &Keys, update: Update) -> Revision {
-        let revision = update.revision();
-        match update {
-            Update::Snapshot(range) => {
-                self.listed = true;
-                self.by_key.clear();
-                for kv in range.kvs {
-                    if let Some(r) = self.decode(keys, &kv.key, &kv.value) {
-                        self.by_key.insert(kv.key, r);
-                    }
-                }
-            }
-            Update::Changes { events, .. } => {
-                for ev in events {
-                    let record = match ev.kind {
-                        EventKind::Put => self.decode(keys, &ev.kv.key, &ev.kv.value),
-                        EventKind::Delete => None,
-                    };
-                    match record {
-                        Some(r) => self.by_key.insert(ev.kv.key, r),
-                        None => self.by_key.remove(&ev.kv.key),
-                    };
-                }
-            }
-        }
-        revision
-    }
-
-    fn decode(&self, keys: &Keys, key: &str, value: &[u8]) -> Option<T> {
-        if !(self.wanted)(keys, key) {
-            return None;
-        }
-        match (self.parse)(value) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                tracing::warn!(key, error = %e, "{} does not parse; ignored", self.what);
-                None
-            }
-        }
+        self.listed |= matches!(update, Update::Snapshot(_));
+        let wanted = |key: &str| (self.wanted)(keys, key).then(|| key.to_owned());
+        update.apply_with(&mut self.by_key, wanted, |kv| (self.decode)(kv, self.what))
     }
 }
 
@@ -104,21 +70,15 @@ impl Sync {
         let mut endpoints_f = Follower::new(self.store.clone(), keys.endpoints());
         let mut services_f = Follower::new(self.store.clone(), keys.services());
         let mut health_f = Follower::new(self.store.clone(), keys.health());
-        let mut endpoints = Records::new(
-            "endpoint record (JSON or a name)",
-            |_, _| true,
-            |v| serde_json::from_slice::<EndpointRecord>(v),
-        );
-        let mut services = Records::new(
+        let mut endpoints: Records<EndpointRecord> =
+            Records::new("endpoint record (JSON or a name)", |_, _| true, decode_json);
+        let mut services: Records<ServiceRecord> = Records::new(
             "service record",
             |k, key| k.service_of_key(key).is_some(),
-            |v| serde_json::from_slice::<ServiceRecord>(v),
+            decode_json,
         );
-        let mut health = Records::new(
-            "health record",
-            |_, _| true,
-            |v| serde_json::from_slice::<HealthRecord>(v),
-        );
+        let mut health: Records<HealthRecord> =
+            Records::new("health record", |_, _| true, decode_json);
         let mut revision: Revision = 0;
         loop {
             // The first update waits; the others' that are ready join it.

@@ -367,7 +367,7 @@ pub async fn follow(
                     }
                 }
                 u = endpoints.next() => {
-                    endpoint_update(&keys.endpoints(), &mut records, u);
+                    u.apply_to(&mut records, "endpoint record");
                     eps_changed = true;
                 }
             }
@@ -420,38 +420,6 @@ fn policy_update(doc: &str, u: Update) -> Option<Policy> {
                 None
             }
         },
-    }
-}
-
-fn endpoint_update(prefix: &str, records: &mut BTreeMap<String, EndpointRecord>, u: Update) {
-    let put = |records: &mut BTreeMap<String, EndpointRecord>, key: String, value: &[u8]| {
-        match serde_json::from_slice::<EndpointRecord>(value) {
-            Ok(r) => {
-                records.insert(key, r);
-            }
-            Err(e) => tracing::warn!(key, error = %e, "unreadable endpoint record; ignored"),
-        }
-    };
-    match u {
-        Update::Snapshot(range) => {
-            records.clear();
-            for kv in range.kvs {
-                put(records, kv.key, &kv.value);
-            }
-        }
-        Update::Changes { events, .. } => {
-            for ev in events {
-                if !ev.kv.key.starts_with(prefix) {
-                    continue;
-                }
-                match ev.kind {
-                    EventKind::Put => put(records, ev.kv.key, &ev.kv.value),
-                    EventKind::Delete => {
-                        records.remove(&ev.kv.key);
-                    }
-                }
-            }
-        }
     }
 }
 
@@ -518,44 +486,6 @@ mod tests {
             policy_update(&doc, changes(vec![(EventKind::Put, kv(&doc, b"{nope"))])),
             None
         );
-    }
-
-    #[test]
-    fn endpoint_updates_replace_and_patch() {
-        let keys = Keys::default();
-        let prefix = keys.endpoints();
-        let rec = |addr: &str| {
-            serde_json::json!({
-                "container_id": format!("c-{addr}"), "ifname": "eth0", "netns": "/n",
-                "host_id": "h0", "address": format!("{addr}/24"), "gateway": "10.42.0.1",
-                "mtu": 1400, "bridge": "weft0",
-                "dns": {"nameservers": [], "domain": "weft", "search": []}, "created_at_ms": 0
-            })
-            .to_string()
-            .into_bytes()
-        };
-        let k1 = keys.endpoint("h0", "c-1", "eth0");
-        let k2 = keys.endpoint("h0", "c-2", "eth0");
-        let mut records = BTreeMap::new();
-        records.insert(
-            "stale".to_owned(),
-            serde_json::from_slice(&rec("10.42.0.9")).unwrap(),
-        );
-        let snapshot = Update::Snapshot(Range {
-            kvs: vec![kv(&k1, &rec("10.42.0.2")), kv(&k2, b"corrupt")],
-            revision: 1,
-        });
-        endpoint_update(&prefix, &mut records, snapshot);
-        assert_eq!(records.keys().collect::<Vec<_>>(), [&k1]);
-        endpoint_update(
-            &prefix,
-            &mut records,
-            changes(vec![
-                (EventKind::Put, kv(&k2, &rec("10.42.0.3"))),
-                (EventKind::Delete, kv(&k1, b"")),
-            ]),
-        );
-        assert_eq!(records.keys().collect::<Vec<_>>(), [&k2]);
     }
 
     #[test]

@@ -9,12 +9,17 @@
 //! what it holds. The caller keeps serving its last state meanwhile; the
 //! follower never gives up.
 //!
-//! This is the one copy of the loop: the mesh (hosts) and dnsd (endpoints)
-//! both use it and only decide what a record means.
+//! This is the one copy of the loop: the mesh (hosts), dnsd and netd's
+//! policy and service loops use it and only decide what a record means.
+//! [`Update::apply_with`] (and [`Update::apply_to`] for JSON records) is the
+//! one copy of applying an update to the caller's map of decoded records.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::{DynStore, Event, Range, Revision, Watch};
+use serde::de::DeserializeOwned;
+
+use crate::{DynStore, Event, EventKind, KeyValue, Range, Revision, Watch};
 
 /// First wait after a failure; doubles up to [`MAX_BACKOFF`].
 pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -46,6 +51,71 @@ impl Update {
         match self {
             Update::Snapshot(range) => range.revision,
             Update::Changes { revision, .. } => *revision,
+        }
+    }
+
+    /// Applies this update to `map`, the caller's decoded view of the
+    /// prefix: a snapshot replaces it; a put sets the entry `key` names to
+    /// what `decode` makes of the key and value, or removes the entry when
+    /// `decode` refuses it (`None`: a record overwritten with something
+    /// unusable is gone, not kept stale, as after a relist); a delete
+    /// removes the entry. Store keys `key` maps to `None` are not the
+    /// caller's and change nothing. Returns [`Update::revision`].
+    pub fn apply_with<K: Ord, T>(
+        self,
+        map: &mut BTreeMap<K, T>,
+        mut key: impl FnMut(&str) -> Option<K>,
+        mut decode: impl FnMut(&KeyValue) -> Option<T>,
+    ) -> Revision {
+        let revision = self.revision();
+        match self {
+            Update::Snapshot(range) => {
+                map.clear();
+                for kv in &range.kvs {
+                    if let (Some(k), Some(v)) = (key(&kv.key), decode(kv)) {
+                        map.insert(k, v);
+                    }
+                }
+            }
+            Update::Changes { events, .. } => {
+                for ev in &events {
+                    let Some(k) = key(&ev.kv.key) else {
+                        continue;
+                    };
+                    let value = match ev.kind {
+                        EventKind::Put => decode(&ev.kv),
+                        EventKind::Delete => None,
+                    };
+                    match value {
+                        Some(v) => map.insert(k, v),
+                        None => map.remove(&k),
+                    };
+                }
+            }
+        }
+        revision
+    }
+
+    /// [`Update::apply_with`] for JSON records kept by their store key: a
+    /// value that does not parse as `T` is left out, logged once
+    /// ([`decode_json`]).
+    pub fn apply_to<T: DeserializeOwned>(
+        self,
+        map: &mut BTreeMap<String, T>,
+        what: &str,
+    ) -> Revision {
+        self.apply_with(map, |k| Some(k.to_owned()), |kv| decode_json(kv, what))
+    }
+}
+
+/// The JSON record `kv` holds, or `None` with one warning naming the key,
+/// `what` it should be (`endpoint record`) and why it does not parse.
+pub fn decode_json<T: DeserializeOwned>(kv: &KeyValue, what: &str) -> Option<T> {
+    match serde_json::from_slice(&kv.value) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::warn!(key = kv.key, error = %e, "unreadable {what}; ignored");
+            None
         }
     }
 }
@@ -181,4 +251,90 @@ async fn receive_batch(watch: &mut Watch, pending: &mut Vec<Event>) -> Option<cr
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn kv(key: &str, value: &str) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: value.as_bytes().to_vec(),
+            create_revision: 1,
+            mod_revision: 7,
+            version: 1,
+            lease: None,
+        }
+    }
+
+    fn changes(events: Vec<(EventKind, KeyValue)>) -> Update {
+        Update::Changes {
+            events: events
+                .into_iter()
+                .map(|(kind, kv)| Event { kind, kv })
+                .collect(),
+            revision: 9,
+        }
+    }
+
+    #[test]
+    fn json_updates_replace_patch_and_leave_out_bad_values() {
+        let mut map: BTreeMap<String, u32> = BTreeMap::new();
+        map.insert("stale".into(), 0);
+        let snapshot = Update::Snapshot(Range {
+            kvs: vec![kv("p/a", "1"), kv("p/b", "{corrupt"), kv("p/c", "3")],
+            revision: 5,
+        });
+        // A snapshot replaces everything; a value that does not parse is out.
+        assert_eq!(snapshot.apply_to(&mut map, "number"), 5);
+        assert_eq!(map, BTreeMap::from([("p/a".into(), 1), ("p/c".into(), 3)]));
+        let rev = changes(vec![
+            (EventKind::Put, kv("p/b", "2")),
+            (EventKind::Delete, kv("p/a", "")),
+            (EventKind::Delete, kv("p/never", "")),
+            // A record overwritten with garbage is gone, not kept stale.
+            (EventKind::Put, kv("p/c", "nope")),
+        ])
+        .apply_to(&mut map, "number");
+        assert_eq!(rev, 9);
+        assert_eq!(map, BTreeMap::from([("p/b".into(), 2)]));
+        // Changes apply in order: the last one of a key wins.
+        changes(vec![
+            (EventKind::Delete, kv("p/b", "")),
+            (EventKind::Put, kv("p/b", "4")),
+            (EventKind::Put, kv("p/d", "5")),
+            (EventKind::Delete, kv("p/d", "")),
+        ])
+        .apply_to(&mut map, "number");
+        assert_eq!(map, BTreeMap::from([("p/b".into(), 4)]));
+    }
+
+    #[test]
+    fn mapped_keys_skip_foreign_keys_and_decode_sees_the_revision() {
+        // Keyed by the name after the prefix; keys without it are not ours.
+        let key = |k: &str| k.strip_prefix("p/").map(str::to_owned);
+        let decode = |kv: &KeyValue| {
+            let n: u32 = std::str::from_utf8(&kv.value).ok()?.parse().ok()?;
+            Some((n, kv.mod_revision))
+        };
+        let mut map = BTreeMap::new();
+        Update::Snapshot(Range {
+            kvs: vec![kv("p/a", "1"), kv("q/b", "2"), kv("p/c", "x")],
+            revision: 5,
+        })
+        .apply_with(&mut map, key, decode);
+        assert_eq!(map, BTreeMap::from([("a".into(), (1, 7))]));
+        changes(vec![
+            (EventKind::Put, kv("q/a", "3")),
+            (EventKind::Delete, kv("q/a", "")),
+            (EventKind::Put, kv("p/e", "4")),
+        ])
+        .apply_with(&mut map, key, decode);
+        assert_eq!(
+            map,
+            BTreeMap::from([("a".into(), (1, 7)), ("e".into(), (4, 7))])
+        );
+    }
 }

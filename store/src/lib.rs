@@ -32,7 +32,7 @@ use tokio::sync::mpsc;
 pub use config::{StoreConfig, StoreSpecError};
 pub use error::StoreError;
 pub use etcd::{EtcdConfig, EtcdStore};
-pub use follow::{Follower, Update, MAX_BACKOFF as FOLLOW_MAX_BACKOFF};
+pub use follow::{decode_json, Follower, Update, MAX_BACKOFF as FOLLOW_MAX_BACKOFF};
 pub use sqlite::SqliteStore;
 
 /// A store-wide revision number. Revisions start at 1 and grow by one with

@@ -41,7 +41,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::de::DeserializeOwned;
 use tokio::task::JoinHandle;
 use weft_model::{EndpointRecord, HealthRecord, Keys, ServiceRecord};
-use weft_store::{DynStore, EventKind, Follower, Update};
+use weft_store::{decode_json, DynStore, Follower, Update};
 
 use crate::counters::HealthCounters;
 
@@ -162,37 +162,14 @@ async fn probe_loop(ctx: Ctx, key: String, target: Target, tracker: Shared) {
 }
 
 /// Applies a follower's update to `map` (by store key); a value that does
-/// not parse is kept as `None`.
-fn apply_update<T: DeserializeOwned>(map: &mut BTreeMap<String, Option<T>>, u: Update) {
-    let decode = |key: &str, value: &[u8]| match serde_json::from_slice::<T>(value) {
-        Ok(v) => Some(v),
-        Err(e) => {
-            tracing::warn!(key, error = %e, "unreadable record; ignored");
-            None
-        }
-    };
-    match u {
-        Update::Snapshot(range) => {
-            map.clear();
-            for kv in range.kvs {
-                let v = decode(&kv.key, &kv.value);
-                map.insert(kv.key, v);
-            }
-        }
-        Update::Changes { events, .. } => {
-            for ev in events {
-                match ev.kind {
-                    EventKind::Put => {
-                        let v = decode(&ev.kv.key, &ev.kv.value);
-                        map.insert(ev.kv.key, v);
-                    }
-                    EventKind::Delete => {
-                        map.remove(&ev.kv.key);
-                    }
-                }
-            }
-        }
-    }
+/// not parse is kept as `None` (logged once): an unreadable health record
+/// is still deleted when its container has no check.
+fn apply_update<T: DeserializeOwned>(map: &mut BTreeMap<String, Option<T>>, u: Update, what: &str) {
+    u.apply_with(
+        map,
+        |k| Some(k.to_owned()),
+        |kv| Some(decode_json(kv, what)),
+    );
 }
 
 /// What the followers have handed over.
@@ -238,15 +215,15 @@ pub async fn run(
         tokio::select! {
             _ = stop.changed() => break,
             u = services.next() => {
-                apply_update(&mut known.services, u);
+                apply_update(&mut known.services, u, "service record");
                 known.listed[0] = true;
             }
             u = endpoints.next() => {
-                apply_update(&mut known.endpoints, u);
+                apply_update(&mut known.endpoints, u, "endpoint record");
                 known.listed[1] = true;
             }
             u = health.next() => {
-                apply_update(&mut known.health, u);
+                apply_update(&mut known.health, u, "health record");
                 known.listed[2] = true;
             }
             _ = tokio::time::sleep(RETRY_DELETE), if retry => {}

@@ -31,9 +31,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use ipnetwork::Ipv4Network;
-use serde::de::DeserializeOwned;
 use weft_model::{EndpointRecord, HealthRecord, Keys, ServiceRecord};
-use weft_store::{DynStore, EventKind, Follower, Update};
+use weft_store::{DynStore, Follower};
 
 use crate::conntrack::Conntrack;
 use crate::nft::services::{compile, removed, Compiled, ServicesInput};
@@ -216,40 +215,6 @@ pub fn drop_udp_flows(
     Ok(total)
 }
 
-/// Applies a follower's update to `records` (by store key); a value that
-/// does not parse is logged and left out.
-fn apply_update<T: DeserializeOwned>(records: &mut BTreeMap<String, T>, u: Update) {
-    let put = |records: &mut BTreeMap<String, T>, key: String, value: &[u8]| {
-        match serde_json::from_slice::<T>(value) {
-            Ok(r) => {
-                records.insert(key, r);
-            }
-            Err(e) => {
-                tracing::warn!(key, error = %e, "unreadable record; ignored");
-                records.remove(&key);
-            }
-        }
-    };
-    match u {
-        Update::Snapshot(range) => {
-            records.clear();
-            for kv in range.kvs {
-                put(records, kv.key, &kv.value);
-            }
-        }
-        Update::Changes { events, .. } => {
-            for ev in events {
-                match ev.kind {
-                    EventKind::Put => put(records, ev.kv.key, &ev.kv.value),
-                    EventKind::Delete => {
-                        records.remove(&ev.kv.key);
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// Follows the service, endpoint and health records until `stop` fires,
 /// handing each coalesced change to `balancer`; `applied` is told how long
 /// each apply that changed the kernel took.
@@ -285,15 +250,15 @@ pub async fn follow(
                 _ = stop.changed() => return,
                 _ = wait => break,
                 u = services_f.next() => {
-                    apply_update(&mut services, u);
+                    u.apply_to(&mut services, "service record");
                     changed[0] = true;
                 }
                 u = endpoints_f.next() => {
-                    apply_update(&mut endpoints, u);
+                    u.apply_to(&mut endpoints, "endpoint record");
                     changed[1] = true;
                 }
                 u = health_f.next() => {
-                    apply_update(&mut health, u);
+                    u.apply_to(&mut health, "health record");
                     changed[2] = true;
                 }
             }
@@ -318,63 +283,6 @@ pub async fn follow(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use weft_store::{Event, KeyValue, Range};
-
-    fn kv(key: &str, value: &[u8]) -> KeyValue {
-        KeyValue {
-            key: key.into(),
-            value: value.to_vec(),
-            create_revision: 1,
-            mod_revision: 2,
-            version: 1,
-            lease: None,
-        }
-    }
-
-    #[test]
-    fn updates_replace_and_patch_and_skip_bad_values() {
-        let keys = Keys::default();
-        let k1 = keys.service(&"web.shop".parse().unwrap());
-        let k2 = keys.service(&"db".parse().unwrap());
-        let mut records: BTreeMap<String, ServiceRecord> = BTreeMap::new();
-        records.insert(
-            "stale".into(),
-            serde_json::from_str(r#"{"name":"x"}"#).unwrap(),
-        );
-        apply_update(
-            &mut records,
-            Update::Snapshot(Range {
-                kvs: vec![
-                    kv(&k1, br#"{"name":"web.shop","vip":"10.43.0.2"}"#),
-                    kv(&k2, b"{bad"),
-                ],
-                revision: 2,
-            }),
-        );
-        assert_eq!(records.keys().collect::<Vec<_>>(), [&k1]);
-        assert_eq!(records[&k1].vip, Some(Ipv4Addr::new(10, 43, 0, 2)));
-        let changes = |events: Vec<(EventKind, KeyValue)>| Update::Changes {
-            events: events
-                .into_iter()
-                .map(|(kind, kv)| Event { kind, kv })
-                .collect(),
-            revision: 3,
-        };
-        apply_update(
-            &mut records,
-            changes(vec![
-                (EventKind::Put, kv(&k2, br#"{"name":"db"}"#)),
-                (EventKind::Delete, kv(&k1, b"")),
-            ]),
-        );
-        assert_eq!(records.keys().collect::<Vec<_>>(), [&k2]);
-        // A record overwritten with garbage is gone, not kept stale.
-        apply_update(
-            &mut records,
-            changes(vec![(EventKind::Put, kv(&k2, b"nope"))]),
-        );
-        assert!(records.is_empty());
-    }
 
     #[tokio::test]
     async fn nothing_is_applied_until_every_prefix_is_listed() {

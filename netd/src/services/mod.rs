@@ -36,7 +36,7 @@ use weft_model::{
     Balance, EndpointRecord, HealthCheck, HealthRecord, Mode, Probe, ServiceError, ServiceName,
     ServiceSpec,
 };
-use weft_store::{DynStore, EventKind, Follower, Revision, Update};
+use weft_store::{DynStore, Follower, Revision, Update};
 
 use crate::daemon::Daemon;
 use crate::endpoints::store_error;
@@ -90,7 +90,7 @@ pub struct Known {
     /// VIP -> (service name, revision).
     pub claims: BTreeMap<Ipv4Addr, (String, Revision)>,
     /// Endpoint key -> (its service, whether it is on this host).
-    pub endpoints: HashMap<String, (ServiceName, bool)>,
+    pub endpoints: BTreeMap<String, (ServiceName, bool)>,
     /// Snapshots received: services, vips, endpoints.
     pub synced: [bool; 3],
     /// Orphaned claims and since when (at that revision).
@@ -161,97 +161,37 @@ impl Known {
     }
 
     fn apply_services(&mut self, keys: &weft_model::Keys, update: Update) {
-        let put = |records: &mut BTreeMap<_, _>, key: &str, value: &[u8], revision| {
-            match records::decode(key, value) {
-                Ok(record) => {
-                    records.insert(record.name.clone(), Stored { record, revision });
-                }
-                Err(e) => tracing::warn!(error = %e, "skipping a service record"),
+        self.synced[0] |= matches!(update, Update::Snapshot(_));
+        let stored = |kv: &weft_store::KeyValue| match records::decode(&kv.key, &kv.value) {
+            Ok(record) => Some(Stored {
+                record,
+                revision: kv.mod_revision,
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "skipping a service record");
+                None
             }
         };
-        match update {
-            Update::Snapshot(range) => {
-                self.records.clear();
-                for kv in range.kvs {
-                    put(&mut self.records, &kv.key, &kv.value, kv.mod_revision);
-                }
-                self.synced[0] = true;
-            }
-            Update::Changes { events, .. } => {
-                for ev in events {
-                    match ev.kind {
-                        EventKind::Put => put(
-                            &mut self.records,
-                            &ev.kv.key,
-                            &ev.kv.value,
-                            ev.kv.mod_revision,
-                        ),
-                        EventKind::Delete => {
-                            if let Some(name) = keys.service_of_key(&ev.kv.key) {
-                                self.records.remove(&name);
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        update.apply_with(&mut self.records, |k| keys.service_of_key(k), stored);
     }
 
     fn apply_claims(&mut self, keys: &weft_model::Keys, update: Update) {
-        match update {
-            Update::Snapshot(range) => {
-                self.claims = records::parse_claims(keys, range.kvs);
-                self.synced[1] = true;
-            }
-            Update::Changes { events, .. } => {
-                for ev in events {
-                    match ev.kind {
-                        EventKind::Put => self.claims.extend(records::parse_claims(keys, [ev.kv])),
-                        EventKind::Delete => {
-                            let ip = ev.kv.key.strip_prefix(&keys.vips()).map(str::parse);
-                            if let Some(Ok(ip)) = ip {
-                                self.claims.remove(&ip);
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        self.synced[1] |= matches!(update, Update::Snapshot(_));
+        update.apply_with(
+            &mut self.claims,
+            |k| records::claim_ip(keys, k),
+            records::claim,
+        );
     }
 
     fn apply_endpoints(&mut self, host: &str, update: Update) {
-        let entry = |value: &[u8]| {
-            let ep: EndpointRecord = serde_json::from_slice(value).ok()?;
+        self.synced[2] |= matches!(update, Update::Snapshot(_));
+        let entry = |kv: &weft_store::KeyValue| {
+            let ep: EndpointRecord = serde_json::from_slice(&kv.value).ok()?;
             let name = ServiceName::of(&ep)?;
             Some((name, ep.host_id.as_str() == host))
         };
-        match update {
-            Update::Snapshot(range) => {
-                self.endpoints = range
-                    .kvs
-                    .into_iter()
-                    .filter_map(|kv| Some((kv.key, entry(&kv.value)?)))
-                    .collect();
-                self.synced[2] = true;
-            }
-            Update::Changes { events, .. } => {
-                for ev in events {
-                    match ev.kind {
-                        EventKind::Put => match entry(&ev.kv.value) {
-                            Some(e) => {
-                                self.endpoints.insert(ev.kv.key, e);
-                            }
-                            None => {
-                                self.endpoints.remove(&ev.kv.key);
-                            }
-                        },
-                        EventKind::Delete => {
-                            self.endpoints.remove(&ev.kv.key);
-                        }
-                    }
-                }
-            }
-        }
+        update.apply_with(&mut self.endpoints, |k| Some(k.to_owned()), entry);
     }
 }
 

@@ -148,14 +148,20 @@ pub fn parse_claims(
     keys: &Keys,
     kvs: impl IntoIterator<Item = weft_store::KeyValue>,
 ) -> BTreeMap<Ipv4Addr, (String, Revision)> {
-    let prefix = keys.vips();
     kvs.into_iter()
-        .filter_map(|kv| {
-            let ip = kv.key.strip_prefix(&prefix)?.parse().ok()?;
-            let name = String::from_utf8(kv.value).ok()?;
-            Some((ip, (name, kv.mod_revision)))
-        })
+        .filter_map(|kv| Some((claim_ip(keys, &kv.key)?, claim(&kv)?)))
         .collect()
+}
+
+/// The VIP a claim's key `<prefix>vips/<ip>` claims.
+pub fn claim_ip(keys: &Keys, key: &str) -> Option<Ipv4Addr> {
+    key.strip_prefix(&keys.vips())?.parse().ok()
+}
+
+/// A claim's service name and revision (`None`: not a name).
+pub fn claim(kv: &weft_store::KeyValue) -> Option<(String, Revision)> {
+    let name = String::from_utf8(kv.value.clone()).ok()?;
+    Some((name, kv.mod_revision))
 }
 
 /// Service records and VIP claims in one store.

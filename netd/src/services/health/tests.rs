@@ -6,6 +6,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use weft_model::{HealthCheck, Probe, ServiceName, ServiceSpec};
 use weft_store::testing::TestStore;
+use weft_store::EventKind;
 
 use super::*;
 
