@@ -60,9 +60,10 @@ pub enum ClientError {
     /// answering.
     #[error("netd is not answering at {socket}: {detail}; it may be restarting: the runtime should retry")]
     Incomplete { socket: PathBuf, detail: String },
-    /// netd answered with an error.
+    /// netd answered with an error. (Not its `source`: the message already
+    /// holds it, and a `{:#}` chain would print it twice.)
     #[error("netd: {0}")]
-    Api(#[from] ApiError),
+    Api(ApiError),
     /// netd's complete answer made no sense (version mismatch?).
     #[error("unexpected answer from netd at {socket}: {detail}")]
     Protocol { socket: PathBuf, detail: String },
@@ -507,6 +508,15 @@ fn status_code(line: &str) -> Result<u16, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An error netd answered reads once, whatever way a caller prints the
+    /// chain (`netd: error: netd: no VIP...: no VIP...` before).
+    #[test]
+    fn api_errors_are_not_their_own_source() {
+        let e = ClientError::Api(ApiError::new(crate::ErrorKind::Conflict, "no VIP left"));
+        assert!(std::error::Error::source(&e).is_none());
+        assert_eq!(e.to_string().matches("no VIP left").count(), 1);
+    }
 
     fn complete(raw: &[u8]) -> (u16, &[u8]) {
         match parse_response(raw, true) {
