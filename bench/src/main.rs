@@ -5,11 +5,13 @@
 //! beside the raw underlay, a hand-made kernel VXLAN and wireguard-go), the
 //! MTU check and sweep, DNS (dnsd beside unbound and dnsmasq under dnsperf),
 //! CNI latency (weft beside bridge + host-local) and network policy (update
-//! latency at scale, throughput and ping with policy on vs off). Writes a Markdown
+//! latency at scale, throughput and ping with policy on vs off) and services
+//! (through a VIP vs direct, rule update and first-packet latency by number
+//! of services). Writes a Markdown
 //! report, the raw numbers as JSON and SVG charts. Needs root. `bench/run`
 //! builds the binaries and runs this.
 //!
-//! `weft-bench tunnel | mtu | dns | cni-latency | policy`: one part, its Markdown on
+//! `weft-bench tunnel | mtu | dns | cni-latency | policy | services`: one part, its Markdown on
 //! stdout. `weft-bench ipam-alloc`: the IPAM allocation rate per store
 //! backend (no root).
 
@@ -17,6 +19,7 @@ mod cni;
 mod dns;
 mod policy;
 mod report;
+mod services;
 mod svg;
 mod sys;
 mod tunnel;
@@ -85,6 +88,12 @@ enum Bench {
         #[command(flatten)]
         o: Opts,
     },
+    /// Services: throughput and ping p99 through a VIP vs direct, rule
+    /// update and first-packet latency by number of services (root).
+    Services {
+        #[command(flatten)]
+        o: Opts,
+    },
     /// Allocation and release rate of one process, per store backend.
     IpamAlloc {
         /// Backends to measure.
@@ -106,6 +115,7 @@ enum Part {
     Dns,
     Cni,
     Policy,
+    Services,
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
@@ -197,6 +207,18 @@ struct Opts {
     /// Policy: rule removals and additions timed [10; quick 2].
     #[arg(long)]
     policy_changes: Option<usize>,
+    /// Services: simulated service counts [10,1000,10000; quick 10].
+    #[arg(long, value_delimiter = ',')]
+    services_sizes: Vec<usize>,
+    /// Services: backends per simulated service.
+    #[arg(long, default_value_t = 10)]
+    services_backends: usize,
+    /// Services: backend additions and removals timed per size [10; quick 2].
+    #[arg(long)]
+    services_changes: Option<usize>,
+    /// Services: new TCP connections per path per size [200; quick 20].
+    #[arg(long)]
+    services_connects: Option<usize>,
 }
 
 impl Opts {
@@ -270,6 +292,25 @@ impl Opts {
         }
     }
 
+    fn services(&self) -> services::Options {
+        let sizes = if !self.services_sizes.is_empty() {
+            self.services_sizes.clone()
+        } else if self.quick {
+            vec![10]
+        } else {
+            vec![10, 1000, 10_000]
+        };
+        services::Options {
+            sizes: sizes.into_iter().map(|n| n.max(1)).collect(),
+            backends: self.services_backends.max(1),
+            changes: self.pick(self.services_changes, 10, 2).max(2),
+            connects: self.pick(self.services_connects, 200, 20).max(1),
+            runs: self.runs(),
+            secs: self.pick(self.secs, 5, 1).max(1),
+            pings: self.pick(self.pings, 200, 20).max(1),
+        }
+    }
+
     /// The quiet window of the busy rule.
     fn window(&self) -> Duration {
         Duration::from_millis(if self.quick { 500 } else { 2000 })
@@ -314,7 +355,14 @@ async fn main() -> Result<()> {
         } => ipam_alloc(&backend, blocks, runs.max(1)).await,
         Bench::All { o, out, only } => {
             let parts = if only.is_empty() {
-                vec![Part::Tunnel, Part::Mtu, Part::Dns, Part::Cni, Part::Policy]
+                vec![
+                    Part::Tunnel,
+                    Part::Mtu,
+                    Part::Dns,
+                    Part::Cni,
+                    Part::Policy,
+                    Part::Services,
+                ]
             } else {
                 only
             };
@@ -347,6 +395,7 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Bench::Policy { o } => one(o, Part::Policy).await,
+        Bench::Services { o } => one(o, Part::Services).await,
         Bench::Tunnel { o } => one(o, Part::Tunnel).await,
         Bench::Mtu { o } => one(o, Part::Mtu).await,
         Bench::Dns { o } => one(o, Part::Dns).await,
@@ -397,6 +446,7 @@ fn collect(o: &Opts, parts: &[Part], command: String) -> Report {
         dns: None,
         cni: None,
         policy: None,
+        services: None,
         missing: vec![],
     };
     let modes = o.modes();
@@ -458,6 +508,12 @@ fn collect(o: &Opts, parts: &[Part], command: String) -> Report {
                 let (info, v) = sys::part("policy", o.window(), || policy::run(&popts));
                 r.parts.push(info);
                 r.policy = v;
+            }
+            Part::Services => {
+                let sopts = o.services();
+                let (info, v) = sys::part("services", o.window(), || services::run(&sopts));
+                r.parts.push(info);
+                r.services = v;
             }
         }
     }

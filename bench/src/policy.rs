@@ -349,7 +349,9 @@ fn conntrack_running() -> bool {
     })
 }
 
-fn iperf_gbps(client: &Netns, server: &Netns, ip: Ipv4Addr, secs: u32) -> Result<f64> {
+/// iperf3 TCP, one stream, `client` → `ip` (served in `server`); Gbit/s
+/// received.
+pub(crate) fn iperf_gbps(client: &Netns, server: &Netns, ip: Ipv4Addr, secs: u32) -> Result<f64> {
     let mut srv = server.spawn(["iperf3", "-s", "-1", "-p", "5201"])?;
     weft_tests::wait_until(Duration::from_secs(5), "iperf3 listening", || {
         server
@@ -381,7 +383,8 @@ fn iperf_gbps(client: &Netns, server: &Netns, ip: Ipv4Addr, secs: u32) -> Result
         / 1e9)
 }
 
-fn ping_p99(client: &Netns, ip: Ipv4Addr, count: u32) -> Result<f64> {
+/// The p99 round trip of `count` pings 10 ms apart, ms.
+pub(crate) fn ping_p99(client: &Netns, ip: Ipv4Addr, count: u32) -> Result<f64> {
     let out = client.output([
         "ping",
         "-c",

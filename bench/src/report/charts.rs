@@ -212,5 +212,8 @@ pub fn charts(r: &Report) -> Vec<(String, String)> {
             }),
         ));
     }
+    if let Some(sv) = &r.services {
+        out.extend(sv.charts());
+    }
     out
 }

@@ -369,6 +369,10 @@ pub fn markdown(r: &Report, chart_prefix: &str, charts: &[(String, String)]) -> 
         s.push('\n');
     }
 
+    if let Some(sv) = &r.services {
+        s.push_str(&sv.markdown(&chart));
+    }
+
     if !r.missing.is_empty() {
         let _ = writeln!(s, "## Not measured\n");
         for m in &r.missing {

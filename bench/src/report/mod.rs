@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::cni::CniResults;
 use crate::dns::DnsResults;
 use crate::policy::PolicyResults;
+use crate::services::ServicesResults;
 use crate::sys::{Fig, Machine, PartInfo, BUSY_BACKGROUND};
 use crate::tunnel::{Mode, ModeResult, MtuResults, TunnelResults};
 use charts::charts;
@@ -39,6 +40,8 @@ pub struct Report {
     pub cni: Option<CniResults>,
     #[serde(default)]
     pub policy: Option<PolicyResults>,
+    #[serde(default)]
+    pub services: Option<ServicesResults>,
     /// Figures that got no number (empty when the run is complete).
     pub missing: Vec<String>,
 }
@@ -101,6 +104,11 @@ pub fn missing(r: &Report) -> Vec<String> {
     if let Some(p) = &r.policy {
         for (name, v) in p.figures() {
             need(format!("policy: {name}"), v);
+        }
+    }
+    if let Some(sv) = &r.services {
+        for (name, v) in sv.figures() {
+            need(format!("services: {name}"), v);
         }
     }
     out
