@@ -159,10 +159,39 @@ fn serve_conn(mut conn: TcpStream, stop: &AtomicBool) {
 fn serve_udp(socket: &UdpSocket, stop: &AtomicBool, answer: &str) {
     let mut buf = [0u8; 1500];
     while !stop.load(Ordering::SeqCst) {
-        if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+        if let Some(peer) = recv_from(socket, &mut buf) {
             let _ = socket.send_to(format!("{answer} {}\n", peer.ip()).as_bytes(), peer);
         }
     }
+}
+
+/// The sender of the next datagram, `None` when there is none (the socket
+/// was shut down). std's `recv_from` asserts on the address length, which a
+/// shut-down socket returns as 0, and so panicked on every server drop.
+fn recv_from(socket: &UdpSocket, buf: &mut [u8]) -> Option<SocketAddrV4> {
+    // SAFETY: all-zero is a valid sockaddr_in.
+    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let want = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let mut len = want;
+    // SAFETY: buf and addr are valid for the lengths given, and the fd is
+    // open for the call (the socket is borrowed).
+    let n = unsafe {
+        libc::recvfrom(
+            socket.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            0,
+            (&mut addr as *mut libc::sockaddr_in).cast(),
+            &mut len,
+        )
+    };
+    if n < 0 || len < want || i32::from(addr.sin_family) != libc::AF_INET {
+        return None;
+    }
+    Some(SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr)),
+        u16::from_be(addr.sin_port),
+    ))
 }
 
 /// One probe: a protocol, address and port.
