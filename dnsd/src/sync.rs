@@ -124,7 +124,7 @@ impl Sync {
                 ep.container_id.as_str(),
                 ep.ifname.as_str(),
             );
-            health.get(&key).is_none_or(|h| h.healthy)
+            HealthRecord::is_healthy(health.get(&key))
         };
         let table = Table::build_with(
             &self.table_cfg,

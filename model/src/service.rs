@@ -384,6 +384,16 @@ pub struct HealthRecord {
     pub detail: String,
 }
 
+impl HealthRecord {
+    /// Whether a container whose health record is `record` may take
+    /// traffic (be a VIP backend, answer its service's names): with no
+    /// record (no check, or not probed yet) or a healthy one. The one copy
+    /// of the rule: the balancer, dnsd and the services API ask it.
+    pub fn is_healthy(record: Option<&HealthRecord>) -> bool {
+        record.map_or(true, |h| h.healthy)
+    }
+}
+
 /// One container's health checks as a pure state machine: it starts
 /// healthy (a new container takes traffic at once, as with no check) and
 /// turns unhealthy after `fall` consecutive failures, healthy again after
@@ -430,6 +440,18 @@ impl HealthState {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn no_health_record_or_a_healthy_one_takes_traffic() {
+        let record = |healthy| HealthRecord {
+            healthy,
+            since_ms: 1,
+            detail: String::new(),
+        };
+        assert!(HealthRecord::is_healthy(None));
+        assert!(HealthRecord::is_healthy(Some(&record(true))));
+        assert!(!HealthRecord::is_healthy(Some(&record(false))));
+    }
 
     #[test]
     fn names_read_and_print_and_make_keys() {

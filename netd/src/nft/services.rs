@@ -97,8 +97,8 @@ pub struct Compiled {
     pub backends: BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>,
 }
 
-/// Whether the container of `record` may take traffic: no health record
-/// (no check, or not probed yet) or a healthy one.
+/// Whether the container of `record` may take traffic, by its record in
+/// `health` ([`HealthRecord::is_healthy`]).
 pub fn healthy(
     record: &EndpointRecord,
     health: &BTreeMap<String, HealthRecord>,
@@ -109,7 +109,7 @@ pub fn healthy(
         record.container_id.as_str(),
         record.ifname.as_str(),
     );
-    !matches!(health.get(&key), Some(h) if !h.healthy)
+    HealthRecord::is_healthy(health.get(&key))
 }
 
 /// The backends of every service with a VIP in `vip` mode: the addresses

@@ -391,7 +391,7 @@ pub fn describe(
             container_id: ep.container_id.to_string(),
             ifname: ep.ifname.to_string(),
             name: ep.name.as_ref().map(|n| n.to_string()),
-            healthy: h.is_none_or(|h| h.healthy),
+            healthy: HealthRecord::is_healthy(h),
             detail: h.map(|h| h.detail.clone()).unwrap_or_default(),
         });
     }
