@@ -714,7 +714,11 @@ fn scale(o: &Options, r: &mut ServicesResults) -> Result<()> {
         }
         r.scale.push(row);
     }
-    netd.stop()?;
+    // With a 110,000-chain table netd's clean stop can outlast the
+    // harness's wait (it was SIGKILLed once): the figures are kept anyway.
+    if let Err(e) = netd.stop() {
+        eprintln!("services: netd did not stop cleanly: {e}");
+    }
     Ok(())
 }
 
