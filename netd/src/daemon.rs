@@ -124,6 +124,17 @@ impl Daemon {
             underlay = %underlay, interface = %underlay_link.name, underlay_mtu = underlay_link.mtu,
             backend = cfg.mesh.backend.as_str(), overlay_mtu = mtu, "underlay and MTU"
         );
+        // The cluster and service ranges must not share an address with the
+        // underlay's subnets (routes to containers or VIPs would shadow the
+        // hosts' own network).
+        let subnets = net
+            .addresses(underlay_link.index)
+            .await
+            .context("reading the underlay's addresses")?;
+        let what = format!("the underlay subnet of {}", underlay_link.name);
+        cfg.ipam
+            .check_no_overlap(subnets.iter().map(|n| (what.as_str(), *n)))
+            .context("checking the address plan against the underlay")?;
         let nat = match cfg.iptables {
             Some(backend) => Iptables::with_backend(backend),
             None => tokio::task::spawn_blocking(Iptables::detect)
