@@ -28,11 +28,11 @@ pub mod plan;
 
 use std::collections::{BTreeSet, HashSet};
 use std::net::Ipv4Addr;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
 use weft_store::{CasOutcome, DynStore, Expect, KeyValue, StoreError};
+use weft_sys::time::now_ms;
 
 pub use config::{
     overlaps, ConfigError, IpamConfig, DEFAULT_BLOCK_GRACE, DEFAULT_BLOCK_PREFIX, MAX_BLOCK_PREFIX,
@@ -556,13 +556,6 @@ fn allocation(block: &HostBlock, addr: Ipv4Addr, owner: &Owner) -> Allocation {
 /// `10.42.3.0/24` → `10.42.3.0-24`, a key segment without a slash.
 fn block_id(block: Ipv4Network) -> String {
     format!("{}-{}", block.network(), block.prefix())
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 fn to_json<T: Serialize>(value: &T) -> Vec<u8> {

@@ -22,7 +22,6 @@
 //! to API error kinds.
 
 use std::collections::HashSet;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use weft_api::{
     AddEndpoint, ApiError, Attachment, Deleted, Endpoint, ErrorKind, GcRequest, GcResult,
@@ -33,6 +32,7 @@ use weft_model::{
     PortMapping,
 };
 use weft_store::StoreError;
+use weft_sys::time::now_ms;
 
 use crate::daemon::Daemon;
 
@@ -164,13 +164,6 @@ pub fn dns_config(
         search,
         options: vec!["ndots:1".into()],
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 /// An apply of weft's nf_tables rules failed: the add is refused (the

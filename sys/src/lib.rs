@@ -7,10 +7,12 @@
 //!   (getrandom(2)).
 //! - [`signal`]: the future that ends when the process is asked to stop
 //!   (SIGTERM or SIGINT).
+//! - [`time`]: the wall clock in milliseconds, as records store it.
 //!
 //! Plain functions and types; errors are typed (`io::Error` where the caller
 //! decides by its kind, as with `WouldBlock`).
 
 pub mod random;
 pub mod signal;
+pub mod time;
 pub mod udp;

@@ -36,24 +36,18 @@ pub use probe::{http_request, http_status, probe, Seen};
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use tokio::task::JoinHandle;
 use weft_model::{EndpointRecord, HealthRecord, Keys, ServiceRecord};
 use weft_store::{decode_json, DynStore, Follower, Update};
+use weft_sys::time::now_ms;
 
 use crate::counters::HealthCounters;
 
 /// How soon a failed record delete is tried again.
 const RETRY_DELETE: Duration = Duration::from_secs(5);
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
 
 /// What every probe task shares.
 #[derive(Clone)]

@@ -29,7 +29,7 @@ pub mod records;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use weft_api::{ApiError, Backend, ErrorKind, ServiceInfo};
 use weft_model::{
@@ -37,6 +37,7 @@ use weft_model::{
     ServiceSpec,
 };
 use weft_store::{DynStore, Follower, Revision, Update};
+use weft_sys::time::now_ms;
 
 use crate::daemon::Daemon;
 use crate::endpoints::store_error;
@@ -49,13 +50,6 @@ pub const ORPHAN_AGE: Duration = Duration::from_secs(60);
 
 /// How often the reconciler looks at what it knows.
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
 
 impl From<RecordsError> for ApiError {
     fn from(e: RecordsError) -> ApiError {

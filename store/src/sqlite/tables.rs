@@ -3,8 +3,6 @@
 //! change, logs each change for watchers, reaps expired leases and trims the
 //! history.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use crate::{KeyValue, LeaseId, Revision};
@@ -43,11 +41,9 @@ CREATE TABLE IF NOT EXISTS log (
 pub(super) const KIND_PUT: i64 = 0;
 pub(super) const KIND_DELETE: i64 = 1;
 
+/// [`weft_sys::time::now_ms`] as SQLite's integer.
 pub(super) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    i64::try_from(weft_sys::time::now_ms()).unwrap_or(i64::MAX)
 }
 
 pub(super) fn meta(conn: &Connection, name: &str) -> rusqlite::Result<i64> {
