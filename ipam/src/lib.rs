@@ -12,8 +12,10 @@
 //!
 //! Store layout, under a root prefix (default `/weft/`; the keys are built by
 //! [`weft_model::Keys`], the one home of the key layout):
-//! * `ipam/config` — the cluster plan, written by the first host; every other
-//!   host must use the same plan.
+//! * `ipam/config` — the cluster plan (cluster range, block size, service
+//!   range), written by the first host; every other host must use the same
+//!   plan. A plan written before services gets the first checking host's
+//!   service range.
 //! * `ipam/blocks/<net>-<len>` — one [`BlockRecord`] per leased block.
 //! * `ipam/addrs/<net>-<len>/<addr>` — one [`AddressRecord`] per endpoint.
 //! * `ipam/cursor/<net>-<len>` — the last address handed out (a hint that
@@ -58,6 +60,15 @@ pub enum IpamError {
         local_prefix: u8,
         cluster_range: Ipv4Network,
         cluster_prefix: u8,
+    },
+    #[error(
+        "this host's service range {local} differs from the cluster's ({cluster}) recorded in \
+         the store: every host must use the same service range ([ipam] service_range, \
+         --service-range), or hosts would hand out VIPs from different ranges"
+    )]
+    ServiceRangeMismatch {
+        local: Ipv4Network,
+        cluster: Ipv4Network,
     },
     #[error(
         "no free host block in cluster range {range} (/{block_prefix} blocks): every block is \
@@ -190,39 +201,65 @@ impl Ipam {
         &self.cfg
     }
 
+    /// Records this host's plan in the store if none is, or checks it
+    /// against the recorded one: the cluster range, the block size and the
+    /// service range must match (the grace is local). A plan recorded
+    /// before services existed has no service range: the first host that
+    /// checks it records its own (compare-and-swap), later ones must match.
     async fn check_plan(&self) -> Result<()> {
         #[derive(Serialize, Deserialize)]
         struct Plan {
             cluster_range: Ipv4Network,
             block_prefix: u8,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            service_range: Option<Ipv4Network>,
         }
         let key = self.keys.ipam_config();
         let mine = Plan {
             cluster_range: self.cfg.cluster_range,
             block_prefix: self.cfg.block_prefix,
+            service_range: Some(self.cfg.service_range),
         };
         let value = to_json(&mine);
-        let current = match self
-            .store
-            .compare_and_swap(&key, Expect::Absent, &value, None)
-            .await?
-        {
-            CasOutcome::Done(_) => return Ok(()),
-            CasOutcome::Conflict(current) => current,
-        };
-        let Some(kv) = current else {
-            return Err(IpamError::Contention { what: key });
-        };
-        let theirs: Plan = from_json(&kv)?;
-        if theirs.cluster_range != mine.cluster_range || theirs.block_prefix != mine.block_prefix {
-            return Err(IpamError::PlanMismatch {
-                local_range: mine.cluster_range,
-                local_prefix: mine.block_prefix,
-                cluster_range: theirs.cluster_range,
-                cluster_prefix: theirs.block_prefix,
-            });
+        let mut expect = Expect::Absent;
+        for _ in 0..MAX_ATTEMPTS {
+            let current = match self
+                .store
+                .compare_and_swap(&key, expect, &value, None)
+                .await?
+            {
+                CasOutcome::Done(_) => return Ok(()),
+                CasOutcome::Conflict(current) => current,
+            };
+            let Some(kv) = current else {
+                // Deleted meanwhile: record ours.
+                expect = Expect::Absent;
+                continue;
+            };
+            let theirs: Plan = from_json(&kv)?;
+            if theirs.cluster_range != mine.cluster_range
+                || theirs.block_prefix != mine.block_prefix
+            {
+                return Err(IpamError::PlanMismatch {
+                    local_range: mine.cluster_range,
+                    local_prefix: mine.block_prefix,
+                    cluster_range: theirs.cluster_range,
+                    cluster_prefix: theirs.block_prefix,
+                });
+            }
+            match theirs.service_range {
+                Some(cluster) if Some(cluster) != mine.service_range => {
+                    return Err(IpamError::ServiceRangeMismatch {
+                        local: self.cfg.service_range,
+                        cluster,
+                    })
+                }
+                Some(_) => return Ok(()),
+                // Recorded before services: add ours.
+                None => expect = Expect::ModRevision(kv.mod_revision),
+            }
         }
-        Ok(())
+        Err(IpamError::Contention { what: key })
     }
 
     fn blocks_prefix(&self) -> String {

@@ -89,6 +89,54 @@ async fn plan_mismatch_is_refused(t: TestStore) {
     Ipam::new(t.store(), same, "/weft/").await.unwrap();
 }
 
+async fn service_range_mismatch_is_refused(t: TestStore) {
+    Ipam::new(t.store(), IpamConfig::default(), "/weft/")
+        .await
+        .unwrap();
+    let other = IpamConfig {
+        service_range: net("10.44.0.0/16"),
+        ..IpamConfig::default()
+    };
+    let e = Ipam::new(t.store(), other.clone(), "/weft/")
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(e, IpamError::ServiceRangeMismatch { .. }), "{e}");
+    // It says what is configured and what is stored.
+    let msg = e.to_string();
+    assert!(msg.contains("service range 10.44.0.0/16"), "{msg}");
+    assert!(msg.contains("cluster's (10.43.0.0/16)"), "{msg}");
+
+    // A plan stored before services (no service range): the first host
+    // records its range, the next must match it.
+    let old = weft_model::Keys::new("/old/").ipam_config();
+    t.store()
+        .put(
+            &old,
+            br#"{"cluster_range":"10.42.0.0/16","block_prefix":24}"#,
+            None,
+        )
+        .await
+        .unwrap();
+    Ipam::new(t.store(), other.clone(), "/old/").await.unwrap();
+    Ipam::new(t.store(), other, "/old/").await.unwrap();
+    let e = Ipam::new(t.store(), IpamConfig::default(), "/old/")
+        .await
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("cluster's (10.44.0.0/16)"), "{e}");
+    // The cluster range is still checked first.
+    let e = Ipam::new(
+        t.store(),
+        cfg("10.50.0.0/16", 24, Duration::from_secs(60)),
+        "/old/",
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(matches!(e, IpamError::PlanMismatch { .. }), "{e}");
+}
+
 async fn addresses_idempotent_full_release_gc(t: TestStore) {
     let ipam = Ipam::new(
         t.store(),
@@ -340,6 +388,7 @@ on_both_backends!(
     same_host_same_block_after_restart,
     dead_host_block_kept_for_grace,
     plan_mismatch_is_refused,
+    service_range_mismatch_is_refused,
     addresses_idempotent_full_release_gc,
     released_address_not_reused_at_once,
     eight_processes_allocate,
