@@ -17,14 +17,14 @@
 //! hosts' netds would (service record, VIP claim, endpoints). For each `N`,
 //! smallest first: netd is stopped, the records that take the store from
 //! the previous size to `N` are written, netd is started again and
-//! * **load**: the time from its start until the kernel has the chain of
+//! * **load**: the time from its start until the kernel has the slots of
 //!   the last simulated service (the whole table written in one
 //!   transaction); netd's own time per apply (`services table applied
 //!   took_ms`, its debug log) is kept too, split into replacements (the
 //!   first load and the 30 s resync) and in-place updates;
 //! * **update**: one simulated backend record added to / removed from one
-//!   service (the middle one), written to the store → `nft list chain ip
-//!   weft_svc svc-<vip>` shows / no longer shows its `be-<addr>` chain
+//!   service (the middle one), written to the store → `nft get element ip
+//!   weft_svc slots { <vip> . 0, ... }` shows / no longer shows the backend
 //!   (polled back to back; one poll's duration is reported as the
 //!   resolution). At most [`CHANGE_BUDGET`] per size is spent on changes
 //!   (at least two are timed);
@@ -34,6 +34,7 @@
 //!   services: flat in `N` is the goal (one map lookup per new
 //!   connection).
 
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::Path;
@@ -50,7 +51,7 @@ use weft_tests::probe::{probe, ProbeServer, Target};
 use weft_tests::weft::{CniCall, Netd};
 use weft_tests::{Container, Lab, LabOptions, Netns};
 
-use weft_netd::nft::services::{backend_chain, service_chain};
+use weft_netd::nft::services::{backends_listed, slot_query};
 use weft_netd::nft::SERVICES_TABLE;
 
 use crate::policy::{iperf_gbps, ping_p99};
@@ -109,7 +110,7 @@ pub struct ScaleRow {
     pub added_s: Fig,
     /// Seconds from a backend record deleted to its chain gone.
     pub removed_s: Fig,
-    /// Seconds one `nft list chain` poll took (the resolution).
+    /// Seconds one `nft get element` poll took (the resolution).
     pub poll_s: Fig,
     /// Connect time to the VIP, ms, p50 and p99.
     pub connect_vip_p50_ms: Option<f64>,
@@ -215,7 +216,7 @@ impl ServicesResults {
         );
         let _ = writeln!(
             s,
-            "Scale: one host, one real netd; N simulated services of {} backends each (records in the store), plus 2 real ones. Load: netd started → the last service's chain in the kernel. Backend added / removed: the record written → `nft list chain` shows it (poll: one listing's time, the resolution). netd's own apply times come from its debug log (replace: first load and the 30 s resync; update: in place). Connect: {} new TCP connections per path from the client to a real local container, via its VIP and directly, interleaved.\n",
+            "Scale: one host, one real netd; N simulated services of {} backends each (records in the store), plus 2 real ones. Load: netd started → the last service's slots in the kernel. Backend added / removed: the record written → `nft get element` of the VIP's slots shows it (poll: one lookup's time, the resolution). netd's own apply times come from its debug log (replace: first load and the 30 s resync; update: in place). Connect: {} new TCP connections per path from the client to a real local container, via its VIP and directly, interleaved.\n",
             self.backends, self.connects
         );
         let _ = writeln!(
@@ -308,7 +309,7 @@ impl ServicesResults {
             .collect();
         let update = hbar(&Chart {
             title: "Services: table load and one backend change, by services",
-            subtitle: "written to the store → seen in the kernel (nft list chain), median",
+            subtitle: "written to the store → seen in the kernel (nft get element), median",
             unit: "seconds (lower is better)",
             series: &[
                 ("full load (netd start)", "#9e9e9e"),
@@ -497,38 +498,48 @@ async fn fill(store: &SqliteStore, from: usize, to: usize, backends: usize) -> R
     Ok(written)
 }
 
-/// `nft list chain ip weft_svc <chain>` in `host`: its text, or `None`
-/// when the chain does not exist; and how long it took.
-fn list_chain(host: &Netns, chain: &str) -> Result<(Option<String>, Duration)> {
+/// The backends the kernel's `slots` map holds for `vip` in `host` (`nft
+/// get element`: one lookup per slot, whatever the table's size), `None`
+/// when it has none; and how long it took.
+fn list_slots(host: &Netns, vip: Ipv4Addr) -> Result<(Option<BTreeSet<Ipv4Addr>>, Duration)> {
     let t0 = Instant::now();
-    let out = host.output(["nft", "list", "chain", "ip", SERVICES_TABLE, chain])?;
+    let query = slot_query(vip);
+    let out = host.output([
+        "nft",
+        "get",
+        "element",
+        "ip",
+        SERVICES_TABLE,
+        "slots",
+        query.as_str(),
+    ])?;
     let took = t0.elapsed();
     Ok((
         out.status
             .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).into_owned()),
+            .then(|| backends_listed(&String::from_utf8_lossy(&out.stdout))),
         took,
     ))
 }
 
-/// Polls `chain` until `done` holds for its text; the time since `t0` of
-/// the poll that saw it start, and every poll's duration.
-fn until_chain(
+/// Polls `vip`'s slots until `done` holds for its backends; the time since
+/// `t0` of the poll that saw it start, and every poll's duration.
+fn until_slots(
     host: &Netns,
-    chain: &str,
+    vip: Ipv4Addr,
     t0: Instant,
-    done: impl Fn(Option<&str>) -> bool,
+    done: impl Fn(Option<&BTreeSet<Ipv4Addr>>) -> bool,
 ) -> Result<(Duration, Vec<Duration>)> {
     let mut polls = Vec::new();
     loop {
         let started = t0.elapsed();
-        let (text, took) = list_chain(host, chain)?;
+        let (backends, took) = list_slots(host, vip)?;
         polls.push(took);
-        if done(text.as_deref()) {
+        if done(backends.as_ref()) {
             return Ok((started, polls));
         }
         if t0.elapsed() > DEADLINE {
-            bail!("chain {chain} not as expected after {DEADLINE:?}");
+            bail!("the slots of {vip} not as expected after {DEADLINE:?}");
         }
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -606,9 +617,9 @@ fn measure_size(
     );
     // One backend added to and removed from the middle service.
     let target = n / 2;
-    let chain = service_chain(sim_vip(target));
+    let target_vip = sim_vip(target);
     let (key, record) = sim_endpoint(target, o.backends, o.backends)?;
-    let be = backend_chain(record.address.ip());
+    let be = record.address.ip();
     let value = serde_json::to_vec(&record)?;
     let started = Instant::now();
     for i in 0..o.changes {
@@ -626,8 +637,8 @@ fn measure_size(
         } else {
             rt.block_on(store.delete(&key))?;
         }
-        let (took, polls) = until_chain(netd.host(), &chain, t0, |text| {
-            text.is_some_and(|t| t.contains(&be)) == add
+        let (took, polls) = until_slots(netd.host(), target_vip, t0, |backends| {
+            backends.is_some_and(|b| b.contains(&be)) == add
         })?;
         for p in polls {
             row.poll_s.push(p.as_secs_f64());
@@ -686,8 +697,8 @@ fn scale(o: &Options, r: &mut ServicesResults) -> Result<()> {
         have = n;
         let t0 = Instant::now();
         netd.start_again()?;
-        let last = service_chain(sim_vip(n - 1));
-        let outcome = until_chain(netd.host(), &last, t0, |t| t.is_some()).and_then(|(took, _)| {
+        let last = sim_vip(n - 1);
+        let outcome = until_slots(netd.host(), last, t0, |b| b.is_some()).and_then(|(took, _)| {
             row.load_s = Some(took.as_secs_f64());
             eprintln!("services {n}: loaded in {:.2} s", took.as_secs_f64());
             measure_size(
@@ -755,7 +766,7 @@ mod tests {
         assert_ne!(k1, k2);
         assert_ne!(a.address.ip(), b.address.ip());
         assert_eq!(ServiceName::of(&a), Some(sim_service(0).unwrap()));
-        assert_eq!(service_chain(sim_vip(0)), "svc-10-43-128-1");
+        assert_eq!(sim_vip(0), Ipv4Addr::new(10, 43, 128, 1));
         assert!(sim_vip(9_999) < Ipv4Addr::new(10, 43, 255, 255));
     }
 }

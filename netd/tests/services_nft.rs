@@ -225,7 +225,12 @@ fn vips_balance_hairpin_refuse_and_follow_health() {
     })
     .is_some());
     let listed = nft.list_table("ip", "weft_svc").unwrap();
-    assert!(listed.contains("numgen random mod 3 vmap"), "{listed}");
+    assert!(listed.contains("goto pick-random"), "{listed}");
+    assert_eq!(
+        weft_netd::nft::services::backends_listed(&listed).len(),
+        3,
+        "{listed}"
+    );
 
     // Spread: 300 new connections, then 300 UDP flows, over all three.
     for proto in [Protocol::Tcp, Protocol::Udp] {

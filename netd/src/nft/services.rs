@@ -5,24 +5,35 @@
 //! client's host; conntrack keeps the connection on the backend it got).
 //!
 //! ```text
-//! map vips { type ipv4_addr : verdict }        # VIP -> goto svc-<vip>
-//! set dead { type ipv4_addr }                  # VIPs without a healthy backend
-//! chain be-<addr> {                            # one per backend, named by address
-//!   ip saddr <addr> meta mark set meta mark | 0x00200000   # hairpin: it reaches itself
-//!   dnat to <addr> }
-//! chain svc-<vip> {                            # one per VIP with backends, one of:
-//!   numgen random mod N vmap { 0 : goto be-<a>, ... }      # balance random
-//!   symhash mod N vmap { ... }                             # balance hash (of the flow)
-//!   jhash ip saddr mod N seed <vip> vmap { ... } }         # affinity (by client address)
+//! map vips  { type ipv4_addr : verdict }            # VIP -> goto pick-<how>
+//! map slots { typeof ip daddr . numgen random mod 60 : ip daddr }
+//!                                                   # VIP . slot (0..59) -> backend
+//! set hairpin { type ipv4_addr . ipv4_addr }        # backend . backend
+//! set dead  { type ipv4_addr }                      # VIPs without a healthy backend
+//! chain pick-random   { dnat to ip daddr . numgen random mod 60 map @slots }
+//! chain pick-hash     { dnat to ip daddr . symhash mod 60 map @slots }      # of the flow
+//! chain pick-affinity { dnat to ip daddr . jhash ip saddr mod 60 seed S map @slots }
 //! chain prerouting { type nat hook prerouting priority dstnat; ip daddr vmap @vips }
 //! chain output     { type nat hook output priority -100; ip daddr vmap @vips }
 //! chain postrouting { type nat hook postrouting priority srcnat;
-//!   meta mark & 0x00200000 == 0x00200000 masquerade }     # hairpin
+//!   ct status dnat ip saddr . ip daddr @hairpin masquerade }   # a backend reached itself
 //! chain forward { type filter hook forward priority filter;  # and output_filter
 //!   ip daddr <service range> meta l4proto tcp reject with tcp reset
 //!   ip daddr @dead reject                                  # no healthy backend: port unreachable
 //!   ip daddr <service range> reject with icmp type admin-prohibited }  # no such VIP
 //! ```
+//!
+//! Every VIP has [`SLOTS`] slots, slot `i` holding backend `i mod n` of its
+//! `n` backends (sorted), so a pick is uniform when `n` divides 60 (1-6,
+//! 10, 12, 15, 20, 30, 60) and within a few percent otherwise (7
+//! backends: 9 or 8 slots each). The table's chains and rules are fixed;
+//! services and backends are only elements of named maps and sets. A change
+//! is a few element changes ([`crate::nft::Table::update`]) and a whole load
+//! is linear in the elements: per-service chains with an anonymous vmap each
+//! cost the kernel quadratic time to load (`__nft_set_trans_bind` walks the
+//! transaction for every anonymous set: 245 s for 10,000 services of 10
+//! backends, and a change 505 s; this layout loads them in ~9 s and changes
+//! one backend in ~30 ms of `nft`).
 //!
 //! A live VIP never reaches the filter hooks (DNAT changed the
 //! destination before them), so what is left of the service range there is
@@ -39,21 +50,17 @@
 //! A backend is a container of the service ([`ServiceName::of`] its
 //! endpoint record, on any host) whose health record is absent or healthy
 //! ([`backends`]). A service in `dnsrr` mode or without a VIP gets nothing
-//! here. Chains are named by address, so they keep their names while
-//! backends come and go: a change rewrites the svc chain of the VIP it
-//! touches, adds or deletes a be chain and changes map and set elements,
-//! one small transaction ([`crate::nft::Table::update`]).
+//! here.
 //!
 //! Hairpin: a container that reaches its own service's VIP and is balanced
-//! to itself would get a packet from its own address; the be chain marks
-//! such a packet (bit [`HAIRPIN_MARK`]) and postrouting masquerades it (the
-//! source becomes the bridge's gateway address), so the answer comes back
-//! through the host and conntrack undoes both translations.
+//! to itself would get a packet from its own address; postrouting
+//! masquerades a DNATed packet whose source and destination are the same
+//! backend (the `hairpin` set), so the answer comes back through the host
+//! and conntrack undoes both translations.
 //!
 //! Policy ([`crate::nft::policy`]) applies after DNAT by itself: the
 //! forward hook of `table inet weft` (priority filter) sees the backend's
-//! address. The mark is only a packet mark, used between the nat hooks of
-//! one packet: weft uses no other mark.
+//! address.
 //!
 //! What [`compile`] returns also says which backends each VIP had, so the
 //! follower ([`crate::services::lb`]) can delete the UDP conntrack entries
@@ -69,8 +76,12 @@ use weft_model::{Balance, EndpointRecord, HealthRecord, Keys, Mode, ServiceName,
 use super::table::{Set, Table};
 use super::SERVICES_TABLE;
 
-/// The packet mark bit that asks postrouting to masquerade (hairpin).
-pub const HAIRPIN_MARK: u32 = 0x0020_0000;
+/// Slots per VIP: backends are spread over them (see the module docs).
+pub const SLOTS: u32 = 60;
+
+/// The seed of the affinity hash: fixed, so a client keeps its slot (and
+/// its backend, while the backends stay) when the table is written again.
+const AFFINITY_SEED: u32 = 0x7765_6674;
 
 /// What [`compile`] works from.
 #[derive(Debug, Clone, Copy)]
@@ -134,33 +145,40 @@ pub fn backends(input: &ServicesInput<'_>) -> BTreeMap<Ipv4Addr, Vec<Ipv4Addr>> 
     out
 }
 
-/// `10.42.0.5` -> `10-42-0-5` (chain names).
-fn dashed(a: Ipv4Addr) -> String {
-    a.to_string().replace('.', "-")
-}
-
-/// The chain that DNATs to backend `a`.
-pub fn backend_chain(a: Ipv4Addr) -> String {
-    format!("be-{}", dashed(a))
-}
-
-/// The chain that balances VIP `vip`.
-pub fn service_chain(vip: Ipv4Addr) -> String {
-    format!("svc-{}", dashed(vip))
-}
-
-/// The rule of a svc chain: how a new connection picks one of `n`
-/// backends. The affinity hash has a fixed seed (the VIP), so a client keeps
-/// its backend when the table is written again with the same backends.
-fn pick(vip: Ipv4Addr, balance: Balance, affinity: bool, n: usize) -> String {
-    if affinity {
-        format!("jhash ip saddr mod {n} seed {:#010x}", u32::from(vip))
-    } else {
-        match balance {
-            Balance::Random => format!("numgen random mod {n}"),
-            Balance::Hash => format!("symhash mod {n}"),
-        }
+/// The chain a VIP of `spec` goes to: how its new connections pick a slot.
+fn pick_chain(spec: &ServiceRecord) -> &'static str {
+    match (spec.spec.affinity, spec.spec.balance) {
+        (true, _) => "pick-affinity",
+        (false, Balance::Random) => "pick-random",
+        (false, Balance::Hash) => "pick-hash",
     }
+}
+
+/// The key of slot `i` of `vip` in the `slots` map.
+fn slot_key(vip: Ipv4Addr, i: u32) -> String {
+    format!("{vip} . {i}")
+}
+
+/// `nft get element ip weft_svc slots { ... }`'s argument for every slot of
+/// `vip` (what tools and the bench ask the kernel to see a VIP's backends).
+pub fn slot_query(vip: Ipv4Addr) -> String {
+    let keys: Vec<String> = (0..SLOTS).map(|i| slot_key(vip, i)).collect();
+    format!("{{ {} }}", keys.join(", "))
+}
+
+/// The backends named in an `nft get element` / `nft list` output of the
+/// `slots` map (the addresses after ` : `).
+pub fn backends_listed(text: &str) -> BTreeSet<Ipv4Addr> {
+    text.split(" : ")
+        .skip(1)
+        .filter_map(|rest| {
+            let addr: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || *c == '.')
+                .collect();
+            addr.parse().ok()
+        })
+        .collect()
 }
 
 /// The services' table for `input`: see the module docs.
@@ -173,43 +191,44 @@ pub fn compile(input: &ServicesInput<'_>) -> Compiled {
         .collect();
     let mut t = Table::named("ip", SERVICES_TABLE);
     let mut vips = Set::new("vips", "ipv4_addr : verdict");
+    let mut slots = Set::new(
+        "slots",
+        format!("typeof ip daddr . numgen random mod {SLOTS} : ip daddr"),
+    );
+    let mut hairpin = Set::new("hairpin", "ipv4_addr . ipv4_addr");
     let mut dead = Set::new("dead", "ipv4_addr");
-    let mut be: BTreeSet<Ipv4Addr> = BTreeSet::new();
-    let mut svc_chains = Vec::new();
     for (vip, addrs) in &backends {
         if addrs.is_empty() {
             dead.add(vip.to_string());
             continue;
         }
         let Some(s) = specs.get(vip) else { continue };
-        let chain = service_chain(*vip);
-        vips.map(vip.to_string(), format!("goto {chain}"));
-        let arms: Vec<String> = addrs
-            .iter()
-            .enumerate()
-            .map(|(i, a)| format!("{i} : goto {}", backend_chain(*a)))
-            .collect();
-        let rule = format!(
-            "{} vmap {{ {} }}",
-            pick(*vip, s.spec.balance, s.spec.affinity, addrs.len()),
-            arms.join(", ")
-        );
-        svc_chains.push((chain, rule));
-        be.extend(addrs.iter().copied());
+        vips.map(vip.to_string(), format!("goto {}", pick_chain(s)));
+        for i in 0..SLOTS {
+            let a = addrs[i as usize % addrs.len()];
+            slots.map(slot_key(*vip, i), a.to_string());
+        }
+        for a in addrs {
+            hairpin.add(format!("{a} . {a}"));
+        }
     }
-    t.sets = vec![vips, dead];
-    for a in &be {
-        t.chain(
-            backend_chain(*a),
-            [
-                format!("ip saddr {a} meta mark set meta mark | {HAIRPIN_MARK:#010x}"),
-                format!("dnat to {a}"),
-            ],
-        );
-    }
-    for (chain, rule) in svc_chains {
-        t.chain(chain, [rule]);
-    }
+    t.sets = vec![vips, slots, hairpin, dead];
+    t.chain(
+        "pick-random",
+        [format!(
+            "dnat to ip daddr . numgen random mod {SLOTS} map @slots"
+        )],
+    );
+    t.chain(
+        "pick-hash",
+        [format!("dnat to ip daddr . symhash mod {SLOTS} map @slots")],
+    );
+    t.chain(
+        "pick-affinity",
+        [format!(
+            "dnat to ip daddr . jhash ip saddr mod {SLOTS} seed {AFFINITY_SEED:#010x} map @slots"
+        )],
+    );
     let dnat = "ip daddr vmap @vips";
     t.chain(
         "prerouting",
@@ -226,8 +245,8 @@ pub fn compile(input: &ServicesInput<'_>) -> Compiled {
     t.chain(
         "postrouting",
         [
-            "type nat hook postrouting priority srcnat; policy accept;".to_owned(),
-            format!("meta mark & {HAIRPIN_MARK:#010x} == {HAIRPIN_MARK:#010x} masquerade"),
+            "type nat hook postrouting priority srcnat; policy accept;",
+            "ct status dnat ip saddr . ip daddr @hairpin masquerade",
         ],
     );
     // UDP ignores a host or network unreachable (a soft error): an

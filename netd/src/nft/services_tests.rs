@@ -123,16 +123,49 @@ fn a(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
 }
 
+/// The slots of `vip` in `c`, in slot order: the backend of each.
+fn slots_of(c: &Compiled, vip: &str) -> Vec<String> {
+    let map = &c.table.set("slots").unwrap().elements;
+    (0..SLOTS)
+        .map(|i| {
+            map.get(&format!("{vip} . {i}"))
+                .cloned()
+                .flatten()
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
 #[test]
 fn golden() {
     let c = Cluster::new().compile();
-    let want = "table ip weft_svc {
+    let text = c.table.render();
+    // The fixed part: chains and declarations, whatever the services.
+    let head = "table ip weft_svc {
 	map vips {
 		type ipv4_addr : verdict
 		elements = {
-			10.43.0.2 : goto svc-10-43-0-2,
-			10.43.0.4 : goto svc-10-43-0-4,
-			10.43.0.5 : goto svc-10-43-0-5
+			10.43.0.2 : goto pick-random,
+			10.43.0.4 : goto pick-affinity,
+			10.43.0.5 : goto pick-hash
+		}
+	}
+	map slots {
+		typeof ip daddr . numgen random mod 60 : ip daddr
+		elements = {
+			10.43.0.2 . 0 : 10.42.0.2,
+			10.43.0.2 . 1 : 10.42.1.3,
+			10.43.0.2 . 10 : 10.42.0.2,
+";
+    assert!(text.starts_with(head), "got:\n{text}");
+    let tail = "	set hairpin {
+		type ipv4_addr . ipv4_addr
+		elements = {
+			10.42.0.2 . 10.42.0.2,
+			10.42.0.4 . 10.42.0.4,
+			10.42.0.5 . 10.42.0.5,
+			10.42.1.3 . 10.42.1.3,
+			10.42.1.5 . 10.42.1.5
 		}
 	}
 	set dead {
@@ -141,34 +174,14 @@ fn golden() {
 			10.43.0.3
 		}
 	}
-	chain be-10-42-0-2 {
-		ip saddr 10.42.0.2 meta mark set meta mark | 0x00200000
-		dnat to 10.42.0.2
+	chain pick-random {
+		dnat to ip daddr . numgen random mod 60 map @slots
 	}
-	chain be-10-42-0-4 {
-		ip saddr 10.42.0.4 meta mark set meta mark | 0x00200000
-		dnat to 10.42.0.4
+	chain pick-hash {
+		dnat to ip daddr . symhash mod 60 map @slots
 	}
-	chain be-10-42-0-5 {
-		ip saddr 10.42.0.5 meta mark set meta mark | 0x00200000
-		dnat to 10.42.0.5
-	}
-	chain be-10-42-1-3 {
-		ip saddr 10.42.1.3 meta mark set meta mark | 0x00200000
-		dnat to 10.42.1.3
-	}
-	chain be-10-42-1-5 {
-		ip saddr 10.42.1.5 meta mark set meta mark | 0x00200000
-		dnat to 10.42.1.5
-	}
-	chain svc-10-43-0-2 {
-		numgen random mod 2 vmap { 0 : goto be-10-42-0-2, 1 : goto be-10-42-1-3 }
-	}
-	chain svc-10-43-0-4 {
-		jhash ip saddr mod 1 seed 0x0a2b0004 vmap { 0 : goto be-10-42-0-4 }
-	}
-	chain svc-10-43-0-5 {
-		symhash mod 2 vmap { 0 : goto be-10-42-0-5, 1 : goto be-10-42-1-5 }
+	chain pick-affinity {
+		dnat to ip daddr . jhash ip saddr mod 60 seed 0x77656674 map @slots
 	}
 	chain prerouting {
 		type nat hook prerouting priority dstnat; policy accept;
@@ -180,7 +193,7 @@ fn golden() {
 	}
 	chain postrouting {
 		type nat hook postrouting priority srcnat; policy accept;
-		meta mark & 0x00200000 == 0x00200000 masquerade
+		ct status dnat ip saddr . ip daddr @hairpin masquerade
 	}
 	chain forward {
 		type filter hook forward priority filter; policy accept;
@@ -196,7 +209,14 @@ fn golden() {
 	}
 }
 ";
-    assert_eq!(c.table.render(), want, "got:\n{}", c.table.render());
+    assert!(text.ends_with(tail), "got:\n{text}");
+    // Every live VIP has all its slots, backend i mod n in slot i: the two
+    // web backends take 30 slots each, db's one backend all 60.
+    assert_eq!(c.table.set("slots").unwrap().elements.len(), 3 * 60);
+    let web = slots_of(&c, "10.43.0.2");
+    assert_eq!(web.iter().filter(|b| *b == "10.42.0.2").count(), 30);
+    assert_eq!(web.iter().filter(|b| *b == "10.42.1.3").count(), 30);
+    assert!(slots_of(&c, "10.43.0.4").iter().all(|b| b == "10.42.0.4"));
     assert_eq!(
         c.backends,
         BTreeMap::from([
@@ -206,6 +226,34 @@ fn golden() {
             (a("10.43.0.5"), vec![a("10.42.0.5"), a("10.42.1.5")]),
         ])
     );
+    // What the kernel lists back names the backends.
+    assert_eq!(
+        backends_listed("elements = { 10.43.0.2 . 0 : 10.42.0.2, 10.43.0.2 . 1 : 10.42.1.3 }"),
+        BTreeSet::from([a("10.42.0.2"), a("10.42.1.3")])
+    );
+    assert!(slot_query(a("10.43.0.2")).starts_with("{ 10.43.0.2 . 0, 10.43.0.2 . 1, "));
+}
+
+/// Seven backends cannot share 60 slots evenly: 9 or 8 each.
+#[test]
+fn slots_spread_backends_within_one_slot() {
+    let mut cl = Cluster::new();
+    for i in 0..5 {
+        cl.endpoints.push(ep(
+            &format!("10.42.3.{}", 10 + i),
+            "h3",
+            Some("shop"),
+            Some("web"),
+        ));
+    }
+    let c = cl.compile();
+    let web = slots_of(&c, "10.43.0.2");
+    let mut counts: BTreeMap<&String, usize> = BTreeMap::new();
+    for b in &web {
+        *counts.entry(b).or_default() += 1;
+    }
+    assert_eq!(counts.len(), 7, "{counts:?}");
+    assert!(counts.values().all(|n| *n == 8 || *n == 9), "{counts:?}");
 }
 
 #[test]
@@ -216,8 +264,8 @@ fn health_decides_who_is_a_backend() {
     assert!(healthy(&cl.endpoints[0], &cl.health, &keys));
     assert!(!healthy(&cl.endpoints[1], &cl.health, &keys));
     assert!(healthy(&cl.endpoints[2], &cl.health, &keys));
-    // Every container of web.shop unhealthy: the VIP is dead, its svc
-    // chain and its backends' chains go.
+    // Every container of web.shop unhealthy: the VIP is dead, its slots
+    // and its backends' hairpin elements go.
     let (k, h) = health(&keys, &cl.endpoints[0], false);
     cl.health.insert(k, h);
     let (k, h) = health(&keys, &cl.endpoints[2], false);
@@ -236,9 +284,13 @@ fn health_decides_who_is_a_backend() {
         .unwrap()
         .elements
         .contains_key("10.43.0.2"));
-    let names: Vec<&str> = c.table.chains.iter().map(|c| c.name.as_str()).collect();
-    assert!(!names.contains(&"svc-10-43-0-2"), "{names:?}");
-    assert!(!names.contains(&"be-10-42-0-2"), "{names:?}");
+    assert!(slots_of(&c, "10.43.0.2").iter().all(String::is_empty));
+    assert!(!c
+        .table
+        .set("hairpin")
+        .unwrap()
+        .elements
+        .contains_key("10.42.0.2 . 10.42.0.2"));
 }
 
 #[test]
@@ -257,7 +309,7 @@ fn dnsrr_and_vipless_services_get_nothing() {
         .table
         .render()
         .contains("ip daddr 10.43.0.0/16 reject with icmp type admin-prohibited"));
-    assert!(!c.table.render().contains("chain be-"));
+    assert!(c.table.set("slots").unwrap().elements.is_empty());
 }
 
 #[test]
@@ -273,30 +325,19 @@ fn a_backend_change_is_a_small_update() {
     let after = after.compile();
     let script = after.table.update(&before.table).unwrap();
     assert!(!script.contains("delete table"), "{script}");
+    assert!(!script.contains("chain"), "only elements change: {script}");
     assert!(
-        script.contains("flush chain ip weft_svc svc-10-43-0-2\n"),
+        script.contains("delete element ip weft_svc hairpin { 10.42.0.2 . 10.42.0.2 }\n"),
         "{script}"
     );
     assert!(
-        script.contains("delete chain ip weft_svc be-10-42-0-2\n"),
+        script.contains("add element ip weft_svc hairpin { 10.42.2.9 . 10.42.2.9 }\n"),
         "{script}"
     );
-    assert!(
-        script.contains("add chain ip weft_svc be-10-42-2-9\n"),
-        "{script}"
-    );
-    assert!(
-        script
-            .contains("numgen random mod 2 vmap { 0 : goto be-10-42-1-3, 1 : goto be-10-42-2-9 }"),
-        "{script}"
-    );
-    // The other services' chains are untouched.
-    for other in [
-        "svc-10-43-0-4",
-        "svc-10-43-0-5",
-        "be-10-42-0-5",
-        "prerouting",
-    ] {
+    assert!(script.contains("10.43.0.2 . 0 : 10.42.1.3"), "{script}");
+    assert!(script.contains("10.43.0.2 . 1 : 10.42.2.9"), "{script}");
+    // The other services' slots are untouched.
+    for other in ["10.43.0.4 .", "10.43.0.5 .", "prerouting"] {
         assert!(!script.contains(other), "{other} in {script}");
     }
     // The same inputs make the same table: nothing to do (the affinity

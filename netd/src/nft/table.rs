@@ -25,8 +25,8 @@ use std::fmt::Write as _;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Set {
     pub name: String,
-    /// `ipv4_addr`, `ifname . ether_addr`, `ipv4_addr : verdict`, ... A type
-    /// with ` : ` makes it a map.
+    /// `ipv4_addr`, `ifname . ether_addr`, `ipv4_addr : verdict`, ... or
+    /// `typeof <expr> : <expr>`. One with ` : ` makes it a map.
     pub ty: String,
     /// Key -> value (maps) or key -> `None` (sets).
     pub elements: BTreeMap<String, Option<String>>,
@@ -143,7 +143,14 @@ impl Table {
         }
         for s in &self.sets {
             let kind = if s.is_map() { "map" } else { "set" };
-            let _ = write!(t, "\t{kind} {} {{\n\t\ttype {}\n", s.name, s.ty);
+            // `ty` is a type, or `typeof <expression>` (a key nft derives
+            // from an expression, e.g. a concatenation with numgen).
+            let decl = if s.ty.starts_with("typeof ") {
+                s.ty.clone()
+            } else {
+                format!("type {}", s.ty)
+            };
+            let _ = write!(t, "\t{kind} {} {{\n\t\t{decl}\n", s.name);
             if !s.elements.is_empty() {
                 let items: Vec<String> =
                     s.elements.iter().map(|(k, v)| Set::element(k, v)).collect();
