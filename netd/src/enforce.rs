@@ -217,9 +217,12 @@ impl Enforcer {
         self.apply_locked(&mut known).await
     }
 
-    /// Applies again what is known even if unchanged (the resync).
+    /// Writes both tables again whole, even if unchanged (the resync: they
+    /// are small, and someone may have changed or deleted them).
     pub async fn reapply(&self) -> anyhow::Result<Option<Duration>> {
-        self.nft.invalidate();
+        for family in crate::nft::FAMILIES {
+            self.nft.invalidate_table(family, crate::nft::TABLE);
+        }
         let mut known = self.known.lock().await;
         self.apply_locked(&mut known).await
     }

@@ -195,5 +195,13 @@ fn element_changes_update_the_table_in_place() {
         nft.apply(&one).unwrap();
         nft.list("inet").unwrap()
     });
+    // Forgetting one table replaces only that one.
+    assert!(nft.has_table("inet", "weft").unwrap());
+    assert!(!nft.has_table("ip", "weft_svc").unwrap());
+    nft.invalidate_table("bridge", "weft");
+    assert_eq!(nft.apply(&two).unwrap(), ApplyOutcome::Updated);
+    nft.invalidate_table("inet", "weft");
+    assert_eq!(nft.apply(&one).unwrap(), ApplyOutcome::Replaced);
     nft.teardown().unwrap();
+    assert!(!nft.has_table("inet", "weft").unwrap());
 }

@@ -235,6 +235,33 @@ impl Nft {
             .clear();
     }
 
+    /// Forgets what the kernel has of table `name` in `family` only.
+    pub fn invalidate_table(&self, family: &str, name: &str) {
+        self.last
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|(f, n), _| !(*f == family && *n == name));
+    }
+
+    /// Whether the kernel has table `name` in `family` (`nft -j list
+    /// tables`: names only, cheap whatever the tables hold).
+    pub fn has_table(&self, family: &str, name: &str) -> Result<bool, NftError> {
+        let args = ["-j", "list", "tables"];
+        let out = self.check("nft", &args, None, NFT_HINT)?;
+        let list: ListOutput = serde_json::from_str(&out).map_err(|source| NftError::Json {
+            cmd: format!("nft {}", args.join(" ")),
+            source,
+        })?;
+        Ok(list
+            .nftables
+            .iter()
+            .filter_map(|i| i.get("table"))
+            .any(|t| {
+                t.get("family").and_then(|v| v.as_str()) == Some(family)
+                    && t.get("name").and_then(|v| v.as_str()) == Some(name)
+            }))
+    }
+
     /// The named counters of weft's tables: what the kernel counts now plus
     /// what replaced tables counted before.
     pub fn counters(&self) -> Result<Vec<NamedCounter>, NftError> {
