@@ -191,13 +191,23 @@ dig_show() {   # LABEL, then dig's arguments
   answers=$(echo "$out" | awk '/^;; ANSWER SECTION/{a=1;next} /^$/{a=0} a{print $NF}' | sort | tr '\n' ' ')
   printf '  %-44s %-9s %s\n' "$label" "$status" "${answers:-(no records)}"
 }
-dig_show "web          (service, own stack)" web A
-dig_show "web.demo     (service.stack)" web.demo A
+dig_show "web          (service, own stack: its VIP)" web A
+dig_show "web.demo     (service.stack: its VIP)" web.demo A
+dig_show "tasks.web.demo (the service's containers)" tasks.web.demo A
 dig_show "${NAME[21]}       (a container on h2)" "${NAME[21]}" A
 dig_show "-x ${IP[10]} (PTR)" -x "${IP[10]}"
 dig_show "nothing.demo (no such name in a known stack)" nothing.demo A
-[ "$(ip netns exec $P-h0-c0 dig @$DNS +short web.demo A | sort)" = "$(printf '%s\n' "${IP[@]}" | sort)" ] ||
-  fail "web.demo does not answer the $((HOSTS * CTRS)) container addresses"
+VIP=$(ip netns exec $P-h0-c0 dig @$DNS +short web.demo A)
+case "$VIP" in
+  10.43.*) ;;
+  *) fail "web.demo does not answer one virtual IP in 10.43.0.0/16: '$VIP'" ;;
+esac
+[ "$(ip netns exec $P-h0-c0 dig @$DNS +short tasks.web.demo A | sort)" = "$(printf '%s\n' "${IP[@]}" | sort)" ] ||
+  fail "tasks.web.demo does not answer the $((HOSTS * CTRS)) container addresses"
+dig_show "-x $VIP (PTR of the VIP)" -x "$VIP"
+ip netns exec $P-h0-c0 ping -c 3 -i 0.2 -W 2 "$VIP" >/dev/null ||
+  fail "ping to the VIP $VIP (balanced in the kernel to a container) got no answer"
+echo "  ping $VIP (the VIP, balanced in the kernel to one of the 6 containers): ok"
 [ "$(ip netns exec $P-h0-c0 dig @$DNS +short "${NAME[21]}" A)" = "${IP[21]}" ] ||
   fail "${NAME[21]} does not answer ${IP[21]}"
 ip netns exec $P-h0-c0 dig @$DNS nothing.demo A | grep -q 'status: NXDOMAIN' ||
