@@ -285,21 +285,23 @@ fn containers_resolve_names_across_hosts() {
     wait_dns(&netd_a);
     wait_dns(&netd_b);
 
-    // web-1 on host A (alias www), web-2 on host B, both service web of stack shop.
+    // web-1 on host A (alias www), web-2 on host B, both service web of stack
+    // shop, in `dnsrr` mode: this test is about names answering containers
+    // (a service in the default `vip` mode answers its VIP; tests/services.rs).
     let a = lab.container(0, "a").unwrap();
     let b = lab.container(1, "b").unwrap();
     let (ip_a, result_a) = add(
         &netd_a,
         &a,
         "ctr-a",
-        "IgnoreUnknown=1;K8S_POD_NAME=web-1;WEFT_SERVICE=web;WEFT_STACK=shop",
+        "IgnoreUnknown=1;K8S_POD_NAME=web-1;WEFT_SERVICE=web;WEFT_STACK=shop;WEFT_SERVICE_MODE=dnsrr",
         &config_with_aliases(&netd_a, &["www"]),
     );
     let (ip_b, result_b) = add(
         &netd_b,
         &b,
         "ctr-b",
-        "IgnoreUnknown=1;K8S_POD_NAME=web-2;WEFT_SERVICE=web;WEFT_STACK=shop",
+        "IgnoreUnknown=1;K8S_POD_NAME=web-2;WEFT_SERVICE=web;WEFT_STACK=shop;WEFT_SERVICE_MODE=dnsrr",
         &netd_b.cni_config("1.0.0"),
     );
     let _rc_a = ResolvConf::install(&a, &result_a);
@@ -384,7 +386,7 @@ fn containers_resolve_names_across_hosts() {
         &netd_b,
         &c,
         "ctr-c",
-        "IgnoreUnknown=1;K8S_POD_NAME=late-1;WEFT_SERVICE=late;WEFT_STACK=shop",
+        "IgnoreUnknown=1;K8S_POD_NAME=late-1;WEFT_SERVICE=late;WEFT_STACK=shop;WEFT_SERVICE_MODE=dnsrr",
         &netd_b.cni_config("1.0.0"),
     );
     let took = within(
