@@ -532,6 +532,156 @@ impl Ipam {
         Ok(None)
     }
 
+    /// Gives each of `owners` an address in `block`, like [`Ipam::allocate`]
+    /// but with one read of the block for all of them (a batch of
+    /// concurrent CNI ADDs): an owner that has an address keeps it, the
+    /// others get the next free ones after the cursor, which is written
+    /// once at the end. An owner whose compare-and-swap loses a race falls
+    /// back to [`Ipam::allocate`]. Each owner gets its own result; the outer
+    /// error is the read every owner depends on.
+    pub async fn allocate_all(
+        &self,
+        block: &HostBlock,
+        owners: &[Owner],
+    ) -> Result<Vec<Result<Allocation>>> {
+        let existing = self.read_addrs(block.block).await?;
+        let cursor_key = self.cursor_key(block.block);
+        let mut after = self
+            .store
+            .get(&cursor_key)
+            .await?
+            .and_then(|kv| std::str::from_utf8(&kv.value).ok()?.parse().ok());
+        let mut used: BTreeSet<Ipv4Addr> = existing.iter().map(|(a, _, _)| *a).collect();
+        let prefix = self.addrs_prefix(block.block);
+        let mut moved = false;
+        // What this call handed out, so an owner listed twice gets one.
+        let mut granted: Vec<Allocation> = Vec::new();
+        let mut out = Vec::with_capacity(owners.len());
+        for owner in owners {
+            if let Err(e) = ContainerId::new(owner.container_id.as_str())
+                .and_then(|_| IfName::new(owner.ifname.as_str()))
+            {
+                out.push(Err(e.into()));
+                continue;
+            }
+            if let Some((addr, _, _)) = existing
+                .iter()
+                .find(|(_, r, _)| r.container_id == owner.container_id && r.ifname == owner.ifname)
+            {
+                out.push(Ok(allocation(block, *addr, owner)));
+                continue;
+            }
+            if let Some(a) = granted.iter().find(|a| a.owner == *owner) {
+                out.push(Ok(a.clone()));
+                continue;
+            }
+            let Some(addr) = plan::pick_address(block.block, &used, after, 0) else {
+                out.push(Err(IpamError::BlockFull {
+                    block: block.block,
+                    capacity: plan::capacity(block.block),
+                }));
+                continue;
+            };
+            let record = AddressRecord {
+                container_id: owner.container_id.clone(),
+                ifname: owner.ifname.clone(),
+                host_id: block.host_id.clone(),
+                allocated_at_ms: now_ms(),
+            };
+            let key = format!("{prefix}{addr}");
+            let result = match self
+                .store
+                .compare_and_swap(&key, Expect::Absent, &to_json(&record), None)
+                .await
+            {
+                Ok(CasOutcome::Done(_)) => {
+                    tracing::debug!(%addr, container = %owner.container_id, ifname = %owner.ifname, "address allocated");
+                    Ok(allocation(block, addr, owner))
+                }
+                // Taken meanwhile: the careful way, which reads again.
+                Ok(CasOutcome::Conflict(_)) => self.allocate(block, owner).await,
+                Err(e) => Err(e.into()),
+            };
+            if let Ok(a) = &result {
+                used.insert(a.addr);
+                after = Some(a.addr);
+                moved = true;
+                granted.push(a.clone());
+            }
+            out.push(result);
+        }
+        if let (true, Some(addr)) = (moved, after) {
+            // A hint only: a lost race here costs nothing.
+            self.store
+                .put(&cursor_key, addr.to_string().as_bytes(), None)
+                .await?;
+        }
+        Ok(out)
+    }
+
+    /// Frees `addr` if `owner` holds it, by its key: one read and one
+    /// delete, no scan of the block (the caller knows the address from the
+    /// endpoint's record). Returns it, or `None` when the key is free; when
+    /// another owner holds `addr` (the caller's view was stale), releases
+    /// `owner`'s address wherever it is ([`Ipam::release`]).
+    pub async fn release_at(
+        &self,
+        block: &HostBlock,
+        addr: Ipv4Addr,
+        owner: &Owner,
+    ) -> Result<Option<Ipv4Addr>> {
+        if !block.block.contains(addr) {
+            return Err(IpamError::NotInBlock {
+                addr,
+                block: block.block,
+            });
+        }
+        let key = format!("{}{addr}", self.addrs_prefix(block.block));
+        let Some(kv) = self.store.get(&key).await? else {
+            return Ok(None);
+        };
+        let record: AddressRecord = from_json(&kv)?;
+        if record.container_id != owner.container_id || record.ifname != owner.ifname {
+            return self.release(block, owner).await;
+        }
+        Ok(self
+            .store
+            .compare_and_delete(&kv.key, kv.mod_revision)
+            .await?
+            .is_done()
+            .then_some(addr))
+    }
+
+    /// Frees the addresses of every owner in `owners` with one read of the
+    /// block ([`Ipam::release`] for many): for each owner its address, or
+    /// `None` if it had none.
+    pub async fn release_all(
+        &self,
+        block: &HostBlock,
+        owners: &[Owner],
+    ) -> Result<Vec<Option<Ipv4Addr>>> {
+        let addrs = self.read_addrs(block.block).await?;
+        let mut out = Vec::with_capacity(owners.len());
+        for owner in owners {
+            let mut released = None;
+            if let Some((addr, _, kv)) = addrs
+                .iter()
+                .find(|(_, r, _)| r.container_id == owner.container_id && r.ifname == owner.ifname)
+            {
+                if self
+                    .store
+                    .compare_and_delete(&kv.key, kv.mod_revision)
+                    .await?
+                    .is_done()
+                {
+                    released = Some(*addr);
+                }
+            }
+            out.push(released);
+        }
+        Ok(out)
+    }
+
     /// Every address allocated in `block`, in address order.
     pub async fn list(&self, block: &HostBlock) -> Result<Vec<Allocation>> {
         Ok(self

@@ -239,6 +239,125 @@ async fn released_address_not_reused_at_once(t: TestStore) {
 }
 
 /// Where a worker process finds its store.
+/// The batch calls agree with the one-by-one ones: one read for many
+/// owners, each its own result, the same owner twice one address, release
+/// by key only of the owner's own address.
+async fn batches_allocate_and_release(t: TestStore) {
+    let ipam = Ipam::new(
+        t.store(),
+        cfg("10.42.0.0/24", 28, Duration::from_secs(60)),
+        "/weft/",
+    )
+    .await
+    .unwrap();
+    let block = ipam.lease_block("h").await.unwrap();
+    let kept = ipam
+        .allocate(&block, &Owner::new("old", "eth0"))
+        .await
+        .unwrap();
+    let owners: Vec<Owner> = ["old", "a", "b", "a", "-bad", "c"]
+        .iter()
+        .map(|c| Owner::new(*c, "eth0"))
+        .collect();
+    let got = ipam.allocate_all(&block, &owners).await.unwrap();
+    assert_eq!(got.len(), 6);
+    assert_eq!(
+        got[0].as_ref().unwrap(),
+        &kept,
+        "an owner keeps its address"
+    );
+    assert_eq!(got[1].as_ref().unwrap(), got[3].as_ref().unwrap());
+    assert!(
+        matches!(got[4], Err(IpamError::InvalidId(_))),
+        "{:?}",
+        got[4]
+    );
+    let addrs: BTreeSet<Ipv4Addr> = [0, 1, 2, 5]
+        .iter()
+        .map(|&i| got[i].as_ref().unwrap().addr)
+        .collect();
+    assert_eq!(addrs.len(), 4, "distinct addresses: {got:?}");
+    // The store agrees, and the one-by-one call finds the same address.
+    assert_eq!(ipam.list(&block).await.unwrap().len(), 4);
+    assert_eq!(
+        ipam.allocate(&block, &Owner::new("b", "eth0"))
+            .await
+            .unwrap(),
+        *got[2].as_ref().unwrap()
+    );
+    // The cursor moved past the batch: the next address is a new one.
+    let d = ipam
+        .allocate(&block, &Owner::new("d", "eth0"))
+        .await
+        .unwrap();
+    assert!(!addrs.contains(&d.addr));
+    // Full: the rest of the batch gets BlockFull, the first ones their
+    // addresses.
+    let many: Vec<Owner> = (0..12)
+        .map(|i| Owner::new(format!("m{i}"), "eth0"))
+        .collect();
+    let got_many = ipam.allocate_all(&block, &many).await.unwrap();
+    assert_eq!(got_many.iter().filter(|r| r.is_ok()).count(), 13 - 5);
+    assert!(matches!(
+        got_many.last().unwrap(),
+        Err(IpamError::BlockFull { .. })
+    ));
+
+    // Release by key: only the owner's own address.
+    let a = got[1].as_ref().unwrap().addr;
+    assert_eq!(
+        ipam.release_at(&block, a, &Owner::new("a", "eth0"))
+            .await
+            .unwrap(),
+        Some(a)
+    );
+    assert_eq!(
+        ipam.release_at(&block, a, &Owner::new("a", "eth0"))
+            .await
+            .unwrap(),
+        None,
+        "twice is fine"
+    );
+    // A stale address: the owner's real one is released, the other
+    // owner's stays.
+    let b = got[2].as_ref().unwrap().addr;
+    assert_eq!(
+        ipam.release_at(&block, b, &Owner::new("c", "eth0"))
+            .await
+            .unwrap(),
+        Some(got[5].as_ref().unwrap().addr)
+    );
+    assert!(ipam.list(&block).await.unwrap().iter().any(|x| x.addr == b));
+    let outside = "10.42.1.5".parse().unwrap();
+    assert!(matches!(
+        ipam.release_at(&block, outside, &Owner::new("b", "eth0"))
+            .await,
+        Err(IpamError::NotInBlock { .. })
+    ));
+    // Release many with one read.
+    let gone = ipam
+        .release_all(
+            &block,
+            &[
+                Owner::new("b", "eth0"),
+                Owner::new("nobody", "eth0"),
+                Owner::new("old", "eth0"),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(gone, [Some(b), None, Some(kept.addr)]);
+    let left: HashSet<Owner> = ipam
+        .list(&block)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.owner)
+        .collect();
+    assert!(!left.contains(&Owner::new("b", "eth0")));
+    assert!(left.contains(&Owner::new("d", "eth0")));
+}
+
 fn store_spec(t: &TestStore) -> String {
     match t.etcd_config() {
         Some(cfg) => format!("etcd={}", cfg.endpoints.join(",")),
@@ -392,6 +511,7 @@ on_both_backends!(
     addresses_idempotent_full_release_gc,
     released_address_not_reused_at_once,
     eight_processes_allocate,
+    batches_allocate_and_release,
 );
 
 /// Property test: random allocate / release / GC sequences against a plain
