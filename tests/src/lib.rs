@@ -28,6 +28,7 @@
 use std::io::Write as _;
 
 mod error;
+pub mod flood;
 mod lab;
 pub mod naming;
 mod netns;
