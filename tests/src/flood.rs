@@ -86,6 +86,74 @@ pub fn initiations(victim: &[u8; 32], n: usize) -> Result<Vec<Vec<u8>>> {
     Ok(out)
 }
 
+/// `n` handshake initiations from one random key whose mac2 is valid for
+/// the address of `from` (the attacker who can receive at its address):
+/// sends initiations from `from` to `target` until `target`, under load,
+/// answers with a cookie reply, then makes `n` initiations carrying it
+/// (each with its own ephemeral key). The cookie stays good for about two
+/// minutes. Fails if no cookie reply came within `timeout` (the target
+/// demands cookies only while over its rate limit: flood it meanwhile).
+pub fn initiations_with_cookie(
+    from: &Netns,
+    target: SocketAddrV4,
+    victim: &[u8; 32],
+    n: usize,
+    timeout: Duration,
+) -> Result<Vec<Vec<u8>>> {
+    let sock = in_netns(from.path(), || UdpSocket::bind("0.0.0.0:0"))
+        .map_err(|e| Error::io(format!("binding the cookie socket in {}", from.name()), e))?;
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .map_err(|e| Error::io("setting a read timeout", e))?;
+    let mut key = [0u8; 32];
+    random(&mut key)?;
+    let mut tunn = Tunn::new(
+        x25519::StaticSecret::from(key),
+        x25519::PublicKey::from(*victim),
+        None,
+        None,
+        0,
+        None,
+    );
+    let (mut buf, mut reply) = ([0u8; 256], [0u8; 256]);
+    let deadline = Instant::now() + timeout;
+    'cookie: loop {
+        if Instant::now() > deadline {
+            return Err(Error::Timeout(format!("a cookie reply from {target}")));
+        }
+        if let TunnResult::WriteToNetwork(msg) = tunn.format_handshake_initiation(&mut buf, true) {
+            sock.send_to(msg, target)
+                .map_err(|e| Error::io(format!("sending an initiation to {target}"), e))?;
+        }
+        // The reply may wait behind the flood in the target's queue: give
+        // it a second before the next initiation (which makes this one's
+        // reply useless).
+        let resend = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < resend {
+            let Ok((len, _)) = sock.recv_from(&mut reply) else {
+                continue;
+            };
+            // Type 3: cookie reply, 64 bytes.
+            if len == 64 && reply[0] == 3 {
+                if let TunnResult::Done = tunn.decapsulate(None, &reply[..len], &mut buf) {
+                    break 'cookie;
+                }
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        match tunn.format_handshake_initiation(&mut buf, true) {
+            TunnResult::WriteToNetwork(msg) => out.push(msg.to_vec()),
+            _ => {
+                return Err(Error::Options(
+                    "boringtun made no handshake initiation".into(),
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// `n` messages that parse as handshake initiations (type 1, the right
 /// length) but are random bytes: mac1 is wrong.
 pub fn garbage(n: usize) -> Result<Vec<Vec<u8>>> {

@@ -72,6 +72,7 @@ pub(crate) struct DeviceCounters {
     pub(crate) drops_send: AtomicU64,
     pub(crate) drops_tun_read: AtomicU64,
     pub(crate) cookies_sent: AtomicU64,
+    pub(crate) drops_handshake_budget: AtomicU64,
     pub(crate) tx_syscalls: AtomicU64,
     pub(crate) tx_datagrams: AtomicU64,
     pub(crate) rx_syscalls: AtomicU64,
@@ -88,6 +89,8 @@ pub(crate) struct Shared {
     pub(crate) secret: x25519::StaticSecret,
     pub(crate) public: x25519::PublicKey,
     pub(crate) keepalive: Option<u16>,
+    /// Handshake initiations per source that may reach the DH.
+    pub(crate) sources: super::source_budget::SourceBudget,
     pub(crate) limiter: RateLimiter,
     pub(crate) table: Mutex<Arc<PeerTable>>,
     pub(crate) generation: AtomicU64,
@@ -394,6 +397,12 @@ fn handle_datagram(sh: &Shared, table: &PeerTable, rx: &mut Rx, d: &[u8], from: 
             // mac1 and the device-wide rate limit first: no Diffie-Hellman
             // for unauthenticated floods.
             match sh.limiter.verify_packet(Some(from_ip), d, &mut rx.cookie) {
+                // A valid mac2 passes the limiter at any rate: a budget per
+                // source before the DH.
+                Ok(_) if !sh.sources.allow(*from.ip()) => {
+                    add(&c.drops_handshake_budget, 1);
+                    return;
+                }
                 Ok(_) => {}
                 Err(TunnResult::WriteToNetwork(cookie)) => {
                     add(&c.cookies_sent, 1);

@@ -38,6 +38,7 @@ mod error;
 mod key;
 mod offload;
 mod peer;
+mod source_budget;
 mod table;
 mod tun;
 mod udp;
@@ -149,6 +150,9 @@ pub struct DeviceStats {
     pub drops_tun_read: u64,
     /// Cookie replies sent under handshake load.
     pub cookies_sent: u64,
+    /// Handshake initiations dropped before the Diffie-Hellman because
+    /// their source exceeded its budget (20/s, bursts of 5).
+    pub drops_handshake_budget: u64,
     /// sendmmsg calls and datagrams sent by the transmit thread.
     pub tx_syscalls: u64,
     pub tx_datagrams: u64,
@@ -220,6 +224,7 @@ impl WgDevice {
             secret,
             public,
             keepalive: cfg.keepalive,
+            sources: Default::default(),
             table: Mutex::new(Arc::new(PeerTable::new(base))),
             generation: AtomicU64::new(0),
             counters: DeviceCounters::default(),
@@ -371,6 +376,7 @@ impl WgDevice {
             drops_send: c.drops_send.load(Relaxed),
             drops_tun_read: c.drops_tun_read.load(Relaxed),
             cookies_sent: c.cookies_sent.load(Relaxed),
+            drops_handshake_budget: c.drops_handshake_budget.load(Relaxed),
             tx_syscalls: c.tx_syscalls.load(Relaxed),
             tx_datagrams: c.tx_datagrams.load(Relaxed),
             rx_syscalls: c.rx_syscalls.load(Relaxed),

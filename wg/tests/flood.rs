@@ -38,11 +38,17 @@ const FLOOD_SET: usize = 1000;
 /// demands cookies (`datapath::HANDSHAKE_RATE_LIMIT`), and boringtun resets
 /// the count at most once per second.
 const LIMIT_PER_SEC: f64 = 100.0;
+/// Initiations per second and burst one source may bring to the DH
+/// (`source_budget::PER_SECOND`, `BURST`).
+const SOURCE_PER_SEC: f64 = 20.0;
+const SOURCE_BURST: f64 = 5.0;
 /// The DH budget of a flood of `t` seconds is `LIMIT_PER_SEC * (t + this)`:
 /// a fresh window at the start, the reset's granularity (the timer resets
 /// every 100 ms, boringtun only once a full second has passed) and the
 /// backlog the receive thread still drains after the flood stops.
 const DH_SLACK_SECS: f64 = 2.0;
+/// Initiations carrying a cookie (each costs the test two DH to make).
+const COOKIE_SET: usize = 200;
 /// Seconds per iperf3 run.
 const IPERF_SECS: u32 = 3;
 
@@ -204,21 +210,24 @@ fn ping_ok(from: &Node, to: &Node) -> bool {
         .success()
 }
 
-/// Counter growth between two snapshots.
+/// Growth of the counters this test reads between two snapshots.
 fn delta(before: &DeviceStats, after: &DeviceStats) -> DeviceStats {
     DeviceStats {
-        drops_no_peer: after.drops_no_peer - before.drops_no_peer,
-        drops_non_ipv4: after.drops_non_ipv4 - before.drops_non_ipv4,
         drops_malformed: after.drops_malformed - before.drops_malformed,
         drops_unknown_peer: after.drops_unknown_peer - before.drops_unknown_peer,
-        drops_send: after.drops_send - before.drops_send,
-        drops_tun_read: after.drops_tun_read - before.drops_tun_read,
         cookies_sent: after.cookies_sent - before.cookies_sent,
-        tx_syscalls: after.tx_syscalls - before.tx_syscalls,
-        tx_datagrams: after.tx_datagrams - before.tx_datagrams,
-        rx_syscalls: after.rx_syscalls - before.rx_syscalls,
         rx_datagrams: after.rx_datagrams - before.rx_datagrams,
+        drops_handshake_budget: after.drops_handshake_budget - before.drops_handshake_budget,
+        ..DeviceStats::default()
     }
+}
+
+/// The counters of a [`delta`], for the test's output.
+fn show(d: &DeviceStats) -> String {
+    format!(
+        "received {}, malformed {}, cookie replies {}, over the source's budget {}, DH done for no peer {}",
+        d.rx_datagrams, d.drops_malformed, d.cookies_sent, d.drops_handshake_budget, d.drops_unknown_peer
+    )
 }
 
 /// Floods `victim` with `packets` alone for `secs`, with no other traffic:
@@ -264,7 +273,10 @@ fn handshake_flood_leaves_real_peers_working() {
 
     // (a) Bad mac1 alone: dropped as malformed, no cookie, no DH.
     let (r, d, us) = flood_alone(&flooder, &b, garbage.clone(), 1.5);
-    println!("FLOOD bad mac1 alone: {r}; B: {d:?}; device threads {us:.2} CPU-us per datagram");
+    println!(
+        "FLOOD bad mac1 alone: {r}; B: {}; device threads {us:.2} CPU-us per datagram",
+        show(&d)
+    );
     assert!(r.sent > 0);
     assert_eq!(d.cookies_sent, 0, "no cookie for a bad mac1: {d:?}");
     assert_eq!(d.drops_unknown_peer, 0, "no DH for a bad mac1: {d:?}");
@@ -272,7 +284,10 @@ fn handshake_flood_leaves_real_peers_working() {
 
     // (b) Valid mac1 alone: beyond the limit, cookies instead of DH.
     let (r, d, us) = flood_alone(&flooder, &b, valid.clone(), 1.5);
-    println!("FLOOD valid mac1 alone: {r}; B: {d:?}; device threads {us:.2} CPU-us per datagram");
+    println!(
+        "FLOOD valid mac1 alone: {r}; B: {}; device threads {us:.2} CPU-us per datagram",
+        show(&d)
+    );
     assert!(d.cookies_sent > 0, "no cookie replies under load: {d:?}");
     let dh_budget = LIMIT_PER_SEC * (r.secs + DH_SLACK_SECS);
     assert!(
@@ -280,6 +295,33 @@ fn handshake_flood_leaves_real_peers_working() {
         "{} initiations reached the Diffie-Hellman in {:.1} s (budget {dh_budget:.0}): {d:?}",
         d.drops_unknown_peer,
         r.secs
+    );
+
+    // (b') Valid mac2 too, from an attacker that receives at its address
+    // and so gets a cookie: boringtun's limiter lets everything with a valid
+    // mac2 through to the DH, whatever the rate.
+    let f = Flooder::start(flooder.netns(), b.endpoint(), valid.clone(), FLOOD_RATE).unwrap();
+    let with_cookie = flood::initiations_with_cookie(
+        flooder.netns(),
+        b.endpoint(),
+        &b.keys.public_key(),
+        COOKIE_SET,
+        Duration::from_secs(10),
+    );
+    f.stop().unwrap();
+    let (r, d, us) = flood_alone(&flooder, &b, with_cookie.unwrap(), 1.5);
+    println!(
+        "FLOOD valid mac1 and mac2 (one source with its cookie) alone: {r}; B: {}; device threads {us:.2} CPU-us per datagram",
+        show(&d)
+    );
+    assert!(d.drops_handshake_budget > 0, "{}", show(&d));
+    let dh_budget = SOURCE_PER_SEC * r.secs + SOURCE_BURST + 10.0;
+    assert!(
+        (d.drops_unknown_peer as f64) <= dh_budget,
+        "one source with a cookie got {} DH in {:.1} s (budget {dh_budget:.0}): {}",
+        d.drops_unknown_peer,
+        r.secs,
+        show(&d)
     );
 
     // (d) Traffic during the mixed flood, against before.
@@ -317,8 +359,9 @@ fn handshake_flood_leaves_real_peers_working() {
     let r = f.stop().unwrap();
     let d = delta(&s0, &b.dev.device_stats());
     println!(
-        "FLOOD mixed: {r}; B during it: {d:?}; new handshake A -> B completed after {took:.2?} \
-         (cookie reply, then A's retry with mac2 after REKEY_TIMEOUT)"
+        "FLOOD mixed: {r}; B during it: {}; new handshake A -> B completed after {took:.2?} \
+         (cookie reply, then A's retry with mac2 after REKEY_TIMEOUT)",
+        show(&d)
     );
     hs.unwrap();
     assert!(ping_ok(&a, &b), "traffic over the new session");
