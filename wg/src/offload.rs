@@ -459,10 +459,7 @@ pub(crate) mod tests {
         }
         // All ones over more than 64 KiB: the accumulator does not overflow.
         let acc = u64::MAX - 3;
-        assert_eq!(
-            u64::from(fold(csum_add(acc, &ones)) % 0xffff),
-            acc % 0xffff
-        );
+        assert_eq!(u64::from(fold(csum_add(acc, &ones)) % 0xffff), acc % 0xffff);
     }
 
     /// An IPv4/TCP packet with correct checksums; 12 bytes of options
