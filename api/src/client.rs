@@ -11,8 +11,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::{
-    AddEndpoint, ApiError, Deleted, Endpoint, GcRequest, GcResult, PolicyCheck, PolicyDoc,
-    PolicyVerdict, PutPolicy, ServiceInfo, ServiceSpec, Status,
+    AddEndpoint, ApiError, Deleted, Endpoint, GcRequest, GcResult, KeyRotation, PolicyCheck,
+    PolicyDoc, PolicyVerdict, PutPolicy, ServiceInfo, ServiceSpec, Status,
 };
 
 /// Largest answer the client accepts (an endpoint list of a full /16 block
@@ -153,6 +153,12 @@ impl Client {
 
     pub fn gc(&self, req: &GcRequest) -> Result<GcResult, ClientError> {
         self.call("POST", "/v1/gc", Some(req))
+    }
+
+    /// Rotates the host's WireGuard key (returns when the switch is done:
+    /// after the settle delay, a few seconds).
+    pub fn rotate_key(&self) -> Result<KeyRotation, ClientError> {
+        self.call::<(), _>("POST", "/v1/wireguard/rotate-key", None)
     }
 
     /// The cluster's policy document and its revision.

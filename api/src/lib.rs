@@ -16,6 +16,7 @@
 //! | `GET /v1/services` | | `Vec<`[`ServiceInfo`]`>` |
 //! | `GET /v1/services/{name}` | | [`ServiceInfo`] or 404 |
 //! | `PUT /v1/services/{name}` | [`ServiceSpec`] | [`ServiceInfo`] (creates the record if needed; 400 if invalid, 409 `pool_exhausted` if `vip` mode finds the service range full) |
+//! | `POST /v1/wireguard/rotate-key` | | [`KeyRotation`] (400 on a VXLAN host: no key; 409 while a rotation is under way) |
 //!
 //! Errors are a 4xx/5xx status with an [`ApiError`] body. The types are plain
 //! data; the [`client`] is a small blocking client for the CNI plugin and the
@@ -161,6 +162,14 @@ pub struct GcRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GcResult {
     pub released: Vec<Endpoint>,
+}
+
+/// A completed WireGuard key rotation (`netd rotate-key`): the public keys
+/// in WireGuard's base64 form.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRotation {
+    pub old_public_key: String,
+    pub new_public_key: String,
 }
 
 /// What netd reports about itself.

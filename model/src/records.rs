@@ -169,6 +169,10 @@ pub struct HostRecord {
     /// WireGuard public key (base64 in JSON), for the wireguard backend.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wg_public_key: Option<WgKey>,
+    /// The WireGuard key this host will switch to (a key rotation under
+    /// way): peers accept a handshake from it in place of `wg_public_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wg_next_key: Option<WgKey>,
     pub wg_port: u16,
     /// The VXLAN device's MAC, `aa:bb:cc:dd:ee:ff`.
     pub vtep_mac: String,
@@ -233,6 +237,23 @@ mod tests {
         let rec: HostRecord = serde_json::from_str(&vxlan).unwrap();
         assert_eq!(rec.wg_public_key, None);
         assert_eq!(serde_json::to_string(&rec).unwrap(), vxlan);
+    }
+
+    #[test]
+    fn host_record_next_key_is_optional() {
+        // Old records have no next key, and a record without one writes none.
+        let mut rec: HostRecord = serde_json::from_str(OLD_HOST).unwrap();
+        assert_eq!(rec.wg_next_key, None);
+        // During a rotation the next key follows the key.
+        rec.wg_next_key = Some(WgKey::from_bytes([7; 32]));
+        let json = serde_json::to_string(&rec).unwrap();
+        let with_next = OLD_HOST.replace(
+            r#""wg_port""#,
+            r#""wg_next_key":"BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=","wg_port""#,
+        );
+        assert_eq!(json, with_next);
+        let back: HostRecord = serde_json::from_str(&with_next).unwrap();
+        assert_eq!(back, rec);
     }
 
     #[test]

@@ -59,6 +59,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/policy/check", axum::routing::post(check_policy))
         .route("/v1/services", get(list_services))
         .route("/v1/services/{name}", get(get_service).put(put_service))
+        .route("/v1/wireguard/rotate-key", axum::routing::post(rotate_key))
         .fallback(|| async { Failure(ApiError::new(ErrorKind::NotFound, "no such API route")) })
         .with_state(daemon)
 }
@@ -125,6 +126,10 @@ async fn put_service(
     bytes: Bytes,
 ) -> Answer<weft_api::ServiceInfo> {
     Ok(Json(d.put_service(&name, body(&bytes)?).await?))
+}
+
+async fn rotate_key(State(d): State<Arc<Daemon>>) -> Answer<weft_api::KeyRotation> {
+    Ok(Json(d.rotate_key().await?))
 }
 
 async fn gc(State(d): State<Arc<Daemon>>, bytes: Bytes) -> Answer<weft_api::GcResult> {

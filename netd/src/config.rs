@@ -46,6 +46,15 @@ pub struct MeshConfig {
     pub vni: u32,
 }
 
+/// The WireGuard key's rotation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RotationConfig {
+    /// Rotate automatically this often (`None`: only when asked).
+    pub interval: Option<Duration>,
+    /// Between announcing the next key and switching to it.
+    pub settle: Duration,
+}
+
 /// Service records and their VIPs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServicesConfig {
@@ -70,6 +79,7 @@ pub struct Config {
     pub dns: Option<DnsSettings>,
     pub ipam: IpamConfig,
     pub services: ServicesConfig,
+    pub rotation: RotationConfig,
     pub store: StoreConfig,
     /// The store key layout under the configured prefix (normalised).
     pub keys: weft_model::Keys,
@@ -162,6 +172,20 @@ impl Config {
             vxlan_port: s.mesh.vxlan_port,
             vni: s.mesh.vni,
         };
+        let interval = s.wireguard.rotate_interval_secs;
+        if interval != 0 && interval < settings::MIN_WG_ROTATE_INTERVAL_SECS {
+            return Err(invalid(
+                "rotate_interval_secs",
+                format!(
+                    "must be 0 (off) or at least {} seconds",
+                    settings::MIN_WG_ROTATE_INTERVAL_SECS
+                ),
+            ));
+        }
+        let rotation = RotationConfig {
+            interval: (interval != 0).then(|| Duration::from_secs(interval)),
+            settle: Duration::from_millis(s.wireguard.rotate_settle_ms),
+        };
         let dns = s.dns.enabled.then(|| DnsSettings {
             ttl: Duration::from_secs(s.dns.ttl_secs),
             resolv_conf: s.dns.resolv_conf,
@@ -201,6 +225,7 @@ impl Config {
             services: ServicesConfig {
                 grace: Duration::from_secs(s.services.grace_secs),
             },
+            rotation,
             store,
             keys,
             dns_addr: weft_model::DNS_ADDR,
@@ -292,6 +317,31 @@ mod tests {
         assert_eq!(c.ipam.cluster_range, lib.cluster_range);
         assert_eq!(c.domain, lib.domain);
         assert_eq!(c.keys, weft_model::Keys::default());
+    }
+
+    #[test]
+    fn key_rotation_settings() {
+        let c = resolve("", &[]).unwrap();
+        assert_eq!(
+            c.rotation.interval, None,
+            "no automatic rotation by default"
+        );
+        assert_eq!(c.rotation.settle, Duration::from_secs(3));
+        let c = resolve(
+            "[wireguard]\nrotate_interval_secs = 86400\nrotate_settle_ms = 500\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.rotation.interval, Some(Duration::from_secs(86400)));
+        assert_eq!(c.rotation.settle, Duration::from_millis(500));
+        let c = resolve(
+            "[wireguard]\nrotate_interval_secs = 86400\n",
+            &["--wg-rotate-interval-secs", "0"],
+        )
+        .unwrap();
+        assert_eq!(c.rotation.interval, None);
+        let e = resolve("[wireguard]\nrotate_interval_secs = 5\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("rotate_interval_secs"), "{e}");
     }
 
     #[test]

@@ -404,6 +404,7 @@ impl Daemon {
             block: self.block.block,
             backend: self.cfg.mesh.backend,
             wg_public_key: self.tunnel.wg_public_key(),
+            wg_next_key: self.tunnel.wg_next_key(),
             wg_port: self
                 .tunnel
                 .wg()
@@ -508,6 +509,60 @@ impl Daemon {
             *current = peers;
         }
         Ok(())
+    }
+
+    /// Rotates the WireGuard key without dropping traffic (`netd
+    /// rotate-key`, and every `wireguard.rotate_interval_secs`): announces
+    /// a new key in this host's record, waits `wireguard.rotate_settle_ms`
+    /// for the peers to read it, switches the data path to it and publishes
+    /// it as the key ([`crate::tunnel::Wireguard`]).
+    pub async fn rotate_key(&self) -> Result<weft_api::KeyRotation, ApiError> {
+        let Some(wg) = self.tunnel.wireguard() else {
+            return Err(ApiError::new(
+                weft_api::ErrorKind::InvalidRequest,
+                "this host uses the vxlan backend: there is no key to rotate",
+            ));
+        };
+        let Some(_one) = wg.try_begin_rotation() else {
+            return Err(ApiError::new(
+                weft_api::ErrorKind::Conflict,
+                "a key rotation is already under way",
+            ));
+        };
+        let internal = |e: anyhow::Error| {
+            tracing::error!(error = %format!("{e:#}"), "rotating the WireGuard key failed");
+            ApiError::new(weft_api::ErrorKind::Internal, format!("{e:#}"))
+        };
+        wg.announce().map_err(internal)?;
+        self.record.send_replace(Some(self.host_record()));
+        tokio::time::sleep(self.cfg.rotation.settle).await;
+        let (old, new) = wg.switch().map_err(internal)?;
+        self.record.send_replace(Some(self.host_record()));
+        tracing::info!(%old, %new, "WireGuard key rotated");
+        Ok(weft_api::KeyRotation {
+            old_public_key: old.to_string(),
+            new_public_key: new.to_string(),
+        })
+    }
+
+    /// Rotates the WireGuard key every `wireguard.rotate_interval_secs`
+    /// until `stop` fires (nothing when that is 0, or on VXLAN).
+    pub async fn run_key_rotation(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let (Some(every), Some(_)) = (self.cfg.rotation.interval, self.tunnel.wireguard()) else {
+            return;
+        };
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = tick.tick() => {
+                    if let Err(e) = self.rotate_key().await {
+                        tracing::warn!(error = %e.message, "automatic WireGuard key rotation failed; next try in one interval");
+                    }
+                }
+            }
+        }
     }
 
     /// The peers for the API and CLI.

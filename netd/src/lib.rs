@@ -63,6 +63,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let health = tokio::spawn(daemon.clone().run_health(stop_rx.clone()));
     let services = tokio::spawn(daemon.clone().run_services(stop_rx.clone()));
     let balancer = tokio::spawn(daemon.clone().run_balancer(stop_rx.clone()));
+    let rotation = tokio::spawn(daemon.clone().run_key_rotation(stop_rx.clone()));
     let mesh = tokio::spawn(daemon.clone().run_mesh(stop_rx));
     let server = axum::serve(listener, api::router(daemon.clone()))
         .with_graceful_shutdown(weft_sys::signal::shutdown_signal()?);
@@ -74,6 +75,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let _ = health.await;
     let _ = services.await;
     let _ = balancer.await;
+    let _ = rotation.await;
     if let Some(m) = metrics {
         let _ = m.await;
     }

@@ -71,6 +71,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Rotate this host's WireGuard key without dropping traffic: announce
+    /// a new key, let the peers read it, switch, drop the old one.
+    RotateKey {
+        #[arg(long, env = "WEFT_SOCKET", default_value = weft_api::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// The cluster's network policy: show, replace, edit, and ask what it
     /// decides for a flow.
     Policy {
@@ -276,6 +284,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &["CONTAINER", "IF", "ADDRESS", "NAME", "SERVICE", "PORTS"],
                 &rows,
             );
+            Ok(())
+        }
+        Command::RotateKey { socket, json } => {
+            let r = Client::new(socket).rotate_key()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "WireGuard key rotated: {} -> {}",
+                    r.old_public_key, r.new_public_key
+                );
+            }
             Ok(())
         }
         Command::Peers { socket, json } => {

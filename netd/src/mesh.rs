@@ -25,6 +25,9 @@ pub struct Peer {
     pub underlay: Ipv4Addr,
     pub block: Ipv4Network,
     pub wg_public_key: Option<[u8; 32]>,
+    /// The WireGuard key the host announced it will switch to (key
+    /// rotation, [`crate::tunnel::Wireguard::rotate`]).
+    pub wg_next_key: Option<[u8; 32]>,
     pub wg_port: u16,
     pub vtep_mac: Option<[u8; 6]>,
 }
@@ -57,6 +60,7 @@ pub fn desired_peers(
             underlay: h.underlay,
             block: h.block,
             wg_public_key: h.wg_public_key.map(|k| k.to_bytes()),
+            wg_next_key: h.wg_next_key.map(|k| k.to_bytes()),
             wg_port: h.wg_port,
             vtep_mac: parse_mac(&h.vtep_mac),
         });
@@ -248,6 +252,7 @@ mod tests {
             block: Ipv4Network::new(Ipv4Addr::new(10, 42, third, 0), 24).unwrap(),
             backend,
             wg_public_key: Some(weft_model::WgKey::from_bytes([third; 32])),
+            wg_next_key: None,
             wg_port: 51820,
             vtep_mac: format_mac(&vtep_mac(id)),
             vxlan_port: 4789,
@@ -280,6 +285,18 @@ mod tests {
         // Routes and VTEP entries from these peers: tunnel.rs's tests.
         assert_eq!(peers[0].underlay, Ipv4Addr::new(192, 168, 77, 11));
         assert_eq!(peers[0].vtep_mac, Some(vtep_mac("b")));
+    }
+
+    #[test]
+    fn a_wireguard_peer_carries_its_announced_next_key() {
+        let me = rec("a", 0, TunnelBackend::Wireguard);
+        let mut b = rec("b", 1, TunnelBackend::Wireguard);
+        b.wg_next_key = Some(weft_model::WgKey::from_bytes([9; 32]));
+        let hosts = BTreeMap::from([("a".into(), me.clone()), ("b".into(), b)]);
+        let (peers, skipped) = desired_peers(&me, &hosts);
+        assert!(skipped.is_empty());
+        assert_eq!(peers[0].wg_public_key, Some([1; 32]));
+        assert_eq!(peers[0].wg_next_key, Some([9; 32]));
     }
 
     #[test]

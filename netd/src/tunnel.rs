@@ -11,15 +11,21 @@
 //! it the overlay MTU ([`overlay_mtu`], on the one rule in
 //! [`weft_model::mtu`]). [`Tunnel::apply`] brings the device, its peers and
 //! the routes in line with the peers the membership ([`crate::mesh`]) found.
+//!
+//! WireGuard's key rotates in two steps the daemon publishes between
+//! ([`Wireguard::announce`], then [`Wireguard::switch`];
+//! `Daemon::rotate_key` runs them): peers learn the next key from the host
+//! record before this host switches to it, so no handshake is refused.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::Context;
 use weft_model::mtu::MtuError;
 use weft_model::WgKey;
-use weft_wg::{PeerStats, WgDevice};
+use weft_wg::{KeyPair, PeerStats, WgDevice};
 
 use crate::host::{HostNet, Link, PeerRoute, VtepPeer, VxlanSpec};
 use crate::mesh::{Peer, TunnelBackend};
@@ -96,8 +102,12 @@ pub enum Tunnel {
 #[derive(Debug)]
 pub struct Wireguard {
     device: WgDevice,
-    /// The public key (published in the host record).
-    public_key: WgKey,
+    /// Where the key files are.
+    state_dir: PathBuf,
+    /// The announced next key while a rotation is under way.
+    next: Mutex<Option<KeyPair>>,
+    /// One rotation at a time.
+    rotating: tokio::sync::Mutex<()>,
 }
 
 /// The VXLAN driver: the kernel device is made (and re-made when the
@@ -143,12 +153,23 @@ impl Tunnel {
         }
     }
 
-    /// The WireGuard public key (wireguard backend only).
-    pub fn wg_public_key(&self) -> Option<WgKey> {
+    /// The WireGuard driver (wireguard backend only).
+    pub fn wireguard(&self) -> Option<&Wireguard> {
         match self {
-            Tunnel::Wireguard(w) => Some(w.public_key),
+            Tunnel::Wireguard(w) => Some(w),
             Tunnel::Vxlan(_) => None,
         }
+    }
+
+    /// The WireGuard public key in use (wireguard backend only; published
+    /// in the host record).
+    pub fn wg_public_key(&self) -> Option<WgKey> {
+        self.wireguard().map(Wireguard::public_key)
+    }
+
+    /// The announced next WireGuard key, during a rotation.
+    pub fn wg_next_key(&self) -> Option<WgKey> {
+        self.wireguard().and_then(Wireguard::next_key)
     }
 
     /// The per-peer counters of the data path (empty for VXLAN: the kernel
@@ -198,11 +219,68 @@ impl Wireguard {
         .context("starting the WireGuard data path")?;
         let public_key = WgKey::from(keys.public_key());
         tracing::info!(device = WG_DEVICE, port = device.listen_port(), public_key = %public_key, "WireGuard up");
-        Ok(Wireguard { device, public_key })
+        Ok(Wireguard {
+            device,
+            state_dir: spec.state_dir.to_path_buf(),
+            next: Mutex::new(None),
+            rotating: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The public key in use.
+    pub fn public_key(&self) -> WgKey {
+        WgKey::from(self.device.public_key())
+    }
+
+    /// The announced next key, during a rotation.
+    pub fn next_key(&self) -> Option<WgKey> {
+        let next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        next.as_ref().map(|k| WgKey::from(k.public_key()))
+    }
+
+    /// Holds off another rotation while the guard lives; `None` while one
+    /// is under way.
+    pub fn try_begin_rotation(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        self.rotating.try_lock().ok()
+    }
+
+    /// A rotation's first step: makes a new key, keeps it on disk as the
+    /// next key (a restart completes the rotation with it,
+    /// [`weft_wg::load_or_create_key`]) and returns its public key, to be
+    /// published as [`Tunnel::wg_next_key`]. The key in use does not change.
+    pub fn announce(&self) -> anyhow::Result<WgKey> {
+        let key =
+            weft_wg::write_next_key(&self.state_dir).context("writing the next WireGuard key")?;
+        let public = WgKey::from(key.public_key());
+        *self.next.lock().unwrap_or_else(|p| p.into_inner()) = Some(key);
+        tracing::info!(current = %self.public_key(), next = %public, "announcing the next WireGuard key");
+        Ok(public)
+    }
+
+    /// A rotation's second step, once the peers have seen the announcement:
+    /// the data path switches to the next key (every peer's handshake is
+    /// redone at once) and the key file becomes the next key. Returns the
+    /// old and the new public key.
+    pub fn switch(&self) -> anyhow::Result<(WgKey, WgKey)> {
+        let Some(next) = self.next.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+            anyhow::bail!("no next WireGuard key was announced");
+        };
+        let old = WgKey::from(self.device.switch_key(&next));
+        let new = WgKey::from(next.public_key());
+        match weft_wg::promote_next_key(&self.state_dir) {
+            Ok(Some(k)) if k == next => {}
+            Ok(_) => tracing::warn!(
+                "the next WireGuard key file changed under netd; the data path uses the announced key"
+            ),
+            // The next key file stays: a restart promotes it.
+            Err(e) => tracing::warn!(error = %e, "replacing the WireGuard key file failed; a restart completes it"),
+        }
+        *self.next.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        Ok((old, new))
     }
 
     async fn apply(&self, net: &HostNet, gateway: Ipv4Addr, peers: &[Peer]) -> anyhow::Result<()> {
-        self.device.set_peers(wg_peers(peers));
+        self.device.set_peers_with_next_keys(wg_peers(peers));
         net.ensure_peer_routes(self.device.ifindex(), gateway, &peer_routes(false, peers))
             .await?;
         Ok(())
@@ -244,16 +322,17 @@ fn handshake_recent(stats: Option<&PeerStats>) -> bool {
 }
 
 /// The WireGuard peers: those with a key, reached at their underlay
-/// address, allowed their block.
-fn wg_peers(peers: &[Peer]) -> Vec<weft_wg::WgPeer> {
+/// address, allowed their block; with the next key each announced.
+fn wg_peers(peers: &[Peer]) -> Vec<(weft_wg::WgPeer, Option<[u8; 32]>)> {
     peers
         .iter()
         .filter_map(|p| {
-            Some(weft_wg::WgPeer {
+            let peer = weft_wg::WgPeer {
                 public_key: p.wg_public_key?,
                 endpoint: SocketAddr::from((p.underlay, p.wg_port)),
                 allowed: p.block,
-            })
+            };
+            Some((peer, p.wg_next_key))
         })
         .collect()
 }
@@ -309,6 +388,7 @@ mod tests {
             underlay: Ipv4Addr::new(192, 168, 77, 10 + third),
             block: Ipv4Network::new(Ipv4Addr::new(10, 42, third, 0), 24).unwrap(),
             wg_public_key: Some([third; 32]),
+            wg_next_key: (third == 2).then_some([9; 32]),
             wg_port: 51820,
             vtep_mac: mac,
         }
@@ -344,8 +424,9 @@ mod tests {
         assert_eq!(vteps[0].mac, [2, 0, 0, 0, 0, 1]);
         let wg = wg_peers(&peers);
         assert_eq!(wg.len(), 2);
-        assert_eq!(wg[1].endpoint, "192.168.77.12:51820".parse().unwrap());
-        assert_eq!(wg[1].allowed, peers[1].block);
+        assert_eq!(wg[1].0.endpoint, "192.168.77.12:51820".parse().unwrap());
+        assert_eq!(wg[1].0.allowed, peers[1].block);
+        assert_eq!((wg[0].1, wg[1].1), (None, Some([9; 32])));
     }
 
     #[test]
@@ -358,6 +439,7 @@ mod tests {
         assert!(t.peer_up(None));
         assert_eq!(t.device(), VXLAN_DEVICE);
         assert!(t.wg().is_none() && t.wg_public_key().is_none());
+        assert!(t.wireguard().is_none() && t.wg_next_key().is_none());
         assert!(t.peer_stats().is_empty());
     }
 
@@ -378,6 +460,7 @@ mod tests {
             drops_decrypt: 0,
             drops_oversize: 0,
             handshake_errors: 0,
+            key_switches: 0,
             drops_tun_write: 0,
         };
         assert!(!handshake_recent(None));

@@ -85,13 +85,12 @@ pub(crate) struct Shared {
     pub(crate) udp: Udp,
     pub(crate) mtu: usize,
     pub(crate) tx_slot: usize,
-    pub(crate) private_key: [u8; 32],
-    pub(crate) secret: x25519::StaticSecret,
-    pub(crate) public: x25519::PublicKey,
+    /// This device's key, its mac1 check and cookies (replaced by a key
+    /// rotation, [`super::rotate`]).
+    pub(crate) keys: super::rotate::KeyCell,
     pub(crate) keepalive: Option<u16>,
     /// Handshake initiations per source that may reach the DH.
     pub(crate) sources: super::source_budget::SourceBudget,
-    pub(crate) limiter: RateLimiter,
     pub(crate) table: Mutex<Arc<PeerTable>>,
     pub(crate) generation: AtomicU64,
     pub(crate) counters: DeviceCounters,
@@ -396,7 +395,8 @@ fn handle_datagram(sh: &Shared, table: &PeerTable, rx: &mut Rx, d: &[u8], from: 
         Packet::HandshakeInit(ref p) => {
             // mac1 and the device-wide rate limit first: no Diffie-Hellman
             // for unauthenticated floods.
-            match sh.limiter.verify_packet(Some(from_ip), d, &mut rx.cookie) {
+            let keys = sh.keys.current();
+            match keys.limiter.verify_packet(Some(from_ip), d, &mut rx.cookie) {
                 // A valid mac2 passes the limiter at any rate: a budget per
                 // source before the DH.
                 Ok(_) if !sh.sources.allow(*from.ip()) => {
@@ -414,8 +414,22 @@ fn handle_datagram(sh: &Shared, table: &PeerTable, rx: &mut Rx, d: &[u8], from: 
                     return;
                 }
             }
-            match parse_handshake_anon(&sh.secret, &sh.public, p) {
-                Ok(half) => table.by_key(&half.peer_static_public),
+            match parse_handshake_anon(&keys.secret, &keys.public, p) {
+                // A peer's announced next key (key rotation) is handled apart.
+                Ok(half) => match table.by_key(&half.peer_static_public) {
+                    Some(e)
+                        if super::rotate::next_key_init(
+                            sh,
+                            &e.peer,
+                            &half.peer_static_public,
+                            from,
+                            d,
+                        ) =>
+                    {
+                        return
+                    }
+                    e => e,
+                },
                 Err(_) => None,
             }
         }
@@ -478,7 +492,7 @@ fn handle_datagram(sh: &Shared, table: &PeerTable, rx: &mut Rx, d: &[u8], from: 
             } else {
                 add(&peer.rx.handshake_errors, 1);
                 if !matches!(e, WireGuardError::DuplicateCounter) {
-                    tracing::debug!(error = ?e, peer = %super::key::key_to_base64(&peer.public_key),
+                    tracing::debug!(error = ?e, peer = %super::key::key_to_base64(&st.key),
                         "handshake message rejected");
                 }
             }
@@ -502,9 +516,9 @@ fn handle_datagram(sh: &Shared, table: &PeerTable, rx: &mut Rx, d: &[u8], from: 
 /// Roaming: an authenticated message from a new address moves the peer's
 /// endpoint there.
 #[inline]
-fn roam(st: &mut super::peer::PeerState, from: SocketAddrV4, peer: &Peer) {
+fn roam(st: &mut super::peer::PeerState, from: SocketAddrV4, _peer: &Peer) {
     if st.endpoint != from {
-        tracing::info!(peer = %super::key::key_to_base64(&peer.public_key), old = %st.endpoint,
+        tracing::info!(peer = %super::key::key_to_base64(&st.key), old = %st.endpoint,
             new = %from, "peer endpoint changed");
         st.endpoint = from;
     }
@@ -515,7 +529,7 @@ pub(crate) fn timer_loop(sh: Arc<Shared>) {
     let mut view = View::new(&sh);
     while !sh.stopping() {
         std::thread::sleep(TICK);
-        sh.limiter.reset_count();
+        sh.keys.current().limiter.reset_count();
         view.refresh(&sh);
         for e in view.table.entries() {
             tick_peer(&sh, &e.peer, &mut buf);

@@ -1,4 +1,10 @@
-//! The host's WireGuard key pair and its file.
+//! The host's WireGuard key pair and its files: `wg.key`, and during a key
+//! rotation `wg.key.next` (the announced next key, [`write_next_key`]),
+//! which replaces `wg.key` when the rotation completes
+//! ([`promote_next_key`]). A next key found at start is an interrupted
+//! rotation: [`load_or_create_key`] completes it (the peers that switched
+//! already only accept the next key; the others follow the published
+//! record).
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read as _, Write as _};
@@ -13,6 +19,8 @@ use super::error::WgError;
 
 /// Name of the private key file inside the state directory.
 pub const KEY_FILE: &str = "wg.key";
+/// Name of the next key's file (a key rotation under way).
+pub const NEXT_KEY_FILE: &str = "wg.key.next";
 
 /// A Curve25519 key pair. `Debug` never shows the private key.
 #[derive(Clone, PartialEq, Eq)]
@@ -93,8 +101,14 @@ fn clamp(mut k: [u8; 32]) -> [u8; 32] {
 /// the key is written to a temporary file and linked into place, so a crash
 /// never leaves a half-written key and two racing daemons end up with the
 /// same key. A key file readable by others is tightened to 0600 with a
-/// warning.
+/// warning. A next key left by an interrupted rotation is promoted first
+/// ([`promote_next_key`]).
 pub fn load_or_create_key(state_dir: &Path) -> Result<KeyPair, WgError> {
+    if let Some(k) = promote_next_key(state_dir)? {
+        tracing::warn!(public_key = %k.public_base64(),
+            "completed an interrupted WireGuard key rotation: the next key is now the key");
+        return Ok(k);
+    }
     let path = state_dir.join(KEY_FILE);
     match load_key(&path) {
         Ok(k) => return Ok(k),
@@ -108,11 +122,27 @@ pub fn load_or_create_key(state_dir: &Path) -> Result<KeyPair, WgError> {
     };
     fs::create_dir_all(state_dir).map_err(|e| io_err("create the state directory", e))?;
     let key = KeyPair::generate()?;
-    let nonce = weft_sys::random::u64()?;
-    let tmp = state_dir.join(format!(
-        ".{KEY_FILE}.tmp-{}-{nonce:016x}",
-        std::process::id(),
-    ));
+    let tmp = write_temp(state_dir, KEY_FILE, &key).map_err(|e| io_err("write a new key", e))?;
+    // link(2) never replaces an existing file: whoever links first wins.
+    let linked = fs::hard_link(&tmp, &path);
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {
+            sync_dir(state_dir);
+            tracing::info!(path = %path.display(), public_key = %key.public_base64(),
+                "generated a new WireGuard key");
+            Ok(key)
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => load_key(&path),
+        Err(e) => Err(io_err("link the new key into place", e)),
+    }
+}
+
+/// Writes `key` to a new temporary file (mode 0600, synced) next to
+/// `name` in `dir`, and returns its path.
+fn write_temp(dir: &Path, name: &str, key: &KeyPair) -> io::Result<std::path::PathBuf> {
+    let nonce = weft_sys::random::u64().map_err(io::Error::other)?;
+    let tmp = dir.join(format!(".{name}.tmp-{}-{nonce:016x}", std::process::id()));
     let write = || -> io::Result<()> {
         let mut f = OpenOptions::new()
             .write(true)
@@ -123,25 +153,62 @@ pub fn load_or_create_key(state_dir: &Path) -> Result<KeyPair, WgError> {
         f.write_all(b"\n")?;
         f.sync_all()
     };
-    if let Err(e) = write() {
-        let _ = fs::remove_file(&tmp);
-        return Err(io_err("write a new key", e));
-    }
-    // link(2) never replaces an existing file: whoever links first wins.
-    let linked = fs::hard_link(&tmp, &path);
-    let _ = fs::remove_file(&tmp);
-    match linked {
-        Ok(()) => {
-            if let Ok(dir) = fs::File::open(state_dir) {
-                let _ = dir.sync_all();
-            }
-            tracing::info!(path = %path.display(), public_key = %key.public_base64(),
-                "generated a new WireGuard key");
-            Ok(key)
+    match write() {
+        Ok(()) => Ok(tmp),
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            Err(e)
         }
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => load_key(&path),
-        Err(e) => Err(io_err("link the new key into place", e)),
     }
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Makes a new random key and keeps it as the next key
+/// (`<state_dir>/wg.key.next`, mode 0600, written atomically: a temporary
+/// file renamed into place, replacing an earlier next key). The first phase
+/// of a key rotation; the key in use does not change.
+pub fn write_next_key(state_dir: &Path) -> Result<KeyPair, WgError> {
+    let path = state_dir.join(NEXT_KEY_FILE);
+    let io_err = |what: &str, source: io::Error| WgError::KeyIo {
+        path: path.clone(),
+        what: what.to_string(),
+        source,
+    };
+    let key = KeyPair::generate()?;
+    let tmp =
+        write_temp(state_dir, NEXT_KEY_FILE, &key).map_err(|e| io_err("write a next key", e))?;
+    if let Err(e) = fs::rename(&tmp, &path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(io_err("rename the next key into place", e));
+    }
+    sync_dir(state_dir);
+    Ok(key)
+}
+
+/// Completes a key rotation on disk: the next key (`wg.key.next`), if there
+/// is one, replaces the key (`wg.key`) in one rename and is returned.
+/// `None` when there is no next key.
+pub fn promote_next_key(state_dir: &Path) -> Result<Option<KeyPair>, WgError> {
+    let next = state_dir.join(NEXT_KEY_FILE);
+    let key = match load_key(&next) {
+        Ok(k) => k,
+        Err(WgError::KeyIo { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
+    };
+    fs::rename(&next, state_dir.join(KEY_FILE)).map_err(|source| WgError::KeyIo {
+        path: next.clone(),
+        what: format!("rename to {KEY_FILE}"),
+        source,
+    })?;
+    sync_dir(state_dir);
+    Ok(Some(key))
 }
 
 fn load_key(path: &Path) -> Result<KeyPair, WgError> {
@@ -234,6 +301,60 @@ mod tests {
         assert_eq!(fs::read_to_string(&path).unwrap(), "not a key\n");
         fs::write(&path, &key_to_base64(&[1u8; 32])[..20]).unwrap();
         assert!(load_or_create_key(dir.path()).is_err());
+    }
+
+    #[test]
+    fn next_key_is_kept_apart_then_promoted() {
+        let dir = tempfile::tempdir().unwrap();
+        let k1 = load_or_create_key(dir.path()).unwrap();
+        assert_eq!(promote_next_key(dir.path()).unwrap(), None);
+        let k2 = write_next_key(dir.path()).unwrap();
+        assert_ne!(k1, k2);
+        let next = dir.path().join(NEXT_KEY_FILE);
+        assert_eq!(
+            fs::metadata(&next).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        // The key in use is still K1 until the rotation completes.
+        let text = fs::read_to_string(dir.path().join(KEY_FILE)).unwrap();
+        assert_eq!(key_from_base64(&text).unwrap(), k1.private_key());
+        // A second announcement replaces the first.
+        let k3 = write_next_key(dir.path()).unwrap();
+        assert_ne!(k2, k3);
+        assert_eq!(promote_next_key(dir.path()).unwrap(), Some(k3.clone()));
+        assert!(!next.exists());
+        assert_eq!(load_or_create_key(dir.path()).unwrap(), k3);
+        let mut names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, vec![std::ffi::OsString::from(KEY_FILE)]);
+    }
+
+    #[test]
+    fn an_interrupted_rotation_completes_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        load_or_create_key(dir.path()).unwrap();
+        let k2 = write_next_key(dir.path()).unwrap();
+        // netd stopped between announce and switch (or before the rename).
+        assert_eq!(load_or_create_key(dir.path()).unwrap(), k2);
+        assert!(!dir.path().join(NEXT_KEY_FILE).exists());
+        assert_eq!(load_or_create_key(dir.path()).unwrap(), k2);
+        // A next key without a key (state dir copied half) is taken too.
+        let dir = tempfile::tempdir().unwrap();
+        let k = write_next_key(dir.path()).unwrap();
+        assert_eq!(load_or_create_key(dir.path()).unwrap(), k);
+        // A damaged next key is an error, and nothing is replaced.
+        let dir = tempfile::tempdir().unwrap();
+        let k1 = load_or_create_key(dir.path()).unwrap();
+        fs::write(dir.path().join(NEXT_KEY_FILE), "garbage\n").unwrap();
+        assert!(matches!(
+            load_or_create_key(dir.path()),
+            Err(WgError::KeyFormat { .. })
+        ));
+        let text = fs::read_to_string(dir.path().join(KEY_FILE)).unwrap();
+        assert_eq!(key_from_base64(&text).unwrap(), k1.private_key());
     }
 
     #[test]

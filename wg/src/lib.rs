@@ -10,6 +10,10 @@
 //! One mutex per peer; no allocation per packet. Details in `datapath.rs`
 //! and `offload.rs`.
 //!
+//! Key rotation without dropping traffic ([`WgDevice::switch_key`], peers'
+//! announced next keys in [`WgDevice::set_peers_with_next_keys`]) is
+//! described in `rotate.rs`.
+//!
 //! ```no_run
 //! use weft_wg::{load_or_create_key, WgConfig, WgDevice, WgPeer};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -38,6 +42,7 @@ mod error;
 mod key;
 mod offload;
 mod peer;
+mod rotate;
 mod source_budget;
 mod table;
 mod tun;
@@ -49,11 +54,13 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use boringtun::x25519;
 use ipnetwork::Ipv4Network;
 
 pub use error::WgError;
-pub use key::{key_from_base64, key_to_base64, load_or_create_key, KeyPair, KEY_FILE};
+pub use key::{
+    key_from_base64, key_to_base64, load_or_create_key, promote_next_key, write_next_key, KeyPair,
+    KEY_FILE, NEXT_KEY_FILE,
+};
 pub use tun::destroy;
 
 use datapath::{DeviceCounters, Shared, DATA_OVERHEAD};
@@ -129,6 +136,8 @@ pub struct PeerStats {
     pub drops_oversize: u64,
     /// Handshake messages rejected (bad MAC, stale timestamp, ...).
     pub handshake_errors: u64,
+    /// Switches to the peer's announced next key (key rotations).
+    pub key_switches: u64,
     /// Writes to the TUN that failed.
     pub drops_tun_write: u64,
 }
@@ -167,7 +176,6 @@ pub struct WgDevice {
     threads: Vec<JoinHandle<()>>,
     ifname: String,
     ifindex: u32,
-    public_key: [u8; 32],
     control: Mutex<()>,
     stopped: AtomicBool,
 }
@@ -178,7 +186,7 @@ impl std::fmt::Debug for WgDevice {
             .field("ifname", &self.ifname)
             .field("ifindex", &self.ifindex)
             .field("listen_port", &self.shared.udp.port())
-            .field("public_key", &key_to_base64(&self.public_key))
+            .field("public_key", &key_to_base64(&self.public_key()))
             .finish()
     }
 }
@@ -200,7 +208,7 @@ impl WgDevice {
         let dev = WgDevice::launch(tun, ifindex, mtu, &cfg)?;
         tracing::info!(
             ifname = %cfg.ifname, ifindex, mtu, port = dev.listen_port(),
-            public_key = %key_to_base64(&dev.public_key), created, "WireGuard device started"
+            public_key = %key_to_base64(&dev.public_key()), created, "WireGuard device started"
         );
         Ok(dev)
     }
@@ -209,8 +217,6 @@ impl WgDevice {
     fn launch(tun: tun::Tun, ifindex: u32, mtu: u32, cfg: &WgConfig) -> Result<WgDevice, WgError> {
         let keys = KeyPair::from_private(cfg.private_key);
         let udp = udp::Udp::bind(cfg.listen_port)?;
-        let secret = x25519::StaticSecret::from(keys.private_key());
-        let public = x25519::PublicKey::from(&secret);
         let base = weft_sys::random::u32()?;
         let tx_slot = (mtu as usize + DATA_OVERHEAD).div_ceil(64) * 64;
         let shared = Arc::new(Shared {
@@ -219,10 +225,7 @@ impl WgDevice {
             udp,
             mtu: mtu as usize,
             tx_slot: tx_slot.max(256),
-            private_key: keys.private_key(),
-            limiter: datapath::new_limiter(&public),
-            secret,
-            public,
+            keys: rotate::KeyCell::new(rotate::DeviceKeys::new(keys.private_key())),
             keepalive: cfg.keepalive,
             sources: Default::default(),
             table: Mutex::new(Arc::new(PeerTable::new(base))),
@@ -234,7 +237,6 @@ impl WgDevice {
             threads: Vec::new(),
             ifname: cfg.ifname.clone(),
             ifindex,
-            public_key: keys.public_key(),
             control: Mutex::new(()),
             stopped: AtomicBool::new(false),
         };
@@ -265,12 +267,22 @@ impl WgDevice {
     /// allowed network overlapping another peer's) are left out with a
     /// warning.
     pub fn set_peers(&self, peers: Vec<WgPeer>) {
+        self.set_peers_with_next_keys(peers.into_iter().map(|p| (p, None)).collect());
+    }
+
+    /// [`WgDevice::set_peers`], with the next key each peer announced (key
+    /// rotation): a handshake initiation that proves the next key moves the
+    /// peer over to it, keeping its slot and counters. A peer found by its
+    /// next key, or whose key changed while no handshake moved it over,
+    /// stays too (its noise state is made anew for the new key).
+    pub fn set_peers_with_next_keys(&self, peers: Vec<(WgPeer, Option<[u8; 32]>)>) {
         let _g = self.control.lock().unwrap_or_else(|e| e.into_inner());
         let mut want = Vec::with_capacity(peers.len());
-        for p in peers {
+        for (p, next_key) in peers {
             match p.endpoint {
                 SocketAddr::V4(endpoint) => want.push(Want {
                     public_key: p.public_key,
+                    next_key: next_key.filter(|k| *k != p.public_key),
                     endpoint,
                     allowed: p.allowed,
                 }),
@@ -281,32 +293,58 @@ impl WgDevice {
             }
         }
         let sh = &self.shared;
+        let keys = sh.keys.current();
         let old = sh.table();
-        let (next, changes) = old.reconcile(&want, &self.public_key, |w, index| {
-            Arc::new(Peer::new(
-                &sh.private_key,
-                w.public_key,
-                w.endpoint,
-                sh.keepalive,
-                index,
-            ))
+        let (next, changes) = old.reconcile(&want, &keys.public_key(), |w, index| {
+            let p = Peer::new(&keys.private, w.public_key, w.endpoint, sh.keepalive, index);
+            p.lock().next_key = w.next_key;
+            Arc::new(p)
         });
         for (peer, endpoint) in &changes.moved {
-            peer.lock().endpoint = *endpoint;
-            tracing::info!(peer = %key_to_base64(&peer.public_key), %endpoint, "peer endpoint set");
+            let mut st = peer.lock();
+            st.endpoint = *endpoint;
+            tracing::info!(peer = %key_to_base64(&st.key), %endpoint, "peer endpoint set");
+        }
+        for (peer, key) in &changes.rekeyed {
+            let mut st = peer.lock();
+            tracing::info!(old = %key_to_base64(&st.key), new = %key_to_base64(key),
+                "peer key changed without a handshake moving it over; new session");
+            st.tunn = peer.tunn_for(&keys.private, *key);
+            st.key = *key;
+        }
+        for (peer, next_key) in &changes.next_keys {
+            let mut st = peer.lock();
+            if let Some(k) = next_key {
+                tracing::info!(peer = %key_to_base64(&st.key), next = %key_to_base64(k),
+                    "peer announced its next key");
+            }
+            st.next_key = *next_key;
         }
         sh.publish(next);
         for (key, why) in &changes.rejected {
             tracing::warn!(peer = %key_to_base64(key), "peer left out: {why}");
         }
         for p in &changes.removed {
-            tracing::info!(peer = %key_to_base64(&p.public_key), "peer removed");
+            tracing::info!(peer = %key_to_base64(&p.public_key()), "peer removed");
         }
         for p in &changes.added {
-            tracing::info!(peer = %key_to_base64(&p.public_key), endpoint = %p.endpoint(),
+            tracing::info!(peer = %key_to_base64(&p.public_key()), endpoint = %p.endpoint(),
                 index = p.index, "peer added");
             datapath::initiate(sh, p);
         }
+        for (p, _) in &changes.rekeyed {
+            datapath::initiate(sh, p);
+        }
+    }
+
+    /// Switches this device to the key pair `new` (the second phase of a
+    /// key rotation, after the peers have seen it announced): every peer's
+    /// sessions are renegotiated at once under the new key, packets to a
+    /// peer wait in its queue until then, and from now on nothing sent to
+    /// the old key is answered. Returns the old public key.
+    pub fn switch_key(&self, new: &KeyPair) -> [u8; 32] {
+        let _g = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        rotate::switch(&self.shared, new.private_key())
     }
 
     /// The TUN device's name.
@@ -329,9 +367,9 @@ impl WgDevice {
         self.shared.mtu as u32
     }
 
-    /// This host's public key.
+    /// This host's public key (the new one after [`WgDevice::switch_key`]).
     pub fn public_key(&self) -> [u8; 32] {
-        self.public_key
+        self.shared.keys.current().public_key()
     }
 
     /// Counters per peer.
@@ -340,12 +378,12 @@ impl WgDevice {
         t.entries()
             .map(|e| {
                 let p = &e.peer;
-                let (endpoint, last_handshake) = {
+                let (endpoint, last_handshake, public_key) = {
                     let st = p.lock();
-                    (st.endpoint, st.tunn.time_since_last_handshake())
+                    (st.endpoint, st.tunn.time_since_last_handshake(), st.key)
                 };
                 PeerStats {
-                    public_key: p.public_key,
+                    public_key,
                     endpoint: SocketAddr::V4(endpoint),
                     allowed: e.allowed,
                     index: p.index,
@@ -359,6 +397,7 @@ impl WgDevice {
                     drops_oversize: p.rx.drops_oversize.load(Relaxed)
                         + p.tx.drops_oversize.load(Relaxed),
                     handshake_errors: p.rx.handshake_errors.load(Relaxed),
+                    key_switches: p.rx.key_switches.load(Relaxed),
                     drops_tun_write: p.rx.drops_tun_write.load(Relaxed),
                 }
             })

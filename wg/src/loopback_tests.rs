@@ -34,11 +34,11 @@ fn socketpair() -> (OwnedFd, OwnedFd) {
 }
 
 /// The "kernel" side of a fake TUN.
-struct Wire(OwnedFd);
+pub(crate) struct Wire(OwnedFd);
 
 impl Wire {
     /// Hands the device a plain packet (empty virtio-net header).
-    fn send(&self, pkt: &[u8]) {
+    pub(crate) fn send(&self, pkt: &[u8]) {
         self.send_with(&offload::VnetHdr::default(), pkt);
     }
 
@@ -53,7 +53,7 @@ impl Wire {
 
     /// The next packet the device wrote, without its virtio-net header
     /// (which must be empty: no offload).
-    fn recv(&self, timeout: Duration) -> Option<Vec<u8>> {
+    pub(crate) fn recv(&self, timeout: Duration) -> Option<Vec<u8>> {
         let (h, p) = self.recv_frame(timeout)?;
         assert_eq!(h, offload::VnetHdr::default());
         Some(p)
@@ -85,7 +85,7 @@ impl Wire {
     }
 }
 
-fn ipv4(src: [u8; 4], dst: [u8; 4], total: usize, fill: u8) -> Vec<u8> {
+pub(crate) fn ipv4(src: [u8; 4], dst: [u8; 4], total: usize, fill: u8) -> Vec<u8> {
     let mut p = vec![fill; total];
     p[0] = 0x45;
     p[1] = 0;
@@ -108,7 +108,7 @@ fn ipv4(src: [u8; 4], dst: [u8; 4], total: usize, fill: u8) -> Vec<u8> {
     p
 }
 
-fn device(mtu: u32, keys: &KeyPair) -> (WgDevice, Wire) {
+pub(crate) fn device(mtu: u32, keys: &KeyPair) -> (WgDevice, Wire) {
     let (dev_end, test_end) = socketpair();
     let tun = tun::Tun::from_fd(dev_end, "fake");
     let cfg = WgConfig {
@@ -122,11 +122,11 @@ fn device(mtu: u32, keys: &KeyPair) -> (WgDevice, Wire) {
     (dev, Wire(test_end))
 }
 
-fn local(port: u16) -> SocketAddr {
+pub(crate) fn local(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, port))
 }
 
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+pub(crate) fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while !f() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
@@ -134,7 +134,7 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn only(stats: Vec<PeerStats>) -> PeerStats {
+pub(crate) fn only(stats: Vec<PeerStats>) -> PeerStats {
     assert_eq!(stats.len(), 1, "{stats:?}");
     stats.into_iter().next().unwrap()
 }

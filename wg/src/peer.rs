@@ -1,4 +1,8 @@
 //! One peer: its noise state (behind one lock) and its counters (atomics).
+//!
+//! A peer is one slot of the table, not one key: during a key rotation
+//! ([`super::rotate`]) its static key changes under the lock while the slot,
+//! the index and the counters stay.
 
 use std::net::{IpAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -8,11 +12,17 @@ use boringtun::noise::Tunn;
 use boringtun::x25519;
 use ipnetwork::Ipv4Network;
 
-/// What the noise state needs a lock for: the session itself and the
-/// endpoint to send to (which roams with authenticated packets).
+/// What the noise state needs a lock for: the session itself, the
+/// endpoint to send to (which roams with authenticated packets) and the
+/// peer's static keys (which change with a key rotation).
 pub(crate) struct PeerState {
     pub(crate) tunn: Tunn,
     pub(crate) endpoint: SocketAddrV4,
+    /// The peer's static public key `tunn` is made for.
+    pub(crate) key: [u8; 32],
+    /// The key the peer announced it will switch to: a handshake initiation
+    /// authenticated by it replaces `tunn` ([`super::rotate`]).
+    pub(crate) next_key: Option<[u8; 32]>,
 }
 
 /// Counters the transmit side writes (own cache line, no false sharing with
@@ -36,13 +46,15 @@ pub(crate) struct RxCounters {
     pub(crate) drops_oversize: AtomicU64,
     pub(crate) drops_tun_write: AtomicU64,
     pub(crate) handshake_errors: AtomicU64,
+    /// Switches to the peer's announced next key ([`super::rotate`]).
+    pub(crate) key_switches: AtomicU64,
 }
 
 pub(crate) struct Peer {
-    pub(crate) public_key: [u8; 32],
     /// The 24-bit index given to boringtun: every session index of this peer
     /// is `index << 8 | n`.
     pub(crate) index: u32,
+    pub(crate) keepalive: Option<u16>,
     state: Mutex<PeerState>,
     pub(crate) tx: TxCounters,
     pub(crate) rx: RxCounters,
@@ -56,21 +68,29 @@ impl Peer {
         keepalive: Option<u16>,
         index: u32,
     ) -> Peer {
-        let tunn = Tunn::new(
-            x25519::StaticSecret::from(*private_key),
-            x25519::PublicKey::from(public_key),
-            None,
-            keepalive,
-            index,
-            None,
-        );
         Peer {
-            public_key,
             index,
-            state: Mutex::new(PeerState { tunn, endpoint }),
+            keepalive,
+            state: Mutex::new(PeerState {
+                tunn: new_tunn(private_key, public_key, keepalive, index),
+                endpoint,
+                key: public_key,
+                next_key: None,
+            }),
             tx: TxCounters::default(),
             rx: RxCounters::default(),
         }
+    }
+
+    /// A fresh noise state for this peer's slot, with the peer's static key
+    /// `key`.
+    pub(crate) fn tunn_for(&self, private_key: &[u8; 32], key: [u8; 32]) -> Tunn {
+        new_tunn(private_key, key, self.keepalive, self.index)
+    }
+
+    /// The peer's current static public key.
+    pub(crate) fn public_key(&self) -> [u8; 32] {
+        self.lock().key
     }
 
     /// Locks the noise state. A poisoned lock (a panic elsewhere while held)
@@ -82,6 +102,18 @@ impl Peer {
     pub(crate) fn endpoint(&self) -> SocketAddrV4 {
         self.lock().endpoint
     }
+}
+
+/// A noise state with no session yet.
+fn new_tunn(private_key: &[u8; 32], key: [u8; 32], keepalive: Option<u16>, index: u32) -> Tunn {
+    Tunn::new(
+        x25519::StaticSecret::from(*private_key),
+        x25519::PublicKey::from(key),
+        None,
+        keepalive,
+        index,
+        None,
+    )
 }
 
 /// What to do with a packet decrypted from a peer.

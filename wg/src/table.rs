@@ -62,6 +62,10 @@ pub(crate) struct Entry {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Want {
     pub(crate) public_key: [u8; 32],
+    /// The key the peer announced it will switch to (key rotation): found by
+    /// [`PeerTable::by_key`] too, so its handshake initiation reaches the
+    /// peer's slot.
+    pub(crate) next_key: Option<[u8; 32]>,
     pub(crate) endpoint: SocketAddrV4,
     pub(crate) allowed: Ipv4Network,
 }
@@ -70,6 +74,7 @@ pub(crate) struct Want {
 pub(crate) struct PeerTable {
     slots: Vec<Option<Entry>>,
     routes: Routes,
+    /// Current and announced next keys, both to the peer's slot.
     by_key: HashMap<[u8; 32], u32>,
     index_base: u32,
 }
@@ -81,6 +86,13 @@ pub(crate) struct Changes {
     pub(crate) removed: Vec<Arc<Peer>>,
     /// Peers that were kept, with their endpoint changed by configuration.
     pub(crate) moved: Vec<(Arc<Peer>, SocketAddrV4)>,
+    /// Peers kept whose announced next key is to be set (new, changed or
+    /// gone; also after a switch to it, when it is no longer next).
+    pub(crate) next_keys: Vec<(Arc<Peer>, Option<[u8; 32]>)>,
+    /// Peers kept (same slot, index and counters) whose key changed without
+    /// a switch during a rotation: their noise state must be made anew for
+    /// this key.
+    pub(crate) rekeyed: Vec<(Arc<Peer>, [u8; 32])>,
     /// Peers left out, with why.
     pub(crate) rejected: Vec<([u8; 32], String)>,
 }
@@ -114,7 +126,9 @@ impl PeerTable {
         (e.peer.index == index).then_some(e)
     }
 
-    /// The peer with static public key `key`.
+    /// The peer with static public key `key`: its current key or the next
+    /// key it announced (the caller tells them apart,
+    /// [`super::rotate::next_key_init`]).
     pub(crate) fn by_key(&self, key: &[u8; 32]) -> Option<&Entry> {
         let slot = *self.by_key.get(key)?;
         self.slots.get(slot as usize)?.as_ref()
@@ -126,13 +140,16 @@ impl PeerTable {
 
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.by_key.len()
+        self.entries().count()
     }
 
     /// A new table with exactly the peers in `want` (first one wins on a
-    /// duplicate key or overlapping network). Peers already here are kept
-    /// (same `Arc`, same sessions) with their endpoint updated; new ones are
-    /// made by `make(want, index)`.
+    /// duplicate key or overlapping network). Peers already here, found by
+    /// their key or by the next key they announced, are kept (same `Arc`,
+    /// same sessions) with their endpoint updated; new ones are made by
+    /// `make(want, index)`. A kept peer whose current key is neither the
+    /// wanted key nor its next key (the peer rotated while no handshake
+    /// switched us over) is listed in [`Changes::rekeyed`].
     pub(crate) fn reconcile(
         &self,
         want: &[Want],
@@ -143,6 +160,9 @@ impl PeerTable {
         let mut next = PeerTable::new(self.index_base);
         // Keep the slots of staying peers so their indices do not change.
         let mut new_peers: Vec<&Want> = Vec::new();
+        // Announced next keys, mapped after every current key (a current key
+        // wins over an alias).
+        let mut aliases: Vec<([u8; 32], u32)> = Vec::new();
         next.slots = (0..self.slots.len()).map(|_| None).collect();
         for w in want {
             if &w.public_key == own_key {
@@ -157,24 +177,46 @@ impl PeerTable {
                     .push((w.public_key, "the same public key is listed twice".into()));
                 continue;
             }
-            match self.by_key.get(&w.public_key) {
-                Some(&slot) => {
-                    let Some(old) = self.slots[slot as usize].as_ref() else {
-                        continue;
-                    };
+            let found = self
+                .by_key
+                .get(&w.public_key)
+                .or_else(|| w.next_key.and_then(|k| self.by_key.get(&k)))
+                .copied()
+                .filter(|&slot| next.slots[slot as usize].is_none());
+            let old = found.and_then(|slot| Some((slot, self.slots[slot as usize].as_ref()?)));
+            match old {
+                Some((slot, old)) => {
                     if let Err(other) = next.routes.insert(w.allowed, slot) {
                         changes
                             .rejected
                             .push((w.public_key, overlap_reason(&next, other, w)));
                         continue;
                     }
+                    let peer = &old.peer;
+                    let (key, next_key, endpoint) = {
+                        let st = peer.lock();
+                        (st.key, st.next_key, st.endpoint)
+                    };
+                    let wanted_next = if key == w.public_key {
+                        w.next_key
+                    } else if Some(key) == w.next_key {
+                        // Switched already; the store has not caught up.
+                        None
+                    } else {
+                        changes.rekeyed.push((Arc::clone(peer), w.public_key));
+                        w.next_key
+                    };
+                    if wanted_next != next_key {
+                        changes.next_keys.push((Arc::clone(peer), wanted_next));
+                    }
                     next.slots[slot as usize] = Some(Entry {
-                        peer: Arc::clone(&old.peer),
+                        peer: Arc::clone(peer),
                         allowed: w.allowed,
                     });
                     next.by_key.insert(w.public_key, slot);
-                    if old.peer.endpoint() != w.endpoint {
-                        changes.moved.push((Arc::clone(&old.peer), w.endpoint));
+                    aliases.extend(w.next_key.map(|k| (k, slot)));
+                    if endpoint != w.endpoint {
+                        changes.moved.push((Arc::clone(peer), w.endpoint));
                     }
                 }
                 None => {
@@ -207,12 +249,24 @@ impl PeerTable {
                 allowed: w.allowed,
             });
             next.by_key.insert(w.public_key, slot);
+            aliases.extend(w.next_key.map(|k| (k, slot)));
+        }
+        for (k, slot) in aliases {
+            if &k != own_key {
+                next.by_key.entry(k).or_insert(slot);
+            }
         }
         while matches!(next.slots.last(), Some(None)) {
             next.slots.pop();
         }
-        for e in self.entries() {
-            if !next.by_key.contains_key(&e.peer.public_key) {
+        for (slot, e) in self.slots.iter().enumerate() {
+            let Some(e) = e else { continue };
+            let kept = next
+                .slots
+                .get(slot)
+                .and_then(Option::as_ref)
+                .is_some_and(|n| Arc::ptr_eq(&n.peer, &e.peer));
+            if !kept {
                 changes.removed.push(Arc::clone(&e.peer));
             }
         }
@@ -227,7 +281,7 @@ fn overlap_reason(t: &PeerTable, other_slot: u32, w: &Want) -> String {
         .and_then(Option::as_ref)
         .map(|e| {
             (
-                super::key::key_to_base64(&e.peer.public_key),
+                super::key::key_to_base64(&e.peer.public_key()),
                 e.allowed.to_string(),
             )
         })
@@ -296,6 +350,7 @@ mod tests {
     fn want(n: u8, allowed: &str) -> Want {
         Want {
             public_key: key(n),
+            next_key: None,
             endpoint: SocketAddrV4::new(Ipv4Addr::new(192, 168, 77, n), 51820),
             allowed: net(allowed),
         }
@@ -322,7 +377,7 @@ mod tests {
         assert!(c.removed.is_empty() && c.rejected.is_empty());
         assert_eq!(t1.len(), 3);
         let p2 = Arc::clone(&t1.by_dst(ip("10.42.2.200")).unwrap().peer);
-        assert_eq!(p2.public_key, key(2));
+        assert_eq!(p2.public_key(), key(2));
         // Distinct indices, each found again by receiver index.
         let mut indices: Vec<u32> = t1.entries().map(|e| e.peer.index).collect();
         indices.sort();
@@ -333,7 +388,7 @@ mod tests {
             let found = t1.by_receiver_idx(e.peer.index << 8 | 0x5a).unwrap();
             assert!(Arc::ptr_eq(&found.peer, &e.peer));
             assert!(Arc::ptr_eq(
-                &t1.by_key(&e.peer.public_key).unwrap().peer,
+                &t1.by_key(&e.peer.public_key()).unwrap().peer,
                 &e.peer
             ));
         }
@@ -349,9 +404,9 @@ mod tests {
             make(own),
         );
         assert_eq!(c.added.len(), 1);
-        assert_eq!(c.added[0].public_key, key(4));
+        assert_eq!(c.added[0].public_key(), key(4));
         assert_eq!(c.removed.len(), 1);
-        assert_eq!(c.removed[0].public_key, key(1));
+        assert_eq!(c.removed[0].public_key(), key(1));
         assert_eq!(c.moved.len(), 1);
         assert_eq!(c.moved[0].1, "192.168.78.2:4000".parse().unwrap());
         let e2 = t2.by_dst(ip("10.42.21.1")).unwrap();
@@ -400,8 +455,118 @@ mod tests {
         assert!(c.rejected.iter().any(|(_, why)| why.contains("overlaps")));
         assert!(t1.by_dst(ip("10.42.5.1")).is_none());
         assert_eq!(
-            t1.by_dst(ip("10.42.1.200")).unwrap().peer.public_key,
+            t1.by_dst(ip("10.42.1.200")).unwrap().peer.public_key(),
             key(1)
         );
+    }
+
+    fn current_key(p: &Peer) -> ([u8; 32], Option<[u8; 32]>) {
+        let st = p.lock();
+        (st.key, st.next_key)
+    }
+
+    /// What `WgDevice::set_peers_with_next_keys` does with the changes.
+    fn apply(c: &Changes, private: &[u8; 32]) {
+        for (p, k) in &c.rekeyed {
+            let mut st = p.lock();
+            st.tunn = p.tunn_for(private, *k);
+            st.key = *k;
+        }
+        for (p, k) in &c.next_keys {
+            p.lock().next_key = *k;
+        }
+    }
+
+    #[test]
+    fn an_announced_next_key_is_an_alias_of_the_slot() {
+        let own = [7u8; 32];
+        let mut a = want(1, "10.42.1.0/24");
+        let (t1, c) =
+            PeerTable::new(5).reconcile(&[a.clone(), want(2, "10.42.2.0/24")], &key(9), make(own));
+        apply(&c, &own);
+        let p1 = Arc::clone(&t1.by_dst(ip("10.42.1.1")).unwrap().peer);
+        assert!(t1.by_key(&key(11)).is_none());
+
+        // Announce: K11 maps to the same slot; the peer is kept as it is.
+        a.next_key = Some(key(11));
+        let (t2, c) = t1.reconcile(&[a.clone(), want(2, "10.42.2.0/24")], &key(9), make(own));
+        apply(&c, &own);
+        assert!(c.added.is_empty() && c.removed.is_empty() && c.rekeyed.is_empty());
+        assert!(Arc::ptr_eq(&t2.by_key(&key(11)).unwrap().peer, &p1));
+        assert!(Arc::ptr_eq(&t2.by_key(&key(1)).unwrap().peer, &p1));
+        assert_eq!(current_key(&p1), (key(1), Some(key(11))));
+        assert_eq!(t2.len(), 2);
+
+        // A handshake switched the peer over (what rotate::next_key_init
+        // does); the store still says K1 with next K11: nothing changes.
+        {
+            let mut st = p1.lock();
+            st.key = key(11);
+            st.next_key = None;
+        }
+        let (t3, c) = t2.reconcile(&[a.clone()], &key(9), make(own));
+        apply(&c, &own);
+        assert!(c.rekeyed.is_empty() && c.added.is_empty() && c.next_keys.is_empty());
+        assert_eq!(current_key(&p1), (key(11), None));
+        assert!(Arc::ptr_eq(&t3.by_dst(ip("10.42.1.1")).unwrap().peer, &p1));
+
+        // The store catches up: K11 with no next key. Same slot, index and
+        // counters; the old key is forgotten.
+        let mut b = want(11, "10.42.1.0/24");
+        b.endpoint = a.endpoint;
+        let (t4, c) = t3.reconcile(&[b.clone()], &key(9), make(own));
+        apply(&c, &own);
+        assert!(c.rekeyed.is_empty() && c.added.is_empty() && c.removed.is_empty());
+        assert!(c.moved.is_empty());
+        let e = t4.by_key(&key(11)).unwrap();
+        assert!(Arc::ptr_eq(&e.peer, &p1));
+        assert!(t4.by_key(&key(1)).is_none(), "the old key is dropped");
+        assert!(Arc::ptr_eq(
+            &t4.by_receiver_idx(p1.index << 8 | 1).unwrap().peer,
+            &p1
+        ));
+        assert_eq!(t4.len(), 1);
+    }
+
+    #[test]
+    fn a_key_changed_without_a_switch_keeps_the_slot_with_a_new_session() {
+        let own = [7u8; 32];
+        let mut a = want(1, "10.42.1.0/24");
+        a.next_key = Some(key(11));
+        let (t1, c) = PeerTable::new(0).reconcile(&[a], &key(9), make(own));
+        let p1 = Arc::clone(&c.added[0]);
+        p1.lock().next_key = Some(key(11));
+        // No handshake came (it was lost); the peer now publishes K11.
+        let (t2, c) = t1.reconcile(&[want(11, "10.42.1.0/24")], &key(9), make(own));
+        assert!(c.added.is_empty() && c.removed.is_empty());
+        assert_eq!(c.rekeyed.len(), 1);
+        assert!(Arc::ptr_eq(&c.rekeyed[0].0, &p1));
+        assert_eq!(c.rekeyed[0].1, key(11));
+        assert_eq!(c.next_keys.len(), 1, "the next key is gone");
+        apply(&c, &own);
+        assert_eq!(current_key(&p1), (key(11), None));
+        assert!(Arc::ptr_eq(&t2.by_key(&key(11)).unwrap().peer, &p1));
+        assert!(t2.by_key(&key(1)).is_none());
+
+        // A key nobody announced is a different peer: old one out, new in.
+        let (t3, c) = t2.reconcile(&[want(12, "10.42.1.0/24")], &key(9), make(own));
+        assert_eq!((c.added.len(), c.removed.len()), (1, 1));
+        assert!(c.rekeyed.is_empty());
+        assert!(!Arc::ptr_eq(&t3.by_dst(ip("10.42.1.1")).unwrap().peer, &p1));
+    }
+
+    #[test]
+    fn a_current_key_wins_over_an_alias() {
+        let own = [7u8; 32];
+        // Peer 1 announces a next key that is peer 2's key, or ours.
+        let mut a = want(1, "10.42.1.0/24");
+        a.next_key = Some(key(2));
+        let (t, c) =
+            PeerTable::new(0).reconcile(&[a.clone(), want(2, "10.42.2.0/24")], &key(9), make(own));
+        assert!(c.rejected.is_empty());
+        assert_eq!(t.by_key(&key(2)).unwrap().peer.public_key(), key(2));
+        a.next_key = Some(key(9));
+        let (t, _) = PeerTable::new(0).reconcile(&[a], &key(9), make(own));
+        assert!(t.by_key(&key(9)).is_none());
     }
 }

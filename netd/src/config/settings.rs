@@ -37,6 +37,12 @@ pub const DEFAULT_WG_PORT: u16 = 51820;
 /// VXLAN's IANA port.
 pub const DEFAULT_VXLAN_PORT: u16 = 4789;
 pub const DEFAULT_VNI: u32 = 42;
+/// No automatic key rotation.
+pub const DEFAULT_WG_ROTATE_INTERVAL_SECS: u64 = 0;
+/// Between announcing a next WireGuard key and switching to it.
+pub const DEFAULT_WG_ROTATE_SETTLE_MS: u64 = 3000;
+/// The shortest automatic rotation interval netd accepts.
+pub const MIN_WG_ROTATE_INTERVAL_SECS: u64 = 60;
 /// The embedded store's backend when the file names none.
 pub const DEFAULT_STORE_BACKEND: &str = "sqlite";
 /// The embedded store's file in the state dir.
@@ -89,6 +95,8 @@ pub struct Settings {
     pub ipam: IpamSection,
     #[command(flatten)]
     pub services: ServicesSection,
+    #[command(flatten)]
+    pub wireguard: WireguardSection,
     #[command(flatten)]
     pub store: StoreSection,
     /// `[cni]`: what `install-cni` puts on the host (its flags are on
@@ -198,6 +206,25 @@ pub struct ServicesSection {
     pub grace_secs: u64,
 }
 
+/// `[wireguard]`: the WireGuard key's rotation (`netd rotate-key`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, clap::Args)]
+#[cfg_attr(test, derive(serde::Serialize))]
+#[serde(default, deny_unknown_fields)]
+#[group(id = "wireguard")]
+#[command(next_help_heading = "WireGuard ([wireguard] in the file)")]
+pub struct WireguardSection {
+    /// Rotate the WireGuard key every this many seconds (0: only on
+    /// `netd rotate-key`).
+    #[arg(long = "wg-rotate-interval-secs", env = "WEFT_WG_ROTATE_INTERVAL_SECS",
+          default_value_t = DEFAULT_WG_ROTATE_INTERVAL_SECS)]
+    pub rotate_interval_secs: u64,
+    /// Milliseconds between announcing the next key and switching to it
+    /// (every peer must have read the announcement by then).
+    #[arg(long = "wg-rotate-settle-ms", env = "WEFT_WG_ROTATE_SETTLE_MS",
+          default_value_t = DEFAULT_WG_ROTATE_SETTLE_MS)]
+    pub rotate_settle_ms: u64,
+}
+
 /// `[store]`: where the cluster's state lives. The file names it in parts
 /// (`backend`, `path`, `endpoints`); the command line and the environment
 /// in one value, `--store` / `WEFT_STORE`, which wins.
@@ -242,6 +269,7 @@ builtin_default!(
     DnsSection,
     IpamSection,
     ServicesSection,
+    WireguardSection,
     StoreSection
 );
 
