@@ -2,7 +2,8 @@
 //! connection-tracking entries that must not outlive a change.
 //! * [`Conntrack::flush`]: every entry an address takes part in, in either
 //!   direction (a deleted container: the next one to get its address must
-//!   not inherit its UDP or NAT flows);
+//!   not inherit its UDP or NAT flows); [`Conntrack::flush_all`] for the
+//!   addresses of a batch of deletes, with one listing;
 //! * [`Conntrack::cut`]: the entries of (source, destination) pairs that
 //!   lost reach (a policy change).
 //!
@@ -182,14 +183,28 @@ impl Conntrack {
     /// listing, then one delete per selector that still has entries (none
     /// when the listing shows no entry of `addr`).
     pub fn flush(&self, addr: Ipv4Addr) -> Result<usize, CommandError> {
-        let entries = self.list()?;
-        let a = addr.to_string();
-        let mut total = 0;
-        for selector in selectors_for(&entries, addr) {
-            total += self.delete(&[selector, a.as_str()])?;
+        self.flush_all(&[addr])
+    }
+
+    /// [`Conntrack::flush`] for every address of `addrs` (the containers of
+    /// a batch of deletes) with one listing: one process when no entry
+    /// involves any of them.
+    pub fn flush_all(&self, addrs: &[Ipv4Addr]) -> Result<usize, CommandError> {
+        if addrs.is_empty() {
+            return Ok(0);
         }
-        if total > 0 {
-            tracing::debug!(%addr, deleted = total, "conntrack entries deleted");
+        let entries = self.list()?;
+        let mut total = 0;
+        for &addr in addrs {
+            let a = addr.to_string();
+            let mut deleted = 0;
+            for selector in selectors_for(&entries, addr) {
+                deleted += self.delete(&[selector, a.as_str()])?;
+            }
+            if deleted > 0 {
+                tracing::debug!(%addr, deleted, "conntrack entries deleted");
+            }
+            total += deleted;
         }
         Ok(total)
     }
@@ -237,6 +252,11 @@ impl Conntrack {
 /// in network namespace `netns`, or the host's with `None`.
 pub fn flush(netns: Option<&str>, addr: Ipv4Addr) -> Result<usize, CommandError> {
     Conntrack::new(Runner::new(netns)).flush(addr)
+}
+
+/// [`flush`] for several addresses with one listing ([`Conntrack::flush_all`]).
+pub fn flush_all(netns: Option<&str>, addrs: &[Ipv4Addr]) -> Result<usize, CommandError> {
+    Conntrack::new(Runner::new(netns)).flush_all(addrs)
 }
 
 #[cfg(test)]

@@ -51,6 +51,8 @@ pub struct Daemon {
     health: StoreHealth,
     /// Serialises endpoint changes and the NAT reconcile that follows each.
     pub(crate) lock: tokio::sync::Mutex<()>,
+    /// This host's endpoints in memory and the queue of changes to them.
+    pub(crate) endpoints: crate::endpoints::Local,
     /// The underlay interface and address; re-detected while running, so a
     /// host whose address changes (roaming) updates its record in place.
     underlay: std::sync::Mutex<(Link, Ipv4Addr)>,
@@ -181,6 +183,7 @@ impl Daemon {
             nat: Arc::new(nat),
             health,
             lock: tokio::sync::Mutex::new(()),
+            endpoints: crate::endpoints::Local::default(),
             underlay: std::sync::Mutex::new((underlay_link, underlay)),
             record: tokio::sync::watch::Sender::new(None),
             mesh: tokio::sync::Mutex::new(BTreeMap::new()),
@@ -259,7 +262,7 @@ impl Daemon {
         let _guard = self.lock.lock().await;
         self.reconcile_host().await?;
         let endpoints = self
-            .endpoint_records()
+            .reload_endpoints()
             .await
             .context("reading this host's endpoints")?;
         self.apply_nat(&endpoints).await?;

@@ -2,9 +2,13 @@
 //!
 //! Endpoints are recorded in the store as [`EndpointRecord`]s under
 //! `<prefix>endpoints/<host id>/<container id>/<ifname>` (dnsd watches that
-//! prefix on every host); their addresses come from IPAM. Every change of
-//! this host's endpoints runs under the daemon's lock and ends with a NAT
-//! reconcile, so the published ports in iptables always match the records.
+//! prefix on every host); their addresses come from IPAM. Adds and deletes
+//! are applied in batches, a group commit (`local.rs`: what arrives while a
+//! batch is applied goes into the next one; `apply.rs`: one batch), each
+//! under the daemon's lock and ending with one NAT reconcile, so the
+//! published ports in iptables always match the records. This host's
+//! records are kept in memory ([`Local`]); the store stays the truth across
+//! restarts and resyncs.
 //!
 //! Anti-spoofing ([`crate::nft::spoof`]) has no window: an add answers the
 //! plugin only after this host's records, the new one included, are
@@ -14,25 +18,33 @@
 //! has removed the veth already, so a failure there is only logged; the
 //! resync retries).
 //!
-//! The decisions are pure functions here: [`validate_add`] parses a request
+//! The decisions are pure functions: which requests a batch takes and what
+//! each does ([`batch`]), and here: [`validate_add`] parses a request
 //! into model types (the names' rules are weft-model's), [`check_port_conflicts`]
 //! applies the one port-conflict rule ([`PortMapping::conflicts_with`], which
 //! the NAT rules use too, so a conflict is a 400 here and never a failed
 //! iptables apply later), and [`store_error`] / [`ipam_error`] map failures
 //! to API error kinds.
 
+mod apply;
+pub mod batch;
+mod local;
+
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use weft_api::{
     AddEndpoint, ApiError, Attachment, Deleted, Endpoint, ErrorKind, GcRequest, GcResult,
 };
 use weft_ipam::{IpamError, Owner};
 use weft_model::{
-    find_port_conflict, ContainerId, DnsConfig, DnsName, EndpointRecord, HostId, IfName, NameError,
+    find_port_conflict, ContainerId, DnsConfig, DnsName, EndpointRecord, IfName, NameError,
     PortMapping,
 };
 use weft_store::StoreError;
-use weft_sys::time::now_ms;
+
+use batch::Change;
+pub use local::{Answer, Local};
 
 use crate::daemon::Daemon;
 
@@ -175,11 +187,16 @@ fn enforce_error(e: &anyhow::Error) -> ApiError {
     )
 }
 
-async fn flush_conntrack(addr: std::net::Ipv4Addr) {
-    match tokio::task::spawn_blocking(move || crate::conntrack::flush(None, addr)).await {
+/// Deletes the conntrack entries of `addrs` (released addresses) with one
+/// listing.
+async fn flush_conntrack(addrs: Vec<std::net::Ipv4Addr>) {
+    let n = addrs.len();
+    match tokio::task::spawn_blocking(move || crate::conntrack::flush_all(None, &addrs)).await {
         Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::warn!(%addr, error = %e, "flushing conntrack entries failed"),
-        Err(e) => tracing::warn!(%addr, error = %e, "conntrack task failed"),
+        Ok(Err(e)) => {
+            tracing::warn!(addresses = n, error = %e, "flushing conntrack entries failed")
+        }
+        Err(e) => tracing::warn!(addresses = n, error = %e, "conntrack task failed"),
     }
 }
 
@@ -248,157 +265,74 @@ impl Daemon {
     }
 
     /// Allocates an address and records the endpoint. A retried add for the
-    /// same container and interface gets the same endpoint back.
-    pub async fn add_endpoint(&self, req: AddEndpoint) -> Result<Endpoint, ApiError> {
+    /// same container and interface gets the same endpoint back. Applied in
+    /// a batch with the adds and deletes that come at the same time
+    /// (`local.rs`); answered once the endpoint's port is enforced.
+    pub async fn add_endpoint(self: &Arc<Self>, req: AddEndpoint) -> Result<Endpoint, ApiError> {
         let service_mode = req.service_mode;
-        let req = validate_add(&req)?;
-        let host_id = HostId::new(self.host_id())
-            .map_err(|e| ApiError::new(ErrorKind::Internal, format!("this host's id: {e}")))?;
-        let _guard = self.lock.lock().await;
-        let existing = self.endpoint_records().await?;
-        if let Some(ep) = existing
-            .iter()
-            .find(|e| e.container_id == req.container_id && e.ifname == req.ifname)
-        {
-            // A retried add: its port must be enforced before the plugin
-            // makes the veth, as for a new one (nothing runs when the
-            // kernel has it already).
-            self.enforce_local(existing.clone())
-                .await
-                .map_err(|e| enforce_error(&e))?;
-            return Ok(Endpoint::from(ep.clone()));
-        }
-        check_port_conflicts(&req.port_mappings, &existing)?;
-        let owner = Owner::new(req.container_id.as_str(), req.ifname.as_str());
-        let alloc = self
-            .ipam
-            .allocate(self.block(), &owner)
-            .await
-            .map_err(ipam_error)?;
-        let cfg = self.config();
-        let dns = dns_config(
-            cfg.dns_addr,
-            &cfg.domain,
-            req.stack.as_deref(),
-            req.service.as_deref(),
-        );
-        let bridge = IfName::new(cfg.bridge.as_str()).map_err(|e| {
-            ApiError::new(ErrorKind::Internal, format!("the configured bridge: {e}"))
-        })?;
-        let record = EndpointRecord {
-            container_id: req.container_id,
-            ifname: req.ifname,
-            netns: req.netns,
-            host_id,
-            address: alloc.cidr(),
-            gateway: alloc.gateway,
-            mtu: self.mtu(),
-            bridge,
-            name: req.name,
-            service: req.service,
-            stack: req.stack,
-            aliases: req.aliases,
-            port_mappings: req.port_mappings,
-            dns,
-            created_at_ms: now_ms(),
-        };
-        let key = self.endpoint_key(&record.container_id, &record.ifname);
-        let value = serde_json::to_vec(&record)
-            .map_err(|e| ApiError::new(ErrorKind::Internal, format!("encoding endpoint: {e}")))?;
-        let written = self.note_store(self.store().put(&key, &value, None).await);
-        if let Err(e) = written {
-            // Nothing half-made: give the address back (best effort; GC
-            // catches it if the store is gone entirely).
-            let _ = self.ipam.release(self.block(), &owner).await;
-            return Err(store_error(e));
-        }
-        let mut all = existing;
-        all.push(record.clone());
-        if !record.port_mappings.is_empty() {
-            if let Err(e) = self.apply_nat(&all).await {
-                tracing::error!(error = %e, container = %record.container_id, "publishing ports failed; undoing the endpoint");
-                let _ = self.store().delete(&key).await;
-                let _ = self.ipam.release(self.block(), &owner).await;
-                all.pop();
-                let _ = self.apply_nat(&all).await;
+        let new = validate_add(&req)?;
+        let record = match self.submit(Change::Add(new)).await? {
+            Answer::Added(record) => *record,
+            Answer::Deleted(_) => {
                 return Err(ApiError::new(
                     ErrorKind::Internal,
-                    format!("publishing ports failed: {e:#}"),
-                ));
+                    "the endpoint batch answered an add as a delete",
+                ))
             }
-        }
-        if let Err(e) = self.enforce_local(all.clone()).await {
-            tracing::error!(error = %format!("{e:#}"), container = %record.container_id, "enforcing anti-spoofing failed; undoing the endpoint");
-            let _ = self.store().delete(&key).await;
-            let _ = self.ipam.release(self.block(), &owner).await;
-            all.pop();
-            if !record.port_mappings.is_empty() {
-                let _ = self.apply_nat(&all).await;
-            }
-            return Err(enforce_error(&e));
-        }
-        tracing::info!(
-            container = %record.container_id, ifname = %record.ifname, address = %record.address,
-            name = record.name.as_deref().unwrap_or(""), service = record.service.as_deref().unwrap_or(""),
-            stack = record.stack.as_deref().unwrap_or(""), ports = record.port_mappings.len(),
-            "endpoint added"
-        );
+        };
         // The first container of a service creates its record and VIP
         // (known services: a map lookup); never fails the add.
-        drop(_guard);
         self.services().ensure_for(&record, service_mode).await;
         Ok(Endpoint::from(record))
     }
 
     /// Removes the endpoint: record, published ports, conntrack entries and
-    /// address. Deleting an unknown endpoint succeeds.
+    /// address. Deleting an unknown endpoint succeeds. Applied in a batch
+    /// with the adds and deletes that come at the same time (`local.rs`).
     pub async fn delete_endpoint(
-        &self,
+        self: &Arc<Self>,
         container_id: &str,
         ifname: &str,
     ) -> Result<Deleted, ApiError> {
         let container_id = ContainerId::new(container_id).map_err(name_error("container_id"))?;
         let ifname = IfName::new(ifname).map_err(name_error("ifname"))?;
-        let _guard = self.lock.lock().await;
-        let existing = self.endpoint_records().await?;
-        let (gone, rest): (Vec<_>, Vec<_>) = existing
-            .into_iter()
-            .partition(|e| e.container_id == container_id && e.ifname == ifname);
-        self.remove_endpoints(&gone, &rest).await?;
-        // Release even without a record: an add may have died between
-        // allocating and recording.
-        let released = self
-            .ipam
-            .release(
-                self.block(),
-                &Owner::new(container_id.as_str(), ifname.as_str()),
-            )
-            .await
-            .map_err(ipam_error)?
-            .or_else(|| gone.first().map(|e| e.address.ip()));
-        if let Some(addr) = released {
-            // In the background: the answer does not wait for conntrack (a
-            // few external commands). The address is not handed out again
-            // soon (IPAM moves on), so nothing can inherit the old flows.
-            tokio::spawn(flush_conntrack(addr));
-            tracing::info!(container = %container_id, %ifname, %addr, "endpoint deleted");
+        match self.submit(Change::Del((container_id, ifname))).await? {
+            Answer::Deleted(released) => Ok(Deleted { released }),
+            Answer::Added(_) => Err(ApiError::new(
+                ErrorKind::Internal,
+                "the endpoint batch answered a delete as an add",
+            )),
         }
-        Ok(Deleted { released })
     }
 
-    /// Deletes the records of `gone` and re-publishes the ports of `rest`.
-    async fn remove_endpoints(
-        &self,
-        gone: &[EndpointRecord],
-        rest: &[EndpointRecord],
-    ) -> Result<(), ApiError> {
-        for ep in gone {
+    /// CNI GC: frees every endpoint and address of this host whose
+    /// attachment is not in `valid`.
+    pub async fn gc(&self, req: GcRequest) -> Result<GcResult, ApiError> {
+        let valid: HashSet<Attachment> = req.valid.into_iter().collect();
+        let _guard = self.lock.lock().await;
+        let mut set = self.endpoint_set().await?;
+        let gone: Vec<EndpointRecord> = set
+            .values()
+            .filter(|e| {
+                !valid.contains(&Attachment {
+                    container_id: e.container_id.to_string(),
+                    ifname: e.ifname.to_string(),
+                })
+            })
+            .cloned()
+            .collect();
+        for ep in &gone {
             let key = self.endpoint_key(&ep.container_id, &ep.ifname);
-            self.note_store(self.store().delete(&key).await)
-                .map_err(store_error)?;
+            if let Err(e) = self.note_store(self.store().delete(&key).await) {
+                self.keep_endpoints(set, false);
+                return Err(store_error(e));
+            }
+            set.remove(&(ep.container_id.clone(), ep.ifname.clone()));
         }
+        self.keep_endpoints(set.clone(), true);
+        let rest: Vec<EndpointRecord> = set.into_values().collect();
         if gone.iter().any(|e| !e.port_mappings.is_empty()) {
-            self.apply_nat(rest).await.map_err(|e| {
+            self.apply_nat(&rest).await.map_err(|e| {
                 ApiError::new(
                     ErrorKind::Internal,
                     format!("updating published ports failed: {e:#}"),
@@ -407,26 +341,10 @@ impl Daemon {
         }
         if !gone.is_empty() {
             // The ports of `gone` leave the anti-spoofing table.
-            if let Err(e) = self.enforce_local(rest.to_vec()).await {
+            if let Err(e) = self.enforce_local(rest).await {
                 tracing::warn!(error = %format!("{e:#}"), "removing deleted endpoints from weft's nf_tables rules failed; the resync retries");
             }
         }
-        Ok(())
-    }
-
-    /// CNI GC: frees every endpoint and address of this host whose
-    /// attachment is not in `valid`.
-    pub async fn gc(&self, req: GcRequest) -> Result<GcResult, ApiError> {
-        let valid: HashSet<Attachment> = req.valid.into_iter().collect();
-        let _guard = self.lock.lock().await;
-        let existing = self.endpoint_records().await?;
-        let (gone, rest): (Vec<_>, Vec<_>) = existing.into_iter().partition(|e| {
-            !valid.contains(&Attachment {
-                container_id: e.container_id.to_string(),
-                ifname: e.ifname.to_string(),
-            })
-        });
-        self.remove_endpoints(&gone, &rest).await?;
         let live: HashSet<Owner> = valid
             .iter()
             .map(|a| Owner::new(&a.container_id, &a.ifname))
@@ -436,8 +354,9 @@ impl Daemon {
             .gc(self.block(), &live)
             .await
             .map_err(ipam_error)?;
-        for a in &freed {
-            tokio::spawn(flush_conntrack(a.addr));
+        if !freed.is_empty() {
+            self.endpoints
+                .flush_conntrack(freed.iter().map(|a| a.addr).collect());
         }
         tracing::info!(
             endpoints = gone.len(),
