@@ -251,6 +251,13 @@ pub(crate) fn tx_loop(sh: Arc<Shared>) {
         // packet may need up to 45 slots more).
         while batch.n < TX_BATCH / 2 {
             let len = match sh.tun.read(&mut rbuf) {
+                // A TUN never reads 0 bytes; a closed file (a test's fake
+                // TUN) does, forever: back off as on an error.
+                Ok(0) => {
+                    add(&c.drops_tun_read, 1);
+                    std::thread::sleep(Duration::from_millis(10));
+                    break;
+                }
                 Ok(len) => len,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     idle = true;
@@ -391,6 +398,9 @@ fn handle_datagram(sh: &Shared, table: &PeerTable, rx: &mut Rx, d: &[u8], from: 
         return;
     };
     let is_data = matches!(packet, Packet::PacketData(_));
+    // A cookie reply proves nothing about who sent it: anyone who saw our
+    // initiation can make one. It must never move the peer's endpoint.
+    let is_cookie = matches!(packet, Packet::PacketCookieReply(_));
     let entry: Option<&Entry> = match packet {
         Packet::HandshakeInit(ref p) => {
             // mac1 and the device-wide rate limit first: no Diffie-Hellman
@@ -485,7 +495,7 @@ fn handle_datagram(sh: &Shared, table: &PeerTable, rx: &mut Rx, d: &[u8], from: 
                 tracing::debug!(error = %e, "sending a handshake message failed");
             }
         }
-        TunnResult::Done => authenticated = true,
+        TunnResult::Done => authenticated = !is_cookie,
         TunnResult::Err(e) => {
             if is_data {
                 add(&peer.rx.drops_decrypt, 1);

@@ -373,3 +373,45 @@ fn tso_in_gro_out() {
     a.stop();
     b.stop();
 }
+
+#[test]
+fn a_cookie_reply_from_elsewhere_does_not_move_the_peer() {
+    use boringtun::noise::rate_limiter::RateLimiter;
+    use boringtun::noise::TunnResult;
+    use std::net::UdpSocket;
+    let (ka, kb) = (KeyPair::generate().unwrap(), KeyPair::generate().unwrap());
+    let (a, _wa) = device(1440, &ka);
+    // B is only a socket: it receives A's initiation and never answers it.
+    let b = UdpSocket::bind(local(0)).unwrap();
+    b.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let b_addr = b.local_addr().unwrap();
+    a.set_peers(vec![WgPeer {
+        public_key: kb.public_key(),
+        endpoint: b_addr,
+        allowed: B_NET.parse().unwrap(),
+    }]);
+    let mut init = [0u8; 256];
+    let (n, _) = b.recv_from(&mut init).unwrap();
+    assert_eq!(init[0], 1, "a handshake initiation");
+    // Anyone who saw the initiation can answer it with a valid cookie reply
+    // (a limiter at limit 0 is always "under load").
+    let limiter = RateLimiter::new(&boringtun::x25519::PublicKey::from(kb.public_key()), 0);
+    let mut out = [0u8; 128];
+    let from_elsewhere = UdpSocket::bind(local(0)).unwrap();
+    let src = from_elsewhere.local_addr().unwrap();
+    let cookie = match limiter.verify_packet(Some(src.ip()), &init[..n], &mut out) {
+        Err(TunnResult::WriteToNetwork(c)) => c.to_vec(),
+        _ => panic!("expected a cookie reply"),
+    };
+    from_elsewhere
+        .send_to(&cookie, local(a.listen_port()))
+        .unwrap();
+    // A takes the cookie (the datagram reached the peer's session) ...
+    wait_for("A to process the cookie reply", || {
+        a.device_stats().rx_datagrams >= 1
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    // ... but the peer stays where it was configured.
+    assert_eq!(only(a.stats()).endpoint, b_addr);
+    a.stop();
+}
