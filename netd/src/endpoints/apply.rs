@@ -1,8 +1,8 @@
 //! Applying one batch of this host's endpoint changes ([`Daemon::apply_batch`]).
 //!
-//! A batch costs one read of the IPAM block (none for deletes of recorded
-//! endpoints: their addresses are released by key), one store write per
-//! endpoint (issued together), at most one NAT update, at most one
+//! A batch costs one read of the IPAM block (none for a lone delete of a
+//! recorded endpoint: its address is released by key), one store write per
+//! endpoint and address (the records' issued together), at most one NAT update, at most one
 //! nf_tables transaction and one conntrack pass, however many requests it
 //! holds. Each request keeps its own answer: a failed step fails the
 //! requests it belongs to, and the others go on. The deletes are answered
@@ -404,72 +404,61 @@ impl Daemon {
         }
     }
 
-    /// Releases the addresses of the batch's deletes (by key when the
-    /// record names it, else with one read of the block for all), then
-    /// flushes their conntrack entries with one listing, in the
-    /// background: the answer does not wait for it. A released address is
-    /// not handed out again soon (IPAM moves on), so nothing can inherit
-    /// the old flows.
+    /// Releases the addresses of the batch's deletes (by key when it is one
+    /// whose record names its address, else with one read of the block for
+    /// all), then has their conntrack entries flushed in the background
+    /// ([`super::Local::flush_conntrack`]): the answer does not wait for it.
+    /// A released address is not handed out again soon (IPAM moves on), so
+    /// nothing can inherit the old flows.
     async fn release(&self, jobs: &mut [Job]) {
-        let mut flushed = Vec::new();
-        let mut unrecorded = Vec::new();
-        // By key, all at once.
-        let by_key = jobs.iter().map(|job| async {
-            match &job.step {
-                Step::Remove(key, Some(r)) if job.open() => Some(
-                    self.ipam
-                        .release_at(self.block(), r.address.ip(), &owner(key))
-                        .await,
-                ),
+        let open: Vec<usize> = (0..jobs.len())
+            .filter(|&i| jobs[i].open() && matches!(jobs[i].step, Step::Remove(..)))
+            .collect();
+        let owners: Vec<Owner> = open
+            .iter()
+            .filter_map(|&i| match &jobs[i].step {
+                Step::Remove(key, _) => Some(owner(key)),
                 _ => None,
+            })
+            .collect();
+        // One recorded address: by key (two store operations, no scan).
+        // More, or one without a record: one read of the block for all
+        // (one operation plus one per address, not two per address).
+        let released = match (open.as_slice(), owners.as_slice()) {
+            ([], _) => return,
+            ([i], [o]) => match &jobs[*i].step {
+                Step::Remove(_, Some(r)) => self
+                    .ipam
+                    .release_at(self.block(), r.address.ip(), o)
+                    .await
+                    .map(|a| vec![a]),
+                _ => self.ipam.release_all(self.block(), &owners).await,
+            },
+            _ => self.ipam.release_all(self.block(), &owners).await,
+        };
+        let released = match released {
+            Ok(r) => r,
+            Err(e) => {
+                let e = ipam_error(e);
+                for &i in &open {
+                    jobs[i].fail(e.clone());
+                }
+                return;
             }
-        });
-        let by_key = futures::future::join_all(by_key).await;
-        for (i, (job, result)) in jobs.iter_mut().zip(by_key).enumerate() {
-            if !job.open() {
-                continue;
-            }
-            let Step::Remove(key, record) = &job.step else {
+        };
+        let mut flushed = Vec::new();
+        for (&i, addr) in open.iter().zip(released) {
+            let Step::Remove(key, record) = &jobs[i].step else {
                 continue;
             };
-            match (record, result) {
-                (None, _) | (_, None) => unrecorded.push(i),
-                (Some(r), Some(result)) => match result {
-                    Ok(released) => {
-                        let addr = released.unwrap_or(r.address.ip());
-                        tracing::info!(container = %key.0, ifname = %key.1, %addr, "endpoint deleted");
-                        flushed.push(addr);
-                        job.answer = Some(Ok(Answer::Deleted(Some(addr))));
-                    }
-                    Err(e) => job.fail(ipam_error(e)),
-                },
+            // A record without an address record (released before): the
+            // record's address is what went.
+            let addr = addr.or(record.as_ref().map(|r| r.address.ip()));
+            if let Some(addr) = addr {
+                tracing::info!(container = %key.0, ifname = %key.1, %addr, "endpoint deleted");
+                flushed.push(addr);
             }
-        }
-        if !unrecorded.is_empty() {
-            let owners: Vec<Owner> = unrecorded
-                .iter()
-                .filter_map(|&i| match &jobs[i].step {
-                    Step::Remove(key, _) => Some(owner(key)),
-                    _ => None,
-                })
-                .collect();
-            match self.ipam.release_all(self.block(), &owners).await {
-                Ok(released) => {
-                    for (&i, addr) in unrecorded.iter().zip(released) {
-                        if let (Some(addr), Step::Remove(key, _)) = (addr, &jobs[i].step) {
-                            tracing::info!(container = %key.0, ifname = %key.1, %addr, "endpoint deleted");
-                            flushed.push(addr);
-                        }
-                        jobs[i].answer = Some(Ok(Answer::Deleted(addr)));
-                    }
-                }
-                Err(e) => {
-                    let e = ipam_error(e);
-                    for &i in &unrecorded {
-                        jobs[i].fail(e.clone());
-                    }
-                }
-            }
+            jobs[i].answer = Some(Ok(Answer::Deleted(addr)));
         }
         if !flushed.is_empty() {
             self.endpoints.flush_conntrack(flushed);
