@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use super::{find, mode_figs, per_test, Report};
 use crate::sys::Fig;
-use crate::tunnel::{ModeResult, TunnelResults, MODES};
+use crate::tunnel::{FloodResult, ModeResult, TunnelResults, MODES};
 
 fn f(v: Option<f64>, decimals: usize) -> String {
     match v {
@@ -201,6 +201,9 @@ pub fn markdown(r: &Report, chart_prefix: &str, charts: &[(String, String)]) -> 
         s.push('\n');
         s.push_str(&chart("latency"));
         s.push_str(&chart("cpu"));
+        if let Some(fl) = &t.flood {
+            s.push_str(&flood_section(fl, t));
+        }
         for m in &t.modes {
             if let Some(e) = &m.error {
                 let _ = writeln!(s, "- {}: `{e}`", m.label);
@@ -393,6 +396,21 @@ pub fn markdown(r: &Report, chart_prefix: &str, charts: &[(String, String)]) -> 
             }
         }
     }
+    if let Some(fl) = r.tunnel.as_ref().and_then(|t| t.flood.as_ref()) {
+        for (name, fig) in fl.figures() {
+            let d = if fig.runs.iter().any(|&v| v > 1000.0) {
+                0
+            } else {
+                3
+            };
+            let _ = writeln!(
+                s,
+                "- tunnel {} handshake flood {name}: {}",
+                fl.label,
+                runs(fig, d)
+            );
+        }
+    }
     if let Some(mt) = &r.mtu {
         for row in &mt.rows {
             let _ = writeln!(
@@ -427,6 +445,47 @@ pub fn markdown(r: &Report, chart_prefix: &str, charts: &[(String, String)]) -> 
         }
     }
     let _ = writeln!(s, "\n</details>");
+    s
+}
+
+/// weft wireguard's single stream without and during the handshake flood,
+/// the rate the flood reached and what the victim counted.
+fn flood_section(fl: &FloodResult, t: &TunnelResults) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "### Handshake under load
+
+One TCP stream → ({} per test), just before and then during a flood of bogus WireGuard handshake initiations at {}/s aimed at the server's WireGuard port from a third host on the underlay; the flood replays {}. Both streams in one run, back to back.\n",
+        per_test(t),
+        fl.target_rate,
+        fl.packets
+    );
+    let _ = writeln!(
+        s,
+        "| mode | TCP 1 stream → without flood | during the flood | during ÷ without | flood rate achieved /s |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|");
+    let _ = writeln!(
+        s,
+        "| **{}** | {} | {} | {} | {} |\n",
+        fl.label,
+        f(fl.tcp1_before.get(), 2),
+        f(fl.tcp1_during.get(), 2),
+        fl.ratio()
+            .map_or_else(|| "—".into(), |r| format!("{r:.2}×")),
+        f(fl.flood_rate.get(), 0)
+    );
+    if let Some(v) = &fl.victim {
+        let _ = writeln!(
+            s,
+            "The server during the flooded stream (netd's `/metrics`): {} datagrams received on its WireGuard socket (the stream's and the flood's), {} dropped as malformed (wrong mac1, no work), {} cookie replies sent instead of a Diffie-Hellman, {} initiations that got a Diffie-Hellman and named no peer (the limiter's and the per-source budgets' share). Initiations stopped by the per-source budget are not exported by netd.\n",
+            v.rx_datagrams, v.malformed, v.cookies_sent, v.dh_unknown_peer
+        );
+    }
+    if let Some(e) = &fl.error {
+        let _ = writeln!(s, "- {}: `{e}`\n", fl.label);
+    }
     s
 }
 

@@ -72,6 +72,14 @@ pub fn missing(r: &Report) -> Vec<String> {
                 need(format!("tunnel {}: {name}", m.label), fig.get());
             }
         }
+        if let Some(fl) = &t.flood {
+            for (name, fig) in fl.figures() {
+                need(
+                    format!("tunnel {} handshake flood: {name}", fl.label),
+                    fig.get(),
+                );
+            }
+        }
     }
     if let Some(mt) = &r.mtu {
         for row in &mt.rows {

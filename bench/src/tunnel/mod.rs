@@ -20,8 +20,10 @@
 //! of the pair, the server in the one on the second; "←" is iperf3 `-R`.
 //!
 //! `testbed` builds the lab and every mode, `measure` runs the tools on a
-//! pair; this file holds the modes, the result types and the runs.
+//! pair, `flood` measures weft wireguard under a handshake flood after the
+//! runs; this file holds the modes, the result types and the runs.
 
+mod flood;
 mod measure;
 mod testbed;
 
@@ -29,6 +31,8 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 use crate::sys::{CpuMeter, Fig};
+pub use flood::FloodResult;
+use flood::FLOOD_RATE;
 use measure::{df_search, iperf, ping_rtt, Test};
 use testbed::{testbed, Testbed};
 
@@ -158,6 +162,10 @@ pub struct TunnelResults {
     pub pings: u32,
     pub topology: String,
     pub modes: Vec<ModeResult>,
+    /// weft wireguard's single stream without and during a handshake flood
+    /// (when that mode is measured).
+    #[serde(default)]
+    pub flood: Option<FloodResult>,
 }
 
 /// The DF search and throughput of one mode at one underlay MTU.
@@ -309,6 +317,17 @@ pub fn run_main(o: &Options, modes: &[Mode]) -> Result<(TunnelResults, Vec<MtuRo
             }
         }
     }
+    let flood = modes.contains(&Mode::WeftWireguard).then(|| {
+        match tb.paths.iter().find(|p| p.mode == Mode::WeftWireguard) {
+            Some(p) => flood::run(p, o),
+            None => FloodResult {
+                label: Mode::WeftWireguard.label().into(),
+                target_rate: FLOOD_RATE,
+                error: Some("weft wireguard is not set up".into()),
+                ..FloodResult::default()
+            },
+        }
+    });
     // The sweep's figures at this MTU are the main measurement's.
     for row in &mut mtu_rows {
         if let Some(r) = results.iter().find(|r| r.mode == row.mode) {
@@ -326,6 +345,7 @@ pub fn run_main(o: &Options, modes: &[Mode]) -> Result<(TunnelResults, Vec<MtuRo
             pings: o.pings,
             topology: "container to container across two hosts (veth + bridge on each host, routed into the tunnel)".into(),
             modes: results,
+            flood,
         },
         mtu_rows,
     ))

@@ -3,7 +3,7 @@
 //! picture). Each `setup_*` builds one mode the way that tunnel is meant to
 //! be run; [`testbed`] builds them all and checks each pair can reach itself.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,22 @@ pub(super) struct Pair {
     pub(super) server_ip: String,
     pub(super) advertised: u32,
     pub(super) tunnel_pids: Vec<u32>,
+    /// The server host's WireGuard device, for the flood (weft wireguard).
+    pub(super) victim: Option<Victim>,
+}
+
+/// The server side of a weft wireguard pair as a flood sees it.
+pub(super) struct Victim {
+    /// The server's host (netd runs there).
+    pub(super) host: Netns,
+    /// Its WireGuard socket on the underlay.
+    pub(super) endpoint: SocketAddrV4,
+    /// Its static public key (mac1 of the flood's initiations).
+    pub(super) public_key: [u8; 32],
+    /// Its netd's `/metrics`, reachable from `host`.
+    pub(super) metrics_url: String,
+    /// A lab host outside the pair, on the same underlay: the attacker.
+    pub(super) attacker: Netns,
 }
 
 /// What the mode setups start: kept until the testbed goes.
@@ -122,6 +138,7 @@ fn setup_raw(lab: &Lab, mtu: u32) -> Result<Pair> {
         server_ip,
         advertised: mtu,
         tunnel_pids: vec![],
+        victim: None,
     })
 }
 
@@ -203,6 +220,7 @@ fn setup_kernel_vxlan(lab: &Lab, mtu: u32) -> Result<Pair> {
         server_ip,
         advertised: omtu,
         tunnel_pids: vec![],
+        victim: None,
     })
 }
 
@@ -296,6 +314,7 @@ fn setup_wireguard_go(lab: &Lab, mtu: u32, ex: &mut Extras) -> Result<Pair> {
         server_ip,
         advertised: omtu,
         tunnel_pids: pids,
+        victim: None,
     })
 }
 
@@ -335,6 +354,30 @@ fn netd_pid(host: &Netns) -> Result<u32> {
         .with_context(|| format!("no netd process in {host}"))
 }
 
+/// Where the weft wireguard server's netd serves `/metrics` (in its host).
+const VICTIM_METRICS: &str = "127.0.0.1:9542";
+
+/// The flood's view of the server netd `nb` of the pair `(a, b)`: netd's default
+/// WireGuard port on its underlay address, the key netd loaded from its
+/// state directory, and a host of the lab that is not in the pair.
+fn victim(lab: &Lab, nb: &Netd, (a, b): (usize, usize)) -> Result<Victim> {
+    let keys =
+        weft_wg::load_or_create_key(nb.dir()).context("reading the server's WireGuard key")?;
+    let attacker = (0..lab.hosts().len())
+        .find(|&h| h != a && h != b)
+        .context("no lab host outside the pair to flood from")?;
+    Ok(Victim {
+        host: nb.host().clone(),
+        endpoint: SocketAddrV4::new(
+            underlay_addr(b),
+            weft_netd::config::settings::DEFAULT_WG_PORT,
+        ),
+        public_key: keys.public_key(),
+        metrics_url: format!("http://{VICTIM_METRICS}/metrics"),
+        attacker: lab.host(attacker).netns().clone(),
+    })
+}
+
 fn setup_weft(lab: &Lab, mode: Mode, ex: &mut Extras) -> Result<Pair> {
     let (a, b) = mode.hosts();
     let backend = if mode == Mode::WeftVxlan {
@@ -347,8 +390,15 @@ fn setup_weft(lab: &Lab, mode: Mode, ex: &mut Extras) -> Result<Pair> {
         lab.dir().join(format!("{backend}.db")).display()
     );
     let flag = format!("--backend={backend}");
+    // The WireGuard server serves its counters, read around the flood.
+    let metrics = format!("--metrics-addr={VICTIM_METRICS}");
+    let server_flags: &[&str] = if mode == Mode::WeftWireguard {
+        &[&flag, &metrics]
+    } else {
+        &[&flag]
+    };
     let na = Netd::start(lab, a, &store, &[&flag]).with_context(|| format!("netd in h{a}"))?;
-    let nb = Netd::start(lab, b, &store, &[&flag]).with_context(|| format!("netd in h{b}"))?;
+    let nb = Netd::start(lab, b, &store, server_flags).with_context(|| format!("netd in h{b}"))?;
     let (client, _) = attach(&na, lab, a, &format!("w{backend}"))?;
     let (server, server_ip) = attach(&nb, lab, b, &format!("w{backend}"))?;
     let out = na.cli(&["status", "--json"])?;
@@ -360,6 +410,11 @@ fn setup_weft(lab: &Lab, mode: Mode, ex: &mut Extras) -> Result<Pair> {
     } else {
         vec![]
     };
+    let victim = if mode == Mode::WeftWireguard {
+        Some(victim(lab, &nb, (a, b))?)
+    } else {
+        None
+    };
     ex.netds.push(na);
     ex.netds.push(nb);
     Ok(Pair {
@@ -369,6 +424,7 @@ fn setup_weft(lab: &Lab, mode: Mode, ex: &mut Extras) -> Result<Pair> {
         server_ip,
         advertised,
         tunnel_pids: pids,
+        victim,
     })
 }
 
