@@ -399,11 +399,12 @@ impl Live {
             counters(
                 e,
                 "weft_wg_drops",
-                "Packets the WireGuard device dropped that belong to no peer, by reason (no_peer: to an address no peer owns; unknown_peer: from an unknown key or index; malformed; non_ipv4; send; tun_read)",
+                "Packets the WireGuard device dropped that belong to no peer, by reason (no_peer: to an address no peer owns; unknown_peer: from an unknown key or index; malformed; handshake_budget: initiations over their source address's budget; non_ipv4; send; tun_read)",
                 &[
                     (l1("reason", "no_peer"), s.drops_no_peer),
                     (l1("reason", "unknown_peer"), s.drops_unknown_peer),
                     (l1("reason", "malformed"), s.drops_malformed),
+                    (l1("reason", "handshake_budget"), s.drops_handshake_budget),
                     (l1("reason", "non_ipv4"), s.drops_non_ipv4),
                     (l1("reason", "send"), s.drops_send),
                     (l1("reason", "tun_read"), s.drops_tun_read),
