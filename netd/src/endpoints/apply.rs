@@ -8,7 +8,7 @@
 //! requests it belongs to, and the others go on. The deletes are answered
 //! before the nf_tables step (their veths are gone already; its failure was
 //! never theirs), the adds after it (anti-spoofing has no window); a batch
-//! of deletes only may leave the step to the next batch
+//! of deletes only leaves the step to a later batch or the idle worker
 //! ([`super::batch::enforce_now`]).
 
 use std::net::Ipv4Addr;
@@ -138,13 +138,12 @@ impl Daemon {
         // only logged).
         jobs.iter_mut().for_each(Job::send);
         // Anti-spoofing: one nf_tables transaction, which the adds wait
-        // for; a batch of deletes only may leave it to the next batch
-        // ([`enforce_now`]).
+        // for; a batch of deletes only leaves it to a later batch or the
+        // idle worker ([`enforce_now`]).
         let adds = jobs
             .iter()
             .any(|j| j.created.is_some() || matches!(j.step, Step::Existing(_)));
-        let queued = !self.endpoints.queue().pending.is_empty();
-        let deferred = if enforce_now(adds, deferred, queued) {
+        let deferred = if enforce_now(adds, deferred) {
             self.enforce_batch(&mut jobs, &mut work).await;
             0
         } else {

@@ -1,7 +1,8 @@
 //! The pure batching decisions of this host's endpoint changes: which of
 //! the queued requests one batch takes ([`take`]), what each of them does
 //! against this host's endpoints ([`plan`]), and whether the batch applies
-//! the nf_tables tables or leaves them to the next one ([`enforce_now`]).
+//! the nf_tables tables or leaves them to a later batch or the idle worker
+//! ([`enforce_now`], [`when_idle`]).
 //!
 //! A batch holds at most one change per endpoint (container id and
 //! interface): an ADD and a DEL of the same endpoint, or two of either, go
@@ -27,18 +28,45 @@ pub type Set = BTreeMap<Key, EndpointRecord>;
 pub const MAX_BATCH: usize = 64;
 
 /// The most batches of deletes in a row that may leave the nf_tables step
-/// to the next batch ([`enforce_now`]).
+/// to a later batch ([`enforce_now`]).
 pub const MAX_DEFERRED: usize = 8;
 
+/// How long the worker waits for more requests, once the queue is empty,
+/// before it applies the nf_tables step that batches of deletes left
+/// ([`when_idle`]).
+pub const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Whether a batch applies the nf_tables tables now. A batch with adds
-/// does (they are answered only after it: anti-spoofing has no window), and
-/// so does one with nothing queued behind it; a batch of deletes only
-/// (their veths are gone: the plugin deletes them first) leaves it to the
-/// next batch, which applies the whole set anyway, when one is queued, at
-/// most [`MAX_DEFERRED`] times in a row. A burst of deletes then costs one
+/// does (they are answered only after it: anti-spoofing has no window); a
+/// batch of deletes only (their veths are gone: the plugin deletes them
+/// first) leaves it to a later batch or to the worker once idle
+/// ([`when_idle`]), which apply the whole set anyway, at most
+/// [`MAX_DEFERRED`] times in a row. A burst of deletes then costs one
 /// transaction, and none of them waits for the one before.
-pub fn enforce_now(adds: bool, deferred: usize, queued: bool) -> bool {
-    adds || !queued || deferred >= MAX_DEFERRED
+pub fn enforce_now(adds: bool, deferred: usize) -> bool {
+    adds || deferred >= MAX_DEFERRED
+}
+
+/// What the worker does when the queue is empty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Idle {
+    /// Nothing is owed: the worker ends.
+    Exit,
+    /// Batches of deletes left the nf_tables step: wait up to [`LINGER`]
+    /// for more requests (a burst's next DELs) first.
+    Linger,
+    /// Waited already: apply the step now.
+    Enforce,
+}
+
+/// The worker's next move with an empty queue, `deferred` batches having
+/// left the nf_tables step, after a linger or not.
+pub fn when_idle(deferred: usize, lingered: bool) -> Idle {
+    match (deferred, lingered) {
+        (0, _) => Idle::Exit,
+        (_, false) => Idle::Linger,
+        (_, true) => Idle::Enforce,
+    }
 }
 
 /// A queued request.
@@ -233,17 +261,20 @@ mod tests {
     }
 
     #[test]
-    fn only_deletes_with_more_queued_leave_nf_tables_to_the_next_batch() {
-        // Adds wait for their anti-spoofing entries, whatever is queued.
-        assert!(enforce_now(true, 0, true));
-        assert!(enforce_now(true, 3, false));
-        // Deletes with nothing behind them: now.
-        assert!(enforce_now(false, 0, false));
-        assert!(enforce_now(false, 5, false));
-        // Deletes with more queued: the next batch, up to a bound.
-        assert!(!enforce_now(false, 0, true));
-        assert!(!enforce_now(false, MAX_DEFERRED - 1, true));
-        assert!(enforce_now(false, MAX_DEFERRED, true));
+    fn deletes_leave_nf_tables_to_a_later_batch_or_the_idle_worker() {
+        // Adds wait for their anti-spoofing entries.
+        assert!(enforce_now(true, 0));
+        assert!(enforce_now(true, 3));
+        // Deletes leave it, up to a bound.
+        assert!(!enforce_now(false, 0));
+        assert!(!enforce_now(false, MAX_DEFERRED - 1));
+        assert!(enforce_now(false, MAX_DEFERRED));
+        // Once idle: nothing owed, the worker ends; else it waits a little
+        // for more requests, then applies what is owed.
+        assert_eq!(when_idle(0, false), Idle::Exit);
+        assert_eq!(when_idle(0, true), Idle::Exit);
+        assert_eq!(when_idle(2, false), Idle::Linger);
+        assert_eq!(when_idle(2, true), Idle::Enforce);
     }
 
     #[test]

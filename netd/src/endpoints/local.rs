@@ -27,7 +27,7 @@ use weft_api::{ApiError, ErrorKind};
 use weft_model::EndpointRecord;
 
 use super::apply::key_of;
-use super::batch::{take, Change, Set};
+use super::batch::{take, when_idle, Change, Idle, Set, LINGER};
 use crate::daemon::Daemon;
 
 /// What a request of a batch gets.
@@ -63,6 +63,8 @@ pub struct Local {
     set: Mutex<Option<Set>>,
     /// Released addresses whose conntrack entries are still to go.
     flushes: Arc<Mutex<Flushes>>,
+    /// Wakes a lingering worker ([`super::batch::Idle::Linger`]).
+    wake: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -141,6 +143,9 @@ impl Daemon {
         };
         if start {
             tokio::spawn(self.clone().run_batches());
+        } else {
+            // A worker lingering for more requests takes this one now.
+            self.endpoints.wake.notify_one();
         }
         answer.await.unwrap_or_else(|_| {
             Err(ApiError::new(
@@ -153,26 +158,38 @@ impl Daemon {
     async fn run_batches(self: Arc<Self>) {
         let _guard = WorkerGuard(&self.endpoints);
         let mut deferred = 0;
+        let mut lingered = false;
         loop {
             let lock = self.lock.lock().await;
             let batch: Vec<Pending> = {
                 let mut q = self.endpoints.queue();
                 let n = take(q.pending.iter().map(|p| &p.change));
-                if n == 0 && deferred == 0 {
+                if n == 0 && when_idle(deferred, lingered) == Idle::Exit {
                     q.worker = false;
                     return;
                 }
                 q.pending.drain(..n).collect()
             };
-            if batch.is_empty() {
-                // Nothing queued, but the last batches left the nf_tables
-                // step to a next one: do it (then look at the queue again).
-                self.enforce_owed().await;
-                deferred = 0;
-            } else {
+            if !batch.is_empty() {
+                lingered = false;
                 deferred = self.apply_batch(batch, deferred).await;
+                continue;
             }
-            drop(lock);
+            match when_idle(deferred, lingered) {
+                Idle::Exit => {}
+                Idle::Linger => {
+                    // Batches of deletes left the nf_tables step: give the
+                    // rest of a burst a moment to arrive first.
+                    drop(lock);
+                    let _ = tokio::time::timeout(LINGER, self.endpoints.wake.notified()).await;
+                    lingered = true;
+                }
+                Idle::Enforce => {
+                    self.enforce_owed().await;
+                    deferred = 0;
+                    lingered = false;
+                }
+            }
         }
     }
 
@@ -204,7 +221,7 @@ impl Daemon {
     }
 
     /// Enforces this host's endpoints that earlier batches of deletes left
-    /// to this one ([`enforce_now`]), when no batch is left to do it.
+    /// to the idle worker ([`super::batch::when_idle`]).
     async fn enforce_owed(&self) {
         let result = match self.endpoint_set().await {
             Ok(set) => self.enforce_local(set.into_values().collect()).await,
