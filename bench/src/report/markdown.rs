@@ -479,8 +479,8 @@ One TCP stream → ({} per test), just before and then during a flood of bogus W
     if let Some(v) = &fl.victim {
         let _ = writeln!(
             s,
-            "The server during the flooded stream (netd's `/metrics`): {} datagrams received on its WireGuard socket (the stream's and the flood's), {} dropped as malformed (wrong mac1, no work), {} cookie replies sent instead of a Diffie-Hellman, {} initiations that got a Diffie-Hellman and named no peer (the limiter's and the per-source budgets' share). Initiations stopped by the per-source budget are not exported by netd.\n",
-            v.rx_datagrams, v.malformed, v.cookies_sent, v.dh_unknown_peer
+            "The server during the flooded stream (netd's `/metrics`): {} datagrams received on its WireGuard socket (the stream's and the flood's), {} dropped as malformed (wrong mac1, no work), {} cookie replies sent instead of a Diffie-Hellman, {} initiations that got a Diffie-Hellman and named no peer (the limiter's and the per-source budgets' share), {} initiations with the attacker's cookie stopped by the per-source budget before any Diffie-Hellman.\n",
+            v.rx_datagrams, v.malformed, v.cookies_sent, v.dh_unknown_peer, v.over_budget
         );
     }
     if let Some(e) = &fl.error {

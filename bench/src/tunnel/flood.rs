@@ -88,6 +88,9 @@ pub struct VictimCounters {
     pub cookies_sent: u64,
     /// Initiations that got a Diffie-Hellman and named no peer.
     pub dh_unknown_peer: u64,
+    /// Initiations stopped by the per-source budget (valid mac2, no DH).
+    #[serde(default)]
+    pub over_budget: u64,
 }
 
 impl VictimCounters {
@@ -99,6 +102,7 @@ impl VictimCounters {
             malformed: get("weft_wg_drops_total{reason=\"malformed\"}")?,
             cookies_sent: get("weft_wg_cookies_sent_total")?,
             dh_unknown_peer: get("weft_wg_drops_total{reason=\"unknown_peer\"}")?,
+            over_budget: get("weft_wg_drops_total{reason=\"handshake_budget\"}")?,
         })
     }
 
@@ -108,6 +112,7 @@ impl VictimCounters {
             malformed: self.malformed.saturating_sub(before.malformed),
             cookies_sent: self.cookies_sent.saturating_sub(before.cookies_sent),
             dh_unknown_peer: self.dh_unknown_peer.saturating_sub(before.dh_unknown_peer),
+            over_budget: self.over_budget.saturating_sub(before.over_budget),
         }
     }
 }
@@ -209,6 +214,7 @@ mod tests {
         weft_wg_drops_total{reason=\"no_peer\"} 1\n\
         weft_wg_drops_total{reason=\"unknown_peer\"} 32\n\
         weft_wg_drops_total{reason=\"malformed\"} 40000\n\
+        weft_wg_drops_total{reason=\"handshake_budget\"} 22000\n\
         weft_wg_datagrams_total{direction=\"rx\"} 95000\n\
         weft_wg_datagrams_total{direction=\"tx\"} 7\n\
         weft_wg_cookies_sent_total 51000\n\
@@ -224,6 +230,7 @@ mod tests {
                 malformed: 40000,
                 cookies_sent: 51000,
                 dh_unknown_peer: 32,
+                over_budget: 22000,
             }
         );
         let zero = VictimCounters::parse(&SCRAPE.replace("95000", "0")).unwrap();
