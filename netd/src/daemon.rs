@@ -35,6 +35,11 @@ use crate::enforce::Enforcer;
 use crate::health::StoreHealth;
 use crate::host::{HostNet, Link};
 use crate::mesh::{HostRecord, Peer};
+use weft_model::WgKey;
+
+/// How long a key rotation waits for the store to take the announcement of
+/// the next key before it abandons the rotation.
+const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(5);
 use crate::nat::{Iptables, NatSpec, PublishedPort};
 use crate::tunnel::{Tunnel, TunnelSpec};
 
@@ -536,8 +541,23 @@ impl Daemon {
             tracing::error!(error = %format!("{e:#}"), "rotating the WireGuard key failed");
             ApiError::new(weft_api::ErrorKind::Internal, format!("{e:#}"))
         };
-        wg.announce().map_err(internal)?;
+        let next = wg.announce().map_err(internal)?;
         self.record.send_replace(Some(self.host_record()));
+        // Switch only once the store has the announcement: a peer that never
+        // saw the next key refuses handshakes made with it, so switching
+        // during a store outage would cut this host off until the store is
+        // back. The settle time counts from the confirmed write.
+        if let Err(why) = self.announced_in_store(next).await {
+            if let Err(e) = wg.abandon() {
+                tracing::warn!(error = %format!("{e:#}"), "abandoning the key rotation");
+            }
+            self.record.send_replace(Some(self.host_record()));
+            tracing::warn!(%why, "key rotation abandoned: the key in use stays");
+            return Err(ApiError::new(
+                weft_api::ErrorKind::TryAgainLater,
+                format!("the next key's announcement did not reach the store ({why}); rotation abandoned, the key in use stays: retry when the store is up"),
+            ));
+        }
         tokio::time::sleep(self.cfg.rotation.settle).await;
         let (old, new) = wg.switch().map_err(internal)?;
         self.record.send_replace(Some(self.host_record()));
@@ -546,6 +566,29 @@ impl Daemon {
             old_public_key: old.to_string(),
             new_public_key: new.to_string(),
         })
+    }
+
+    /// Waits until this host's record in the store announces `next` as its
+    /// next key (the registration loop writes it), for at most
+    /// [`ANNOUNCE_TIMEOUT`].
+    async fn announced_in_store(&self, next: WgKey) -> Result<(), String> {
+        let key = self.cfg.keys.host(&self.host_id);
+        let deadline = tokio::time::Instant::now() + ANNOUNCE_TIMEOUT;
+        loop {
+            let last = match self.store.get(&key).await {
+                Ok(Some(kv)) => match serde_json::from_slice::<HostRecord>(&kv.value) {
+                    Ok(r) if r.wg_next_key == Some(next) => return Ok(()),
+                    Ok(_) => "not written yet".to_string(),
+                    Err(e) => format!("this host's record does not parse: {e}"),
+                },
+                Ok(None) => "this host's record is missing".to_string(),
+                Err(e) => e.to_string(),
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!("{last} after {} s", ANNOUNCE_TIMEOUT.as_secs()));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Rotates the WireGuard key every `wireguard.rotate_interval_secs`

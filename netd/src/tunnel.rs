@@ -257,6 +257,14 @@ impl Wireguard {
         Ok(public)
     }
 
+    /// Abandons an announced rotation (the announcement never reached the
+    /// store): forgets the next key and removes its file, so the key in use
+    /// stays, also across a restart.
+    pub fn abandon(&self) -> anyhow::Result<()> {
+        *self.next.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        weft_wg::remove_next_key(&self.state_dir).context("removing the next WireGuard key")
+    }
+
     /// A rotation's second step, once the peers have seen the announcement:
     /// the data path switches to the next key (every peer's handshake is
     /// redone at once) and the key file becomes the next key. Returns the

@@ -457,3 +457,64 @@ fn rotate_key_keeps_a_tcp_stream_and_publishes_the_new_key() {
     );
     eprintln!("rotate-key on VXLAN: {}", err.trim());
 }
+
+/// A rotation asked for while the store is down is abandoned before the
+/// switch (peers could not learn the new key, so switching would cut the
+/// host off): the CLI says so, the key in use stays (on disk too) and
+/// traffic keeps flowing; once the store is back a rotation works.
+#[test]
+fn rotate_key_during_a_store_outage_is_abandoned() {
+    weft_tests::require_root!();
+    let lab = Lab::new(LabOptions::hosts(2)).unwrap();
+    let mut etcd = weft_store::testing::EtcdServer::start_in_netns(
+        lab.underlay().name(),
+        lab.host(0).gateway(),
+    )
+    .unwrap();
+    let store = format!("etcd:{}", etcd.endpoint());
+    let settle_flag = format!("--wg-rotate-settle-ms={SETTLE_MS}");
+    let flags = ["--backend=wireguard", settle_flag.as_str()];
+    let a_netd = Netd::start(&lab, 0, &store, &flags).unwrap();
+    let b_netd = Netd::start(&lab, 1, &store, &flags).unwrap();
+    let a = lab.container(0, "a").unwrap();
+    let a_ip = a_netd.attach(&a, "a").unwrap();
+    let b = lab.container(1, "b").unwrap();
+    let b_ip = b_netd.attach(&b, "b").unwrap();
+    ping_within(&a, &b_ip, Duration::from_secs(5));
+    let key_file = a_netd.dir().join(weft_wg::KEY_FILE);
+    let key_before = std::fs::read_to_string(&key_file).unwrap();
+
+    etcd.stop();
+    let out = a_netd.cli(&["rotate-key"]).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("rotate-key with the store down: {}", err.trim());
+    assert!(
+        !out.status.success() && err.contains("abandoned") && err.contains("key in use stays"),
+        "rotate-key with the store down: {} {err}",
+        out.status
+    );
+    assert_eq!(std::fs::read_to_string(&key_file).unwrap(), key_before);
+    assert!(!a_netd.dir().join(weft_wg::NEXT_KEY_FILE).exists());
+    // The tunnel still uses the old key: traffic flows both ways.
+    ping_within(&a, &b_ip, Duration::from_secs(3));
+    ping_within(&b, &a_ip, Duration::from_secs(3));
+
+    etcd.restart().unwrap();
+    // netd's store client reconnects; a rotation then goes through.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = a_netd.cli(&["rotate-key", "--json"]).unwrap();
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rotate-key after the store came back: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_ne!(std::fs::read_to_string(&key_file).unwrap(), key_before);
+    ping_within(&a, &b_ip, Duration::from_secs(5));
+    ping_within(&b, &a_ip, Duration::from_secs(5));
+}

@@ -190,6 +190,24 @@ pub fn write_next_key(state_dir: &Path) -> Result<KeyPair, WgError> {
     Ok(key)
 }
 
+/// Abandons a key rotation on disk: removes the next key (`wg.key.next`),
+/// if there is one, so that a restart keeps the key in use.
+pub fn remove_next_key(state_dir: &Path) -> Result<(), WgError> {
+    let next = state_dir.join(NEXT_KEY_FILE);
+    match fs::remove_file(&next) {
+        Ok(()) => {
+            sync_dir(state_dir);
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(WgError::KeyIo {
+            path: next,
+            what: "remove".to_string(),
+            source,
+        }),
+    }
+}
+
 /// Completes a key rotation on disk: the next key (`wg.key.next`), if there
 /// is one, replaces the key (`wg.key`) in one rename and is returned.
 /// `None` when there is no next key.
@@ -330,6 +348,18 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, vec![std::ffi::OsString::from(KEY_FILE)]);
+    }
+
+    #[test]
+    fn an_abandoned_rotation_keeps_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let k1 = load_or_create_key(dir.path()).unwrap();
+        write_next_key(dir.path()).unwrap();
+        remove_next_key(dir.path()).unwrap();
+        assert!(!dir.path().join(NEXT_KEY_FILE).exists());
+        // Nothing to remove is fine; a restart keeps K1.
+        remove_next_key(dir.path()).unwrap();
+        assert_eq!(load_or_create_key(dir.path()).unwrap(), k1);
     }
 
     #[test]

@@ -58,8 +58,8 @@ use ipnetwork::Ipv4Network;
 
 pub use error::WgError;
 pub use key::{
-    key_from_base64, key_to_base64, load_or_create_key, promote_next_key, write_next_key, KeyPair,
-    KEY_FILE, NEXT_KEY_FILE,
+    key_from_base64, key_to_base64, load_or_create_key, promote_next_key, remove_next_key,
+    write_next_key, KeyPair, KEY_FILE, NEXT_KEY_FILE,
 };
 pub use tun::destroy;
 
