@@ -42,6 +42,8 @@ pub struct MeshConfig {
     pub underlay_addr: Option<Ipv4Addr>,
     pub host_ttl: Duration,
     pub wg_port: u16,
+    /// WireGuard data-path workers per direction (0: one per CPU, at most 4).
+    pub wg_queues: usize,
     pub vxlan_port: u16,
     pub vni: u32,
 }
@@ -169,6 +171,7 @@ impl Config {
             underlay_addr: s.mesh.underlay_addr,
             host_ttl,
             wg_port: s.mesh.wg_port,
+            wg_queues: s.wireguard.queues,
             vxlan_port: s.mesh.vxlan_port,
             vni: s.mesh.vni,
         };

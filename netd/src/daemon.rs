@@ -152,6 +152,7 @@ impl Daemon {
             backend: cfg.mesh.backend,
             state_dir: &cfg.state_dir,
             wg_port: cfg.mesh.wg_port,
+            wg_queues: cfg.mesh.wg_queues,
             vxlan_port: cfg.mesh.vxlan_port,
             vni: cfg.mesh.vni,
             vtep_mac: crate::mesh::vtep_mac(&host_id),

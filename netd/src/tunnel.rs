@@ -83,6 +83,8 @@ pub struct TunnelSpec<'a> {
     pub state_dir: &'a Path,
     /// WireGuard's UDP port (0: any free port).
     pub wg_port: u16,
+    /// WireGuard data-path workers per direction (0: one per CPU, at most 4).
+    pub wg_queues: usize,
     pub vxlan_port: u16,
     pub vni: u32,
     /// This host's VTEP MAC ([`crate::mesh::vtep_mac`]).
@@ -215,6 +217,7 @@ impl Wireguard {
             mtu: spec.mtu,
             private_key: keys.private_key(),
             keepalive: Some(WG_KEEPALIVE_SECS),
+            queues: spec.wg_queues,
         })
         .context("starting the WireGuard data path")?;
         let public_key = WgKey::from(keys.public_key());

@@ -15,8 +15,15 @@
 //!   `update_timers` (handshake retries, rekey, keepalives) and resets the
 //!   handshake rate limiter.
 //!
-//! Each peer's noise state sits behind its own mutex, held only while one
-//! packet is encrypted or decrypted. The peer table is an immutable
+//! There are `queues` tx and rx workers (`weft-wg-tx-<q>`, `weft-wg-rx-<q>`;
+//! one per CPU up to 4 by default): tx worker `q` reads TUN queue `q`, and
+//! the kernel keeps each flow on one queue; rx worker `q` receives on
+//! socket `q` of the port (`SO_REUSEPORT`), and the kernel keeps each peer
+//! on one socket. So every flow's packets are handled in order by one
+//! worker, and different flows and peers use different cores. One peer's
+//! packets are still encrypted one at a time: boringtun's `Tunn` takes
+//! `&mut self`, so each peer's noise state sits behind its own mutex, held
+//! only while one packet is encrypted or decrypted. The peer table is an immutable
 //! `Arc<PeerTable>`; the threads re-read it only when its generation number
 //! changes, so the per-packet path takes no global lock. Nothing is
 //! allocated per packet.
@@ -81,7 +88,9 @@ pub(crate) struct DeviceCounters {
 
 pub(crate) struct Shared {
     pub(crate) stop: AtomicBool,
-    pub(crate) tun: Tun,
+    /// The TUN's queues: tx worker `q` reads queue `q`, rx worker `q`
+    /// writes to it.
+    pub(crate) tuns: Vec<Tun>,
     pub(crate) udp: Udp,
     pub(crate) mtu: usize,
     pub(crate) tx_slot: usize,
@@ -174,10 +183,12 @@ struct TxBatch {
     dests: Vec<SocketAddrV4>,
     n: usize,
     send: SendBatch,
+    /// The socket this batch goes out on.
+    sock: usize,
 }
 
 impl TxBatch {
-    fn new(stride: usize) -> TxBatch {
+    fn new(stride: usize, sock: usize) -> TxBatch {
         TxBatch {
             out: vec![0u8; TX_BATCH * stride],
             stride,
@@ -185,6 +196,7 @@ impl TxBatch {
             dests: vec![SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0); TX_BATCH],
             n: 0,
             send: SendBatch::new(TX_BATCH),
+            sock,
         }
     }
 
@@ -223,7 +235,7 @@ impl TxBatch {
         let n = self.n;
         self.n = 0;
         let sent = self.send.send(
-            sh.udp.socket(),
+            sh.udp.socket(self.sock),
             &self.out,
             self.stride,
             &self.lens[..n],
@@ -237,8 +249,12 @@ impl TxBatch {
     }
 }
 
-pub(crate) fn tx_loop(sh: Arc<Shared>) {
-    let mut batch = TxBatch::new(sh.tx_slot);
+/// Transmit worker `q`: reads TUN queue `q` (the kernel keeps each flow on
+/// one queue, so a flow's packets stay in order), encrypts, sends from
+/// socket `q`.
+pub(crate) fn tx_loop(sh: Arc<Shared>, q: usize) {
+    let tun = &sh.tuns[q % sh.tuns.len()];
+    let mut batch = TxBatch::new(sh.tx_slot, q);
     let mut rbuf = vec![0u8; VNET_HDR_LEN + RX_SLOT];
     let mut view = View::new(&sh);
     let mut errs = ErrLog { last: None };
@@ -250,7 +266,7 @@ pub(crate) fn tx_loop(sh: Arc<Shared>) {
         // Read until the TUN is empty or half a batch is waiting (a TSO
         // packet may need up to 45 slots more).
         while batch.n < TX_BATCH / 2 {
-            let len = match sh.tun.read(&mut rbuf) {
+            let len = match tun.read(&mut rbuf) {
                 // A TUN never reads 0 bytes; a closed file (a test's fake
                 // TUN) does, forever: back off as on an error.
                 Ok(0) => {
@@ -295,13 +311,15 @@ pub(crate) fn tx_loop(sh: Arc<Shared>) {
         }
         batch.flush(&sh);
         if idle {
-            wait_readable(sh.tun.raw_fd(), POLL_MS);
+            wait_readable(tun.raw_fd(), POLL_MS);
         }
     }
 }
 
 /// Per-thread buffers of the receive path.
 struct Rx {
+    /// The TUN queue this worker writes to.
+    q: usize,
     dec: Vec<u8>,
     cookie: [u8; 128],
     errs: ErrLog,
@@ -322,7 +340,7 @@ impl Rx {
             self.gro_peer = Some(Arc::clone(peer));
             return;
         }
-        if let Err(e) = sh.tun.write_packet(pkt) {
+        if let Err(e) = sh.tuns[self.q].write_packet(pkt) {
             add(&peer.rx.drops_tun_write, 1);
             self.errs.log("writing to the TUN device failed", &e);
         }
@@ -332,7 +350,7 @@ impl Rx {
     fn flush(&mut self, sh: &Shared) {
         let peer = self.gro_peer.take();
         if let Some(frame) = self.gro.take() {
-            if let Err(e) = sh.tun.write_frame(frame) {
+            if let Err(e) = sh.tuns[self.q].write_frame(frame) {
                 if let Some(p) = peer {
                     add(&p.rx.drops_tun_write, 1);
                 }
@@ -342,9 +360,13 @@ impl Rx {
     }
 }
 
-pub(crate) fn rx_loop(sh: Arc<Shared>) {
+/// Receive worker `q`: socket `q` (the kernel keeps each peer on one socket
+/// of the port, so a peer's datagrams stay in order), decrypts, writes to
+/// TUN queue `q`.
+pub(crate) fn rx_loop(sh: Arc<Shared>, q: usize) {
     let mut batch = RecvBatch::new(RX_BATCH, RX_SLOT);
     let mut rx = Rx {
+        q: q % sh.tuns.len(),
         dec: vec![0u8; RX_SLOT],
         cookie: [0u8; 128],
         errs: ErrLog { last: None },
@@ -355,10 +377,10 @@ pub(crate) fn rx_loop(sh: Arc<Shared>) {
     let c = &sh.counters;
     while !sh.stopping() {
         view.refresh(&sh);
-        let n = match batch.recv(sh.udp.socket(), Wait::Never) {
+        let n = match batch.recv(sh.udp.socket(q), Wait::Never) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                wait_readable(sh.udp.raw_fd(), POLL_MS);
+                wait_readable(sh.udp.raw_fd(q), POLL_MS);
                 continue;
             }
             Err(e) => {

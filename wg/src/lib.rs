@@ -1,14 +1,17 @@
-//! weft's WireGuard data path: one persistent TUN device, one UDP socket and
-//! one boringtun `noise::Tunn` per peer, driven by weft's own threads.
+//! weft's WireGuard data path: one persistent multi-queue TUN device, UDP
+//! sockets sharing one port and one boringtun `noise::Tunn` per peer, driven
+//! by weft's own threads.
 //!
-//! Three threads: *tx* reads the TUN (with TSO offload: up to 64 KiB TCP
-//! packets, cut into segments in place), encrypts into reused slots and sends
-//! batches with `sendmmsg` + UDP GSO; *rx* receives batches with `recvmmsg` +
-//! UDP GRO, decrypts, checks the source against the peer's network
-//! (crypto-key routing) and writes to the TUN, merging TCP segments into large
-//! writes; *timer* drives handshakes, rekeys and keepalives every 100 ms.
-//! One mutex per peer; no allocation per packet. Details in `datapath.rs`
-//! and `offload.rs`.
+//! Per queue (one per CPU up to 4, [`WgConfig::queues`]) a *tx* worker reads
+//! its TUN queue (with TSO offload: up to 64 KiB TCP packets, cut into
+//! segments in place), encrypts into reused slots and sends batches with
+//! `sendmmsg` + UDP GSO, and an *rx* worker receives batches on its socket
+//! with `recvmmsg` + UDP GRO, decrypts, checks the source against the peer's
+//! network (crypto-key routing) and writes to the TUN, merging TCP segments
+//! into large writes. The kernel keeps a flow on one TUN queue and a peer on
+//! one socket, so packets stay in order. One *timer* thread drives
+//! handshakes, rekeys and keepalives every 100 ms. One mutex per peer; no
+//! allocation per packet. Details in `datapath.rs` and `offload.rs`.
 //!
 //! Key rotation without dropping traffic ([`WgDevice::switch_key`], peers'
 //! announced next keys in [`WgDevice::set_peers_with_next_keys`]) is
@@ -24,6 +27,7 @@
 //!     mtu: 1440,
 //!     private_key: key.private_key(),
 //!     keepalive: Some(25),
+//!     queues: 0, // one worker per CPU, up to 4
 //! })?;
 //! dev.set_peers(vec![WgPeer {
 //!     public_key: weft_wg::key_from_base64("HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=")?,
@@ -86,6 +90,19 @@ pub struct WgConfig {
     pub private_key: [u8; 32],
     /// Persistent keepalive interval in seconds, for every peer.
     pub keepalive: Option<u16>,
+    /// Data-path workers per direction (TUN queues and sockets on the
+    /// port); 0 picks [`default_queues`].
+    pub queues: usize,
+}
+
+/// The most data-path workers per direction [`default_queues`] picks.
+pub const MAX_DEFAULT_QUEUES: usize = 4;
+
+/// One worker per direction per CPU, at most [`MAX_DEFAULT_QUEUES`].
+pub fn default_queues() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, MAX_DEFAULT_QUEUES)
 }
 
 impl std::fmt::Debug for WgConfig {
@@ -96,6 +113,7 @@ impl std::fmt::Debug for WgConfig {
             .field("mtu", &self.mtu)
             .field("private_key", &"<redacted>")
             .field("keepalive", &self.keepalive)
+            .field("queues", &self.queues)
             .finish()
     }
 }
@@ -199,29 +217,41 @@ impl WgDevice {
         tun::check_ifname(&cfg.ifname)?;
         weft_model::mtu::check_mtu(cfg.mtu, OVERHEAD_IPV4)
             .map_err(|e| WgError::Config(e.to_string()))?;
-        let (tun, created) = tun::Tun::open_persistent(&cfg.ifname)?;
+        let queues = if cfg.queues == 0 {
+            default_queues()
+        } else {
+            cfg.queues
+        };
+        let (tuns, created) = tun::Tun::open_persistent(&cfg.ifname, queues)?;
         let link = tun::Link::new(&cfg.ifname)?;
         link.set_mtu(cfg.mtu)?;
         link.set_up()?;
         let ifindex = link.index()?;
         let mtu = link.mtu()?;
-        let dev = WgDevice::launch(tun, ifindex, mtu, &cfg)?;
+        let dev = WgDevice::launch(tuns, ifindex, mtu, &cfg)?;
         tracing::info!(
-            ifname = %cfg.ifname, ifindex, mtu, port = dev.listen_port(),
+            ifname = %cfg.ifname, ifindex, mtu, port = dev.listen_port(), queues,
             public_key = %key_to_base64(&dev.public_key()), created, "WireGuard device started"
         );
         Ok(dev)
     }
 
-    /// Binds the socket and starts the threads on an open TUN.
-    fn launch(tun: tun::Tun, ifindex: u32, mtu: u32, cfg: &WgConfig) -> Result<WgDevice, WgError> {
+    /// Binds one socket per TUN queue and starts a tx and an rx worker per
+    /// queue, and the timer.
+    fn launch(
+        tuns: Vec<tun::Tun>,
+        ifindex: u32,
+        mtu: u32,
+        cfg: &WgConfig,
+    ) -> Result<WgDevice, WgError> {
         let keys = KeyPair::from_private(cfg.private_key);
-        let udp = udp::Udp::bind(cfg.listen_port)?;
+        let queues = tuns.len().max(1);
+        let udp = udp::Udp::bind(cfg.listen_port, queues)?;
         let base = weft_sys::random::u32()?;
         let tx_slot = (mtu as usize + DATA_OVERHEAD).div_ceil(64) * 64;
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
-            tun,
+            tuns,
             udp,
             mtu: mtu as usize,
             tx_slot: tx_slot.max(256),
@@ -240,19 +270,20 @@ impl WgDevice {
             control: Mutex::new(()),
             stopped: AtomicBool::new(false),
         };
-        type Loop = fn(Arc<Shared>);
-        let loops: [(&str, Loop); 3] = [
-            ("weft-wg-rx", datapath::rx_loop),
-            ("weft-wg-tx", datapath::tx_loop),
-            ("weft-wg-timer", datapath::timer_loop),
-        ];
-        for (name, f) in loops {
+        type Loop = fn(Arc<Shared>, usize);
+        let mut loops: Vec<(String, Loop, usize)> = Vec::new();
+        for q in 0..queues {
+            loops.push((format!("weft-wg-rx-{q}"), datapath::rx_loop, q));
+            loops.push((format!("weft-wg-tx-{q}"), datapath::tx_loop, q));
+        }
+        loops.push(("weft-wg-timer".into(), |sh, _| datapath::timer_loop(sh), 0));
+        for (name, f, q) in loops {
             let sh = Arc::clone(&shared);
             let h = std::thread::Builder::new()
-                .name(name.to_string())
-                .spawn(move || f(sh))
+                .name(name.clone())
+                .spawn(move || f(sh, q))
                 .map_err(|source| WgError::Thread {
-                    name: name.to_string(),
+                    name: name.clone(),
                     source,
                 })?;
             dev.threads.push(h);
@@ -466,6 +497,7 @@ mod tests {
             mtu: 1440,
             private_key: [0x41; 32],
             keepalive: None,
+            queues: 0,
         };
         let text = format!("{cfg:?}");
         assert!(text.contains("redacted"));
@@ -495,6 +527,7 @@ mod tests {
             mtu: 1440,
             private_key: [1; 32],
             keepalive: None,
+            queues: 0,
         };
         let mut c = base.clone();
         c.mtu = 100;

@@ -117,8 +117,9 @@ pub(crate) fn device(mtu: u32, keys: &KeyPair) -> (WgDevice, Wire) {
         mtu,
         private_key: keys.private_key(),
         keepalive: None,
+        queues: 0,
     };
-    let dev = WgDevice::launch(tun, 1, mtu, &cfg).unwrap();
+    let dev = WgDevice::launch(vec![tun], 1, mtu, &cfg).unwrap();
     (dev, Wire(test_end))
 }
 

@@ -73,20 +73,66 @@ pub(crate) struct Tun {
 }
 
 impl Tun {
-    /// Attaches to the TUN device `name`, creating it if it does not exist,
-    /// and makes it persistent (it outlives this process with its addresses
-    /// and routes). Returns whether the device was created.
-    pub(crate) fn open_persistent(name: &str) -> Result<(Tun, bool), WgError> {
+    /// Attaches `queues` (at least one) queues to the multi-queue TUN device
+    /// `name`, creating it if it does not exist, and makes it persistent (it
+    /// outlives this process with its addresses and routes). The kernel
+    /// spreads the packets it sends to the device over the queues by flow
+    /// hash, so one flow's packets stay on one queue, in order. A device
+    /// left by an earlier version without multi-queue is removed and created
+    /// again (its routes go with it; the caller re-adds them). Returns
+    /// whether the device was created.
+    pub(crate) fn open_persistent(name: &str, queues: usize) -> Result<(Vec<Tun>, bool), WgError> {
         check_ifname(name)?;
         let existed = ifindex_of(name).is_some();
-        let tun = Tun::attach(name)?;
-        // SAFETY: TUNSETPERSIST takes an integer argument.
-        cvt(unsafe { libc::ioctl(tun.fd.as_raw_fd(), libc::TUNSETPERSIST, 1 as libc::c_ulong) })
-            .map_err(|e| WgError::tun(name, "make the device persistent (TUNSETPERSIST)", e))?;
-        Ok((tun, !existed))
+        if existed {
+            refuse_if_attached(name)?;
+        }
+        let (first, created) = match Tun::attach(name, true) {
+            Ok(t) => (t, !existed),
+            Err((_, e)) if existed && e.raw_os_error() == Some(libc::EINVAL) => {
+                // Attached the old way, cleared, closed: the device is gone.
+                let old =
+                    Tun::attach(name, false).map_err(|(what, e)| WgError::tun(name, what, e))?;
+                old.set_persist(false)?;
+                drop(old);
+                tracing::info!(
+                    ifname = name,
+                    "re-creating the TUN device with multiple queues"
+                );
+                let t = Tun::attach(name, true).map_err(|(what, e)| WgError::tun(name, what, e))?;
+                (t, true)
+            }
+            Err((what, e)) => return Err(WgError::tun(name, what, e)),
+        };
+        first.set_persist(true)?;
+        let mut tuns = vec![first];
+        for _ in 1..queues.max(1) {
+            tuns.push(Tun::attach(name, true).map_err(|(what, e)| WgError::tun(name, what, e))?);
+        }
+        Ok((tuns, created))
     }
 
-    fn attach(name: &str) -> Result<Tun, WgError> {
+    fn set_persist(&self, on: bool) -> Result<(), WgError> {
+        let what = if on {
+            "make the device persistent (TUNSETPERSIST)"
+        } else {
+            "clear persistence (TUNSETPERSIST 0)"
+        };
+        // SAFETY: TUNSETPERSIST takes an integer argument.
+        cvt(unsafe {
+            libc::ioctl(
+                self.fd.as_raw_fd(),
+                libc::TUNSETPERSIST,
+                libc::c_ulong::from(on),
+            )
+        })
+        .map(drop)
+        .map_err(|e| WgError::tun(&self.name, what, e))
+    }
+
+    /// Opens one queue of `name` (multi-queue or not), creating the device
+    /// if it does not exist. On failure: the step and the error.
+    fn attach(name: &str, multi_queue: bool) -> Result<Tun, (&'static str, io::Error)> {
         // SAFETY: a valid path and flags; the result is checked.
         let fd = unsafe {
             libc::open(
@@ -94,14 +140,19 @@ impl Tun {
                 libc::O_RDWR | libc::O_CLOEXEC | libc::O_NONBLOCK,
             )
         };
-        let fd = cvt(fd).map_err(|e| WgError::tun(name, "open /dev/net/tun", e))?;
+        let fd = cvt(fd).map_err(|e| ("open /dev/net/tun", e))?;
         // SAFETY: `fd` was just opened and is owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let mut req = ifreq(name);
-        req.ifr_ifru.ifru_flags = TUN_FLAGS as libc::c_short;
+        let flags = if multi_queue {
+            TUN_FLAGS | libc::IFF_MULTI_QUEUE
+        } else {
+            TUN_FLAGS
+        };
+        req.ifr_ifru.ifru_flags = flags as libc::c_short;
         // SAFETY: TUNSETIFF reads and writes a struct ifreq.
         cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req) })
-            .map_err(|e| WgError::tun(name, "attach (TUNSETIFF)", e))?;
+            .map_err(|e| ("attach (TUNSETIFF)", e))?;
         // SAFETY: TUNSETOFFLOAD takes an integer argument.
         let rc = unsafe {
             libc::ioctl(
@@ -243,6 +294,16 @@ impl Link {
         Ok(unsafe { ifr.ifr_ifru.ifru_mtu } as u32)
     }
 
+    /// Whether some process has a queue of this TUN open: a TUN has carrier
+    /// exactly while a queue is attached. A multi-queue device lets anyone
+    /// attach one more queue, so this is how a second netd (or `destroy`
+    /// during a run) is refused. The carrier is read over netlink: the
+    /// `IFF_RUNNING` flag follows it up to a second late.
+    pub(crate) fn attached(&self) -> Result<bool, WgError> {
+        let index = self.index()?;
+        carrier(index).map_err(|e| WgError::tun(&self.name, "read the carrier (RTM_GETLINK)", e))
+    }
+
     pub(crate) fn set_up(&self) -> Result<(), WgError> {
         let mut ifr = ifreq(&self.name);
         self.ioctl(libc::SIOCGIFFLAGS, &mut ifr)
@@ -266,6 +327,58 @@ impl Link {
     }
 }
 
+/// Whether link `ifindex` of the calling thread's namespace has carrier
+/// (one RTM_GETLINK request).
+fn carrier(ifindex: u32) -> io::Result<bool> {
+    use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
+    use netlink_packet_route::link::{LinkAttribute, LinkMessage};
+    use netlink_packet_route::RouteNetlinkMessage;
+    use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+    let mut sock = Socket::new(NETLINK_ROUTE)?;
+    sock.bind_auto()?;
+    sock.connect(&SocketAddr::new(0, 0))?;
+    let mut link = LinkMessage::default();
+    link.header.index = ifindex;
+    let mut req = NetlinkMessage::new(
+        NetlinkHeader::default(),
+        NetlinkPayload::from(RouteNetlinkMessage::GetLink(link)),
+    );
+    req.header.flags = NLM_F_REQUEST;
+    req.header.sequence_number = 1;
+    req.finalize();
+    let mut out = vec![0u8; req.buffer_len()];
+    req.serialize(&mut out);
+    sock.send(&out, 0)?;
+    let mut buf = Vec::with_capacity(32 * 1024);
+    sock.recv(&mut buf, 0)?;
+    let bad = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
+    let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf)
+        .map_err(|e| bad(format!("netlink reply: {e}")))?;
+    match reply.payload {
+        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => Ok(m
+            .attributes
+            .iter()
+            .any(|a| matches!(a, LinkAttribute::Carrier(1)))),
+        NetlinkPayload::Error(e) => Err(e
+            .code
+            .map(|c| io::Error::from_raw_os_error(-c.get()))
+            .unwrap_or_else(|| bad("netlink error without a code".into()))),
+        other => Err(bad(format!("unexpected netlink reply {other:?}"))),
+    }
+}
+
+/// `EBUSY` (with its hint) when a process has the device open.
+fn refuse_if_attached(name: &str) -> Result<(), WgError> {
+    if Link::new(name)?.attached()? {
+        return Err(WgError::tun(
+            name,
+            "attach (a queue is open)",
+            io::Error::from_raw_os_error(libc::EBUSY),
+        ));
+    }
+    Ok(())
+}
+
 /// Removes the persistent TUN device `name` from the calling thread's
 /// namespace. A device that does not exist is not an error; one in use by a
 /// running process is (`EBUSY`).
@@ -274,10 +387,12 @@ pub fn destroy(name: &str) -> Result<(), super::WgError> {
     if ifindex_of(name).is_none() {
         return Ok(());
     }
-    let tun = Tun::attach(name)?;
-    // SAFETY: TUNSETPERSIST takes an integer argument.
-    cvt(unsafe { libc::ioctl(tun.fd.as_raw_fd(), libc::TUNSETPERSIST, 0 as libc::c_ulong) })
-        .map_err(|e| WgError::tun(name, "clear persistence (TUNSETPERSIST 0)", e))?;
+    refuse_if_attached(name)?;
+    // A device made by an earlier version is single-queue.
+    let tun = Tun::attach(name, true)
+        .or_else(|_| Tun::attach(name, false))
+        .map_err(|(what, e)| WgError::tun(name, what, e))?;
+    tun.set_persist(false)?;
     // Closing the last file descriptor of a non-persistent device removes it.
     drop(tun);
     tracing::info!(ifname = name, "removed the WireGuard TUN device");

@@ -75,6 +75,7 @@ impl Node {
             mtu: MTU,
             private_key: keys.private_key(),
             keepalive: None,
+            queues: 0,
         };
         let dev = in_netns(host.netns().path(), || WgDevice::start(cfg).unwrap());
         Node {

@@ -68,6 +68,7 @@ fn node(lab: &Lab, index: usize, keys: &KeyPair) -> Node {
         mtu: MTU,
         private_key: keys.private_key(),
         keepalive: Some(25),
+        queues: 0,
     };
     let dev = in_netns(host.netns().path(), || WgDevice::start(cfg).unwrap());
     Node { host, index, dev }

@@ -54,6 +54,7 @@ impl Node {
             mtu: MTU,
             private_key: self.keys.private_key(),
             keepalive: None,
+            queues: 0,
         };
         self.dev = Some(in_netns(self.host.netns().path(), || {
             WgDevice::start(cfg).unwrap()
@@ -596,4 +597,48 @@ fn restart_reattaches_the_persistent_tun_and_destroy_removes_it() {
     // Idempotent.
     in_netns(b.host.netns().path(), || wg::destroy(TUN)).unwrap();
     drop(a);
+}
+
+/// A TUN left by an earlier version (single-queue, persistent, with a route
+/// on it) is re-created with one queue per worker; the device then carries
+/// traffic with several workers, and each flow on one queue. A second
+/// device on the same TUN is refused while the first runs.
+#[test]
+fn a_single_queue_tun_is_recreated_with_queues() {
+    weft_tests::require_root!();
+    let _serial = serial();
+    let lab = Lab::new(LabOptions::hosts(2)).unwrap();
+    let h = lab.host(0).clone();
+    h.ip(["tuntap", "add", "dev", TUN, "mode", "tun", "vnet_hdr"])
+        .unwrap();
+    let cfg = |queues| WgConfig {
+        ifname: TUN.into(),
+        listen_port: PORT,
+        mtu: MTU,
+        private_key: KeyPair::generate().unwrap().private_key(),
+        keepalive: None,
+        queues,
+    };
+    let dev = in_netns(h.netns().path(), || WgDevice::start(cfg(3))).unwrap();
+    let details = h.exec(["ip", "-d", "link", "show", TUN]).unwrap();
+    assert!(details.contains("multi_queue"), "{details}");
+    // Three queues attached: the kernel shows as many tx queues.
+    let txq = h
+        .exec([
+            "sh",
+            "-c",
+            &format!("ls /sys/class/net/{TUN}/queues | grep -c tx-"),
+        ])
+        .unwrap();
+    assert_eq!(txq.trim(), "3", "tx queues of a 3-queue device");
+    // A second device (another netd) is refused, the first is untouched.
+    let second = in_netns(h.netns().path(), || WgDevice::start(cfg(1)));
+    let err = second.expect_err("a second device on a TUN in use");
+    assert!(err.to_string().contains("stop the other netd"), "{err}");
+    dev.stop();
+    // Detached, it reattaches (persistent), with a different queue count.
+    let dev = in_netns(h.netns().path(), || WgDevice::start(cfg(2))).unwrap();
+    dev.stop();
+    in_netns(h.netns().path(), || wg::destroy(TUN)).unwrap();
+    assert!(!h.links().unwrap().iter().any(|l| l == TUN));
 }

@@ -223,6 +223,10 @@ pub struct WireguardSection {
     #[arg(long = "wg-rotate-settle-ms", env = "WEFT_WG_ROTATE_SETTLE_MS",
           default_value_t = DEFAULT_WG_ROTATE_SETTLE_MS)]
     pub rotate_settle_ms: u64,
+    /// Data-path workers per direction (TUN queues, sockets on the port);
+    /// 0: one per CPU, at most 4.
+    #[arg(long = "wg-queues", env = "WEFT_WG_QUEUES", default_value_t = 0)]
+    pub queues: usize,
 }
 
 /// `[store]`: where the cluster's state lives. The file names it in parts
