@@ -1,5 +1,6 @@
 //! Machine facts and measurements shared by every part: statistics, CPU time
-//! (system-wide from /proc/stat, per process from /proc/PID/stat), load
+//! (system-wide from /proc/stat, per process from /proc/PID/stat through
+//! `weft_tests::proc`), load
 //! average, the "busy" rule, tool versions, dates, and cleanup on a signal.
 
 use std::process::Command;
@@ -7,6 +8,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+pub use weft_tests::proc::clk_tck;
+use weft_tests::proc::process_ticks;
 
 /// One figure: every run's value and their median (`None` when no run
 /// produced a value).
@@ -55,17 +58,6 @@ pub fn percentile(v: &[f64], p: f64) -> f64 {
     s[i.min(s.len() - 1)]
 }
 
-/// USER_HZ, the unit of /proc times (100 on Linux).
-pub fn clk_tck() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let v = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if v > 0 {
-        v as f64
-    } else {
-        100.0
-    }
-}
-
 /// System-wide CPU time from the first line of /proc/stat, in ticks:
 /// (busy, total). Busy is user + nice + system + irq + softirq + steal, so
 /// kernel networking done in softirq context (VXLAN, veth, bridge) counts.
@@ -83,16 +75,6 @@ pub fn cpu_ticks() -> (u64, u64) {
     let busy = get(0) + get(1) + get(2) + get(5) + get(6) + get(7);
     let total = busy + get(3) + get(4);
     (busy, total)
-}
-
-/// utime + stime of a process (all its threads, living and dead), in ticks.
-pub fn proc_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = f.get(11)?.parse().ok()?;
-    let stime: u64 = f.get(12)?.parse().ok()?;
-    Some(utime + stime)
 }
 
 /// The name of a process (`comm`).
@@ -115,14 +97,14 @@ impl CpuMeter {
         CpuMeter {
             sys: cpu_ticks(),
             pids: pids.to_vec(),
-            procs: pids.iter().filter_map(|&p| proc_ticks(p)).sum(),
+            procs: pids.iter().filter_map(|&p| process_ticks(p)).sum(),
         }
     }
 
     /// (machine busy CPU seconds, the processes' CPU seconds).
     pub fn stop(&self) -> (f64, f64) {
         let (busy, _) = cpu_ticks();
-        let procs: u64 = self.pids.iter().filter_map(|&p| proc_ticks(p)).sum();
+        let procs: u64 = self.pids.iter().filter_map(|&p| process_ticks(p)).sum();
         let hz = clk_tck();
         (
             busy.saturating_sub(self.sys.0) as f64 / hz,

@@ -33,6 +33,7 @@ mod lab;
 pub mod naming;
 mod netns;
 pub mod probe;
+pub mod proc;
 pub mod services;
 pub mod spoof;
 pub mod weft;

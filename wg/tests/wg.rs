@@ -136,24 +136,7 @@ fn text(o: &std::process::Output) -> String {
 /// CPU seconds used so far by this process's WireGuard threads (both
 /// hosts' devices run in this process).
 fn wg_cpu_seconds() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let mut ticks = 0u64;
-    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
-        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
-            continue;
-        };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        if !stat[open + 1..close].starts_with("weft-wg") {
-            continue;
-        }
-        let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
-        // utime and stime are fields 14 and 15 of stat(5); index 11 and 12 here.
-        ticks += fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    }
-    ticks as f64 / hz
+    weft_tests::proc::thread_cpu_seconds("weft-wg").unwrap()
 }
 
 /// Runs an iperf3 transfer of `bytes` from `client` to `server_addr` (bound to

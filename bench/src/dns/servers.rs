@@ -31,17 +31,9 @@ impl Server {
     }
 
     pub(super) fn cpu_ticks(&self) -> Result<u64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
-        // Fields after the command name (which may hold spaces): state is
-        // field 3; utime and stime are fields 14 and 15.
-        let rest = stat
-            .rsplit_once(')')
-            .map(|(_, r)| r)
-            .context("odd /proc stat")?;
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let utime: u64 = f.get(11).context("no utime")?.parse()?;
-        let stime: u64 = f.get(12).context("no stime")?.parse()?;
-        Ok(utime + stime)
+        let pid = self.child.id();
+        weft_tests::proc::process_ticks(pid)
+            .with_context(|| format!("no utime and stime in /proc/{pid}/stat of {}", self.name))
     }
 
     pub(super) fn addr(&self) -> SocketAddr {
