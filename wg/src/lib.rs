@@ -22,12 +22,9 @@
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let key = load_or_create_key(std::path::Path::new("/var/lib/weft"))?;
 //! let dev = WgDevice::start(WgConfig {
-//!     ifname: "weft-wg".into(),
-//!     listen_port: 51820,
-//!     mtu: 1440,
-//!     private_key: key.private_key(),
 //!     keepalive: Some(25),
-//!     queues: 0, // one worker per CPU, up to 4
+//!     // queues: 0 (the default): one worker per CPU, up to 4
+//!     ..WgConfig::new("weft-wg", 51820, 1440, key.private_key())
 //! })?;
 //! dev.set_peers(vec![WgPeer {
 //!     public_key: weft_wg::key_from_base64("HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=")?,
@@ -93,6 +90,26 @@ pub struct WgConfig {
     /// Data-path workers per direction (TUN queues and sockets on the
     /// port); 0 picks [`default_queues`].
     pub queues: usize,
+}
+
+impl WgConfig {
+    /// A device named `ifname` on `listen_port` with `mtu` and
+    /// `private_key`; no persistent keepalive, [`default_queues`] workers.
+    pub fn new(
+        ifname: impl Into<String>,
+        listen_port: u16,
+        mtu: u32,
+        private_key: [u8; 32],
+    ) -> WgConfig {
+        WgConfig {
+            ifname: ifname.into(),
+            listen_port,
+            mtu,
+            private_key,
+            keepalive: None,
+            queues: 0,
+        }
+    }
 }
 
 /// The most data-path workers per direction [`default_queues`] picks.
@@ -484,6 +501,8 @@ impl Drop for WgDevice {
 
 #[cfg(test)]
 mod loopback_tests;
+#[cfg(test)]
+mod scale_tests;
 
 #[cfg(test)]
 mod tests {
@@ -491,14 +510,7 @@ mod tests {
 
     #[test]
     fn config_debug_hides_the_key() {
-        let cfg = WgConfig {
-            ifname: "w".into(),
-            listen_port: 1,
-            mtu: 1440,
-            private_key: [0x41; 32],
-            keepalive: None,
-            queues: 0,
-        };
+        let cfg = WgConfig::new("w", 1, 1440, [0x41; 32]);
         let text = format!("{cfg:?}");
         assert!(text.contains("redacted"));
         assert!(!text.contains(&key_to_base64(&[0x41; 32])));
@@ -521,14 +533,8 @@ mod tests {
 
     #[test]
     fn start_rejects_bad_config_before_touching_the_system() {
-        let base = WgConfig {
-            ifname: "weft-wg".into(),
-            listen_port: 0,
-            mtu: 1440,
-            private_key: [1; 32],
-            keepalive: None,
-            queues: 0,
-        };
+        let base = WgConfig::new("weft-wg", 0, 1440, [1; 32]);
+        assert_eq!((base.keepalive, base.queues), (None, 0));
         let mut c = base.clone();
         c.mtu = 100;
         assert!(matches!(WgDevice::start(c), Err(WgError::Config(_))));

@@ -111,14 +111,7 @@ pub(crate) fn ipv4(src: [u8; 4], dst: [u8; 4], total: usize, fill: u8) -> Vec<u8
 pub(crate) fn device(mtu: u32, keys: &KeyPair) -> (WgDevice, Wire) {
     let (dev_end, test_end) = socketpair();
     let tun = tun::Tun::from_fd(dev_end, "fake");
-    let cfg = WgConfig {
-        ifname: "fake".into(),
-        listen_port: 0,
-        mtu,
-        private_key: keys.private_key(),
-        keepalive: None,
-        queues: 0,
-    };
+    let cfg = WgConfig::new("fake", 0, mtu, keys.private_key());
     let dev = WgDevice::launch(vec![tun], 1, mtu, &cfg).unwrap();
     (dev, Wire(test_end))
 }

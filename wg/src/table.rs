@@ -42,6 +42,17 @@ impl Routes {
         Ok(())
     }
 
+    /// Adds `net` for `slot` without checking for overlaps; call
+    /// [`Routes::sort`] once after the last one.
+    fn push(&mut self, net: Ipv4Network, slot: u32) {
+        self.routes
+            .push((u32::from(net.network()), u32::from(net.broadcast()), slot));
+    }
+
+    fn sort(&mut self) {
+        self.routes.sort_unstable_by_key(|r| r.0);
+    }
+
     /// The slot whose range holds `addr`.
     #[inline]
     pub(crate) fn lookup(&self, addr: u32) -> Option<u32> {
@@ -50,6 +61,69 @@ impl Routes {
             Some((_, last, slot)) if addr <= last => Some(slot),
             _ => None,
         }
+    }
+}
+
+/// Which of `nets` overlap at least one other (sorted once: O(n log n)).
+fn overlapping(nets: impl Iterator<Item = Ipv4Network>) -> Vec<bool> {
+    let mut ranges: Vec<(u32, u32, usize)> = nets
+        .enumerate()
+        .map(|(i, n)| (u32::from(n.network()), u32::from(n.broadcast()), i))
+        .collect();
+    let mut out = vec![false; ranges.len()];
+    ranges.sort_unstable_by_key(|r| r.0);
+    // The range reaching furthest so far, and whose it is.
+    let mut reach: Option<(u32, usize)> = None;
+    for &(first, last, i) in &ranges {
+        if let Some((end, j)) = reach {
+            if first <= end {
+                out[i] = true;
+                out[j] = true;
+            }
+        }
+        if reach.is_none_or(|(end, _)| last > end) {
+            reach = Some((last, i));
+        }
+    }
+    out
+}
+
+/// The routes of a table being built: networks that overlap no other
+/// wanted network go in unchecked (sorted once at the end), the few that
+/// do are checked one by one in the order wanted (the first one wins), so
+/// a rebuild costs O(n log n), not O(n²).
+struct RouteBuilder {
+    routes: Routes,
+    contested: Routes,
+    overlaps: Vec<bool>,
+}
+
+impl RouteBuilder {
+    fn new(want: &[Want]) -> RouteBuilder {
+        RouteBuilder {
+            routes: Routes {
+                routes: Vec::with_capacity(want.len()),
+            },
+            contested: Routes::default(),
+            overlaps: overlapping(want.iter().map(|w| w.allowed)),
+        }
+    }
+
+    /// Adds want `i`'s network for `slot`, or returns the slot that owns a
+    /// network it overlaps.
+    fn insert(&mut self, i: usize, net: Ipv4Network, slot: u32) -> Result<(), u32> {
+        if self.overlaps[i] {
+            self.contested.insert(net, slot)
+        } else {
+            self.routes.push(net, slot);
+            Ok(())
+        }
+    }
+
+    fn finish(mut self) -> Routes {
+        self.routes.routes.append(&mut self.contested.routes);
+        self.routes.sort();
+        self.routes
     }
 }
 
@@ -159,12 +233,13 @@ impl PeerTable {
         let mut changes = Changes::default();
         let mut next = PeerTable::new(self.index_base);
         // Keep the slots of staying peers so their indices do not change.
-        let mut new_peers: Vec<&Want> = Vec::new();
+        let mut new_peers: Vec<(usize, &Want)> = Vec::new();
+        let mut routes = RouteBuilder::new(want);
         // Announced next keys, mapped after every current key (a current key
         // wins over an alias).
         let mut aliases: Vec<([u8; 32], u32)> = Vec::new();
         next.slots = (0..self.slots.len()).map(|_| None).collect();
-        for w in want {
+        for (i, w) in want.iter().enumerate() {
             if &w.public_key == own_key {
                 changes
                     .rejected
@@ -186,7 +261,7 @@ impl PeerTable {
             let old = found.and_then(|slot| Some((slot, self.slots[slot as usize].as_ref()?)));
             match old {
                 Some((slot, old)) => {
-                    if let Err(other) = next.routes.insert(w.allowed, slot) {
+                    if let Err(other) = routes.insert(i, w.allowed, slot) {
                         changes
                             .rejected
                             .push((w.public_key, overlap_reason(&next, other, w)));
@@ -223,25 +298,36 @@ impl PeerTable {
                     // Reserve the key now so a duplicate later in `want` is
                     // caught; the slot is chosen below.
                     next.by_key.insert(w.public_key, u32::MAX);
-                    new_peers.push(w);
+                    new_peers.push((i, w));
                 }
             }
         }
-        for w in new_peers {
+        // Free slots, lowest first (a new peer takes the lowest free one).
+        let mut free = next
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.is_none())
+            .map(|(i, _)| i as u32)
+            .rev()
+            .collect::<Vec<u32>>();
+        for (i, w) in new_peers {
             next.by_key.remove(&w.public_key);
-            let slot = match next.slots.iter().position(Option::is_none) {
-                Some(s) => s as u32,
+            let slot = match free.last() {
+                Some(&s) => s,
                 None => {
                     next.slots.push(None);
+                    free.push((next.slots.len() - 1) as u32);
                     (next.slots.len() - 1) as u32
                 }
             };
-            if let Err(other) = next.routes.insert(w.allowed, slot) {
+            if let Err(other) = routes.insert(i, w.allowed, slot) {
                 changes
                     .rejected
                     .push((w.public_key, overlap_reason(&next, other, w)));
                 continue;
             }
+            free.pop();
             let peer = make(w, next.index_of_slot(slot));
             changes.added.push(Arc::clone(&peer));
             next.slots[slot as usize] = Some(Entry {
@@ -256,6 +342,7 @@ impl PeerTable {
                 next.by_key.entry(k).or_insert(slot);
             }
         }
+        next.routes = routes.finish();
         while matches!(next.slots.last(), Some(None)) {
             next.slots.pop();
         }
@@ -458,6 +545,68 @@ mod tests {
             t1.by_dst(ip("10.42.1.200")).unwrap().peer.public_key(),
             key(1)
         );
+    }
+
+    #[test]
+    fn the_first_of_overlapping_networks_wins_in_any_order() {
+        let own = [7u8; 32];
+        let wide = || want(1, "10.42.0.0/16");
+        let (b, c, d) = (
+            want(2, "10.42.1.0/24"),
+            want(3, "10.42.2.0/24"),
+            want(4, "10.43.0.0/24"),
+        );
+        let (t, ch) = PeerTable::new(0).reconcile(
+            &[wide(), b.clone(), c.clone(), d.clone()],
+            &key(9),
+            make(own),
+        );
+        assert_eq!(ch.rejected.len(), 2, "{:?}", ch.rejected);
+        assert_eq!(t.by_dst(ip("10.42.2.1")).unwrap().peer.public_key(), key(1));
+        assert_eq!(t.by_dst(ip("10.43.0.1")).unwrap().peer.public_key(), key(4));
+        let (t, ch) = PeerTable::new(0).reconcile(&[d, b, c, wide()], &key(9), make(own));
+        assert_eq!(ch.rejected.len(), 1);
+        assert_eq!(ch.rejected[0].0, key(1));
+        assert_eq!(t.by_dst(ip("10.42.2.1")).unwrap().peer.public_key(), key(3));
+        assert_eq!(t.by_dst(ip("10.42.1.1")).unwrap().peer.public_key(), key(2));
+        assert!(t.by_dst(ip("10.42.3.1")).is_none());
+        assert_eq!(
+            overlapping(
+                ["10.0.0.0/8", "11.0.0.0/24", "10.9.0.0/16", "12.0.0.0/8"]
+                    .iter()
+                    .map(|n| net(n))
+            ),
+            vec![true, false, true, false]
+        );
+    }
+
+    #[test]
+    fn freed_slots_are_reused_lowest_first() {
+        let own = [7u8; 32];
+        let all: Vec<Want> = (1..=6)
+            .map(|n| want(n, &format!("10.42.{n}.0/24")))
+            .collect();
+        let (t1, _) = PeerTable::new(0).reconcile(&all, &key(9), make(own));
+        let index = |t: &PeerTable, n: u8| t.by_key(&key(n)).unwrap().peer.index;
+        // 2 and 4 leave; 7 and 8 come (8 overlaps 3 and is left out), 9 too.
+        let mut w: Vec<Want> = all
+            .iter()
+            .filter(|w| ![2, 4].contains(&w.public_key[0]))
+            .cloned()
+            .collect();
+        w.push(want(7, "10.42.7.0/24"));
+        w.push(want(8, "10.42.3.128/25"));
+        w.push(want(9, "10.42.9.0/24"));
+        w.push(want(10, "10.42.10.0/24"));
+        let (t2, c) = t1.reconcile(&w, &key(9 + 100), make(own));
+        assert_eq!(
+            (c.added.len(), c.removed.len(), c.rejected.len()),
+            (3, 2, 1)
+        );
+        assert_eq!(index(&t2, 7), index(&t1, 2));
+        assert_eq!(index(&t2, 9), index(&t1, 4));
+        assert_eq!(index(&t2, 10), index(&t1, 6) + 1);
+        assert_eq!(t2.len(), 7);
     }
 
     fn current_key(p: &Peer) -> ([u8; 32], Option<[u8; 32]>) {
