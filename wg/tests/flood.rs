@@ -18,18 +18,15 @@
 //! The CPU the device threads spend per flood datagram is printed for each
 //! kind of initiation alone.
 
-use std::net::SocketAddrV4;
-use std::sync::Mutex;
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::{iperf3, ping, serial, wg_cpu_seconds, Node, UNDERLAY_MTU};
 use weft_tests::flood::{self, FloodReport, Flooder};
-use weft_tests::{in_netns, Host, Lab, LabOptions};
-use weft_wg::{self as wg, DeviceStats, KeyPair, WgConfig, WgDevice, WgPeer};
+use weft_tests::{Host, Lab, LabOptions};
+use weft_wg::DeviceStats;
 
-const TUN: &str = "weft-wg";
-const PORT: u16 = 51820;
-const UNDERLAY_MTU: u32 = 1500;
-const MTU: u32 = UNDERLAY_MTU - wg::OVERHEAD_IPV4;
 /// The issue's flood rate.
 const FLOOD_RATE: u64 = 50_000;
 /// Distinct initiations of each kind replayed by the flood.
@@ -52,146 +49,19 @@ const COOKIE_SET: usize = 200;
 /// Seconds per iperf3 run.
 const IPERF_SECS: u32 = 3;
 
-static SERIAL: Mutex<()> = Mutex::new(());
-
-struct Node {
-    host: Host,
-    index: usize,
-    keys: KeyPair,
-    dev: WgDevice,
-}
-
-impl Node {
-    fn new(lab: &Lab, i: usize) -> Node {
-        let host = lab.host(i).clone();
-        host.ip(["link", "add", "weft0", "type", "bridge"]).unwrap();
-        host.ip(["addr", "add", &format!("10.42.{i}.1/24"), "dev", "weft0"])
-            .unwrap();
-        host.ip(["link", "set", "weft0", "up"]).unwrap();
-        let keys = KeyPair::generate().unwrap();
-        let cfg = WgConfig {
-            ifname: TUN.into(),
-            listen_port: PORT,
-            mtu: MTU,
-            private_key: keys.private_key(),
-            keepalive: None,
-            queues: 0,
-        };
-        let dev = in_netns(host.netns().path(), || WgDevice::start(cfg).unwrap());
-        Node {
-            host,
-            index: i,
-            keys,
-            dev,
-        }
-    }
-    fn block(&self) -> String {
-        format!("10.42.{}.0/24", self.index)
-    }
-    fn gw(&self) -> String {
-        format!("10.42.{}.1", self.index)
-    }
-    fn endpoint(&self) -> SocketAddrV4 {
-        SocketAddrV4::new(self.host.addr(), PORT)
-    }
-    fn peer(&self) -> WgPeer {
-        WgPeer {
-            public_key: self.keys.public_key(),
-            endpoint: self.endpoint().into(),
-            allowed: self.block().parse().unwrap(),
-        }
-    }
-    fn route_to(&self, other: &Node) {
-        self.host
-            .ip([
-                "route",
-                "add",
-                &other.block(),
-                "dev",
-                TUN,
-                "src",
-                &self.gw(),
-            ])
-            .unwrap();
-    }
-    fn stats_for(&self, other: &Node) -> wg::PeerStats {
-        self.dev
-            .stats()
-            .into_iter()
-            .find(|s| s.public_key == other.keys.public_key())
-            .unwrap()
-    }
-}
-
-/// CPU seconds used so far by this process's WireGuard threads (both
-/// hosts' devices run in this process).
-fn wg_cpu_seconds() -> f64 {
-    weft_tests::proc::thread_cpu_seconds("weft-wg").unwrap()
-}
-
 /// One TCP stream from `a` to `b` through the tunnel for `IPERF_SECS`;
 /// bits per second received.
 fn tcp_bps(a: &Node, b: &Node, port: u16) -> f64 {
-    let port = port.to_string();
-    let mut srv = b
-        .host
-        .spawn(["iperf3", "-s", "-1", "-B", &b.gw(), "-p", &port])
-        .unwrap();
     let secs = IPERF_SECS.to_string();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let o = a
-            .host
-            .output([
-                "iperf3",
-                "-c",
-                &b.gw(),
-                "-B",
-                &a.gw(),
-                "-p",
-                &port,
-                "-t",
-                &secs,
-                "-J",
-            ])
-            .unwrap();
-        let v = serde_json::from_slice::<serde_json::Value>(&o.stdout).ok();
-        // iperf3 -J exits 0 even when it could not connect; the JSON says.
-        if let Some(v) = v.filter(|v| o.status.success() && v.get("error").is_none()) {
-            let _ = srv.wait_timeout(Duration::from_secs(5));
-            return v["end"]["sum_received"]["bits_per_second"]
-                .as_f64()
-                .unwrap_or_else(|| panic!("unexpected iperf3 output: {v}"));
-        }
-        assert!(
-            Instant::now() < deadline,
-            "iperf3 never succeeded: {}{}; server: {}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr),
-            srv.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let v = iperf3(&b.host, &a.host, &b.gw(), &a.gw(), port, &["-t", &secs]);
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("unexpected iperf3 output: {v}"))
 }
 
+/// Three pings from `from`'s gateway to `to`'s all answered.
 fn ping_ok(from: &Node, to: &Node) -> bool {
-    from.host
-        .output([
-            "ping",
-            "-n",
-            "-c",
-            "3",
-            "-i",
-            "0.2",
-            "-W",
-            "2",
-            "-I",
-            &from.gw(),
-            &to.gw(),
-        ])
-        .unwrap()
-        .status
-        .success()
+    ping(from, to, &[]).status.success()
 }
 
 /// Growth of the counters this test reads between two snapshots.
@@ -222,7 +92,7 @@ fn flood_alone(
     packets: Vec<Vec<u8>>,
     secs: f64,
 ) -> (FloodReport, DeviceStats, f64) {
-    let s0 = victim.dev.device_stats();
+    let s0 = victim.dev().device_stats();
     let cpu0 = wg_cpu_seconds();
     let f = Flooder::start(flooder.netns(), victim.endpoint(), packets, FLOOD_RATE).unwrap();
     std::thread::sleep(Duration::from_secs_f64(secs));
@@ -230,26 +100,17 @@ fn flood_alone(
     // Let the receive thread drain its socket.
     std::thread::sleep(Duration::from_millis(200));
     let cpu = wg_cpu_seconds() - cpu0;
-    let d = delta(&s0, &victim.dev.device_stats());
+    let d = delta(&s0, &victim.dev().device_stats());
     (r, d, cpu * 1e6 / r.sent.max(1) as f64)
 }
 
 #[test]
 fn handshake_flood_leaves_real_peers_working() {
     weft_tests::require_root!();
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _s = serial();
     let lab = Lab::new(LabOptions::hosts(3).mtu(UNDERLAY_MTU)).unwrap();
-    let a = Node::new(&lab, 0);
-    let b = Node::new(&lab, 1);
+    let (a, b) = common::pair(&lab, None);
     let flooder = lab.host(2).clone();
-    a.route_to(&b);
-    b.route_to(&a);
-    a.dev.set_peers(vec![b.peer()]);
-    b.dev.set_peers(vec![a.peer()]);
     assert!(ping_ok(&a, &b), "no traffic before the flood");
 
     let valid = flood::initiations(&b.keys.public_key(), FLOOD_SET).unwrap();
@@ -312,7 +173,7 @@ fn handshake_flood_leaves_real_peers_working() {
     let before = tcp_bps(&a, &b, 5201);
     let mut mixed = valid;
     mixed.extend(garbage);
-    let s0 = b.dev.device_stats();
+    let s0 = b.dev().device_stats();
     let t0 = Instant::now();
     let f = Flooder::start(flooder.netns(), b.endpoint(), mixed, FLOOD_RATE).unwrap();
     let during = tcp_bps(&a, &b, 5202);
@@ -333,15 +194,15 @@ fn handshake_flood_leaves_real_peers_working() {
     // (c) A new handshake during the flood: A forgets B and adds it again.
     let hs_before = a.stats_for(&b);
     assert!(hs_before.last_handshake.is_some(), "{hs_before:?}");
-    a.dev.set_peers(vec![]);
+    a.dev().set_peers(vec![]);
     let readded = Instant::now();
-    a.dev.set_peers(vec![b.peer()]);
+    a.dev().set_peers(vec![b.peer()]);
     let hs = weft_tests::wait_until(Duration::from_secs(20), "A's new handshake with B", || {
         a.stats_for(&b).last_handshake.is_some()
     });
     let took = readded.elapsed();
     let r = f.stop().unwrap();
-    let d = delta(&s0, &b.dev.device_stats());
+    let d = delta(&s0, &b.dev().device_stats());
     println!(
         "FLOOD mixed: {r}; B during it: {}; new handshake A -> B completed after {took:.2?} \
          (cookie reply, then A's retry with mac2 after REKEY_TIMEOUT)",

@@ -8,76 +8,28 @@
 //! the same peer slot over, and afterwards a handshake initiation made with
 //! K1 is refused by B, and one sent to K1 is refused by A.
 
+mod common;
+
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519;
+use common::{pair, serial};
 use weft_tests::{in_netns, wait_until, Host, Lab, LabOptions};
-use weft_wg::{self as wg, KeyPair, WgConfig, WgDevice, WgPeer};
+use weft_wg::KeyPair;
 
-const TUN: &str = "weft-wg";
-const PORT: u16 = 51820;
-const MTU: u32 = 1500 - wg::OVERHEAD_IPV4;
 const TCP_PORT: u16 = 5201;
-
-struct Node {
-    host: Host,
-    index: usize,
-    dev: WgDevice,
-}
-
-impl Node {
-    fn block(&self) -> String {
-        format!("10.42.{}.0/24", self.index)
-    }
-    fn gw(&self) -> String {
-        format!("10.42.{}.1", self.index)
-    }
-    fn endpoint(&self) -> SocketAddr {
-        format!("{}:{PORT}", self.host.addr()).parse().unwrap()
-    }
-    fn peer(&self, key: [u8; 32]) -> WgPeer {
-        WgPeer {
-            public_key: key,
-            endpoint: self.endpoint(),
-            allowed: self.block().parse().unwrap(),
-        }
-    }
-}
-
-/// A host with its block on bridge `weft0` and a running device.
-fn node(lab: &Lab, index: usize, keys: &KeyPair) -> Node {
-    let host = lab.host(index).clone();
-    host.ip(["link", "add", "weft0", "type", "bridge"]).unwrap();
-    host.ip([
-        "addr",
-        "add",
-        &format!("10.42.{index}.1/24"),
-        "dev",
-        "weft0",
-    ])
-    .unwrap();
-    host.ip(["link", "set", "weft0", "up"]).unwrap();
-    let cfg = WgConfig {
-        ifname: TUN.into(),
-        listen_port: PORT,
-        mtu: MTU,
-        private_key: keys.private_key(),
-        keepalive: Some(25),
-        queues: 0,
-    };
-    let dev = in_netns(host.netns().path(), || WgDevice::start(cfg).unwrap());
-    Node { host, index, dev }
-}
+/// Persistent keepalive of both devices, in seconds.
+const KEEPALIVE: u16 = 25;
 
 /// Sends a handshake initiation made with `from`'s private key towards
 /// `to_public` at `to`, from a fresh socket in `host`'s namespace; returns
 /// whether anything answered within 500 ms.
-fn initiate_as(host: &Host, from: &KeyPair, to_public: [u8; 32], to: SocketAddr) -> bool {
+fn initiate_as(host: &Host, from: &KeyPair, to_public: [u8; 32], to: SocketAddrV4) -> bool {
     let mut t = Tunn::new(
         x25519::StaticSecret::from(from.private_key()),
         x25519::PublicKey::from(to_public),
@@ -111,24 +63,12 @@ struct Received {
 
 #[test]
 fn a_tcp_stream_survives_a_key_rotation() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
+    let _s = serial();
     let lab = Lab::new(LabOptions::hosts(2)).unwrap();
-    let (k1, kb) = (KeyPair::generate().unwrap(), KeyPair::generate().unwrap());
-    let a = node(&lab, 0, &k1);
-    let b = node(&lab, 1, &kb);
-    a.host
-        .ip(["route", "add", &b.block(), "dev", TUN, "src", &a.gw()])
-        .unwrap();
-    b.host
-        .ip(["route", "add", &a.block(), "dev", TUN, "src", &b.gw()])
-        .unwrap();
-    a.dev.set_peers(vec![b.peer(kb.public_key())]);
-    b.dev.set_peers(vec![a.peer(k1.public_key())]);
+    let (a, b) = pair(&lab, Some(KEEPALIVE));
+    let (k1, kb) = (&a.keys, &b.keys);
     wait_until(Duration::from_secs(5), "the first handshake", || {
-        b.dev
+        b.dev()
             .stats()
             .first()
             .and_then(|s| s.last_handshake)
@@ -196,21 +136,21 @@ fn a_tcp_stream_survives_a_key_rotation() {
 
     // Announce: B learns A's next key.
     let k2 = KeyPair::generate().unwrap();
-    b.dev
-        .set_peers_with_next_keys(vec![(a.peer(k1.public_key()), Some(k2.public_key()))]);
-    let index = b.dev.stats()[0].index;
+    b.dev()
+        .set_peers_with_next_keys(vec![(a.peer_with(k1.public_key()), Some(k2.public_key()))]);
+    let index = b.dev().stats()[0].index;
     std::thread::sleep(Duration::from_millis(500));
     // Switch.
     let switched = Instant::now();
-    assert_eq!(a.dev.switch_key(&k2), k1.public_key());
+    assert_eq!(a.dev().switch_key(&k2), k1.public_key());
     wait_until(Duration::from_secs(5), "B moving over to K2", || {
-        b.dev.stats()[0].key_switches == 1
+        b.dev().stats()[0].key_switches == 1
     })
     .expect("B moves over to K2 on A's handshake");
     println!("B moved over {:?} after the switch", switched.elapsed());
     std::thread::sleep(Duration::from_secs(1));
     // The store catches up: K2 only.
-    b.dev.set_peers(vec![a.peer(k2.public_key())]);
+    b.dev().set_peers(vec![a.peer_with(k2.public_key())]);
     std::thread::sleep(Duration::from_secs(1));
 
     stop.store(true, Ordering::Relaxed);
@@ -225,7 +165,7 @@ fn a_tcp_stream_survives_a_key_rotation() {
         "largest gap between received chunks: {:?}",
         got.max_gap
     );
-    let sb = &b.dev.stats()[0];
+    let sb = &b.dev().stats()[0];
     assert_eq!(sb.public_key, k2.public_key());
     assert_eq!(sb.index, index, "the same peer slot moved over");
     assert_eq!(sb.key_switches, 1);
@@ -233,12 +173,12 @@ fn a_tcp_stream_survives_a_key_rotation() {
     // K1 is accepted nowhere: B does not answer an initiation made with it
     // (unknown peer), and A does not answer one sent to it (mac1 is keyed
     // by K2 now).
-    let unknown = b.dev.device_stats().drops_unknown_peer;
-    assert!(!initiate_as(&a.host, &k1, kb.public_key(), b.endpoint()));
-    assert_eq!(b.dev.device_stats().drops_unknown_peer, unknown + 1);
-    let malformed = a.dev.device_stats().drops_malformed;
-    assert!(!initiate_as(&b.host, &kb, k1.public_key(), a.endpoint()));
-    assert_eq!(a.dev.device_stats().drops_malformed, malformed + 1);
+    let unknown = b.dev().device_stats().drops_unknown_peer;
+    assert!(!initiate_as(&a.host, k1, kb.public_key(), b.endpoint()));
+    assert_eq!(b.dev().device_stats().drops_unknown_peer, unknown + 1);
+    let malformed = a.dev().device_stats().drops_malformed;
+    assert!(!initiate_as(&b.host, kb, k1.public_key(), a.endpoint()));
+    assert_eq!(a.dev().device_stats().drops_malformed, malformed + 1);
     // While K2 is answered (the same probe towards K2 gets a response).
-    assert!(initiate_as(&b.host, &kb, k2.public_key(), a.endpoint()));
+    assert!(initiate_as(&b.host, kb, k2.public_key(), a.endpoint()));
 }

@@ -1,143 +1,22 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! weft's WireGuard data path between lab hosts (needs root). Each host gets
-//! a block 10.42.H.0/24 with 10.42.H.1 on a bridge `weft0`, a `WgDevice` on
-//! TUN `weft-wg` (created inside the host's namespace by a thread that joined
-//! it) and a route for the other host's block via the TUN. Proves: handshake
-//! and pings both ways, a TCP transfer (throughput printed next to the raw
-//! underlay), nothing in clear on the underlay, crypto-key routing, the TUN
-//! MTU with DF, and restart/reattach of the persistent TUN plus `destroy`.
+//! (`common::pair`) a block 10.42.H.0/24 with 10.42.H.1 on a bridge `weft0`,
+//! a `WgDevice` on TUN `weft-wg` (created inside the host's namespace by a
+//! thread that joined it) and a route for the other host's block via the
+//! TUN. Proves: handshake and pings both ways, a TCP transfer (throughput
+//! printed next to the raw underlay), nothing in clear on the underlay,
+//! crypto-key routing, the TUN MTU with DF, and restart/reattach of the
+//! persistent TUN plus `destroy`.
 
-use std::sync::Mutex;
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::{
+    config, iperf3, pair, ping, serial, text, wg_cpu_seconds, MTU, PORT, TUN, UNDERLAY_MTU,
+};
 use weft_tests::{in_netns, signal, wait_until, Host, Lab, LabOptions};
-use weft_wg::{self as wg, KeyPair, WgConfig, WgDevice, WgPeer};
-
-const TUN: &str = "weft-wg";
-const PORT: u16 = 51820;
-const UNDERLAY_MTU: u32 = 1500;
-const MTU: u32 = UNDERLAY_MTU - wg::OVERHEAD_IPV4;
-
-/// One test at a time: the throughput numbers mean more without neighbours,
-/// and two cores do not run several labs well.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-struct Node {
-    host: Host,
-    index: usize,
-    keys: KeyPair,
-    dev: Option<WgDevice>,
-}
-
-impl Node {
-    fn block(&self) -> String {
-        format!("10.42.{}.0/24", self.index)
-    }
-    fn gw(&self) -> String {
-        format!("10.42.{}.1", self.index)
-    }
-    fn dev(&self) -> &WgDevice {
-        self.dev.as_ref().unwrap()
-    }
-    fn start(&mut self) {
-        let cfg = WgConfig {
-            ifname: TUN.into(),
-            listen_port: PORT,
-            mtu: MTU,
-            private_key: self.keys.private_key(),
-            keepalive: None,
-            queues: 0,
-        };
-        self.dev = Some(in_netns(self.host.netns().path(), || {
-            WgDevice::start(cfg).unwrap()
-        }));
-    }
-    fn peer(&self) -> WgPeer {
-        WgPeer {
-            public_key: self.keys.public_key(),
-            endpoint: format!("{}:{PORT}", self.host.addr()).parse().unwrap(),
-            allowed: self.block().parse().unwrap(),
-        }
-    }
-    fn stats_for(&self, other: &Node) -> wg::PeerStats {
-        self.dev()
-            .stats()
-            .into_iter()
-            .find(|s| s.public_key == other.keys.public_key())
-            .unwrap()
-    }
-}
-
-/// Two hosts, each with its block on bridge `weft0`, a running device, the
-/// other's block routed via the TUN, and each other as peers.
-fn pair(lab: &Lab) -> (Node, Node) {
-    let mut nodes: Vec<Node> = (0..2)
-        .map(|i| {
-            let host = lab.host(i).clone();
-            host.ip(["link", "add", "weft0", "type", "bridge"]).unwrap();
-            host.ip(["addr", "add", &format!("10.42.{i}.1/24"), "dev", "weft0"])
-                .unwrap();
-            host.ip(["link", "set", "weft0", "up"]).unwrap();
-            host.exec(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
-                .unwrap();
-            Node {
-                host,
-                index: i,
-                keys: KeyPair::generate().unwrap(),
-                dev: None,
-            }
-        })
-        .collect();
-    for n in &mut nodes {
-        n.start();
-    }
-    let b = nodes.pop().unwrap();
-    let a = nodes.pop().unwrap();
-    assert_eq!(a.dev().mtu(), MTU);
-    // As netd does: the peer's block via the TUN, sourced from our gateway.
-    a.host
-        .ip(["route", "add", &b.block(), "dev", TUN, "src", &a.gw()])
-        .unwrap();
-    b.host
-        .ip(["route", "add", &a.block(), "dev", TUN, "src", &b.gw()])
-        .unwrap();
-    a.dev().set_peers(vec![b.peer()]);
-    b.dev().set_peers(vec![a.peer()]);
-    (a, b)
-}
-
-fn ping(from: &Node, to: &Node, extra: &[&str]) -> std::process::Output {
-    let gw_from = from.gw();
-    let gw_to = to.gw();
-    let mut argv = vec![
-        "ping", "-n", "-c", "3", "-i", "0.2", "-W", "2", "-I", &gw_from,
-    ];
-    argv.extend_from_slice(extra);
-    argv.push(&gw_to);
-    from.host.output(&argv).unwrap()
-}
-
-fn text(o: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-/// CPU seconds used so far by this process's WireGuard threads (both
-/// hosts' devices run in this process).
-fn wg_cpu_seconds() -> f64 {
-    weft_tests::proc::thread_cpu_seconds("weft-wg").unwrap()
-}
+use weft_wg::{self as wg, KeyPair, WgDevice};
 
 /// Runs an iperf3 transfer of `bytes` from `client` to `server_addr` (bound to
 /// `client_addr`); returns (bytes received, bits per second).
@@ -149,48 +28,18 @@ fn iperf(
     port: u16,
     bytes: &str,
 ) -> (f64, f64) {
-    let port = port.to_string();
-    let mut srv = server
-        .spawn(["iperf3", "-s", "-1", "-B", server_addr, "-p", &port])
-        .unwrap();
-    let mut out = None;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        let o = client
-            .output([
-                "iperf3",
-                "-c",
-                server_addr,
-                "-B",
-                client_addr,
-                "-p",
-                &port,
-                "-n",
-                bytes,
-                "-J",
-            ])
-            .unwrap();
-        // iperf3 -J exits 0 even when it could not connect; the JSON says.
-        let ok = o.status.success()
-            && serde_json::from_slice::<serde_json::Value>(&o.stdout)
-                .is_ok_and(|v| v.get("error").is_none());
-        if ok {
-            out = Some(o);
-            break;
-        }
-        // The server may not listen yet.
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = out.unwrap_or_else(|| panic!("iperf3 never succeeded; server: {}", srv.stderr()));
-    let _ = srv.wait_timeout(Duration::from_secs(5));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = iperf3(
+        server,
+        client,
+        server_addr,
+        client_addr,
+        port,
+        &["-n", bytes],
+    );
     let recv = &v["end"]["sum_received"];
     match (recv["bytes"].as_f64(), recv["bits_per_second"].as_f64()) {
         (Some(b), Some(bps)) => (b, bps),
-        _ => panic!(
-            "unexpected iperf3 output: {}",
-            String::from_utf8_lossy(&out.stdout)
-        ),
+        _ => panic!("unexpected iperf3 output: {v}"),
     }
 }
 
@@ -199,7 +48,7 @@ fn handshake_ping_both_ways_and_tcp_throughput() {
     weft_tests::require_root!();
     let _s = serial();
     let lab = Lab::new(LabOptions::hosts(2).mtu(UNDERLAY_MTU)).unwrap();
-    let (a, b) = pair(&lab);
+    let (a, b) = pair(&lab, None);
 
     let o = ping(&a, &b, &[]);
     assert!(o.status.success(), "a -> b: {}", text(&o));
@@ -247,7 +96,7 @@ fn nothing_in_clear_on_the_underlay() {
     weft_tests::require_root!();
     let _s = serial();
     let lab = Lab::new(LabOptions::hosts(2)).unwrap();
-    let (a, b) = pair(&lab);
+    let (a, b) = pair(&lab, None);
     // "weft-marker-pls!" in hex: ping repeats it through the payload.
     let marker = b"weft-marker-pls!";
     let hex: String = marker.iter().map(|c| format!("{c:02x}")).collect();
@@ -363,7 +212,7 @@ fn crypto_key_routing_drops_foreign_sources() {
     weft_tests::require_root!();
     let _s = serial();
     let lab = Lab::new(LabOptions::hosts(2)).unwrap();
-    let (a, b) = pair(&lab);
+    let (a, b) = pair(&lab, None);
     let o = ping(&b, &a, &[]);
     assert!(o.status.success(), "{}", text(&o));
     // B owns 10.42.1.0/24 only; 10.42.99.1 is routed into the tunnel anyway.
@@ -412,7 +261,7 @@ fn df_packets_respect_the_tun_mtu() {
     weft_tests::require_root!();
     let _s = serial();
     let lab = Lab::new(LabOptions::hosts(2).mtu(UNDERLAY_MTU)).unwrap();
-    let (a, b) = pair(&lab);
+    let (a, b) = pair(&lab, None);
     assert_eq!(a.host.link_mtu(TUN).unwrap(), MTU);
     let fits = (MTU - 28).to_string();
     let over = (MTU - 27).to_string();
@@ -490,7 +339,7 @@ fn restart_reattaches_the_persistent_tun_and_destroy_removes_it() {
     weft_tests::require_root!();
     let _s = serial();
     let lab = Lab::new(LabOptions::hosts(2)).unwrap();
-    let (a, mut b) = pair(&lab);
+    let (a, mut b) = pair(&lab, None);
     let o = ping(&a, &b, &[]);
     assert!(o.status.success(), "{}", text(&o));
     let ifindex = b.dev().ifindex();
@@ -594,14 +443,7 @@ fn a_single_queue_tun_is_recreated_with_queues() {
     let h = lab.host(0).clone();
     h.ip(["tuntap", "add", "dev", TUN, "mode", "tun", "vnet_hdr"])
         .unwrap();
-    let cfg = |queues| WgConfig {
-        ifname: TUN.into(),
-        listen_port: PORT,
-        mtu: MTU,
-        private_key: KeyPair::generate().unwrap().private_key(),
-        keepalive: None,
-        queues,
-    };
+    let cfg = |queues| config(KeyPair::generate().unwrap().private_key(), None, queues);
     let dev = in_netns(h.netns().path(), || WgDevice::start(cfg(3))).unwrap();
     let details = h.exec(["ip", "-d", "link", "show", TUN]).unwrap();
     assert!(details.contains("multi_queue"), "{details}");
