@@ -67,6 +67,14 @@ impl Job {
     }
 }
 
+/// Fails the jobs at `indices` with the one error of a step they shared
+/// (an IPAM read or write for all of them).
+fn fail_all(jobs: &mut [Job], indices: &[usize], e: ApiError) {
+    for &i in indices {
+        jobs[i].fail(e.clone());
+    }
+}
+
 impl Daemon {
     /// Applies one batch and answers its requests. `deferred`: how many
     /// batches before it left the nf_tables step to it; returns how many
@@ -173,13 +181,7 @@ impl Daemon {
             .collect();
         let allocated = match self.ipam.allocate_all(self.block(), &owners).await {
             Ok(a) => a,
-            Err(e) => {
-                let e = ipam_error(e);
-                for &i in &creating {
-                    jobs[i].fail(e.clone());
-                }
-                return;
-            }
+            Err(e) => return fail_all(jobs, &creating, ipam_error(e)),
         };
         for (&i, alloc) in creating.iter().zip(allocated) {
             let job = &mut jobs[i];
@@ -437,13 +439,7 @@ impl Daemon {
         };
         let released = match released {
             Ok(r) => r,
-            Err(e) => {
-                let e = ipam_error(e);
-                for &i in &open {
-                    jobs[i].fail(e.clone());
-                }
-                return;
-            }
+            Err(e) => return fail_all(jobs, &open, ipam_error(e)),
         };
         let mut flushed = Vec::new();
         for (&i, addr) in open.iter().zip(released) {
