@@ -118,16 +118,32 @@ pub struct Range {
 /// stops; an `Err` item is the last item and says why.
 pub struct Watch {
     rx: mpsc::Receiver<Result<Event>>,
+    /// Called after each item taken with how many still wait: the embedded
+    /// store's poller skips a full watch until its reader made room.
+    drained: Option<DrainHook>,
 }
+
+type DrainHook = Box<dyn Fn(usize) + Send + Sync>;
 
 impl Watch {
     pub(crate) fn new(rx: mpsc::Receiver<Result<Event>>) -> Self {
-        Self { rx }
+        Self { rx, drained: None }
+    }
+
+    pub(crate) fn with_drain_hook(rx: mpsc::Receiver<Result<Event>>, drained: DrainHook) -> Self {
+        Self {
+            rx,
+            drained: Some(drained),
+        }
     }
 
     /// The next change, in revision order.
     pub async fn recv(&mut self) -> Option<Result<Event>> {
-        self.rx.recv().await
+        let item = self.rx.recv().await;
+        if let Some(drained) = &self.drained {
+            drained(self.rx.len());
+        }
+        item
     }
 }
 

@@ -308,6 +308,39 @@ async fn watch_latency(f: TestStore) {
     );
 }
 
+/// A watch nobody reads for a while (more changes than it buffers) holds
+/// up neither the writers nor another watch, and later delivers every change
+/// in order.
+async fn slow_watch_holds_up_nobody(f: TestStore) {
+    const N: usize = 2_500;
+    let s = &f.store();
+    let mut slow = s.watch_prefix("/sw/", 0).await.unwrap();
+    let mut other = s.watch_prefix("/sw/", 0).await.unwrap();
+    let t = Instant::now();
+    let reader = tokio::spawn(async move {
+        for i in 0..N {
+            assert_eq!(next_event(&mut other).await.kv.key, format!("/sw/{i:05}"));
+        }
+    });
+    for i in 0..N {
+        s.put(&format!("/sw/{i:05}"), b"v", None).await.unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(30), reader)
+        .await
+        .expect("the read watch got every change within 30 s")
+        .unwrap();
+    let took = t.elapsed();
+    let mut last = 0;
+    for i in 0..N {
+        let ev = next_event(&mut slow).await;
+        assert_eq!(ev.kv.key, format!("/sw/{i:05}"));
+        assert!(ev.revision() > last);
+        last = ev.revision();
+    }
+    no_event(&mut slow, Duration::from_millis(100)).await;
+    eprintln!("{N} puts reached a watch in {took:?}");
+}
+
 /// A watcher that stops and restarts (a new handle, as after a process
 /// restart) resumes from the revision after the last one it saw and gets
 /// exactly the changes it missed.
@@ -590,6 +623,7 @@ contract!(
     watch_ordering,
     watch_latency,
     watch_resume,
+    slow_watch_holds_up_nobody,
     list_then_watch,
     follower_snapshot_then_changes,
     follower_relists_after_compaction,

@@ -8,11 +8,12 @@
 //! point. Every write runs in one `BEGIN IMMEDIATE` transaction, so two
 //! processes never interleave inside one operation. Expired leases are reaped
 //! (their keys deleted, with delete events) by whichever process touches the
-//! store next, including every watcher's poll, so an expiry reaches watchers
-//! even when nobody writes.
+//! store next, including the watch poller at the earliest lease deadline, so
+//! an expiry reaches watchers even when nobody writes.
 //!
-//! Watches poll the revision counter every [`watch::WATCH_POLL`] from a thread
-//! of their own with their own connection.
+//! Watches: one poller thread per opened store, with its own connection,
+//! serves all of them; idle it only checks `PRAGMA data_version` every
+//! [`watch::WATCH_POLL`], and a write through this handle wakes it at once.
 //!
 //! Opening is safe when many processes open (and create) one file at the
 //! same moment, as `netd`s starting together on a new file do. Every
@@ -26,8 +27,8 @@
 //! [`StoreError::Locked`].
 //!
 //! Modules: `open` (opening the file under contention), `tables` (the
-//! schema, row helpers and the one write transaction), `watch` (the polling
-//! watch); this file is the [`Store`] face over them.
+//! schema, row helpers and the one write transaction), `watch` (the poller
+//! and its watches); this file is the [`Store`] face over them.
 
 mod open;
 mod tables;
@@ -46,6 +47,7 @@ use crate::{
 };
 use open::{create_schema, Opening, BUSY_TIMEOUT};
 use tables::{compact, get_kv, meta, now_ms, row_to_kv, settle, Writer, KV_COLUMNS};
+use watch::{first_revision, Hub};
 
 /// The embedded store. Cheap to clone; clones share one connection.
 #[derive(Clone)]
@@ -57,6 +59,7 @@ struct Inner {
     path: PathBuf,
     name: String,
     conn: Mutex<Connection>,
+    watches: Hub,
 }
 
 impl SqliteStore {
@@ -76,6 +79,7 @@ impl SqliteStore {
             .map_err(|e| sql_err(&path, e))?;
         Ok(Self {
             inner: Arc::new(Inner {
+                watches: Hub::new(path.clone(), name.clone()),
                 path,
                 name,
                 conn: Mutex::new(conn),
@@ -93,7 +97,7 @@ impl SqliteStore {
     /// the history is long. For tests of what watchers do then.
     #[cfg(feature = "testing")]
     pub async fn compact(&self, revision: Revision) -> Result<()> {
-        self.run(move |conn, path| {
+        self.write(move |conn, path| {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(|e| sql_err(path, e))?;
@@ -101,6 +105,18 @@ impl SqliteStore {
             tx.commit().map_err(|e| sql_err(path, e))
         })
         .await
+    }
+
+    /// [`SqliteStore::run`] for a call that may change keys: wakes this
+    /// store's watches afterwards.
+    async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection, &Path) -> Result<T> + Send + 'static,
+    {
+        let result = self.run(f).await;
+        self.inner.watches.kick();
+        result
     }
 
     /// Runs `f` with the connection on the blocking pool.
@@ -176,7 +192,7 @@ impl Store for SqliteStore {
     async fn put(&self, key: &str, value: &[u8], lease: Option<LeaseId>) -> Result<Revision> {
         let (key, value) = (key.to_owned(), value.to_vec());
         let name = self.describe();
-        self.run(move |conn, path| {
+        self.write(move |conn, path| {
             let mut w = Writer::begin(conn).map_err(|e| sql_err(path, e))?;
             check_lease(&w, lease, &name).map_err(|e| e.into_store(path))?;
             w.put(&key, &value, lease).map_err(|e| sql_err(path, e))?;
@@ -187,7 +203,7 @@ impl Store for SqliteStore {
 
     async fn delete(&self, key: &str) -> Result<bool> {
         let key = key.to_owned();
-        self.run(move |conn, path| {
+        self.write(move |conn, path| {
             let go = |conn: &mut Connection| -> rusqlite::Result<bool> {
                 let mut w = Writer::begin(conn)?;
                 let deleted = w.delete(&key)?.is_some();
@@ -208,7 +224,7 @@ impl Store for SqliteStore {
     ) -> Result<CasOutcome> {
         let (key, value) = (key.to_owned(), value.to_vec());
         let name = self.describe();
-        self.run(move |conn, path| {
+        self.write(move |conn, path| {
             let mut w = Writer::begin(conn).map_err(|e| sql_err(path, e))?;
             let current = get_kv(&w.tx, &key).map_err(|e| sql_err(path, e))?;
             if !matches_expect(current.as_ref(), expect) {
@@ -226,7 +242,7 @@ impl Store for SqliteStore {
 
     async fn compare_and_delete(&self, key: &str, mod_revision: Revision) -> Result<CasOutcome> {
         let key = key.to_owned();
-        self.run(move |conn, path| {
+        self.write(move |conn, path| {
             let go = |conn: &mut Connection| -> rusqlite::Result<CasOutcome> {
                 let mut w = Writer::begin(conn)?;
                 let current = get_kv(&w.tx, &key)?;
@@ -244,7 +260,7 @@ impl Store for SqliteStore {
 
     async fn lease_grant(&self, ttl: Duration) -> Result<LeaseId> {
         let ttl_ms = ttl.as_millis().clamp(1, i64::MAX as u128) as i64;
-        self.run(move |conn, path| {
+        self.write(move |conn, path| {
             let go = |conn: &mut Connection| -> rusqlite::Result<LeaseId> {
                 let w = Writer::begin(conn)?;
                 w.tx.execute(
@@ -262,7 +278,7 @@ impl Store for SqliteStore {
 
     async fn lease_keep_alive(&self, lease: LeaseId) -> Result<()> {
         let name = self.describe();
-        self.run(move |conn, path| {
+        self.write(move |conn, path| {
             let go = |conn: &mut Connection| -> rusqlite::Result<usize> {
                 // Writer::begin reaps the lease first if it already expired.
                 let w = Writer::begin(conn)?;
@@ -282,7 +298,7 @@ impl Store for SqliteStore {
     }
 
     async fn lease_revoke(&self, lease: LeaseId) -> Result<()> {
-        self.run(move |conn, path| {
+        self.write(move |conn, path| {
             let go = |conn: &mut Connection| -> rusqlite::Result<()> {
                 let mut w = Writer::begin(conn)?;
                 if w.lease_alive(lease)? {
@@ -306,7 +322,15 @@ impl Store for SqliteStore {
     }
 
     async fn watch_prefix(&self, prefix: &str, start: Revision) -> Result<Watch> {
-        watch::start(self.inner.path.clone(), self.describe(), prefix, start).await
+        let name = self.describe();
+        let next = self
+            .run(move |conn, path| {
+                let current = meta(conn, "revision").map_err(|e| sql_err(path, e))?;
+                let compacted = meta(conn, "compacted").map_err(|e| sql_err(path, e))?;
+                first_revision(&name, start, current, compacted)
+            })
+            .await?;
+        self.inner.watches.watch(prefix, next)
     }
 }
 
