@@ -7,11 +7,12 @@
 //! CNI latency (weft beside bridge + host-local) and network policy (update
 //! latency at scale, throughput and ping with policy on vs off) and services
 //! (through a VIP vs direct, rule update and first-packet latency by number
-//! of services). Writes a Markdown
+//! of services) and the control plane at scale (convergence, CPU, RSS
+//! and cold start of one netd with N simulated hosts). Writes a Markdown
 //! report, the raw numbers as JSON and SVG charts. Needs root. `bench/run`
 //! builds the binaries and runs this.
 //!
-//! `weft-bench tunnel | mtu | dns | cni-latency | policy | services`: one part, its Markdown on
+//! `weft-bench tunnel | mtu | dns | cni-latency | policy | services | scale`: one part, its Markdown on
 //! stdout. `weft-bench ipam-alloc`: the IPAM allocation rate per store
 //! backend (no root).
 
@@ -19,6 +20,7 @@ mod cni;
 mod dns;
 mod policy;
 mod report;
+mod scale;
 mod services;
 mod svg;
 mod sys;
@@ -94,6 +96,12 @@ enum Bench {
         #[command(flatten)]
         o: Opts,
     },
+    /// The control plane at scale: one netd, N simulated hosts; burst,
+    /// join/leave, idle CPU, RSS and cold start per store backend (root).
+    Scale {
+        #[command(flatten)]
+        o: Opts,
+    },
     /// Allocation and release rate of one process, per store backend.
     IpamAlloc {
         /// Backends to measure.
@@ -116,6 +124,7 @@ enum Part {
     Cni,
     Policy,
     Services,
+    Scale,
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
@@ -219,6 +228,15 @@ struct Opts {
     /// Services: new TCP connections per path per size [200; quick 20].
     #[arg(long)]
     services_connects: Option<usize>,
+    /// Scale: simulated host counts [100,1000,5000; quick 100].
+    #[arg(long, value_delimiter = ',')]
+    hosts: Vec<usize>,
+    /// Scale: store backends [etcd,sqlite].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    scale_stores: Vec<scale::StoreKind>,
+    /// Scale: seconds a burst or a cold start may take [300; quick 60].
+    #[arg(long)]
+    scale_timeout: Option<u64>,
 }
 
 impl Opts {
@@ -362,6 +380,7 @@ async fn main() -> Result<()> {
                     Part::Cni,
                     Part::Policy,
                     Part::Services,
+                    Part::Scale,
                 ]
             } else {
                 only
@@ -396,6 +415,7 @@ async fn main() -> Result<()> {
         }
         Bench::Policy { o } => one(o, Part::Policy).await,
         Bench::Services { o } => one(o, Part::Services).await,
+        Bench::Scale { o } => one(o, Part::Scale).await,
         Bench::Tunnel { o } => one(o, Part::Tunnel).await,
         Bench::Mtu { o } => one(o, Part::Mtu).await,
         Bench::Dns { o } => one(o, Part::Dns).await,
@@ -447,6 +467,7 @@ fn collect(o: &Opts, parts: &[Part], command: String) -> Report {
         cni: None,
         policy: None,
         services: None,
+        scale: None,
         missing: vec![],
     };
     let modes = o.modes();
@@ -514,6 +535,13 @@ fn collect(o: &Opts, parts: &[Part], command: String) -> Report {
                 let (info, v) = sys::part("services", o.window(), || services::run(&sopts));
                 r.parts.push(info);
                 r.services = v;
+            }
+            Part::Scale => {
+                let sopts =
+                    scale::Options::new(o.quick, &o.hosts, &o.scale_stores, o.scale_timeout);
+                let (info, v) = sys::part("scale", o.window(), || scale::run(&sopts));
+                r.parts.push(info);
+                r.scale = v;
             }
         }
     }

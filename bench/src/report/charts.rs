@@ -215,5 +215,8 @@ pub fn charts(r: &Report) -> Vec<(String, String)> {
     if let Some(sv) = &r.services {
         out.extend(sv.charts());
     }
+    if let Some(sc) = &r.scale {
+        out.extend(sc.charts());
+    }
     out
 }

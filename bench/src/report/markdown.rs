@@ -376,6 +376,10 @@ pub fn markdown(r: &Report, chart_prefix: &str, charts: &[(String, String)]) -> 
         s.push_str(&sv.markdown(&chart));
     }
 
+    if let Some(sc) = &r.scale {
+        s.push_str(&sc.markdown(&chart));
+    }
+
     if !r.missing.is_empty() {
         let _ = writeln!(s, "## Not measured\n");
         for m in &r.missing {

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::cni::CniResults;
 use crate::dns::DnsResults;
 use crate::policy::PolicyResults;
+use crate::scale::ScaleResults;
 use crate::services::ServicesResults;
 use crate::sys::{Fig, Machine, PartInfo, BUSY_BACKGROUND};
 use crate::tunnel::{Mode, ModeResult, MtuResults, TunnelResults};
@@ -42,6 +43,8 @@ pub struct Report {
     pub policy: Option<PolicyResults>,
     #[serde(default)]
     pub services: Option<ServicesResults>,
+    #[serde(default)]
+    pub scale: Option<ScaleResults>,
     /// Figures that got no number (empty when the run is complete).
     pub missing: Vec<String>,
 }
@@ -117,6 +120,11 @@ pub fn missing(r: &Report) -> Vec<String> {
     if let Some(sv) = &r.services {
         for (name, v) in sv.figures() {
             need(format!("services: {name}"), v);
+        }
+    }
+    if let Some(sc) = &r.scale {
+        for (name, v) in sc.figures() {
+            need(format!("scale: {name}"), v);
         }
     }
     out
