@@ -40,6 +40,8 @@ use weft_model::WgKey;
 /// How long a key rotation waits for the store to take the announcement of
 /// the next key before it abandons the rotation.
 const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Hosts named in one log line about many hosts; the rest are counted.
+pub(crate) const LOG_HOSTS: usize = 8;
 use crate::nat::{Iptables, NatSpec, PublishedPort};
 use crate::tunnel::{Tunnel, TunnelSpec};
 
@@ -65,7 +67,12 @@ pub struct Daemon {
     record: tokio::sync::watch::Sender<Option<HostRecord>>,
     /// The host records last seen in the store, and the peers made of them.
     /// The lock also serialises data-plane changes.
-    mesh: tokio::sync::Mutex<BTreeMap<String, HostRecord>>,
+    /// The host records the mesh follower last handed over (`None` until
+    /// the first listing: nothing is applied before it, so a netd starting
+    /// while the store is down keeps the routes it finds).
+    mesh: tokio::sync::Mutex<Option<BTreeMap<String, HostRecord>>>,
+    /// The hosts last left out of the mesh (logged when this changes).
+    left_out: std::sync::Mutex<Vec<String>>,
     peers: std::sync::Mutex<Vec<Peer>>,
     /// The tunnel driver of the configured backend.
     tunnel: Tunnel,
@@ -192,7 +199,8 @@ impl Daemon {
             endpoints: crate::endpoints::Local::default(),
             underlay: std::sync::Mutex::new((underlay_link, underlay)),
             record: tokio::sync::watch::Sender::new(None),
-            mesh: tokio::sync::Mutex::new(BTreeMap::new()),
+            mesh: tokio::sync::Mutex::new(None),
+            left_out: std::sync::Mutex::new(Vec::new()),
             peers: std::sync::Mutex::new(Vec::new()),
             tunnel,
             counters,
@@ -447,7 +455,7 @@ impl Daemon {
         tracing::info!(from = %old_addr, to = %addr, interface = %link.name, "underlay address changed");
         *self.underlay.lock().unwrap_or_else(|p| p.into_inner()) = (link, addr);
         self.record.send_replace(Some(self.host_record()));
-        self.apply_mesh(None).await
+        self.apply_mesh(None, true).await
     }
 
     /// Registers this host and follows the others until `stop` fires.
@@ -464,8 +472,12 @@ impl Daemon {
         crate::mesh::follow(self.store.clone(), self.cfg.keys.hosts(), stop, move |hosts| {
             let me = me.clone();
             async move {
-                if let Err(e) = me.apply_mesh(Some(hosts)).await {
-                    tracing::warn!(error = %format!("{e:#}"), "updating the tunnel peers failed; will retry");
+                match me.apply_mesh(Some(hosts), false).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "updating the tunnel peers failed; retrying, reading the kernel");
+                        false
+                    }
                 }
             }
         })
@@ -474,12 +486,16 @@ impl Daemon {
     }
 
     /// Brings the tunnel device, its peers and routes in line with the host
-    /// records (`None`: with the last ones seen).
+    /// records (`None`: with the last ones seen). The kernel's routes and
+    /// entries change by the difference from the last apply; with `resync`
+    /// (the periodic reconcile, an underlay change) they are read and
+    /// compared ([`crate::tunnel::Tunnel::apply`]).
     pub async fn apply_mesh(
         &self,
         hosts: Option<BTreeMap<String, HostRecord>>,
+        resync: bool,
     ) -> anyhow::Result<()> {
-        let result = self.apply_mesh_once(hosts).await;
+        let result = self.apply_mesh_once(hosts, resync).await;
         self.counters.reconciled("mesh", result.is_ok());
         result
     }
@@ -487,18 +503,27 @@ impl Daemon {
     async fn apply_mesh_once(
         &self,
         hosts: Option<BTreeMap<String, HostRecord>>,
+        resync: bool,
     ) -> anyhow::Result<()> {
         let mut known = self.mesh.lock().await;
         if let Some(h) = hosts {
-            *known = h;
+            *known = Some(h);
         }
+        let Some(known) = known.as_ref() else {
+            // The hosts were never listed: leave the kernel as it is.
+            return Ok(());
+        };
         let me = self.host_record();
-        let (peers, skipped) = crate::mesh::desired_peers(&me, &known);
-        if !skipped.is_empty() {
-            tracing::warn!(hosts = ?skipped, backend = me.backend.as_str(), "hosts left out of the mesh: other backend, same block or unusable record");
-        }
+        let (peers, skipped) = crate::mesh::desired_peers(&me, known);
+        self.note_left_out(skipped, me.backend);
         self.tunnel
-            .apply(&self.net, &self.underlay(), self.block.gateway, &peers)
+            .apply(
+                &self.net,
+                &self.underlay(),
+                self.block.gateway,
+                &peers,
+                resync,
+            )
             .await?;
         // What the other hosts send themselves (from their gateway) is not
         // subject to policy.
@@ -518,6 +543,26 @@ impl Daemon {
             *current = peers;
         }
         Ok(())
+    }
+
+    /// Logs the hosts left out of the mesh when that list changes (not on
+    /// every reconcile): at most the first few by name, and how many.
+    fn note_left_out(&self, skipped: Vec<String>, backend: crate::mesh::TunnelBackend) {
+        let mut last = self.left_out.lock().unwrap_or_else(|p| p.into_inner());
+        if *last == skipped {
+            return;
+        }
+        if skipped.is_empty() {
+            tracing::info!("no host is left out of the mesh any more");
+        } else {
+            tracing::warn!(
+                count = skipped.len(),
+                hosts = ?&skipped[..skipped.len().min(LOG_HOSTS)],
+                backend = backend.as_str(),
+                "hosts left out of the mesh: other backend, same block or unusable record"
+            );
+        }
+        *last = skipped;
     }
 
     /// Rotates the WireGuard key without dropping traffic (`netd
@@ -615,10 +660,11 @@ impl Daemon {
     /// The peers for the API and CLI.
     pub fn peer_info(&self) -> Vec<weft_api::PeerInfo> {
         let stats = self.tunnel.peer_stats();
+        let stats = crate::tunnel::stats_by_key(&stats);
         self.peers()
             .into_iter()
             .map(|p| {
-                let s = stats.iter().find(|s| Some(s.public_key) == p.wg_public_key);
+                let s = p.wg_public_key.and_then(|k| stats.get(&k).copied());
                 weft_api::PeerInfo {
                     host_id: p.host_id,
                     underlay: p.underlay,
@@ -675,7 +721,7 @@ impl Daemon {
                     if let Err(e) = self.reconcile().await {
                         tracing::warn!(error = %format!("{e:#}"), "reconcile failed");
                     }
-                    if let Err(e) = self.apply_mesh(None).await {
+                    if let Err(e) = self.apply_mesh(None, true).await {
                         tracing::warn!(error = %format!("{e:#}"), "reconciling the tunnel peers failed");
                     }
                     match self.enforcer.reapply().await {

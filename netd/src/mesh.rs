@@ -178,8 +178,18 @@ pub async fn register(
 
 /// Follows the hosts prefix `hosts_prefix` ([`weft_model::Keys::hosts`]) with
 /// a [`Follower`] (list, then watch; relist after an outage or compaction)
-/// and calls `apply` with the full set of host records after every snapshot
-/// and every batch of changes. Survives store outages: keeps the last state.
+/// and calls `apply` with the full set of host records. Survives store
+/// outages: keeps the last state.
+///
+/// Coalesced: the follower keeps reading while `apply` runs, and what
+/// arrives meanwhile is folded into the next call, which gets the latest
+/// set (never a queue of stale ones). A burst of any number of joins costs
+/// one call for the first batch and one for everything after it, not one
+/// per batch.
+///
+/// `apply` returns whether it succeeded; after a failure it is called
+/// again with the latest set after [`RETRY_MIN`], doubling up to
+/// [`RETRY_MAX`] while it keeps failing, even if nothing changes.
 pub async fn follow<F, Fut>(
     store: DynStore,
     hosts_prefix: String,
@@ -187,57 +197,150 @@ pub async fn follow<F, Fut>(
     mut apply: F,
 ) where
     F: FnMut(BTreeMap<String, HostRecord>) -> Fut,
-    Fut: std::future::Future<Output = ()>,
+    Fut: std::future::Future<Output = bool>,
 {
     let mut follower = Follower::new(store, hosts_prefix.clone());
     let mut hosts = BTreeMap::new();
+    // Changes not yet handed to `apply`, the call running, and when to
+    // call again after a failure.
+    let mut dirty = false;
+    let mut running: Option<std::pin::Pin<Box<Fut>>> = None;
+    let mut retry: Option<(tokio::time::Instant, Duration)> = None;
     loop {
-        let update = tokio::select! {
+        let retry_at = retry.map(|(at, _)| at);
+        tokio::select! {
             _ = stop.changed() => return,
-            update = follower.next() => update,
-        };
-        match update {
-            Update::Snapshot(listed) => {
-                hosts.clear();
-                for kv in &listed.kvs {
-                    insert_record(&mut hosts, &hosts_prefix, &kv.key, &kv.value);
+            _ = async {
+                if let Some(at) = retry_at {
+                    tokio::time::sleep_until(at).await
                 }
+            }, if retry_at.is_some() && running.is_none() => {
+                dirty = true;
             }
-            Update::Changes { events, .. } => {
-                for ev in events {
-                    match ev.kind {
-                        EventKind::Put => {
-                            insert_record(&mut hosts, &hosts_prefix, &ev.kv.key, &ev.kv.value)
+            // Cancel-safe: a batch interrupted by the apply finishing is
+            // handed over by the next call.
+            update = follower.next() => {
+                fold(&mut hosts, &hosts_prefix, update);
+                dirty = true;
+            }
+            ok = async {
+                match running.as_mut() {
+                    Some(call) => call.await,
+                    None => true,
+                }
+            }, if running.is_some() => {
+                running = None;
+                retry = if ok {
+                    None
+                } else {
+                    let wait = retry.map_or(RETRY_MIN, |(_, w)| (w * 2).min(RETRY_MAX));
+                    Some((tokio::time::Instant::now() + wait, wait))
+                };
+            }
+        }
+        if dirty && running.is_none() {
+            dirty = false;
+            running = Some(Box::pin(apply(hosts.clone())));
+        }
+    }
+}
+
+/// What a [`Follower`] update does to the hosts: one line per host that
+/// joined, changed or left while they are few; a count beyond
+/// [`LOG_EACH`] (a cluster starting, a partition healing).
+fn fold(hosts: &mut BTreeMap<String, HostRecord>, prefix: &str, update: Update) {
+    let listing = matches!(update, Update::Snapshot(_));
+    let before = if listing { Some(hosts.clone()) } else { None };
+    let mut changed = Vec::new();
+    let mut left = Vec::new();
+    match update {
+        Update::Snapshot(listed) => {
+            hosts.clear();
+            for kv in &listed.kvs {
+                insert_record(hosts, prefix, &kv.key, &kv.value);
+            }
+        }
+        Update::Changes { events, .. } => {
+            for ev in events {
+                match ev.kind {
+                    EventKind::Put => {
+                        if let Some(id) = insert_record(hosts, prefix, &ev.kv.key, &ev.kv.value) {
+                            changed.push(id);
                         }
-                        EventKind::Delete => {
-                            if let Some(id) = ev.kv.key.strip_prefix(&hosts_prefix) {
-                                if hosts.remove(id).is_some() {
-                                    tracing::info!(host = %id, "host left (lease expired or removed)");
-                                }
+                    }
+                    EventKind::Delete => {
+                        if let Some(id) = ev.kv.key.strip_prefix(prefix) {
+                            if hosts.remove(id).is_some() {
+                                left.push(id.to_owned());
                             }
                         }
                     }
                 }
             }
         }
-        apply(hosts.clone()).await;
     }
-}
-
-fn insert_record(hosts: &mut BTreeMap<String, HostRecord>, prefix: &str, key: &str, value: &[u8]) {
-    let Some(id) = key.strip_prefix(prefix) else {
-        return;
-    };
-    match serde_json::from_slice::<HostRecord>(value) {
-        Ok(r) if r.host_id == id => {
-            if hosts.insert(id.to_owned(), r.clone()).as_ref() != Some(&r) {
+    if let Some(before) = before {
+        changed = hosts
+            .iter()
+            .filter(|(id, r)| before.get(*id) != Some(r))
+            .map(|(id, _)| id.clone())
+            .collect();
+        left = before
+            .keys()
+            .filter(|id| !hosts.contains_key(*id))
+            .cloned()
+            .collect();
+    }
+    if changed.len() + left.len() <= LOG_EACH {
+        for id in &changed {
+            if let Some(r) = hosts.get(id) {
                 tracing::info!(host = %id, underlay = %r.underlay, block = %r.block, "host joined or changed");
             }
         }
-        Ok(r) => {
-            tracing::warn!(key, record_host = %r.host_id, "host record under the wrong key; ignored")
+        for id in &left {
+            tracing::info!(host = %id, "host left (lease expired or removed)");
         }
-        Err(e) => tracing::warn!(key, error = %e, "unreadable host record; ignored"),
+    } else {
+        tracing::info!(
+            joined_or_changed = changed.len(),
+            left = left.len(),
+            hosts = hosts.len(),
+            listing,
+            "hosts changed"
+        );
+    }
+}
+
+/// First wait before a failed apply is tried again; doubles up to
+/// [`RETRY_MAX`].
+pub const RETRY_MIN: Duration = Duration::from_millis(500);
+/// Longest wait between tries of a failing apply.
+pub const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Hosts logged one by one per update; more are counted in one line.
+const LOG_EACH: usize = 8;
+
+/// Sets the record under `key` if it is a host's record; returns the host
+/// id when that changed what was there.
+fn insert_record(
+    hosts: &mut BTreeMap<String, HostRecord>,
+    prefix: &str,
+    key: &str,
+    value: &[u8],
+) -> Option<String> {
+    let id = key.strip_prefix(prefix)?;
+    match serde_json::from_slice::<HostRecord>(value) {
+        Ok(r) if r.host_id == id => {
+            (hosts.insert(id.to_owned(), r.clone()).as_ref() != Some(&r)).then(|| id.to_owned())
+        }
+        Ok(r) => {
+            tracing::warn!(key, record_host = %r.host_id, "host record under the wrong key; ignored");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(key, error = %e, "unreadable host record; ignored");
+            None
+        }
     }
 }
 
@@ -297,6 +400,105 @@ mod tests {
         assert!(skipped.is_empty());
         assert_eq!(peers[0].wg_public_key, Some([1; 32]));
         assert_eq!(peers[0].wg_next_key, Some([9; 32]));
+    }
+
+    /// A burst of joins while `apply` is slow costs a bounded number of
+    /// calls, and the last one has every host.
+    #[tokio::test]
+    async fn a_burst_of_joins_is_folded_into_few_applies() {
+        use std::sync::{Arc, Mutex};
+        let ts = weft_store::testing::TestStore::sqlite().await;
+        let store = ts.store();
+        let prefix = "/t/hosts/".to_string();
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let calls: Arc<Mutex<Vec<usize>>> = Arc::default();
+        let seen = calls.clone();
+        let follow = tokio::spawn(follow(store.clone(), prefix.clone(), stop, move |hosts| {
+            seen.lock().unwrap().push(hosts.len());
+            // A slow data-plane update: everything written meanwhile must
+            // be folded into the next call.
+            async {
+                tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+                true
+            }
+        }));
+        const HOSTS: usize = 300;
+        for i in 0..HOSTS {
+            let id = format!("h{i}");
+            let mut r = rec(&id, 0, TunnelBackend::Wireguard);
+            r.block = Ipv4Network::new(Ipv4Addr::from(0x0a40_0000 + 64 * i as u32), 26).unwrap();
+            let value = serde_json::to_vec(&r).unwrap();
+            store
+                .put(&format!("{prefix}{id}"), &value, None)
+                .await
+                .unwrap();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while calls.lock().unwrap().last() != Some(&HOSTS) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never applied all: {:?}",
+                calls.lock().unwrap()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let n = calls.lock().unwrap().len();
+        // The listing, and then a handful however many batches came.
+        assert!(
+            n <= 12,
+            "{n} applies for {HOSTS} joins: {:?}",
+            calls.lock().unwrap()
+        );
+        // Nothing changes: no more calls.
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        assert_eq!(calls.lock().unwrap().len(), n);
+        // One leave after the burst: one call without it.
+        store.delete(&format!("{prefix}h7")).await.unwrap();
+        while calls.lock().unwrap().last() != Some(&(HOSTS - 1)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the leave never reached apply"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        stop_tx.send(true).unwrap();
+        follow.await.unwrap();
+    }
+
+    #[test]
+    fn a_listing_reports_only_what_changed() {
+        let mut hosts = BTreeMap::new();
+        let a = rec("a", 1, TunnelBackend::Vxlan);
+        let kv = |r: &HostRecord| weft_store::KeyValue {
+            key: format!("p/{}", r.host_id),
+            value: serde_json::to_vec(r).unwrap(),
+            create_revision: 1,
+            mod_revision: 1,
+            version: 1,
+            lease: None,
+        };
+        let listing = |kvs| Update::Snapshot(weft_store::Range { kvs, revision: 3 });
+        fold(&mut hosts, "p/", listing(vec![kv(&a)]));
+        assert_eq!(hosts.len(), 1);
+        // A relist without `a` and with garbage under a host key: `a` left.
+        let mut bad = kv(&rec("b", 2, TunnelBackend::Vxlan));
+        bad.value = b"{".to_vec();
+        fold(&mut hosts, "p/", listing(vec![bad]));
+        assert!(hosts.is_empty());
+        assert_eq!(
+            insert_record(&mut hosts, "p/", "p/a", &kv(&a).value),
+            Some("a".into())
+        );
+        assert_eq!(
+            insert_record(&mut hosts, "p/", "p/a", &kv(&a).value),
+            None,
+            "unchanged"
+        );
+        assert_eq!(
+            insert_record(&mut hosts, "p/", "p/x", &kv(&a).value),
+            None,
+            "wrong key"
+        );
     }
 
     #[test]

@@ -305,6 +305,7 @@ impl Live {
         let peers = d.peers();
         let tunnel = d.tunnel();
         let stats = tunnel.peer_stats();
+        let stats = crate::tunnel::stats_by_key(&stats);
         let mut up_rows = Vec::new();
         let (mut up, mut down) = (0u64, 0u64);
         let mut age = Vec::new();
@@ -312,7 +313,7 @@ impl Live {
         let mut drops = Vec::new();
         let mut hs_errors = Vec::new();
         for p in &peers {
-            let s = stats.iter().find(|s| Some(s.public_key) == p.wg_public_key);
+            let s = p.wg_public_key.and_then(|k| stats.get(&k).copied());
             let is_up = tunnel.peer_up(s);
             if is_up {
                 up += 1;

@@ -17,10 +17,11 @@
 //! `Daemon::rotate_key` runs them): peers learn the next key from the host
 //! record before this host switches to it, so no handshake is refused.
 
+use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use weft_model::mtu::MtuError;
@@ -110,6 +111,7 @@ pub struct Wireguard {
     next: Mutex<Option<KeyPair>>,
     /// One rotation at a time.
     rotating: tokio::sync::Mutex<()>,
+    applied: Mutex<Option<Applied>>,
 }
 
 /// The VXLAN driver: the kernel device is made (and re-made when the
@@ -119,6 +121,7 @@ pub struct Vxlan {
     vni: u32,
     port: u16,
     mac: [u8; 6],
+    applied: Mutex<Option<Applied>>,
 }
 
 impl Tunnel {
@@ -131,6 +134,7 @@ impl Tunnel {
                 vni: spec.vni,
                 port: spec.vxlan_port,
                 mac: spec.vtep_mac,
+                applied: Mutex::new(None),
             })),
         }
     }
@@ -193,16 +197,22 @@ impl Tunnel {
     /// Brings the device, its peers and the routes to the peer blocks in
     /// line with `peers`. `underlay` is the current underlay interface and
     /// address; `gateway` this host's block gateway (the routes' source).
+    ///
+    /// Routes and VXLAN entries change by the difference from what the last
+    /// successful apply left ([`Plan`]); with `resync`, after an error or
+    /// before anything was applied, the kernel is read and compared
+    /// instead, which also undoes other tools' changes.
     pub async fn apply(
         &self,
         net: &HostNet,
         underlay: &(Link, Ipv4Addr),
         gateway: Ipv4Addr,
         peers: &[Peer],
+        resync: bool,
     ) -> anyhow::Result<()> {
         match self {
-            Tunnel::Wireguard(w) => w.apply(net, gateway, peers).await,
-            Tunnel::Vxlan(v) => v.apply(net, underlay, gateway, peers).await,
+            Tunnel::Wireguard(w) => w.apply(net, gateway, peers, resync).await,
+            Tunnel::Vxlan(v) => v.apply(net, underlay, gateway, peers, resync).await,
         }
     }
 }
@@ -212,12 +222,9 @@ impl Wireguard {
         let keys =
             weft_wg::load_or_create_key(spec.state_dir).context("loading the WireGuard key")?;
         let device = WgDevice::start(weft_wg::WgConfig {
-            ifname: WG_DEVICE.into(),
-            listen_port: spec.wg_port,
-            mtu: spec.mtu,
-            private_key: keys.private_key(),
             keepalive: Some(WG_KEEPALIVE_SECS),
             queues: spec.wg_queues,
+            ..weft_wg::WgConfig::new(WG_DEVICE, spec.wg_port, spec.mtu, keys.private_key())
         })
         .context("starting the WireGuard data path")?;
         let public_key = WgKey::from(keys.public_key());
@@ -227,6 +234,7 @@ impl Wireguard {
             state_dir: spec.state_dir.to_path_buf(),
             next: Mutex::new(None),
             rotating: tokio::sync::Mutex::new(()),
+            applied: Mutex::new(None),
         })
     }
 
@@ -290,11 +298,21 @@ impl Wireguard {
         Ok((old, new))
     }
 
-    async fn apply(&self, net: &HostNet, gateway: Ipv4Addr, peers: &[Peer]) -> anyhow::Result<()> {
+    async fn apply(
+        &self,
+        net: &HostNet,
+        gateway: Ipv4Addr,
+        peers: &[Peer],
+        resync: bool,
+    ) -> anyhow::Result<()> {
         self.device.set_peers_with_next_keys(wg_peers(peers));
-        net.ensure_peer_routes(self.device.ifindex(), gateway, &peer_routes(false, peers))
-            .await?;
-        Ok(())
+        let want = Applied {
+            index: self.device.ifindex(),
+            src: gateway,
+            routes: peer_routes(false, peers),
+            vteps: None,
+        };
+        apply_kernel(net, &self.applied, want, resync).await
     }
 }
 
@@ -305,6 +323,7 @@ impl Vxlan {
         (underlay_link, underlay): &(Link, Ipv4Addr),
         gateway: Ipv4Addr,
         peers: &[Peer],
+        resync: bool,
     ) -> anyhow::Result<()> {
         let link = net
             .ensure_vxlan(&VxlanSpec {
@@ -317,12 +336,128 @@ impl Vxlan {
                 mtu: overlay_mtu(TunnelBackend::Vxlan, underlay_link.mtu),
             })
             .await?;
-        net.ensure_vtep_peers(link.index, &vtep_peers(peers))
-            .await?;
-        net.ensure_peer_routes(link.index, gateway, &peer_routes(true, peers))
-            .await?;
-        Ok(())
+        let want = Applied {
+            index: link.index,
+            src: gateway,
+            routes: peer_routes(true, peers),
+            vteps: Some(vtep_peers(peers)),
+        };
+        apply_kernel(net, &self.applied, want, resync).await
     }
+}
+
+/// What a successful apply left in the kernel: the peer routes through
+/// the device `index` (source `src`) and, for VXLAN (`Some`), the peers'
+/// neighbour and FDB entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Applied {
+    index: u32,
+    src: Ipv4Addr,
+    routes: HashSet<PeerRoute>,
+    vteps: Option<HashSet<VtepPeer>>,
+}
+
+/// How an apply reaches the kernel.
+#[derive(Debug, PartialEq, Eq)]
+enum Plan {
+    /// Read what the kernel has and change the difference.
+    Resync,
+    /// Change exactly this: the kernel is as the last apply left it.
+    Change {
+        add_routes: Vec<PeerRoute>,
+        remove_routes: Vec<PeerRoute>,
+        add_vteps: Vec<VtepPeer>,
+        remove_vteps: Vec<VtepPeer>,
+    },
+}
+
+/// The plan from `last` (what the last successful apply left, if it is
+/// known) to `want`: a resync when asked, when nothing is known, or when
+/// the device or the source address changed; else the difference.
+fn plan(last: Option<&Applied>, want: &Applied, resync: bool) -> Plan {
+    let Some(last) = last.filter(|l| !resync && l.index == want.index && l.src == want.src) else {
+        return Plan::Resync;
+    };
+    let none = HashSet::new();
+    let (want_vteps, last_vteps) = (
+        want.vteps.as_ref().unwrap_or(&none),
+        last.vteps.as_ref().unwrap_or(&none),
+    );
+    Plan::Change {
+        add_routes: sorted(&want.routes, &last.routes),
+        remove_routes: sorted(&last.routes, &want.routes),
+        add_vteps: sorted(want_vteps, last_vteps),
+        remove_vteps: sorted(last_vteps, want_vteps),
+    }
+}
+
+/// What `a` has and `b` has not, in order (requests and logs follow it).
+fn sorted<T: Copy + Ord + std::hash::Hash>(a: &HashSet<T>, b: &HashSet<T>) -> Vec<T> {
+    let mut v: Vec<T> = a.difference(b).copied().collect();
+    v.sort();
+    v
+}
+
+/// Brings routes and VXLAN entries to `want` by [`plan`], and keeps `want`
+/// in `slot` when that succeeded (an error leaves nothing there, so the
+/// next apply resyncs). Logs one line when something changed.
+async fn apply_kernel(
+    net: &HostNet,
+    slot: &Mutex<Option<Applied>>,
+    want: Applied,
+    resync: bool,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let last = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let (index, src) = (want.index, want.src);
+    let (added, removed) = match plan(last.as_ref(), &want, resync) {
+        Plan::Resync => {
+            let (vteps_added, vteps_removed) = match &want.vteps {
+                Some(vteps) => net.sync_vtep_peers(index, vteps).await?,
+                None => (0, 0),
+            };
+            let (added, removed) = net.sync_peer_routes(index, src, &want.routes).await?;
+            (added.max(vteps_added), removed.max(vteps_removed))
+        }
+        Plan::Change {
+            add_routes,
+            remove_routes,
+            add_vteps,
+            remove_vteps,
+        } => {
+            // Removals first: a roaming VXLAN peer's entry is removed and
+            // added again with its new underlay (same neighbour address),
+            // and a block that moved to another peer is re-added. Routes go
+            // before their entries and come after them.
+            net.change_peer_routes(index, src, &[], &remove_routes)
+                .await?;
+            net.change_vtep_peers(index, &[], &remove_vteps).await?;
+            net.change_vtep_peers(index, &add_vteps, &[]).await?;
+            net.change_peer_routes(index, src, &add_routes, &[]).await?;
+            (
+                add_routes.len().max(add_vteps.len()),
+                remove_routes.len().max(remove_vteps.len()),
+            )
+        }
+    };
+    if added + removed > 0 {
+        tracing::info!(
+            added,
+            removed,
+            peers = want.routes.len(),
+            read_kernel = last.is_none() || resync,
+            took_ms = started.elapsed().as_millis() as u64,
+            "peer routes updated"
+        );
+    }
+    *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(want);
+    Ok(())
+}
+
+/// The counters by peer public key (thousands of peers: no linear search
+/// per peer).
+pub fn stats_by_key(stats: &[PeerStats]) -> std::collections::HashMap<[u8; 32], &PeerStats> {
+    stats.iter().map(|s| (s.public_key, s)).collect()
 }
 
 /// Whether a WireGuard peer had a handshake within [`PEER_DOWN_AFTER`].
@@ -351,7 +486,7 @@ fn wg_peers(peers: &[Peer]) -> Vec<(weft_wg::WgPeer, Option<[u8; 32]>)> {
 /// Routes for the peers' blocks: via the block's network address (onlink;
 /// `via_block`, VXLAN), or straight into the device (the point-to-point
 /// WireGuard TUN).
-fn peer_routes(via_block: bool, peers: &[Peer]) -> Vec<PeerRoute> {
+fn peer_routes(via_block: bool, peers: &[Peer]) -> HashSet<PeerRoute> {
     peers
         .iter()
         .map(|p| PeerRoute {
@@ -362,7 +497,7 @@ fn peer_routes(via_block: bool, peers: &[Peer]) -> Vec<PeerRoute> {
 }
 
 /// Neighbour and FDB entries for the VXLAN peers.
-fn vtep_peers(peers: &[Peer]) -> Vec<VtepPeer> {
+fn vtep_peers(peers: &[Peer]) -> HashSet<VtepPeer> {
     peers
         .iter()
         .filter_map(|p| {
@@ -426,10 +561,10 @@ mod tests {
     #[test]
     fn vxlan_routes_go_via_the_block_wireguard_routes_into_the_device() {
         let peers = [peer("b", 1, Some([2, 0, 0, 0, 0, 1])), peer("c", 2, None)];
-        let routes = peer_routes(true, &peers);
+        let routes: Vec<PeerRoute> = super::sorted(&peer_routes(true, &peers), &HashSet::new());
         assert_eq!(routes[0].via, Some(Ipv4Addr::new(10, 42, 1, 0)));
-        assert_eq!(peer_routes(false, &peers)[0].via, None);
-        let vteps = vtep_peers(&peers);
+        assert!(peer_routes(false, &peers).iter().all(|r| r.via.is_none()));
+        let vteps: Vec<VtepPeer> = super::sorted(&vtep_peers(&peers), &HashSet::new());
         assert_eq!(vteps.len(), 1, "a peer without a MAC has no VTEP entry");
         assert_eq!(vteps[0].underlay, Ipv4Addr::new(192, 168, 77, 11));
         assert_eq!(vteps[0].mac, [2, 0, 0, 0, 0, 1]);
@@ -440,12 +575,91 @@ mod tests {
         assert_eq!((wg[0].1, wg[1].1), (None, Some([9; 32])));
     }
 
+    fn applied(index: u32, routes: &[&Peer], vxlan: bool) -> Applied {
+        let peers: Vec<Peer> = routes.iter().map(|p| (*p).clone()).collect();
+        Applied {
+            index,
+            src: Ipv4Addr::new(10, 42, 0, 1),
+            routes: peer_routes(vxlan, &peers),
+            vteps: vxlan.then(|| vtep_peers(&peers)),
+        }
+    }
+
+    #[test]
+    fn an_apply_changes_only_the_difference_from_the_last() {
+        let m = Some([2, 0, 0, 0, 0, 1]);
+        let (b, c, d) = (peer("b", 1, m), peer("c", 2, m), peer("d", 3, m));
+        let last = applied(7, &[&b, &c], true);
+        let want = applied(7, &[&c, &d], true);
+        let Plan::Change {
+            add_routes,
+            remove_routes,
+            add_vteps,
+            remove_vteps,
+        } = plan(Some(&last), &want, false)
+        else {
+            panic!("a known last state is changed, not read again");
+        };
+        assert_eq!(
+            add_routes,
+            [PeerRoute {
+                block: d.block,
+                via: Some(d.block.network())
+            }]
+        );
+        assert_eq!(
+            remove_routes,
+            [PeerRoute {
+                block: b.block,
+                via: Some(b.block.network())
+            }]
+        );
+        assert_eq!(add_vteps.len(), 1);
+        assert_eq!(add_vteps[0].underlay, d.underlay);
+        assert_eq!(remove_vteps[0].underlay, b.underlay);
+        // Nothing to do when converged.
+        assert_eq!(
+            plan(Some(&want), &want, false),
+            Plan::Change {
+                add_routes: vec![],
+                remove_routes: vec![],
+                add_vteps: vec![],
+                remove_vteps: vec![],
+            }
+        );
+        // WireGuard: routes only.
+        let wg = plan(
+            Some(&applied(7, &[&b], false)),
+            &applied(7, &[&b, &c], false),
+            false,
+        );
+        assert!(
+            matches!(wg, Plan::Change { ref add_routes, ref add_vteps, .. } if add_routes.len() == 1 && add_vteps.is_empty())
+        );
+    }
+
+    #[test]
+    fn the_kernel_is_read_when_asked_unknown_or_the_device_changed() {
+        let b = peer("b", 1, None);
+        let want = applied(7, &[&b], false);
+        assert_eq!(plan(None, &want, false), Plan::Resync);
+        assert_eq!(plan(Some(&want), &want, true), Plan::Resync);
+        assert_eq!(
+            plan(Some(&applied(8, &[&b], false)), &want, false),
+            Plan::Resync
+        );
+        let mut moved = want.clone();
+        moved.src = Ipv4Addr::new(10, 42, 9, 1);
+        assert_eq!(plan(Some(&moved), &want, false), Plan::Resync);
+    }
+
     #[test]
     fn a_vxlan_peer_is_up_while_in_the_mesh() {
         let t = Tunnel::Vxlan(Vxlan {
             vni: 42,
             port: 4789,
             mac: [2, 0, 0, 0, 0, 1],
+            applied: Mutex::new(None),
         });
         assert!(t.peer_up(None));
         assert_eq!(t.device(), VXLAN_DEVICE);

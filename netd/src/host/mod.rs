@@ -12,6 +12,9 @@ use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, L
 use netlink_packet_route::route::{RouteAttribute, RouteMessage};
 use rtnetlink::{Handle, LinkBridge, LinkUnspec, RouteMessageBuilder};
 
+mod tunnel;
+pub use tunnel::{PeerRoute, VtepPeer, VxlanSpec, PIPELINE};
+
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
     #[error("cannot open a netlink socket: {0} (netd needs CAP_NET_ADMIN)")]
@@ -38,6 +41,39 @@ pub type Result<T, E = HostError> = std::result::Result<T, E>;
 fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> HostError {
     let what = what.into();
     move |source| HostError::Netlink { what, source }
+}
+
+/// The errno a netlink request failed with (positive), if the kernel
+/// answered with one.
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => Some(-m.raw_code()).filter(|&c| c != 0),
+        _ => None,
+    }
+}
+
+/// Attempts of a dump the kernel interrupted before it gives up.
+const DUMP_ATTEMPTS: u32 = 5;
+
+/// Runs a dump, again when the kernel interrupted it because the table
+/// changed meanwhile (`EBUSY`; routes change while thousands of peers join),
+/// up to [`DUMP_ATTEMPTS`] times with a short pause.
+async fn dump_retrying<T, F, Fut>(what: &str, mut dump: F) -> Result<Vec<T>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<Vec<T>, rtnetlink::Error>>,
+{
+    let mut attempt = 1;
+    loop {
+        match dump().await {
+            Err(e) if errno(&e) == Some(libc::EBUSY) && attempt < DUMP_ATTEMPTS => {
+                tracing::debug!(what, attempt, "netlink dump interrupted by a change; again");
+                tokio::time::sleep(std::time::Duration::from_millis(5 << attempt)).await;
+                attempt += 1;
+            }
+            r => return r.map_err(nl(what)),
+        }
+    }
 }
 
 /// What netd knows about one link.
@@ -333,13 +369,14 @@ impl HostNet {
 
     /// Every IPv4 route of the main dump.
     async fn ipv4_routes(&self) -> Result<Vec<RouteMessage>> {
-        self.handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl("listing routes"))
+        dump_retrying("listing routes", || {
+            self.handle
+                .route()
+                .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+                .execute()
+                .try_collect()
+        })
+        .await
     }
 
     /// The link the IPv4 default route leaves through, if there is one.
@@ -392,6 +429,41 @@ pub fn ensure_sysctl(path: &str, value: &str) -> Result<()> {
     }
 }
 
+impl HostNet {
+    /// The first IPv4 address of a link.
+    pub async fn first_ipv4(&self, index: u32) -> Result<Option<Ipv4Addr>> {
+        Ok(self.addresses(index).await?.first().map(|n| n.ip()))
+    }
+}
+
+impl HostNet {
+    /// The underlay: the link holding `addr` when given, else the link of
+    /// the default route and its first IPv4 address.
+    pub async fn underlay(&self, addr: Option<Ipv4Addr>) -> Result<Option<(Link, Ipv4Addr)>> {
+        match addr {
+            Some(addr) => {
+                for link in self.links().await? {
+                    if self
+                        .addresses(link.index)
+                        .await?
+                        .iter()
+                        .any(|n| n.ip() == addr)
+                    {
+                        return Ok(Some((link, addr)));
+                    }
+                }
+                Ok(None)
+            }
+            None => {
+                let Some(link) = self.default_route_link().await? else {
+                    return Ok(None);
+                };
+                Ok(self.first_ipv4(link.index).await?.map(|a| (link, a)))
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -424,316 +496,5 @@ mod tests {
         let want = [n("10.42.3.1/24"), n("169.254.169.250/32")];
         let (add, remove) = address_diff(&want, &want, &owned);
         assert!(add.is_empty() && remove.is_empty());
-    }
-}
-
-/// A route to a peer's block through a tunnel device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct PeerRoute {
-    pub block: Ipv4Network,
-    /// `Some(next hop)` with onlink (VXLAN), `None` for a point-to-point
-    /// device (the WireGuard TUN).
-    pub via: Option<Ipv4Addr>,
-}
-
-/// What the VXLAN device needs for one peer: a permanent neighbour entry
-/// (peer's block address -> its VTEP MAC) and an FDB entry (that MAC -> the
-/// peer's underlay address).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct VtepPeer {
-    pub addr: Ipv4Addr,
-    pub mac: [u8; 6],
-    pub underlay: Ipv4Addr,
-}
-
-/// VXLAN device settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VxlanSpec {
-    pub name: String,
-    pub vni: u32,
-    pub port: u16,
-    pub local: Ipv4Addr,
-    pub underlay_index: u32,
-    pub mac: [u8; 6],
-    pub mtu: u32,
-}
-
-impl HostNet {
-    /// Creates the VXLAN device if it is missing (or re-creates it when its
-    /// VNI/port/local address/MAC changed), and sets MTU and up.
-    pub async fn ensure_vxlan(&self, spec: &VxlanSpec) -> Result<Link> {
-        if let Some(link) = self.link(&spec.name).await? {
-            if link.kind.as_deref() == Some("vxlan") && self.vxlan_matches(&link, spec).await? {
-                if link.mtu != spec.mtu || !link.up {
-                    self.handle
-                        .link()
-                        .set(
-                            LinkUnspec::new_with_index(link.index)
-                                .mtu(spec.mtu)
-                                .up()
-                                .build(),
-                        )
-                        .execute()
-                        .await
-                        .map_err(nl(format!("setting MTU/up on {}", spec.name)))?;
-                }
-                return Ok(Link {
-                    mtu: spec.mtu,
-                    up: true,
-                    ..link
-                });
-            }
-            tracing::info!(device = %spec.name, "VXLAN device settings changed: re-creating it");
-            self.delete_link(&spec.name).await?;
-        }
-        tracing::info!(device = %spec.name, vni = spec.vni, port = spec.port, local = %spec.local, "creating VXLAN device");
-        let msg = rtnetlink::LinkVxlan::new(&spec.name, spec.vni)
-            .dev(spec.underlay_index)
-            .port(spec.port)
-            .local(spec.local)
-            .learning(false)
-            .mtu(spec.mtu)
-            .address(spec.mac.to_vec())
-            .up()
-            .build();
-        self.handle
-            .link()
-            .add(msg)
-            .execute()
-            .await
-            .map_err(nl(format!("creating VXLAN device {}", spec.name)))?;
-        self.link(&spec.name)
-            .await?
-            .ok_or_else(|| HostError::NotABridge {
-                name: spec.name.clone(),
-                kind: "vanished".into(),
-            })
-    }
-
-    async fn vxlan_matches(&self, link: &Link, spec: &VxlanSpec) -> Result<bool> {
-        use netlink_packet_route::link::{InfoData, InfoVxlan};
-        let mut msgs = self.handle.link().get().match_index(link.index).execute();
-        let Some(m) = msgs.try_next().await.map_err(nl("reading VXLAN device"))? else {
-            return Ok(false);
-        };
-        let (mut vni, mut port, mut local, mut mac) = (None, None, None, None);
-        for attr in &m.attributes {
-            match attr {
-                LinkAttribute::Address(a) => mac = Some(a.clone()),
-                LinkAttribute::LinkInfo(infos) => {
-                    for info in infos {
-                        if let LinkInfo::Data(InfoData::Vxlan(items)) = info {
-                            for item in items {
-                                match item {
-                                    InfoVxlan::Id(v) => vni = Some(*v),
-                                    InfoVxlan::Port(p) => port = Some(*p),
-                                    InfoVxlan::Local(l) => local = Some(*l),
-                                    _ => {}
-                                }
-                            }
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-        Ok(vni == Some(spec.vni)
-            && port == Some(spec.port)
-            && local == Some(spec.local)
-            && mac.as_deref() == Some(&spec.mac[..]))
-    }
-
-    /// IPv4 routes leaving through link `index`, as (destination, gateway).
-    async fn routes_via(
-        &self,
-        index: u32,
-    ) -> Result<Vec<(RouteMessage, Ipv4Network, Option<Ipv4Addr>)>> {
-        use netlink_packet_route::route::RouteAddress;
-        let routes = self.ipv4_routes().await?;
-        let mut out = Vec::new();
-        for r in routes {
-            let mut oif = None;
-            let mut dst = None;
-            let mut gw = None;
-            for a in &r.attributes {
-                match a {
-                    RouteAttribute::Oif(i) => oif = Some(*i),
-                    RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = Some(*d),
-                    RouteAttribute::Gateway(RouteAddress::Inet(g)) => gw = Some(*g),
-                    _ => {}
-                }
-            }
-            if oif != Some(index) {
-                continue;
-            }
-            let Some(dst) = dst else { continue };
-            if let Ok(net) = Ipv4Network::new(dst, r.header.destination_prefix_length) {
-                out.push((r, net, gw));
-            }
-        }
-        Ok(out)
-    }
-
-    /// Makes the routes through tunnel device `index` exactly `want`: each
-    /// peer block via the device with `src` as preferred source (so traffic
-    /// the host itself sends into the overlay carries an address of its own
-    /// block). Routes of other blocks on the device are removed.
-    pub async fn ensure_peer_routes(
-        &self,
-        index: u32,
-        src: Ipv4Addr,
-        want: &[PeerRoute],
-    ) -> Result<()> {
-        use netlink_packet_route::route::{RouteProtocol, RouteScope};
-        let have = self.routes_via(index).await?;
-        for (msg, net, gw) in &have {
-            let keep = want.iter().any(|w| w.block == *net && w.via == *gw);
-            if !keep && net.prefix() < 32 {
-                tracing::info!(dest = %net, "removing peer route");
-                self.handle
-                    .route()
-                    .del(msg.clone())
-                    .execute()
-                    .await
-                    .map_err(nl(format!("removing route to {net}")))?;
-            }
-        }
-        for w in want {
-            if have
-                .iter()
-                .any(|(_, net, gw)| *net == w.block && *gw == w.via)
-            {
-                continue;
-            }
-            tracing::info!(dest = %w.block, via = ?w.via, "adding peer route");
-            let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
-                .destination_prefix(w.block.network(), w.block.prefix())
-                .output_interface(index)
-                .pref_source(src)
-                .protocol(RouteProtocol::Static);
-            b = match w.via {
-                Some(gw) => b.gateway(gw).onlink(),
-                None => b.scope(RouteScope::Link),
-            };
-            self.handle
-                .route()
-                .add(b.build())
-                .replace()
-                .execute()
-                .await
-                .map_err(nl(format!("adding route to {}", w.block)))?;
-        }
-        Ok(())
-    }
-
-    /// Makes the permanent neighbour and FDB entries of the VXLAN device
-    /// `index` exactly those of `want`.
-    pub async fn ensure_vtep_peers(&self, index: u32, want: &[VtepPeer]) -> Result<()> {
-        use netlink_packet_route::neighbour::{
-            NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourState,
-        };
-        use netlink_packet_route::AddressFamily;
-        let msgs: Vec<_> = self
-            .handle
-            .neighbours()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl("listing neighbours"))?;
-        for m in msgs {
-            if m.header.ifindex != index {
-                continue;
-            }
-            let mut dst = None;
-            let mut lla = None;
-            for a in &m.attributes {
-                match a {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) => dst = Some(*d),
-                    NeighbourAttribute::LinkLayerAddress(l) => lla = Some(l.clone()),
-                    _ => {}
-                }
-            }
-            let stale = match m.header.family {
-                AddressFamily::Inet => match dst {
-                    Some(d) => !want
-                        .iter()
-                        .any(|w| w.addr == d && lla.as_deref() == Some(&w.mac[..])),
-                    None => false,
-                },
-                AddressFamily::Bridge => match (&lla, dst) {
-                    // Only unicast FDB entries with a destination are ours.
-                    (Some(mac), Some(d)) if mac.first().is_some_and(|b| b & 1 == 0) => !want
-                        .iter()
-                        .any(|w| w.underlay == d && mac.as_slice() == w.mac),
-                    _ => false,
-                },
-                _ => false,
-            };
-            if stale && m.header.state == NeighbourState::Permanent {
-                tracing::info!(dst = ?dst, "removing stale VXLAN neighbour/FDB entry");
-                self.handle
-                    .neighbours()
-                    .del(m)
-                    .execute()
-                    .await
-                    .map_err(nl("removing neighbour"))?;
-            }
-        }
-        for w in want {
-            self.handle
-                .neighbours()
-                .add(index, IpAddr::V4(w.addr))
-                .link_layer_address(&w.mac)
-                .state(NeighbourState::Permanent)
-                .replace()
-                .execute()
-                .await
-                .map_err(nl(format!("adding neighbour {}", w.addr)))?;
-            self.handle
-                .neighbours()
-                .add_bridge(index, &w.mac)
-                .destination(IpAddr::V4(w.underlay))
-                .flags(NeighbourFlags::Own)
-                .state(NeighbourState::Permanent)
-                .replace()
-                .execute()
-                .await
-                .map_err(nl(format!("adding FDB entry for {}", w.underlay)))?;
-        }
-        Ok(())
-    }
-
-    /// The first IPv4 address of a link.
-    pub async fn first_ipv4(&self, index: u32) -> Result<Option<Ipv4Addr>> {
-        Ok(self.addresses(index).await?.first().map(|n| n.ip()))
-    }
-}
-
-impl HostNet {
-    /// The underlay: the link holding `addr` when given, else the link of
-    /// the default route and its first IPv4 address.
-    pub async fn underlay(&self, addr: Option<Ipv4Addr>) -> Result<Option<(Link, Ipv4Addr)>> {
-        match addr {
-            Some(addr) => {
-                for link in self.links().await? {
-                    if self
-                        .addresses(link.index)
-                        .await?
-                        .iter()
-                        .any(|n| n.ip() == addr)
-                    {
-                        return Ok(Some((link, addr)));
-                    }
-                }
-                Ok(None)
-            }
-            None => {
-                let Some(link) = self.default_route_link().await? else {
-                    return Ok(None);
-                };
-                Ok(self.first_ipv4(link.index).await?.map(|a| (link, a)))
-            }
-        }
     }
 }
