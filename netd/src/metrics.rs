@@ -312,6 +312,7 @@ impl Live {
         let (mut rx_b, mut tx_b, mut rx_p, mut tx_p) = (vec![], vec![], vec![], vec![]);
         let mut drops = Vec::new();
         let mut hs_errors = Vec::new();
+        let mut hs_failures = Vec::new();
         for p in &peers {
             let s = p.wg_public_key.and_then(|k| stats.get(&k).copied());
             let is_up = tunnel.peer_up(s);
@@ -339,6 +340,7 @@ impl Live {
                 drops.push((l2("peer", peer(), "reason", reason), v));
             }
             hs_errors.push((l1("peer", peer()), s.handshake_errors));
+            hs_failures.push((l1("peer", peer()), s.handshake_failures));
         }
         gauges(
             e,
@@ -395,6 +397,12 @@ impl Live {
             "Handshake messages from a peer that were rejected",
             &hs_errors,
         )?;
+        counters(
+            e,
+            "weft_peer_handshake_failures",
+            "Handshake initiations to a peer that got no answer (retried after 5 s, given up after 90 s)",
+            &hs_failures,
+        )?;
         {
             let s = w.device_stats();
             counters(
@@ -428,6 +436,12 @@ impl Live {
                     (l1("direction", "rx"), s.rx_syscalls),
                     (l1("direction", "tx"), s.tx_syscalls),
                 ],
+            )?;
+            counter(
+                e,
+                "weft_wg_handshake_failures",
+                "Handshake initiations to any peer, also peers since removed, that got no answer",
+                s.handshake_failures,
             )?;
             counter(
                 e,

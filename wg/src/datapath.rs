@@ -11,9 +11,9 @@
 //!   index (or by the static key in a handshake initiation), decrypts,
 //!   applies crypto-key routing, and writes to the TUN, merging consecutive
 //!   segments of a TCP flow into one large write (GRO towards the kernel).
-//! * **timer** (`weft-wg-timer`): every 100 ms runs every peer's
-//!   `update_timers` (handshake retries, rekey, keepalives) and resets the
-//!   handshake rate limiter.
+//! * **timer** (`weft-wg-timer`, [`super::timers`]): every 100 ms runs
+//!   `update_timers` (handshake retries, rekey, keepalives) of the peers
+//!   that can have something due, and resets the handshake rate limiters.
 //!
 //! There are `queues` tx and rx workers (`weft-wg-tx-<q>`, `weft-wg-rx-<q>`;
 //! one per CPU up to 4 by default): tx worker `q` reads TUN queue `q`, and
@@ -43,6 +43,7 @@ use boringtun::x25519;
 use super::offload::{self, Gro, VnetHdr, VNET_HDR_LEN};
 use super::peer::{add, check_decrypted, Peer, Verdict};
 use super::table::{Entry, PeerTable};
+use super::timers;
 use super::tun::Tun;
 use super::udp::{wait_readable, Udp};
 use weft_sys::udp::{RecvBatch, SendBatch, Wait};
@@ -59,6 +60,12 @@ const POLL_MS: i32 = 100;
 pub(crate) const TICK: Duration = Duration::from_millis(100);
 /// Handshake initiations per second accepted before cookies are demanded.
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// Handshake messages per second that reach the peers' noise states, all
+/// peers together (one limiter shared by every `Tunn`, not one each):
+/// initiations have passed [`HANDSHAKE_RATE_LIMIT`] and the per-source
+/// budget already; this bounds the responses, and leaves room for every
+/// peer of a 5,000-host cluster answering within a second or two.
+const PEER_HANDSHAKE_RATE_LIMIT: u64 = 10_000;
 /// WireGuard data message overhead (header 16 + tag 16).
 pub(crate) const DATA_OVERHEAD: usize = 32;
 /// Largest decrypted packet written to the TUN. Not the TUN's MTU: a peer
@@ -80,6 +87,8 @@ pub(crate) struct DeviceCounters {
     pub(crate) drops_tun_read: AtomicU64,
     pub(crate) cookies_sent: AtomicU64,
     pub(crate) drops_handshake_budget: AtomicU64,
+    /// Handshake initiations that got no answer ([`super::timers`]).
+    pub(crate) handshake_failures: AtomicU64,
     pub(crate) tx_syscalls: AtomicU64,
     pub(crate) tx_datagrams: AtomicU64,
     pub(crate) rx_syscalls: AtomicU64,
@@ -103,6 +112,11 @@ pub(crate) struct Shared {
     pub(crate) table: Mutex<Arc<PeerTable>>,
     pub(crate) generation: AtomicU64,
     pub(crate) counters: DeviceCounters,
+    /// Peers the data path woke for the timer ([`super::timers::wake`]).
+    pub(crate) wake: Mutex<Vec<Arc<Peer>>>,
+    /// The timer thread's id, for tests that read its CPU time.
+    #[cfg(test)]
+    pub(crate) timer_tid: std::sync::atomic::AtomicI32,
 }
 
 impl Shared {
@@ -116,19 +130,19 @@ impl Shared {
         self.generation.fetch_add(1, Ordering::Release);
     }
 
-    fn stopping(&self) -> bool {
+    pub(crate) fn stopping(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
     }
 }
 
 /// A thread's cached view of the peer table.
-struct View {
+pub(crate) struct View {
     generation: u64,
-    table: Arc<PeerTable>,
+    pub(crate) table: Arc<PeerTable>,
 }
 
 impl View {
-    fn new(sh: &Shared) -> View {
+    pub(crate) fn new(sh: &Shared) -> View {
         let generation = sh.generation.load(Ordering::Acquire);
         View {
             generation,
@@ -137,7 +151,7 @@ impl View {
     }
 
     #[inline]
-    fn refresh(&mut self, sh: &Shared) {
+    pub(crate) fn refresh(&mut self, sh: &Shared) {
         let g = sh.generation.load(Ordering::Acquire);
         if g != self.generation {
             self.table = sh.table();
@@ -203,7 +217,7 @@ impl TxBatch {
     /// Encrypts one packet for `peer` into the next slot (sending the batch
     /// first if it is full).
     #[inline]
-    fn encrypt(&mut self, sh: &Shared, peer: &Peer, pkt: &[u8]) {
+    fn encrypt(&mut self, sh: &Shared, peer: &Arc<Peer>, pkt: &[u8]) {
         if self.n == TX_BATCH {
             self.flush(sh);
         }
@@ -214,8 +228,10 @@ impl TxBatch {
         let n = self.n;
         let slot = &mut self.out[n * self.stride..(n + 1) * self.stride];
         let mut st = peer.lock();
+        timers::touch(sh, peer, &mut st);
         match st.tunn.encapsulate(pkt, slot) {
             TunnResult::WriteToNetwork(msg) => {
+                timers::sent(&mut st, msg);
                 count_tx(peer, msg);
                 self.lens[n] = msg.len();
                 self.dests[n] = st.endpoint;
@@ -484,6 +500,7 @@ fn handle_datagram(sh: &Shared, table: &PeerTable, rx: &mut Rx, d: &[u8], from: 
             match check_decrypted(&entry.allowed, IpAddr::V4(src), pkt.len(), MAX_INNER) {
                 Verdict::Accept => {
                     roam(&mut st, from, peer);
+                    timers::touch(sh, peer, &mut st);
                     drop(st);
                     add(&peer.rx.bytes, pkt.len() as u64);
                     add(&peer.rx.packets, 1);
@@ -532,6 +549,10 @@ fn handle_datagram(sh: &Shared, table: &PeerTable, rx: &mut Rx, d: &[u8], from: 
     }
     if authenticated {
         roam(&mut st, from, peer);
+        timers::touch(sh, peer, &mut st);
+    }
+    if flush {
+        timers::established(&mut st);
     }
     if flush {
         // Packets boringtun queued while the handshake was going on.
@@ -556,42 +577,15 @@ fn roam(st: &mut super::peer::PeerState, from: SocketAddrV4, _peer: &Peer) {
     }
 }
 
-pub(crate) fn timer_loop(sh: Arc<Shared>) {
-    let mut buf = vec![0u8; 2048];
-    let mut view = View::new(&sh);
-    while !sh.stopping() {
-        std::thread::sleep(TICK);
-        sh.keys.current().limiter.reset_count();
-        view.refresh(&sh);
-        for e in view.table.entries() {
-            tick_peer(&sh, &e.peer, &mut buf);
-        }
-    }
-}
-
-pub(crate) fn tick_peer(sh: &Shared, peer: &Peer, buf: &mut [u8]) {
-    let mut st = peer.lock();
-    let to = st.endpoint;
-    match st.tunn.update_timers(buf) {
-        TunnResult::WriteToNetwork(msg) => {
-            if let Err(e) = sh.udp.send_to(msg, to) {
-                add(&sh.counters.drops_send, 1);
-                tracing::debug!(error = %e, %to, "sending a timer message failed");
-            }
-        }
-        TunnResult::Err(WireGuardError::ConnectionExpired) => {}
-        TunnResult::Err(e) => tracing::debug!(error = ?e, "update_timers"),
-        _ => {}
-    }
-}
-
 /// Starts a handshake with a newly added peer, so that sessions exist before
 /// the first packet (and come back at once after a restart).
-pub(crate) fn initiate(sh: &Shared, peer: &Peer) {
+pub(crate) fn initiate(sh: &Shared, peer: &Arc<Peer>) {
     let mut buf = [0u8; 256];
     let mut st = peer.lock();
     let to = st.endpoint;
+    timers::wake(sh, peer, &mut st);
     if let TunnResult::WriteToNetwork(msg) = st.tunn.format_handshake_initiation(&mut buf, false) {
+        timers::sent(&mut st, msg);
         if let Err(e) = sh.udp.send_to(msg, to) {
             tracing::debug!(error = %e, %to, "sending a handshake initiation failed");
         }
@@ -600,4 +594,9 @@ pub(crate) fn initiate(sh: &Shared, peer: &Peer) {
 
 pub(crate) fn new_limiter(public: &x25519::PublicKey) -> RateLimiter {
     RateLimiter::new(public, HANDSHAKE_RATE_LIMIT)
+}
+
+/// The one rate limiter every peer's noise state shares.
+pub(crate) fn new_peer_limiter(public: &x25519::PublicKey) -> Arc<RateLimiter> {
+    Arc::new(RateLimiter::new(public, PEER_HANDSHAKE_RATE_LIMIT))
 }

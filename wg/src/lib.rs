@@ -10,8 +10,11 @@
 //! network (crypto-key routing) and writes to the TUN, merging TCP segments
 //! into large writes. The kernel keeps a flow on one TUN queue and a peer on
 //! one socket, so packets stay in order. One *timer* thread drives
-//! handshakes, rekeys and keepalives every 100 ms. One mutex per peer; no
-//! allocation per packet. Details in `datapath.rs` and `offload.rs`.
+//! handshakes, rekeys and keepalives, ticking a peer only when something
+//! can be due (`timers.rs`: peers that never answer cost next to nothing,
+//! and their handshake failures are a counter and one log line a minute).
+//! One mutex per peer; no allocation per packet. Details in `datapath.rs`,
+//! `timers.rs` and `offload.rs`.
 //!
 //! Key rotation without dropping traffic ([`WgDevice::switch_key`], peers'
 //! announced next keys in [`WgDevice::set_peers_with_next_keys`]) is
@@ -46,6 +49,7 @@ mod peer;
 mod rotate;
 mod source_budget;
 mod table;
+mod timers;
 mod tun;
 mod udp;
 
@@ -171,6 +175,9 @@ pub struct PeerStats {
     pub drops_oversize: u64,
     /// Handshake messages rejected (bad MAC, stale timestamp, ...).
     pub handshake_errors: u64,
+    /// Our handshake initiations that got no answer: retried after
+    /// REKEY_TIMEOUT (5 s), or given up on after REKEY_ATTEMPT_TIME (90 s).
+    pub handshake_failures: u64,
     /// Switches to the peer's announced next key (key rotations).
     pub key_switches: u64,
     /// Writes to the TUN that failed.
@@ -197,6 +204,9 @@ pub struct DeviceStats {
     /// Handshake initiations dropped before the Diffie-Hellman because
     /// their source exceeded its budget (20/s, bursts of 5).
     pub drops_handshake_budget: u64,
+    /// Handshake initiations to any peer (also to peers since removed) that
+    /// got no answer ([`PeerStats::handshake_failures`]).
+    pub handshake_failures: u64,
     /// sendmmsg calls and datagrams sent by the transmit thread.
     pub tx_syscalls: u64,
     pub tx_datagrams: u64,
@@ -278,6 +288,9 @@ impl WgDevice {
             table: Mutex::new(Arc::new(PeerTable::new(base))),
             generation: AtomicU64::new(0),
             counters: DeviceCounters::default(),
+            wake: Default::default(),
+            #[cfg(test)]
+            timer_tid: Default::default(),
         });
         let mut dev = WgDevice {
             shared: Arc::clone(&shared),
@@ -293,7 +306,7 @@ impl WgDevice {
             loops.push((format!("weft-wg-rx-{q}"), datapath::rx_loop, q));
             loops.push((format!("weft-wg-tx-{q}"), datapath::tx_loop, q));
         }
-        loops.push(("weft-wg-timer".into(), |sh, _| datapath::timer_loop(sh), 0));
+        loops.push(("weft-wg-timer".into(), |sh, _| timers::timer_loop(sh), 0));
         for (name, f, q) in loops {
             let sh = Arc::clone(&shared);
             let h = std::thread::Builder::new()
@@ -344,7 +357,7 @@ impl WgDevice {
         let keys = sh.keys.current();
         let old = sh.table();
         let (next, changes) = old.reconcile(&want, &keys.public_key(), |w, index| {
-            let p = Peer::new(&keys.private, w.public_key, w.endpoint, sh.keepalive, index);
+            let p = Peer::new(&keys, w.public_key, w.endpoint, sh.keepalive, index);
             p.lock().next_key = w.next_key;
             Arc::new(p)
         });
@@ -357,7 +370,7 @@ impl WgDevice {
             let mut st = peer.lock();
             tracing::info!(old = %key_to_base64(&st.key), new = %key_to_base64(key),
                 "peer key changed without a handshake moving it over; new session");
-            st.tunn = peer.tunn_for(&keys.private, *key);
+            st.tunn = peer.tunn_for(&keys, *key);
             st.key = *key;
         }
         for (peer, next_key) in &changes.next_keys {
@@ -445,6 +458,7 @@ impl WgDevice {
                     drops_oversize: p.rx.drops_oversize.load(Relaxed)
                         + p.tx.drops_oversize.load(Relaxed),
                     handshake_errors: p.rx.handshake_errors.load(Relaxed),
+                    handshake_failures: p.tx.handshake_failures.load(Relaxed),
                     key_switches: p.rx.key_switches.load(Relaxed),
                     drops_tun_write: p.rx.drops_tun_write.load(Relaxed),
                 }
@@ -464,6 +478,7 @@ impl WgDevice {
             drops_tun_read: c.drops_tun_read.load(Relaxed),
             cookies_sent: c.cookies_sent.load(Relaxed),
             drops_handshake_budget: c.drops_handshake_budget.load(Relaxed),
+            handshake_failures: c.handshake_failures.load(Relaxed),
             tx_syscalls: c.tx_syscalls.load(Relaxed),
             tx_datagrams: c.tx_datagrams.load(Relaxed),
             rx_syscalls: c.rx_syscalls.load(Relaxed),

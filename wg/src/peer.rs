@@ -6,11 +6,13 @@
 
 use std::net::{IpAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use boringtun::noise::Tunn;
 use boringtun::x25519;
 use ipnetwork::Ipv4Network;
+
+use super::rotate::DeviceKeys;
 
 /// What the noise state needs a lock for: the session itself, the
 /// endpoint to send to (which roams with authenticated packets) and the
@@ -23,6 +25,8 @@ pub(crate) struct PeerState {
     /// The key the peer announced it will switch to: a handshake initiation
     /// authenticated by it replaces `tunn` ([`super::rotate`]).
     pub(crate) next_key: Option<[u8; 32]>,
+    /// Where the peer is in the timer's schedule ([`super::timers`]).
+    pub(crate) sched: super::timers::Sched,
 }
 
 /// Counters the transmit side writes (own cache line, no false sharing with
@@ -33,6 +37,8 @@ pub(crate) struct TxCounters {
     pub(crate) bytes: AtomicU64,
     pub(crate) packets: AtomicU64,
     pub(crate) drops_oversize: AtomicU64,
+    /// Our handshake initiations that got no answer (the timer writes it).
+    pub(crate) handshake_failures: AtomicU64,
 }
 
 /// Counters the receive side writes.
@@ -62,7 +68,7 @@ pub(crate) struct Peer {
 
 impl Peer {
     pub(crate) fn new(
-        private_key: &[u8; 32],
+        keys: &DeviceKeys,
         public_key: [u8; 32],
         endpoint: SocketAddrV4,
         keepalive: Option<u16>,
@@ -72,10 +78,11 @@ impl Peer {
             index,
             keepalive,
             state: Mutex::new(PeerState {
-                tunn: new_tunn(private_key, public_key, keepalive, index),
+                tunn: new_tunn(keys, public_key, keepalive, index),
                 endpoint,
                 key: public_key,
                 next_key: None,
+                sched: Default::default(),
             }),
             tx: TxCounters::default(),
             rx: RxCounters::default(),
@@ -84,8 +91,8 @@ impl Peer {
 
     /// A fresh noise state for this peer's slot, with the peer's static key
     /// `key`.
-    pub(crate) fn tunn_for(&self, private_key: &[u8; 32], key: [u8; 32]) -> Tunn {
-        new_tunn(private_key, key, self.keepalive, self.index)
+    pub(crate) fn tunn_for(&self, keys: &DeviceKeys, key: [u8; 32]) -> Tunn {
+        new_tunn(keys, key, self.keepalive, self.index)
     }
 
     /// The peer's current static public key.
@@ -104,15 +111,17 @@ impl Peer {
     }
 }
 
-/// A noise state with no session yet.
-fn new_tunn(private_key: &[u8; 32], key: [u8; 32], keepalive: Option<u16>, index: u32) -> Tunn {
+/// A noise state with no session yet, sharing the device's peer rate
+/// limiter (one per `Tunn` would cost 200 bytes and two getrandom calls a
+/// peer; its count is reset by the timer).
+fn new_tunn(keys: &DeviceKeys, key: [u8; 32], keepalive: Option<u16>, index: u32) -> Tunn {
     Tunn::new(
-        x25519::StaticSecret::from(*private_key),
+        keys.secret.clone(),
         x25519::PublicKey::from(key),
         None,
         keepalive,
         index,
-        None,
+        Some(Arc::clone(&keys.peer_limiter)),
     )
 }
 

@@ -27,21 +27,24 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::TunnResult;
 use boringtun::x25519;
 
-use super::datapath::{new_limiter, Shared};
+use super::datapath::{new_limiter, new_peer_limiter, Shared};
 use super::key::key_to_base64;
 use super::peer::{add, Peer};
+use super::timers;
 
 /// WireGuard message type of a handshake response.
 const MSG_HANDSHAKE_RESPONSE: u8 = 2;
 
 /// This device's static key and what is derived from it.
 pub(crate) struct DeviceKeys {
-    pub(crate) private: [u8; 32],
     pub(crate) secret: x25519::StaticSecret,
     pub(crate) public: x25519::PublicKey,
     /// The device-wide handshake rate limiter: its mac1 and cookies are
     /// keyed by `public`.
     pub(crate) limiter: RateLimiter,
+    /// The limiter every peer's noise state shares (its mac1 is keyed by
+    /// `public` too).
+    pub(crate) peer_limiter: Arc<RateLimiter>,
 }
 
 impl DeviceKeys {
@@ -49,8 +52,8 @@ impl DeviceKeys {
         let secret = x25519::StaticSecret::from(private);
         let public = x25519::PublicKey::from(&secret);
         DeviceKeys {
-            private,
             limiter: new_limiter(&public),
+            peer_limiter: new_peer_limiter(&public),
             secret,
             public,
         }
@@ -87,7 +90,7 @@ impl KeyCell {
 /// nothing and is counted.
 pub(crate) fn next_key_init(
     sh: &Shared,
-    peer: &Peer,
+    peer: &Arc<Peer>,
     key: &[u8; 32],
     from: SocketAddrV4,
     d: &[u8],
@@ -102,7 +105,7 @@ pub(crate) fn next_key_init(
         return true;
     }
     let keys = sh.keys.current();
-    let mut tunn = peer.tunn_for(&keys.private, *key);
+    let mut tunn = peer.tunn_for(&keys, *key);
     let mut buf = [0u8; 256];
     match tunn.decapsulate(Some(IpAddr::V4(*from.ip())), d, &mut buf) {
         TunnResult::WriteToNetwork(msg) if msg.first() == Some(&MSG_HANDSHAKE_RESPONSE) => {
@@ -114,6 +117,8 @@ pub(crate) fn next_key_init(
             st.tunn = tunn;
             st.next_key = None;
             st.endpoint = from;
+            timers::established(&mut st);
+            timers::touch(sh, peer, &mut st);
             add(&peer.rx.key_switches, 1);
             tracing::info!(old = %key_to_base64(&old), new = %key_to_base64(key), endpoint = %from,
                 "peer switched to its announced next key");
@@ -136,12 +141,17 @@ pub(crate) fn switch(sh: &Shared, private: [u8; 32]) -> [u8; 32] {
     let mut peers = 0;
     for e in table.entries() {
         let mut st = e.peer.lock();
-        st.tunn
-            .set_static_private(keys.secret.clone(), keys.public, None);
+        st.tunn.set_static_private(
+            keys.secret.clone(),
+            keys.public,
+            Some(Arc::clone(&keys.peer_limiter)),
+        );
         let to = st.endpoint;
+        timers::wake(sh, &e.peer, &mut st);
         // Forced: a handshake under the old key may be in flight.
         if let TunnResult::WriteToNetwork(msg) = st.tunn.format_handshake_initiation(&mut buf, true)
         {
+            timers::sent(&mut st, msg);
             if let Err(e) = sh.udp.send_to(msg, to) {
                 add(&sh.counters.drops_send, 1);
                 tracing::debug!(error = %e, %to, "sending a handshake initiation failed");

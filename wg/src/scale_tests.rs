@@ -40,15 +40,10 @@ fn live_bytes() -> isize {
     LIVE.with(Cell::get)
 }
 
-/// CPU time of the calling thread.
-fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+/// CPU time of thread `tid` of this process (schedstat: ns on a CPU).
+fn task_cpu(tid: i32) -> Duration {
+    let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).unwrap();
+    Duration::from_nanos(s.split_whitespace().next().unwrap().parse().unwrap())
 }
 
 /// `n` peers whose endpoints lead nowhere (loopback ports nobody
@@ -84,6 +79,7 @@ fn five_thousand_unreachable_peers() {
     let t = Instant::now();
     dev.set_peers(peers.clone());
     let burst = t.elapsed();
+    let start = Instant::now();
     let per_peer = (live_bytes() - before) / N as isize;
 
     // One join and one leave at that size.
@@ -96,23 +92,32 @@ fn five_thousand_unreachable_peers() {
     dev.set_peers(peers.clone());
     let leave = t.elapsed();
 
-    // What one timer pass over every peer costs (the timer thread runs
-    // too; ticking a peer twice is harmless).
-    let sh = &dev.shared;
-    let table = sh.table();
-    let mut buf = vec![0u8; 2048];
-    let cpu = thread_cpu();
-    let rounds = 20;
-    for _ in 0..rounds {
-        for e in table.entries() {
-            datapath::tick_peer(sh, &e.peer, &mut buf);
-        }
-    }
-    let tick = (thread_cpu() - cpu) / rounds;
+    // The timer thread's CPU while every handshake waits for its first
+    // retry (REKEY_TIMEOUT, 5 s after set_peers).
+    let tid = dev
+        .shared
+        .timer_tid
+        .load(std::sync::atomic::Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(1_000).saturating_sub(start.elapsed()));
+    let (cpu0, t0) = (task_cpu(tid), Instant::now());
+    std::thread::sleep(Duration::from_millis(3_000));
+    let timer_cpu = (task_cpu(tid) - cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
+    // Every first initiation got no answer: one failure each, counted.
+    std::thread::sleep(Duration::from_millis(6_500).saturating_sub(start.elapsed()));
+    let failures = dev.device_stats().handshake_failures;
     eprintln!(
         "{N} peers: {per_peer} bytes per peer; set_peers of all {burst:?}, \
-         one join {join:?}, one leave {leave:?}; one timer pass over all {tick:?}"
+         one join {join:?}, one leave {leave:?}; timer thread {:.3} % of a core \
+         while handshakes wait; {failures} handshake failures after 6.5 s",
+        timer_cpu * 100.0
     );
+    assert!(
+        timer_cpu < 0.005,
+        "timer thread at {:.2} % of a core",
+        timer_cpu * 100.0
+    );
+    assert!(failures >= u64::from(N), "{failures}");
+    assert!(dev.stats().iter().all(|s| s.handshake_failures >= 1));
     // O(n) with small constants (an O(n²) step shows at this size).
     assert!(join < Duration::from_millis(100), "one join took {join:?}");
     assert!(

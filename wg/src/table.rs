@@ -382,6 +382,7 @@ fn overlap_reason(t: &PeerTable, other_slot: u32, w: &Want) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rotate::DeviceKeys;
     use std::net::Ipv4Addr;
 
     fn net(s: &str) -> Ipv4Network {
@@ -444,7 +445,8 @@ mod tests {
     }
 
     fn make(private: [u8; 32]) -> impl FnMut(&Want, u32) -> Arc<Peer> {
-        move |w, index| Arc::new(Peer::new(&private, w.public_key, w.endpoint, None, index))
+        let keys = DeviceKeys::new(private);
+        move |w, index| Arc::new(Peer::new(&keys, w.public_key, w.endpoint, None, index))
     }
 
     #[test]
@@ -618,7 +620,7 @@ mod tests {
     fn apply(c: &Changes, private: &[u8; 32]) {
         for (p, k) in &c.rekeyed {
             let mut st = p.lock();
-            st.tunn = p.tunn_for(private, *k);
+            st.tunn = p.tunn_for(&DeviceKeys::new(*private), *k);
             st.key = *k;
         }
         for (p, k) in &c.next_keys {
