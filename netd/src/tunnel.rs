@@ -687,6 +687,7 @@ mod tests {
             handshake_errors: 0,
             key_switches: 0,
             drops_tun_write: 0,
+            handshake_failures: 0,
         };
         assert!(!handshake_recent(None));
         assert!(!handshake_recent(Some(&s)), "no session yet");
