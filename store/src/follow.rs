@@ -4,8 +4,9 @@
 //! A [`Follower`] lists the prefix and hands the snapshot to the caller, then
 //! watches from the revision after the snapshot and hands over the changes in
 //! batches. When the watch cannot start or breaks (store down, history
-//! compacted, stream ended) it logs why, waits with a doubling backoff and
-//! lists again, so the caller gets a fresh [`Update::Snapshot`] to replace
+//! compacted, stream ended) it logs why, waits with a doubling backoff
+//! (jittered: thousands of hosts that lost the store at the same moment do
+//! not all list again at the same moment) and lists again, so the caller gets a fresh [`Update::Snapshot`] to replace
 //! what it holds. The caller keeps serving its last state meanwhile; the
 //! follower never gives up.
 //!
@@ -19,9 +20,10 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use crate::{DynStore, Event, EventKind, KeyValue, Range, Revision, Watch};
+use crate::{jittered, DynStore, Event, EventKind, KeyValue, Range, Revision, Watch};
 
-/// First wait after a failure; doubles up to [`MAX_BACKOFF`].
+/// First wait after a failure; doubles up to [`MAX_BACKOFF`]. Each wait is
+/// between half the backoff and all of it, at random.
 pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest wait between two attempts to list and watch.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -165,7 +167,7 @@ impl Follower {
             match &mut self.state {
                 State::List { wait } => {
                     if *wait {
-                        tokio::time::sleep(self.backoff).await;
+                        tokio::time::sleep(jittered(self.backoff, 500, 1000)).await;
                         self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
                         self.state = State::List { wait: false };
                     }
@@ -224,7 +226,7 @@ impl Follower {
             store = %self.store.describe(),
             prefix = %self.prefix,
             error = %e,
-            retry_in = ?self.backoff,
+            retry_within = ?self.backoff,
             "{step} failed; keeping the last state and listing again"
         );
     }

@@ -222,9 +222,36 @@ pub(crate) fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
+/// `pause` scaled by a random factor in `[lo, hi)` per mille, so processes
+/// that failed together (a store outage, a file held by another process) do
+/// not retry in lockstep. Without the kernel's randomness (never on a
+/// supported kernel) the factor is `lo`.
+pub(crate) fn jittered(pause: Duration, lo: u32, hi: u32) -> Duration {
+    let spread = u64::from(hi.saturating_sub(lo)).max(1);
+    let per_mille = lo + weft_sys::random::u64().map_or(0, |r| (r % spread) as u32);
+    pause * per_mille / 1000
+}
+
 #[cfg(test)]
 mod tests {
-    use super::prefix_end;
+    use std::time::Duration;
+
+    use super::{jittered, prefix_end};
+
+    #[test]
+    fn jitter_stays_within_its_bounds() {
+        let base = Duration::from_millis(100);
+        for (lo, hi) in [(500, 1500), (500, 1000)] {
+            let (mut min, mut max) = (base * 2, Duration::ZERO);
+            for _ in 0..1000 {
+                let p = jittered(base, lo, hi);
+                assert!(p >= base * lo / 1000 && p < base * hi / 1000, "{p:?}");
+                (min, max) = (min.min(p), max.max(p));
+            }
+            // It does spread (1000 draws of a range of 500 ms per mille).
+            assert!(max - min > base / 4, "{min:?}..{max:?}");
+        }
+    }
 
     #[test]
     fn prefix_end_increments_last_byte() {

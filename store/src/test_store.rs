@@ -119,11 +119,58 @@ impl TestStore {
         }
     }
 
+    /// Another writer on the same store (another process's, or another
+    /// host's etcd client) that writes batches of keys in one transaction.
+    pub async fn batch_writer(&self) -> BatchWriter {
+        match &self.backend {
+            Backend::Sqlite { path, .. } => match SqliteStore::open(path) {
+                Ok(s) => BatchWriter::Sqlite(s),
+                Err(e) => panic!("{e}"),
+            },
+            Backend::Etcd(server) => {
+                match etcd_client::Client::connect([server.endpoint()], None).await {
+                    Ok(c) => BatchWriter::Etcd(Box::new(c)),
+                    Err(e) => panic!("connecting to etcd to write batches: {e}"),
+                }
+            }
+        }
+    }
+
     /// The etcd server, to stop and restart it.
     pub fn etcd_server(&mut self) -> Option<&mut EtcdServer> {
         match &mut self.backend {
             Backend::Etcd(server) => Some(server),
             Backend::Sqlite { .. } => None,
+        }
+    }
+}
+
+/// Writes batches of keys, each in one transaction: see
+/// [`TestStore::batch_writer`].
+pub enum BatchWriter {
+    Sqlite(SqliteStore),
+    Etcd(Box<etcd_client::Client>),
+}
+
+impl BatchWriter {
+    /// Writes every key of `kvs` in one transaction (one etcd txn of puts),
+    /// as a burst of records arrives. Returns the last revision.
+    pub async fn put(&mut self, kvs: Vec<(String, Vec<u8>)>) -> Revision {
+        match self {
+            BatchWriter::Sqlite(store) => match store.put_batch(kvs).await {
+                Ok(rev) => rev,
+                Err(e) => panic!("writing a batch to {}: {e}", store.path().display()),
+            },
+            BatchWriter::Etcd(client) => {
+                let puts = kvs
+                    .into_iter()
+                    .map(|(k, v)| etcd_client::TxnOp::put(k, v, None))
+                    .collect::<Vec<_>>();
+                match client.txn(etcd_client::Txn::new().and_then(puts)).await {
+                    Ok(resp) => resp.header().map_or(0, |h| h.revision()),
+                    Err(e) => panic!("writing a batch to etcd: {e}"),
+                }
+            }
         }
     }
 }

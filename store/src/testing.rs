@@ -343,4 +343,4 @@ fn log_tail(path: &Path) -> String {
     read().unwrap_or_else(|e| format!("(cannot read log: {e})"))
 }
 
-pub use crate::test_store::TestStore;
+pub use crate::test_store::{BatchWriter, TestStore};

@@ -489,6 +489,68 @@ async fn follower_snapshot_then_changes(f: TestStore) {
     );
 }
 
+/// A burst, as hosts joining at once write it: 5,000 new keys in 50
+/// transactions of 100 from another writer. The follower hands over every
+/// change once, in revision order, in batches (never a relist), and the
+/// state it builds is the store's.
+async fn follower_takes_a_burst(f: TestStore) {
+    const N: usize = 5_000;
+    let mut follower = Follower::new(f.store(), "/fb/");
+    let mut state = snapshot_state(next_update(&mut follower).await);
+    assert!(state.is_empty());
+    let mut writer = f.batch_writer().await;
+    let t = Instant::now();
+    let mut last = 0;
+    for batch in 0..N / 100 {
+        let kvs = (0..100)
+            .map(|i| {
+                // Not in key order within a transaction.
+                let n = (batch * 100 + i) * 7919 % N;
+                (format!("/fb/{n:05}"), format!("v{n}").into_bytes())
+            })
+            .collect();
+        last = writer.put(kvs).await;
+    }
+    let wrote = t.elapsed();
+    let mut updates = 0;
+    let mut seen = 0;
+    let mut rev = 0;
+    while seen < N {
+        match next_update(&mut follower).await {
+            Update::Changes { events, revision } => {
+                updates += 1;
+                seen += events.len();
+                assert_eq!(revision, events.last().unwrap().revision());
+                for ev in events {
+                    // (etcd gives a transaction's changes one revision.)
+                    assert!(ev.revision() >= rev, "in revision order");
+                    rev = ev.revision();
+                    assert_eq!(ev.kind, EventKind::Put);
+                    let key = ev.kv.key.clone();
+                    assert!(
+                        state.insert(ev.kv.key, ev.kv.value).is_none(),
+                        "{key} twice"
+                    );
+                }
+            }
+            other => panic!("expected changes, got {other:?}"),
+        }
+    }
+    assert_eq!(seen, N);
+    assert_eq!(rev, last);
+    assert_eq!(
+        state,
+        snapshot_state(Update::Snapshot(
+            f.store().get_prefix("/fb/").await.unwrap()
+        ))
+    );
+    eprintln!(
+        "{N} keys in {} transactions: written in {wrote:?}, followed after {:?} in {updates} updates",
+        N / 100,
+        t.elapsed()
+    );
+}
+
 /// A store that, when the follower first starts its watch, makes two more
 /// changes and compacts the history past the follower's snapshot, as a
 /// compaction racing a slow watcher would.
@@ -626,6 +688,7 @@ contract!(
     slow_watch_holds_up_nobody,
     list_then_watch,
     follower_snapshot_then_changes,
+    follower_takes_a_burst,
     follower_relists_after_compaction,
 );
 

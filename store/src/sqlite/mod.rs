@@ -119,6 +119,24 @@ impl SqliteStore {
         result
     }
 
+    /// Writes every key of `kvs` in one transaction, as one etcd txn of puts
+    /// does (a revision each, in order). Returns the last revision. For
+    /// tests and benches that simulate bursts of records.
+    #[cfg(feature = "testing")]
+    pub async fn put_batch(&self, kvs: Vec<(String, Vec<u8>)>) -> Result<Revision> {
+        self.write(move |conn, path| {
+            let go = |conn: &mut Connection| -> rusqlite::Result<Revision> {
+                let mut w = Writer::begin(conn)?;
+                for (key, value) in &kvs {
+                    w.put(key, value, None)?;
+                }
+                w.commit()
+            };
+            go(conn).map_err(|e| sql_err(path, e))
+        })
+        .await
+    }
+
     /// Runs `f` with the connection on the blocking pool.
     async fn run<T, F>(&self, f: F) -> Result<T>
     where

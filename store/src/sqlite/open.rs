@@ -10,13 +10,15 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::sql_err;
 use super::tables::SCHEMA;
 use crate::error::is_busy;
-use crate::{Result, StoreError};
+use crate::{jittered, Result, StoreError};
 
 /// How long a write waits for another process's transaction.
 pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long opening the store (connecting, WAL, schema) keeps retrying while
 /// other processes hold the file, in all.
 pub(super) const OPEN_DEADLINE: Duration = Duration::from_secs(30);
+/// How many prepared statements a connection keeps (the store runs fewer).
+const STATEMENT_CACHE: usize = 32;
 /// The first pause between attempts to open; it doubles up to
 /// [`OPEN_BACKOFF_MAX`], each pause jittered by ±50% so processes that
 /// collided once do not collide again in lockstep.
@@ -75,6 +77,8 @@ impl<'a> Opening<'a> {
             conn.busy_timeout(wait)?;
             Ok(conn)
         })?;
+        // Room for every statement the store runs, so none is parsed twice.
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         // WAL lets readers (watch polls) run beside a writer. Switching a new
         // file to WAL needs the write lock and can report SQLITE_BUSY without
         // waiting, hence the retry.
@@ -123,7 +127,7 @@ impl<'a> Opening<'a> {
                     source: err,
                 });
             }
-            let pause = jittered(self.pause).min(left);
+            let pause = jittered(self.pause, 500, 1500).min(left);
             tracing::debug!(
                 path = %self.path.display(),
                 step = what,
@@ -141,14 +145,6 @@ impl<'a> Opening<'a> {
 /// for now: busy, locked, or WAL's lock protocol giving up under contention.
 fn is_contention(e: &rusqlite::Error) -> bool {
     is_busy(e) || e.sqlite_error_code() == Some(rusqlite::ErrorCode::FileLockingProtocolFailed)
-}
-
-/// `pause` scaled by a random factor in [0.5, 1.5).
-fn jittered(pause: Duration) -> Duration {
-    // Without the kernel's randomness (never on a supported kernel) the
-    // pause is used as it is.
-    let per_mille = 500 + (weft_sys::random::u64().unwrap_or(500) % 1000) as u32;
-    pause * per_mille / 1000
 }
 
 #[cfg(test)]
@@ -188,14 +184,5 @@ mod tests {
         // Once the holder lets go, opening works.
         drop(holder);
         SqliteStore::open(&path).unwrap();
-    }
-
-    #[test]
-    fn jitter_stays_within_half_and_one_and_a_half() {
-        let base = Duration::from_millis(100);
-        for _ in 0..1000 {
-            let p = jittered(base);
-            assert!(p >= base / 2 && p < base * 3 / 2, "{p:?}");
-        }
     }
 }
