@@ -54,10 +54,8 @@ pub(super) fn meta(conn: &Connection, name: &str) -> rusqlite::Result<i64> {
 }
 
 pub(super) fn set_meta(conn: &Connection, name: &str, value: i64) -> rusqlite::Result<()> {
-    conn.execute(
-        "UPDATE meta SET value = ?2 WHERE name = ?1",
-        params![name, value],
-    )?;
+    conn.prepare_cached("UPDATE meta SET value = ?2 WHERE name = ?1")?
+        .execute(params![name, value])?;
     Ok(())
 }
 
@@ -83,12 +81,9 @@ pub(super) fn row_to_kv(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyValue> {
 pub(super) const KV_COLUMNS: &str = "key, value, create_rev, mod_rev, version, lease";
 
 pub(super) fn get_kv(conn: &Connection, key: &str) -> rusqlite::Result<Option<KeyValue>> {
-    conn.query_row(
-        &format!("SELECT {KV_COLUMNS} FROM kv WHERE key = ?1"),
-        [key.as_bytes()],
-        row_to_kv,
-    )
-    .optional()
+    conn.prepare_cached(&format!("SELECT {KV_COLUMNS} FROM kv WHERE key = ?1"))?
+        .query_row([key.as_bytes()], row_to_kv)
+        .optional()
 }
 
 /// A write transaction's view: bumps the revision once per change and logs it.
@@ -123,12 +118,13 @@ impl<'a> Writer<'a> {
             Some(old) => (old.create_revision, old.version + 1),
             None => (rev, 1),
         };
-        self.tx.execute(
-            "INSERT INTO kv (key, value, create_rev, mod_rev, version, lease)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (key) DO UPDATE SET value = ?2, mod_rev = ?4, version = ?5, lease = ?6",
-            params![key.as_bytes(), value, create_rev, rev, version, lease],
-        )?;
+        self.tx
+            .prepare_cached(
+                "INSERT INTO kv (key, value, create_rev, mod_rev, version, lease)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (key) DO UPDATE SET value = ?2, mod_rev = ?4, version = ?5, lease = ?6",
+            )?
+            .execute(params![key.as_bytes(), value, create_rev, rev, version, lease])?;
         self.log(rev, KIND_PUT, key, value, create_rev, version, lease)?;
         Ok(rev)
     }
@@ -139,7 +135,8 @@ impl<'a> Writer<'a> {
         };
         let rev = self.next_rev();
         self.tx
-            .execute("DELETE FROM kv WHERE key = ?1", [key.as_bytes()])?;
+            .prepare_cached("DELETE FROM kv WHERE key = ?1")?
+            .execute([key.as_bytes()])?;
         self.log(rev, KIND_DELETE, key, &[], old.create_revision, 0, 0)?;
         Ok(Some(rev))
     }
@@ -155,11 +152,20 @@ impl<'a> Writer<'a> {
         version: i64,
         lease: LeaseId,
     ) -> rusqlite::Result<()> {
-        self.tx.execute(
-            "INSERT INTO log (rev, kind, key, value, create_rev, version, lease)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![rev, kind, key.as_bytes(), value, create_rev, version, lease],
-        )?;
+        self.tx
+            .prepare_cached(
+                "INSERT INTO log (rev, kind, key, value, create_rev, version, lease)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                rev,
+                kind,
+                key.as_bytes(),
+                value,
+                create_rev,
+                version,
+                lease
+            ])?;
         Ok(())
     }
 
@@ -196,7 +202,8 @@ impl<'a> Writer<'a> {
     pub(super) fn lease_alive(&self, id: LeaseId) -> rusqlite::Result<bool> {
         Ok(self
             .tx
-            .query_row("SELECT 1 FROM leases WHERE id = ?1", [id], |_| Ok(()))
+            .prepare_cached("SELECT 1 FROM leases WHERE id = ?1")?
+            .query_row([id], |_| Ok(()))
             .optional()?
             .is_some())
     }
