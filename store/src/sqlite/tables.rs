@@ -47,8 +47,7 @@ pub(super) fn now_ms() -> i64 {
 }
 
 pub(super) fn meta(conn: &Connection, name: &str) -> rusqlite::Result<i64> {
-    // Cached: watches call this twice per poll (every 20 ms each), and
-    // parsing the statement each time was most of an idle poll's cost.
+    // Cached: every write and every read of the watch poller calls it.
     conn.prepare_cached("SELECT value FROM meta WHERE name = ?1")?
         .query_row([name], |r| r.get(0))
 }

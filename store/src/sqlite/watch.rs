@@ -197,7 +197,10 @@ impl Hub {
         Ok(Watch::with_drain_hook(
             rx,
             Box::new(move |waiting| {
-                if waiting <= WATCH_CAPACITY / 2 && full.swap(false, Ordering::SeqCst) {
+                if waiting <= WATCH_CAPACITY / 2
+                    && full.load(Ordering::SeqCst)
+                    && full.swap(false, Ordering::SeqCst)
+                {
                     shared.kick();
                 }
             }),
