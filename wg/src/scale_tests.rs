@@ -106,9 +106,12 @@ fn five_thousand_unreachable_peers() {
     std::thread::sleep(Duration::from_millis(6_500).saturating_sub(start.elapsed()));
     let failures = dev.device_stats().handshake_failures;
     eprintln!(
-        "{N} peers: {per_peer} bytes per peer; set_peers of all {burst:?}, \
-         one join {join:?}, one leave {leave:?}; timer thread {:.3} % of a core \
-         while handshakes wait; {failures} handshake failures after 6.5 s",
+        "{N} peers: {per_peer} bytes per peer (a Peer {} inline, its Tunn {}); \
+         set_peers of all {burst:?}, one join {join:?}, one leave {leave:?}; \
+         timer thread {:.3} % of a core while handshakes wait; {failures} \
+         handshake failures after 6.5 s",
+        std::mem::size_of::<peer::Peer>(),
+        std::mem::size_of::<boringtun::noise::Tunn>(),
         timer_cpu * 100.0
     );
     assert!(
@@ -124,6 +127,7 @@ fn five_thousand_unreachable_peers() {
         leave < Duration::from_millis(100),
         "one leave took {leave:?}"
     );
-    assert!(per_peer < 16_000, "{per_peer} bytes per peer");
+    // ~1.5 KB with boringtun's sessions boxed (third_party/boringtun), 11.5 KB without.
+    assert!(per_peer < 4_000, "{per_peer} bytes per peer");
     dev.stop();
 }
