@@ -237,6 +237,9 @@ struct Opts {
     /// Scale: seconds a burst or a cold start may take [300; quick 60].
     #[arg(long)]
     scale_timeout: Option<u64>,
+    /// Scale: ms between two batches of the burst (0: back to back).
+    #[arg(long, default_value_t = 0)]
+    scale_pace_ms: u64,
 }
 
 impl Opts {
@@ -537,8 +540,13 @@ fn collect(o: &Opts, parts: &[Part], command: String) -> Report {
                 r.services = v;
             }
             Part::Scale => {
-                let sopts =
-                    scale::Options::new(o.quick, &o.hosts, &o.scale_stores, o.scale_timeout);
+                let sopts = scale::Options::new(
+                    o.quick,
+                    &o.hosts,
+                    &o.scale_stores,
+                    o.scale_timeout,
+                    o.scale_pace_ms,
+                );
                 let (info, v) = sys::part("scale", o.window(), || scale::run(&sopts));
                 r.parts.push(info);
                 r.scale = v;

@@ -66,6 +66,8 @@ pub struct Options {
     pub stores: Vec<StoreKind>,
     /// Records per etcd transaction / per batch of SQLite puts.
     pub batch: usize,
+    /// The pause between two batches of the burst (0: back to back).
+    pub pace: Duration,
     /// Joins and leaves timed per size.
     pub changes: usize,
     pub idle: Duration,
@@ -76,7 +78,13 @@ pub struct Options {
 impl Options {
     /// From the command line: `hosts` and `stores` empty take the defaults
     /// (100, 1,000 and 5,000, or 100 with `quick`; both stores).
-    pub fn new(quick: bool, hosts: &[usize], stores: &[StoreKind], timeout: Option<u64>) -> Self {
+    pub fn new(
+        quick: bool,
+        hosts: &[usize],
+        stores: &[StoreKind],
+        timeout: Option<u64>,
+        pace_ms: u64,
+    ) -> Self {
         let mut sizes = if !hosts.is_empty() {
             hosts.iter().map(|&n| n.max(1)).collect()
         } else if quick {
@@ -94,6 +102,7 @@ impl Options {
                 stores.to_vec()
             },
             batch: 100,
+            pace: Duration::from_millis(pace_ms),
             changes: 5,
             idle: Duration::from_secs(if quick { 3 } else { 10 }),
             timeout: Duration::from_secs(timeout.unwrap_or(if quick { 60 } else { 300 })),
@@ -107,6 +116,7 @@ pub fn run(o: &Options) -> Result<ScaleResults> {
     let range = sim::cluster_range(largest + 2)?;
     let mut r = ScaleResults {
         batch: o.batch,
+        pace_ms: o.pace.as_secs_f64() * 1e3,
         idle_s: o.idle.as_secs_f64(),
         changes: o.changes,
         timeout_s: o.timeout.as_secs_f64(),
@@ -295,7 +305,7 @@ fn measure(
     let log_start = netd.log().lines().count();
     let cpu = CpuMeter::start(&[pid]);
     let t0 = Instant::now();
-    rt.block_on(writer.burst(burst, o.batch))?;
+    rt.block_on(writer.burst(burst, o.batch, o.pace))?;
     let last = Instant::now();
     row.write_s = Some(last.duration_since(t0).as_secs_f64());
     let all = until_routes(&ns, &want, last, o.timeout);
@@ -337,21 +347,30 @@ fn measure(
     let (_, idle_cpu) = cpu.stop();
     let secs = t0.elapsed().as_secs_f64();
     let log = netd.log();
-    let (lines, handshakes) = observe::count_lines(&log, log_idle);
+    let idle = observe::count_lines(&log, log_idle);
     row.idle_cpu_pct = Some(idle_cpu / secs * 100.0);
-    row.idle_lines_per_min = Some(lines as f64 * 60.0 / secs);
-    row.idle_handshake_per_min = Some(handshakes as f64 * 60.0 / secs);
-    let (lines, handshakes) = observe::count_lines(&log, log_start);
-    row.log_lines = Some(lines);
-    row.handshake_lines = Some(handshakes);
+    row.idle_lines_per_min = Some(idle.lines as f64 * 60.0 / secs);
+    row.idle_handshake_per_min = Some(idle.handshakes as f64 * 60.0 / secs);
+    let run = observe::count_lines(&log, log_start);
+    row.log_lines = Some(run.lines);
+    row.handshake_lines = Some(run.handshakes);
+    row.warning_lines = Some(run.warnings);
+    row.warnings = run.samples;
     eprintln!(
-        "{label}: idle CPU {:.2} %, {:.1} log lines/min; {lines} lines ({handshakes} about handshakes) since the burst",
+        "{label}: idle CPU {:.2} %, {:.1} log lines/min; {} lines ({} about handshakes, {} other warnings) since the burst",
         row.idle_cpu_pct.unwrap_or_default(),
-        row.idle_lines_per_min.unwrap_or_default()
+        row.idle_lines_per_min.unwrap_or_default(),
+        run.lines,
+        run.handshakes,
+        run.warnings
     );
 
     // 4. Cold start: a fresh boot of this host, the hosts in the store.
-    netd.stop().context("stopping netd for the cold start")?;
+    // A netd that outlasts the harness's 5 s grace is SIGKILLed: gone
+    // either way, which is all a cold start needs.
+    if let Err(e) = netd.stop() {
+        eprintln!("{label}: netd did not stop cleanly: {e}");
+    }
     if ns
         .links()?
         .iter()

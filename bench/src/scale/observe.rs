@@ -92,11 +92,43 @@ pub fn is_handshake_line(line: &str) -> bool {
     line.contains("REKEY") || line.to_ascii_lowercase().contains("handshake")
 }
 
-/// (lines, handshake lines) of `log` after its first `skip` lines.
-pub fn count_lines(log: &str, skip: usize) -> (usize, usize) {
-    log.lines().skip(skip).fold((0, 0), |(n, h), l| {
-        (n + 1, h + usize::from(is_handshake_line(l)))
-    })
+/// What part of netd's log says.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct LogCount {
+    pub lines: usize,
+    /// Lines about handshakes ([`is_handshake_line`]).
+    pub handshakes: usize,
+    /// Other WARN and ERROR lines.
+    pub warnings: usize,
+    /// The first few distinct other warnings, without their timestamps.
+    pub samples: Vec<String>,
+}
+
+/// How many distinct warnings [`LogCount::samples`] keeps.
+const SAMPLES: usize = 3;
+
+/// Counts the lines of `log` after its first `skip` lines.
+pub fn count_lines(log: &str, skip: usize) -> LogCount {
+    let mut c = LogCount::default();
+    for l in log.lines().skip(skip) {
+        c.lines += 1;
+        if is_handshake_line(l) {
+            c.handshakes += 1;
+        } else if l.contains(" WARN ") || l.contains(" ERROR ") {
+            c.warnings += 1;
+            let text: String = l
+                .split_once(' ')
+                .map_or(l, |(_, rest)| rest)
+                .trim()
+                .chars()
+                .take(200)
+                .collect();
+            if c.samples.len() < SAMPLES && !c.samples.contains(&text) {
+                c.samples.push(text);
+            }
+        }
+    }
+    c
 }
 
 /// The time of day (UTC seconds since midnight) of the first line of
@@ -173,8 +205,17 @@ mod tests {
                    2026-11-29T17:28:12.250000Z  INFO weft_netd::mesh: host joined or changed host=sim-1\n\
                    2026-11-29T17:28:12.300000Z  WARN boringtun::noise: HANDSHAKE(REKEY_TIMEOUT)\n\
                    2026-11-29T17:28:13.000000Z  INFO weft_netd::mesh: 3 peers did not answer a handshake\n";
-        assert_eq!(count_lines(log, 0), (4, 2));
-        assert_eq!(count_lines(log, 3), (1, 1));
+        let c = count_lines(log, 0);
+        assert_eq!((c.lines, c.handshakes, c.warnings), (4, 2, 0));
+        let c = count_lines(log, 3);
+        assert_eq!((c.lines, c.handshakes), (1, 1));
+        let warn = "2026-11-29T17:28:14.000000Z  WARN weft_netd::daemon: updating the tunnel peers failed; will retry error=EBUSY\n";
+        let c = count_lines(&format!("{log}{warn}{warn}"), 0);
+        assert_eq!((c.lines, c.handshakes, c.warnings), (6, 2, 2));
+        assert_eq!(
+            c.samples,
+            ["WARN weft_netd::daemon: updating the tunnel peers failed; will retry error=EBUSY"]
+        );
         assert_eq!(
             hosts_read_at(log),
             Some(17.0 * 3600.0 + 28.0 * 60.0 + 12.25)

@@ -66,6 +66,12 @@ pub struct ScaleRow {
     pub log_lines: Option<usize>,
     /// Of those, lines that mention a handshake or REKEY.
     pub handshake_lines: Option<usize>,
+    /// Of those, other WARN and ERROR lines.
+    #[serde(default)]
+    pub warning_lines: Option<usize>,
+    /// The first few distinct ones.
+    #[serde(default)]
+    pub warnings: Vec<String>,
     /// netd stopped and started again with the hosts in the store (its
     /// device deleted, as on a fresh boot): process start → all routes, s.
     pub cold_start_s: Option<f64>,
@@ -163,6 +169,9 @@ pub struct ScaleResults {
     /// Records per transaction (etcd) or per batch of concurrent puts
     /// (SQLite) in the burst.
     pub batch: usize,
+    /// The pause between two batches, ms (0: back to back).
+    #[serde(default)]
+    pub pace_ms: f64,
     /// Seconds of the idle window.
     pub idle_s: f64,
     /// Joins and leaves timed per size.
@@ -221,24 +230,33 @@ impl ScaleResults {
         let _ = writeln!(
             s,
             "One real netd (WireGuard backend) in a lab host, cluster range {}; N simulated hosts are host records written to the store as other netds would (no lease, underlay addresses in 198.18.0.0/15 that lead nowhere: the lab's underlay switch forwards nothing). \
-             **Burst**: N records written in batches of {} (etcd: one transaction each; SQLite: concurrent puts), then the time from the last write answered to a route for every simulated block on `weft-wg` (`ip route`, polled every 20 ms); netd's CPU (utime + stime) over the burst, its RSS after. \
+             **Burst**: N records written in batches of {} (etcd: one transaction each; SQLite: concurrent puts), {}, then the time from the last write answered to a route for every simulated block on `weft-wg` (`ip route`, polled every 20 ms); netd's CPU (utime + stime) over the burst, its RSS after. \
              **Join / leave**: one more record written / deleted → its route present / gone (`ip route get`), median of {}. \
              **Idle**: netd's CPU and log lines over {} s with nothing changing. \
              **Cold start**: netd stopped (SIGTERM), its device deleted (as on a fresh boot), started again with the N records in the store: process start → all routes (and from its log line that it read the hosts, when it logs one). \
              A size gives up after {:.0} s. Targets (issue 16, at 5,000 hosts): burst ≤ {TARGET_BURST_S} s, cold start ≤ {TARGET_COLD_S} s, join / leave < {TARGET_CHANGE_MS} ms, RSS < {TARGET_RSS_MB} MB, idle CPU < {TARGET_IDLE_CPU_PCT} % of a core, at most {TARGET_HANDSHAKE_LINES_PER_MIN} handshake log lines a minute.\n",
-            self.cluster_range, self.batch, self.changes, self.idle_s, self.timeout_s
+            self.cluster_range,
+            self.batch,
+            if self.pace_ms > 0.0 {
+                format!("{:.0} ms apart", self.pace_ms)
+            } else {
+                "back to back".to_string()
+            },
+            self.changes,
+            self.idle_s,
+            self.timeout_s
         );
         for st in &self.stores {
             let _ = writeln!(s, "### {}\n", st.store.label());
             let _ = writeln!(
                 s,
-                "| hosts | burst: last write → all routes s | write s | netd CPU s | RSS MB (no peers) | RSS per 1,000 peers MB | join ms (runs) | leave ms (runs) | idle CPU % | cold start s (from reading the hosts) | log lines/min idle (handshake) | log lines (handshake) | targets |"
+                "| hosts | burst: last write → all routes s | write s | netd CPU s | RSS MB (no peers) | RSS per 1,000 peers MB | join ms (runs) | leave ms (runs) | idle CPU % | cold start s (from reading the hosts) | log lines/min idle (handshake) | log lines (handshake, other warnings) | targets |"
             );
             let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
             for r in &st.rows {
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {} | {} | {} ({}) | {} | {} | {} | {} | {} ({}) | {} ({}) | {} ({}) | {} |",
+                    "| {} | {} | {} | {} | {} ({}) | {} | {} | {} | {} | {} ({}) | {} ({}) | {} ({}, {}) | {} |",
                     r.hosts,
                     num(r.burst_s, 1.0, 2),
                     num(r.write_s, 1.0, 2),
@@ -255,6 +273,7 @@ impl ScaleResults {
                     num(r.idle_handshake_per_min, 1.0, 1),
                     r.log_lines.map_or("n/a".into(), |n| n.to_string()),
                     r.handshake_lines.map_or("n/a".into(), |n| n.to_string()),
+                    r.warning_lines.map_or("n/a".into(), |n| n.to_string()),
                     r.verdict(),
                 );
             }
@@ -263,6 +282,19 @@ impl ScaleResults {
                 let _ = writeln!(
                     s,
                     "- RSS slope over every size (least squares, the no-peer RSS as N = 0): {sl:.1} MB per 1,000 peers"
+                );
+            }
+            for r in st.rows.iter().filter(|r| !r.warnings.is_empty()) {
+                let _ = writeln!(
+                    s,
+                    "- {} hosts, netd's warnings (first {} distinct): {}",
+                    r.hosts,
+                    r.warnings.len(),
+                    r.warnings
+                        .iter()
+                        .map(|w| format!("`{}`", w.replace('`', "'")))
+                        .collect::<Vec<_>>()
+                        .join("; ")
                 );
             }
             for r in st.rows.iter().filter(|r| r.error.is_some()) {
@@ -440,6 +472,7 @@ mod tests {
     fn every_row_gives_its_figures_and_charts_draw() {
         let res = ScaleResults {
             batch: 100,
+            pace_ms: 0.0,
             idle_s: 3.0,
             changes: 5,
             timeout_s: 60.0,

@@ -6,6 +6,7 @@
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use ipnetwork::Ipv4Network;
@@ -100,9 +101,12 @@ pub enum Writer {
 impl Writer {
     /// Writes `hosts` in batches of `batch`: one etcd transaction each, or
     /// `batch` concurrent SQLite puts (the embedded store has no batch
-    /// write; each put is its own transaction).
-    pub async fn burst(&mut self, hosts: &[SimHost], batch: usize) -> Result<()> {
-        for chunk in hosts.chunks(batch.max(1)) {
+    /// write; each put is its own transaction); `pace` apart.
+    pub async fn burst(&mut self, hosts: &[SimHost], batch: usize, pace: Duration) -> Result<()> {
+        for (i, chunk) in hosts.chunks(batch.max(1)).enumerate() {
+            if i > 0 && !pace.is_zero() {
+                tokio::time::sleep(pace).await;
+            }
             match self {
                 Writer::Etcd(c) => {
                     let ops: Vec<etcd_client::TxnOp> = chunk
