@@ -337,12 +337,28 @@ pub fn unregister_child(pid: u32) {
         .retain(|&p| p != pid);
 }
 
+/// Directories outside the labs' temp dirs that a signal must not leave
+/// behind (a throwaway etcd's data dir).
+static DIRS: Mutex<Vec<std::path::PathBuf>> = Mutex::new(Vec::new());
+
+pub fn register_dir(dir: &std::path::Path) {
+    DIRS.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(dir.to_owned());
+}
+
+pub fn unregister_dir(dir: &std::path::Path) {
+    DIRS.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|d| d != dir);
+}
+
 /// Where wireguard-go puts its UAPI sockets (it makes the directory).
 pub const WIREGUARD_GO_SOCKETS: &str = "/run/wireguard";
 
 /// On SIGINT/SIGTERM: kill registered children, delete this process's lab
-/// namespaces (and everything running in them), their temp dirs and
-/// wireguard-go sockets.
+/// namespaces (and everything running in them), their temp dirs, the
+/// registered directories and wireguard-go sockets.
 pub fn cleanup_after_signal() {
     for pid in CHILDREN.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
         // SAFETY: kill(2) with a pid we started.
@@ -370,6 +386,10 @@ pub fn cleanup_after_signal() {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
+    }
+    // After the namespaces: what ran in them no longer writes there.
+    for dir in DIRS.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        let _ = std::fs::remove_dir_all(dir);
     }
     if let Ok(dir) = std::fs::read_dir(WIREGUARD_GO_SOCKETS) {
         for e in dir.flatten() {

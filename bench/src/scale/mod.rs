@@ -37,6 +37,7 @@ mod results;
 mod sim;
 
 use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -151,6 +152,23 @@ pub fn run(o: &Options) -> Result<ScaleResults> {
     Ok(r)
 }
 
+/// Registers a directory for [`crate::sys::cleanup_after_signal`] while
+/// it lives.
+struct SignalCleanup(PathBuf);
+
+impl SignalCleanup {
+    fn new(dir: &Path) -> Self {
+        crate::sys::register_dir(dir);
+        SignalCleanup(dir.to_owned())
+    }
+}
+
+impl Drop for SignalCleanup {
+    fn drop(&mut self) {
+        crate::sys::unregister_dir(&self.0);
+    }
+}
+
 /// Refuses to run when the lab's underlay could carry netd's handshakes to
 /// the simulated addresses anywhere: it must forward nothing and have no
 /// route to them.
@@ -189,11 +207,14 @@ fn one_size(o: &Options, store: StoreKind, range: Ipv4Network, row: &mut ScaleRo
             StoreKind::Etcd => {
                 let etcd = EtcdServer::start_in_netns(ul.name(), lab.host(0).gateway())
                     .context("starting etcd")?;
+                // etcd dies with the lab's namespaces on a signal; its data
+                // dir is outside the lab's.
+                let dir = SignalCleanup::new(etcd.dir());
                 let client = rt
                     .block_on(etcd_client::Client::connect([etcd.endpoint()], None))
                     .context("connecting to etcd")?;
                 let url = format!("etcd:{}", etcd.endpoint());
-                (Some(etcd), url, Writer::Etcd(Box::new(client)))
+                (Some((etcd, dir)), url, Writer::Etcd(Box::new(client)))
             }
             StoreKind::Sqlite => {
                 let db = lab.dir().join("store.db");
