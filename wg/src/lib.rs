@@ -118,6 +118,8 @@ impl WgConfig {
 
 /// The most data-path workers per direction [`default_queues`] picks.
 pub const MAX_DEFAULT_QUEUES: usize = 4;
+/// Peers logged one by one per `set_peers`; more are counted in one line.
+const LOG_EACH: usize = 8;
 
 /// One worker per direction per CPU, at most [`MAX_DEFAULT_QUEUES`].
 pub fn default_queues() -> usize {
@@ -361,10 +363,13 @@ impl WgDevice {
             p.lock().next_key = w.next_key;
             Arc::new(p)
         });
+        let each = |n: usize| n <= LOG_EACH;
         for (peer, endpoint) in &changes.moved {
             let mut st = peer.lock();
             st.endpoint = *endpoint;
-            tracing::info!(peer = %key_to_base64(&st.key), %endpoint, "peer endpoint set");
+            if each(changes.moved.len()) {
+                tracing::info!(peer = %key_to_base64(&st.key), %endpoint, "peer endpoint set");
+            }
         }
         for (peer, key) in &changes.rekeyed {
             let mut st = peer.lock();
@@ -382,16 +387,37 @@ impl WgDevice {
             st.next_key = *next_key;
         }
         sh.publish(next);
-        for (key, why) in &changes.rejected {
+        for (key, why) in changes.rejected.iter().take(LOG_EACH) {
             tracing::warn!(peer = %key_to_base64(key), "peer left out: {why}");
         }
         for p in &changes.removed {
-            tracing::info!(peer = %key_to_base64(&p.public_key()), "peer removed");
+            if each(changes.removed.len()) {
+                tracing::info!(peer = %key_to_base64(&p.public_key()), "peer removed");
+            }
         }
         for p in &changes.added {
-            tracing::info!(peer = %key_to_base64(&p.public_key()), endpoint = %p.endpoint(),
-                index = p.index, "peer added");
+            if each(changes.added.len()) {
+                tracing::info!(peer = %key_to_base64(&p.public_key()), endpoint = %p.endpoint(),
+                    index = p.index, "peer added");
+            }
             datapath::initiate(sh, p);
+        }
+        // Thousands at once (a cluster starting): one line with the counts.
+        let many = [
+            changes.added.len(),
+            changes.removed.len(),
+            changes.moved.len(),
+            changes.rejected.len(),
+        ];
+        if many.iter().any(|&n| n > LOG_EACH) {
+            tracing::info!(
+                added = changes.added.len(),
+                removed = changes.removed.len(),
+                endpoint_set = changes.moved.len(),
+                left_out = changes.rejected.len(),
+                peers = sh.table().entries().count(),
+                "peers updated"
+            );
         }
         for (p, _) in &changes.rekeyed {
             datapath::initiate(sh, p);

@@ -65,12 +65,19 @@ pub(crate) struct Sched {
     seq: u32,
     /// The summary window in which the peer last failed a handshake.
     failed_window: u32,
+    /// Whether a handshake with the peer ever completed.
+    answered: bool,
+    /// Retries of our initiation that got no answer, while the peer never
+    /// answered ([`retry_after`]).
+    unanswered: u32,
 }
 
 /// Traffic through `peer` (under its lock): keeps it on the fast tick.
 #[inline]
 pub(crate) fn touch(sh: &Shared, peer: &Arc<Peer>, st: &mut PeerState) {
     st.sched.touched = true;
+    // Traffic waits on the handshake: retry at the protocol's pace.
+    st.sched.unanswered = 0;
     wake(sh, peer, st);
 }
 
@@ -99,6 +106,28 @@ pub(crate) fn sent(st: &mut PeerState, msg: &[u8]) {
 #[inline]
 pub(crate) fn established(st: &mut PeerState) {
     st.sched.init_sent = None;
+    st.sched.answered = true;
+    st.sched.unanswered = 0;
+}
+
+/// Most doublings of the retry wait for a peer that never answered.
+const MAX_BACKOFF_SHIFT: u32 = 4;
+
+/// How long after an unanswered initiation it is retried: REKEY_TIMEOUT,
+/// as the protocol says, for a peer that ever answered (a rekey, an outage
+/// of a known peer: back within seconds); for one that never did (a host
+/// in the records that is not up, or unreachable) the wait doubles with
+/// each retry up to 16 times REKEY_TIMEOUT, so thousands of such peers cost
+/// six initiations each before boringtun gives up (REKEY_ATTEMPT_TIME is
+/// passed at the sixth tick, 155 s), not eighteen in 90 s. A host that comes
+/// up later initiates itself (its keepalive), so nothing waits on these
+/// retries.
+pub(crate) fn retry_after(answered: bool, unanswered: u32) -> Duration {
+    if answered {
+        REKEY_TIMEOUT
+    } else {
+        REKEY_TIMEOUT * (1 << unanswered.min(MAX_BACKOFF_SHIFT))
+    }
 }
 
 /// When a peer is next due, or `None` when nothing can be due until
@@ -110,6 +139,7 @@ pub(crate) fn next_due(
     expired: bool,
     session_age: Option<Duration>,
     init_sent: Option<Instant>,
+    retry_wait: Duration,
     jitter: Duration,
 ) -> Option<Instant> {
     if expired {
@@ -118,7 +148,7 @@ pub(crate) fn next_due(
     if touched {
         return Some(now + TICK);
     }
-    let retry = init_sent.map(|t| t + REKEY_TIMEOUT + jitter);
+    let retry = init_sent.map(|t| t + retry_wait + jitter);
     let due = match session_age {
         Some(age) => {
             let end = now + REJECT_AFTER_TIME.saturating_sub(age);
@@ -227,6 +257,7 @@ impl Timer {
                 st.tunn.is_expired(),
                 st.tunn.time_since_last_handshake(),
                 st.sched.init_sent,
+                retry_after(st.sched.answered, st.sched.unanswered),
                 jitter,
             );
             st.sched.awake = at.is_some_and(|at| at <= now + TICK);
@@ -285,6 +316,9 @@ impl Timer {
             _ => {}
         }
         if failed {
+            if !st.sched.answered {
+                st.sched.unanswered = st.sched.unanswered.saturating_add(1);
+            }
             add(&peer.tx.handshake_failures, 1);
             add(&sh.counters.handshake_failures, 1);
             self.failures += 1;
@@ -320,48 +354,95 @@ mod tests {
     use super::*;
 
     #[test]
+    fn retries_to_a_peer_that_never_answered_back_off() {
+        assert_eq!(
+            retry_after(true, 7),
+            REKEY_TIMEOUT,
+            "a known peer: the protocol's 5 s"
+        );
+        let waits: Vec<u64> = (0..7).map(|n| retry_after(false, n).as_secs()).collect();
+        assert_eq!(waits, [5, 10, 20, 40, 80, 80, 80]);
+        // The sixth tick (5 + 10 + 20 + 40 + 80 = 155 s after the first
+        // initiation) is past REKEY_ATTEMPT_TIME: boringtun gives up there.
+        assert!(waits[..5].iter().sum::<u64>() > 90);
+        let now = Instant::now();
+        let sent = now - Duration::from_secs(1);
+        assert_eq!(
+            next_due(
+                now,
+                false,
+                false,
+                None,
+                Some(sent),
+                retry_after(false, 2),
+                Duration::ZERO
+            ),
+            Some(sent + Duration::from_secs(20))
+        );
+    }
+
+    #[test]
     fn only_what_can_be_due_is_scheduled() {
         let now = Instant::now();
         let j = Duration::from_millis(200);
         // Gave up (or keys expired): out of the schedule.
-        assert_eq!(next_due(now, true, true, None, None, j), None);
+        assert_eq!(
+            next_due(now, true, true, None, None, REKEY_TIMEOUT, j),
+            None
+        );
         // Traffic: the 100 ms tick.
         assert_eq!(
-            next_due(now, true, false, Some(Duration::ZERO), None, j),
+            next_due(
+                now,
+                true,
+                false,
+                Some(Duration::ZERO),
+                None,
+                REKEY_TIMEOUT,
+                j
+            ),
             Some(now + TICK)
         );
         // A handshake in flight with no session: only its retry.
         let sent = now - Duration::from_secs(1);
         assert_eq!(
-            next_due(now, false, false, None, Some(sent), j),
+            next_due(now, false, false, None, Some(sent), REKEY_TIMEOUT, j),
             Some(sent + REKEY_TIMEOUT + j)
         );
         // A retry already late: the next tick.
         let late = now - Duration::from_secs(9);
         assert_eq!(
-            next_due(now, false, false, None, Some(late), j),
+            next_due(now, false, false, None, Some(late), REKEY_TIMEOUT, j),
             Some(now + TICK)
         );
         // An idle session: every second, and when it ends.
         let idle = Some(Duration::from_secs(30));
         assert_eq!(
-            next_due(now, false, false, idle, None, j),
+            next_due(now, false, false, idle, None, REKEY_TIMEOUT, j),
             Some(now + IDLE_STEP)
         );
         let ending = Some(REJECT_AFTER_TIME - Duration::from_millis(300));
         assert_eq!(
-            next_due(now, false, false, ending, None, j),
+            next_due(now, false, false, ending, None, REKEY_TIMEOUT, j),
             Some(now + Duration::from_millis(300))
         );
         // A rekey in flight with a session: its retry if sooner.
         let soon = now - REKEY_TIMEOUT + Duration::from_millis(100);
         assert_eq!(
-            next_due(now, false, false, idle, Some(soon), Duration::ZERO),
+            next_due(
+                now,
+                false,
+                false,
+                idle,
+                Some(soon),
+                REKEY_TIMEOUT,
+                Duration::ZERO
+            ),
             Some(now + Duration::from_millis(100))
         );
         // Neither: every second (a persistent keepalive may start one).
         assert_eq!(
-            next_due(now, false, false, None, None, j),
+            next_due(now, false, false, None, None, REKEY_TIMEOUT, j),
             Some(now + IDLE_STEP)
         );
     }
