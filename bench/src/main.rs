@@ -240,6 +240,11 @@ struct Opts {
     /// Scale: ms between two batches of the burst (0: back to back).
     #[arg(long, default_value_t = 0)]
     scale_pace_ms: u64,
+    /// Scale: at the largest size, seconds after the burst before idle is
+    /// measured again for 60 s, once the handshake retries to the
+    /// unreachable hosts are over (0: not measured) [165; quick 0].
+    #[arg(long)]
+    scale_settle: Option<u64>,
 }
 
 impl Opts {
@@ -546,6 +551,7 @@ fn collect(o: &Opts, parts: &[Part], command: String) -> Report {
                     &o.scale_stores,
                     o.scale_timeout,
                     o.scale_pace_ms,
+                    o.scale_settle,
                 );
                 let (info, v) = sys::part("scale", o.window(), || scale::run(&sopts));
                 r.parts.push(info);

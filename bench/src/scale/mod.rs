@@ -57,6 +57,12 @@ use sim::{SimHost, Writer};
 const POLL: Duration = Duration::from_millis(20);
 /// How long a join or leave may take.
 const CHANGE_LIMIT: Duration = Duration::from_secs(30);
+/// The settled idle window (see [`Options::settle`]).
+const SETTLED_WINDOW: Duration = Duration::from_secs(60);
+/// Seconds after the burst before the settled idle window: past the last
+/// handshake retry to a peer that never answers (netd backs them off: 5,
+/// 10, 20, 40, 80 s; it gives up at 155 s).
+const DEFAULT_SETTLE_S: u64 = 165;
 /// The host id the lab harness gives netd on h0.
 const NETD_HOST: &str = "host0";
 
@@ -72,6 +78,10 @@ pub struct Options {
     /// Joins and leaves timed per size.
     pub changes: usize,
     pub idle: Duration,
+    /// At the largest size, idle measured again over [`SETTLED_WINDOW`]
+    /// once this long has passed since the burst (handshake retries to the
+    /// unreachable simulated hosts over); `None`: not measured.
+    pub settle: Option<Duration>,
     /// How long a burst or a cold start may take.
     pub timeout: Duration,
 }
@@ -85,6 +95,7 @@ impl Options {
         stores: &[StoreKind],
         timeout: Option<u64>,
         pace_ms: u64,
+        settle_s: Option<u64>,
     ) -> Self {
         let mut sizes = if !hosts.is_empty() {
             hosts.iter().map(|&n| n.max(1)).collect()
@@ -106,6 +117,9 @@ impl Options {
             pace: Duration::from_millis(pace_ms),
             changes: 5,
             idle: Duration::from_secs(if quick { 3 } else { 10 }),
+            settle: Some(settle_s.unwrap_or(if quick { 0 } else { DEFAULT_SETTLE_S }))
+                .filter(|&s| s > 0)
+                .map(Duration::from_secs),
             timeout: Duration::from_secs(timeout.unwrap_or(if quick { 60 } else { 300 })),
         }
     }
@@ -372,6 +386,34 @@ fn measure(
     row.idle_cpu_pct = Some(idle_cpu / secs * 100.0);
     row.idle_lines_per_min = Some(idle.lines as f64 * 60.0 / secs);
     row.idle_handshake_per_min = Some(idle.handshakes as f64 * 60.0 / secs);
+    // 3b. Idle again once the handshakes to the unreachable hosts are
+    // over (the largest size only: it takes minutes).
+    if let Some(settle) = o.settle.filter(|_| Some(&n) == o.sizes.iter().max()) {
+        let wait = settle.saturating_sub(all.elapsed());
+        eprintln!(
+            "{label}: waiting {:.0} s for the handshake retries to end",
+            wait.as_secs_f64()
+        );
+        std::thread::sleep(wait);
+        let log_from = netd.log().lines().count();
+        let cpu = CpuMeter::start(&[pid]);
+        let t0 = Instant::now();
+        std::thread::sleep(SETTLED_WINDOW);
+        let (_, settled_cpu) = cpu.stop();
+        let secs = t0.elapsed().as_secs_f64();
+        let settled = observe::count_lines(&netd.log(), log_from);
+        row.settled_after_s = Some(settle.as_secs_f64());
+        row.settled_idle_cpu_pct = Some(settled_cpu / secs * 100.0);
+        row.settled_lines_per_min = Some(settled.lines as f64 * 60.0 / secs);
+        row.settled_rss_mb = Some(observe::rss_mb(pid)?);
+        eprintln!(
+            "{label}: settled idle CPU {:.2} %, {:.1} log lines/min, RSS {:.1} MB",
+            row.settled_idle_cpu_pct.unwrap_or_default(),
+            row.settled_lines_per_min.unwrap_or_default(),
+            row.settled_rss_mb.unwrap_or_default()
+        );
+    }
+    let log = netd.log();
     let run = observe::count_lines(&log, log_start);
     row.log_lines = Some(run.lines);
     row.handshake_lines = Some(run.handshakes);

@@ -62,6 +62,20 @@ pub struct ScaleRow {
     pub idle_lines_per_min: Option<f64>,
     /// Of those, lines about handshakes (unreachable peers), per minute.
     pub idle_handshake_per_min: Option<f64>,
+    /// Seconds after the burst when idle was measured again (the largest
+    /// size of a full run: handshake retries to the unreachable hosts
+    /// over).
+    #[serde(default)]
+    pub settled_after_s: Option<f64>,
+    /// netd's CPU in that window, % of one core.
+    #[serde(default)]
+    pub settled_idle_cpu_pct: Option<f64>,
+    /// netd's log lines per minute in that window.
+    #[serde(default)]
+    pub settled_lines_per_min: Option<f64>,
+    /// netd's RSS after that window, MB.
+    #[serde(default)]
+    pub settled_rss_mb: Option<f64>,
     /// netd's log lines from the burst to the end of the idle window.
     pub log_lines: Option<usize>,
     /// Of those, lines that mention a handshake or REKEY.
@@ -101,7 +115,15 @@ impl ScaleRow {
             ("join", below(self.join_ms.get(), TARGET_CHANGE_MS)),
             ("leave", below(self.leave_ms.get(), TARGET_CHANGE_MS)),
             ("RSS", below(self.rss_mb, TARGET_RSS_MB)),
-            ("idle CPU", below(self.idle_cpu_pct, TARGET_IDLE_CPU_PCT)),
+            // Idle means nothing changing: once the handshake retries to
+            // the unreachable hosts are over when that was measured.
+            (
+                "idle CPU",
+                below(
+                    self.settled_idle_cpu_pct.or(self.idle_cpu_pct),
+                    TARGET_IDLE_CPU_PCT,
+                ),
+            ),
             (
                 "handshake logs",
                 at_most(self.idle_handshake_per_min, TARGET_HANDSHAKE_LINES_PER_MIN),
@@ -283,6 +305,17 @@ impl ScaleResults {
                     s,
                     "- RSS slope over every size (least squares, the no-peer RSS as N = 0): {sl:.1} MB per 1,000 peers"
                 );
+            }
+            for r in st.rows.iter() {
+                if let (Some(after), Some(cpu)) = (r.settled_after_s, r.settled_idle_cpu_pct) {
+                    let _ = writeln!(
+                        s,
+                        "- {} hosts, idle again {after:.0} s after the burst (handshake retries to the unreachable hosts over; the idle CPU target is judged on this): CPU {cpu:.2} % of a core, {} log lines/min, RSS {} MB",
+                        r.hosts,
+                        num(r.settled_lines_per_min, 1.0, 1),
+                        num(r.settled_rss_mb, 1.0, 1),
+                    );
+                }
             }
             for r in st.rows.iter().filter(|r| !r.warnings.is_empty()) {
                 let _ = writeln!(
