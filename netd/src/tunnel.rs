@@ -96,6 +96,8 @@ pub struct TunnelSpec<'a> {
 
 /// The running tunnel of this host.
 #[derive(Debug)]
+// One per process: the size of the larger variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Tunnel {
     Wireguard(Wireguard),
     Vxlan(Vxlan),
@@ -112,6 +114,9 @@ pub struct Wireguard {
     /// One rotation at a time.
     rotating: tokio::sync::Mutex<()>,
     applied: Mutex<Option<Applied>>,
+    /// The peers last handed to the data path (the periodic reconcile
+    /// does not rebuild its table when nothing changed).
+    peers: Mutex<Vec<(weft_wg::WgPeer, Option<[u8; 32]>)>>,
 }
 
 /// The VXLAN driver: the kernel device is made (and re-made when the
@@ -235,6 +240,7 @@ impl Wireguard {
             next: Mutex::new(None),
             rotating: tokio::sync::Mutex::new(()),
             applied: Mutex::new(None),
+            peers: Mutex::new(Vec::new()),
         })
     }
 
@@ -305,7 +311,14 @@ impl Wireguard {
         peers: &[Peer],
         resync: bool,
     ) -> anyhow::Result<()> {
-        self.device.set_peers_with_next_keys(wg_peers(peers));
+        let wanted = wg_peers(peers);
+        {
+            let mut last = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+            if *last != wanted {
+                self.device.set_peers_with_next_keys(wanted.clone());
+                *last = wanted;
+            }
+        }
         let want = Applied {
             index: self.device.ifindex(),
             src: gateway,
