@@ -733,6 +733,9 @@ impl Daemon {
                     if let Err(e) = self.balancer.reapply().await {
                         tracing::warn!(error = %format!("{e:#}"), "re-applying the services' table failed");
                     }
+                    // What a burst of hosts (or this resync's dumps) freed
+                    // leaves the RSS.
+                    weft_sys::memory::release_free_memory();
                 }
             }
         }

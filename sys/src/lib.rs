@@ -8,10 +8,12 @@
 //! - [`signal`]: the future that ends when the process is asked to stop
 //!   (SIGTERM or SIGINT).
 //! - [`time`]: the wall clock in milliseconds, as records store it.
+//! - [`memory`]: the allocator's free memory handed back to the kernel.
 //!
 //! Plain functions and types; errors are typed (`io::Error` where the caller
 //! decides by its kind, as with `WouldBlock`).
 
+pub mod memory;
 pub mod random;
 pub mod signal;
 pub mod time;
