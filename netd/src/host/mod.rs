@@ -169,8 +169,9 @@ impl HostNet {
         Ok(Self { handle })
     }
 
-    /// The link named `name`, if it exists.
-    pub async fn link(&self, name: &str) -> Result<Option<Link>> {
+    /// The link message of the link named `name`, if it exists; `what`
+    /// names the lookup in an error.
+    async fn link_message(&self, name: &str, what: &str) -> Result<Option<LinkMessage>> {
         let mut links = self
             .handle
             .link()
@@ -178,29 +179,23 @@ impl HostNet {
             .match_name(name.to_owned())
             .execute();
         match links.try_next().await {
-            Ok(Some(m)) => Ok(Some(Link::from_message(&m))),
-            Ok(None) => Ok(None),
+            Ok(m) => Ok(m),
             // The kernel answers ENODEV for a missing name.
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
-            Err(e) => Err(nl(format!("looking up link {name}"))(e)),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(nl(format!("{what} {name}"))(e)),
         }
+    }
+
+    /// The link named `name`, if it exists.
+    pub async fn link(&self, name: &str) -> Result<Option<Link>> {
+        let m = self.link_message(name, "looking up link").await?;
+        Ok(m.as_ref().map(Link::from_message))
     }
 
     /// The 64-bit counters of the link named `name`, if it exists.
     pub async fn link_stats(&self, name: &str) -> Result<Option<LinkStats>> {
-        let mut links = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_owned())
-            .execute();
-        let msg = match links.try_next().await {
-            Ok(Some(m)) => m,
-            Ok(None) => return Ok(None),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
-                return Ok(None)
-            }
-            Err(e) => return Err(nl(format!("reading the counters of {name}"))(e)),
+        let Some(msg) = self.link_message(name, "reading the counters of").await? else {
+            return Ok(None);
         };
         let stats = msg.attributes.iter().find_map(|a| match a {
             LinkAttribute::Stats64(s) => Some(LinkStats {
