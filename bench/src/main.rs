@@ -18,6 +18,7 @@
 
 mod cni;
 mod dns;
+mod ipam_alloc;
 mod policy;
 mod report;
 mod scale;
@@ -31,9 +32,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use weft_ipam::{Ipam, IpamConfig, Owner};
-use weft_store::testing::TestStore;
-use weft_store::DynStore;
 
 use crate::report::Report;
 use crate::tunnel::Mode;
@@ -105,8 +103,8 @@ enum Bench {
     /// Allocation and release rate of one process, per store backend.
     IpamAlloc {
         /// Backends to measure.
-        #[arg(long, value_enum, default_values_t = [Backend::Sqlite, Backend::Etcd])]
-        backend: Vec<Backend>,
+        #[arg(long, value_enum, default_values_t = [ipam_alloc::Backend::Sqlite, ipam_alloc::Backend::Etcd])]
+        backend: Vec<ipam_alloc::Backend>,
         /// Host blocks to fill (each /24 holds 253 endpoints).
         #[arg(long, default_value_t = 4)]
         blocks: usize,
@@ -343,12 +341,6 @@ impl Opts {
     }
 }
 
-#[derive(Clone, Copy, ValueEnum, Debug)]
-enum Backend {
-    Sqlite,
-    Etcd,
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     // Ctrl-C or SIGTERM: no lab namespace, wireguard-go or DNS server may
@@ -378,7 +370,7 @@ async fn main() -> Result<()> {
             backend,
             blocks,
             runs,
-        } => ipam_alloc(&backend, blocks, runs.max(1)).await,
+        } => ipam_alloc::run(&backend, blocks, runs.max(1)).await,
         Bench::All { o, out, only } => {
             let parts = if only.is_empty() {
                 vec![
@@ -562,82 +554,4 @@ fn collect(o: &Opts, parts: &[Part], command: String) -> Report {
     r.seconds = started.elapsed().as_secs_f64();
     r.missing = report::missing(&r);
     r
-}
-
-struct Rates {
-    alloc_per_s: f64,
-    release_per_s: f64,
-    allocations: usize,
-}
-
-async fn ipam_alloc(backends: &[Backend], blocks: usize, runs: usize) -> Result<()> {
-    println!(
-        "| backend | allocations per run | allocations/s (median of {runs}) | releases/s | runs (alloc/s) |"
-    );
-    println!("|---|---|---|---|---|");
-    for &backend in backends {
-        let mut results = Vec::new();
-        for _ in 0..runs {
-            // A fresh store per run, so every run starts from the same state.
-            let store = match backend {
-                Backend::Sqlite => TestStore::sqlite().await,
-                Backend::Etcd => TestStore::etcd().await,
-            };
-            results.push(one_run(store.store(), blocks).await?);
-        }
-        let alloc: Vec<f64> = results.iter().map(|r| r.alloc_per_s).collect();
-        let release: Vec<f64> = results.iter().map(|r| r.release_per_s).collect();
-        let all = alloc
-            .iter()
-            .map(|r| format!("{r:.0}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        println!(
-            "| {backend:?} | {} | {:.0} | {:.0} | {all} |",
-            results[0].allocations,
-            sys::median(&alloc),
-            sys::median(&release)
-        );
-    }
-    Ok(())
-}
-
-/// Fills `blocks` host blocks (one per simulated host), then releases
-/// everything, timing each phase.
-async fn one_run(store: DynStore, blocks: usize) -> Result<Rates> {
-    let ipam = Ipam::new(store, IpamConfig::default(), weft_model::DEFAULT_PREFIX).await?;
-    let mut hosts = Vec::new();
-    for h in 0..blocks {
-        hosts.push(ipam.lease_block(&format!("bench-host-{h}")).await?);
-    }
-    let per_block = weft_ipam::plan::capacity(hosts[0].block) as usize;
-    let owner = |h: usize, i: usize| Owner::new(format!("ctr-{h}-{i}"), "eth0");
-
-    let t = Instant::now();
-    for (h, block) in hosts.iter().enumerate() {
-        for i in 0..per_block {
-            ipam.allocate(block, &owner(h, i)).await?;
-        }
-    }
-    let alloc = t.elapsed();
-
-    let t = Instant::now();
-    for (h, block) in hosts.iter().enumerate() {
-        for i in 0..per_block {
-            if ipam.release(block, &owner(h, i)).await?.is_none() {
-                bail!("release of ctr-{h}-{i} found no address");
-            }
-        }
-    }
-    let release = t.elapsed();
-    let n = blocks * per_block;
-    Ok(Rates {
-        alloc_per_s: rate(n, alloc),
-        release_per_s: rate(n, release),
-        allocations: n,
-    })
-}
-
-fn rate(n: usize, d: Duration) -> f64 {
-    n as f64 / d.as_secs_f64().max(1e-9)
 }
