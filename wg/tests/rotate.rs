@@ -63,6 +63,7 @@ struct Received {
 
 #[test]
 fn a_tcp_stream_survives_a_key_rotation() {
+    weft_tests::require_root!();
     let _s = serial();
     let lab = Lab::new(LabOptions::hosts(2)).unwrap();
     let (a, b) = pair(&lab, Some(KEEPALIVE));
