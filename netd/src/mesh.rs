@@ -317,8 +317,9 @@ pub const RETRY_MIN: Duration = Duration::from_millis(500);
 /// Longest wait between tries of a failing apply.
 pub const RETRY_MAX: Duration = Duration::from_secs(30);
 
-/// Hosts logged one by one per update; more are counted in one line.
-const LOG_EACH: usize = 8;
+/// Hosts logged one by one (or named) in a line about many hosts; more are
+/// counted.
+pub(crate) const LOG_EACH: usize = 8;
 
 /// Sets the record under `key` if it is a host's record; returns the host
 /// id when that changed what was there.

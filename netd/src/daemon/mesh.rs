@@ -19,8 +19,6 @@ use crate::mesh::{HostRecord, Peer};
 /// How long a key rotation waits for the store to take the announcement of
 /// the next key before it abandons the rotation.
 const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Hosts named in one log line about many hosts; the rest are counted.
-const LOG_HOSTS: usize = 8;
 
 impl Daemon {
     /// What this host publishes in the store.
@@ -167,7 +165,7 @@ impl Daemon {
         } else {
             tracing::warn!(
                 count = skipped.len(),
-                hosts = ?&skipped[..skipped.len().min(LOG_HOSTS)],
+                hosts = ?&skipped[..skipped.len().min(crate::mesh::LOG_EACH)],
                 backend = backend.as_str(),
                 "hosts left out of the mesh: other backend, same block or unusable record"
             );
