@@ -23,6 +23,7 @@ mod policy;
 mod report;
 mod scale;
 mod services;
+mod soak;
 mod svg;
 mod sys;
 mod tunnel;
@@ -100,6 +101,13 @@ enum Bench {
         #[command(flatten)]
         o: Opts,
     },
+    /// Soak and chaos: churn, DNS load, flows and faults on a lab of real
+    /// netds for a set time, every invariant checked all along; writes
+    /// <out>/soak-<tag>.md, .json and -*.svg; fails on any violation (root).
+    Soak {
+        #[command(flatten)]
+        s: SoakArgs,
+    },
     /// Allocation and release rate of one process, per store backend.
     IpamAlloc {
         /// Backends to measure.
@@ -112,6 +120,86 @@ enum Bench {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct SoakArgs {
+    /// Seconds of churn, traffic and faults per store [1800; quick 60].
+    #[arg(long)]
+    duration: Option<u64>,
+    /// The CI soak: 60 s per store, a fault every 6 s on average.
+    #[arg(long)]
+    quick: bool,
+    /// Lab hosts, each with its netd (at least 3).
+    #[arg(long, default_value_t = 3)]
+    hosts: usize,
+    /// Store backends, one run each [etcd,sqlite].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    stores: Vec<scale::StoreKind>,
+    /// CNI ADDs and DELs per second across the hosts.
+    #[arg(long, default_value_t = 10.0)]
+    churn_per_s: f64,
+    /// Churned containers live at most at once.
+    #[arg(long, default_value_t = 60)]
+    max_live: usize,
+    /// DNS queries per second across the probe containers.
+    #[arg(long, default_value_t = 1000)]
+    dns_per_s: u32,
+    /// Mean seconds between two faults [30; quick 6].
+    #[arg(long)]
+    fault_every: Option<u64>,
+    /// Only these faults (default: every kind that applies to the store).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    faults: Vec<soak::timeline::FaultKind>,
+    /// Random seed of the churn and the fault schedule (default: from the clock; printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Where the report goes (default: bench/results, or target/bench-quick with --quick).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+impl SoakArgs {
+    fn options(&self) -> soak::Options {
+        let bench = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let seed = self.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(1)
+        });
+        soak::Options {
+            hosts: self.hosts.max(3),
+            stores: if self.stores.is_empty() {
+                vec![scale::StoreKind::Etcd, scale::StoreKind::Sqlite]
+            } else {
+                self.stores.clone()
+            },
+            duration: std::time::Duration::from_secs(self.duration.unwrap_or(if self.quick {
+                60
+            } else {
+                1800
+            })),
+            churn_per_s: self.churn_per_s,
+            max_live: self.max_live,
+            dns_per_s: self.dns_per_s,
+            fault_every: std::time::Duration::from_secs(
+                self.fault_every
+                    .unwrap_or(if self.quick { 6 } else { 30 })
+                    .max(1),
+            ),
+            faults: self.faults.clone(),
+            seed,
+            out: self.out.clone().unwrap_or_else(|| {
+                if self.quick {
+                    bench.join("../target/bench-quick")
+                } else {
+                    bench.join("results")
+                }
+            }),
+            tag: sys::now_utc().0,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
@@ -410,6 +498,15 @@ async fn main() -> Result<()> {
                 .unwrap_or_else(|| PathBuf::from("."));
             for p in report::write(&report, &dir)? {
                 println!("wrote {}", p.display());
+            }
+            Ok(())
+        }
+        Bench::Soak { s } => {
+            let o = s.options();
+            eprintln!("soak: seed {} (replay with --seed {})", o.seed, o.seed);
+            let held = tokio::task::spawn_blocking(move || soak::run(&o)).await??;
+            if !held {
+                anyhow::bail!("soak: an invariant was violated (see the report)");
             }
             Ok(())
         }
