@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, TransactionBehavior};
 
 use super::sql_err;
-use super::tables::SCHEMA;
+use super::tables::{renew_leases_of_another_boot, SCHEMA};
 use crate::error::is_busy;
 use crate::{jittered, Result, StoreError};
 
@@ -36,10 +36,20 @@ pub(super) fn open_conn(path: &Path) -> Result<Connection> {
 
 /// Creates the tables and the `meta` rows if missing, all in one
 /// `BEGIN IMMEDIATE` transaction: the first process to get the write lock
-/// creates everything, the others then find it complete.
+/// creates everything, the others then find it complete. The same
+/// transaction renews the leases of another boot (their deadlines count
+/// in that boot's clock).
 pub(super) fn create_schema(conn: &mut Connection) -> rusqlite::Result<()> {
+    create_schema_in_boot(conn, weft_sys::time::boot_tag())
+}
+
+pub(super) fn create_schema_in_boot(
+    conn: &mut Connection,
+    boot: Option<i64>,
+) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     tx.execute_batch(SCHEMA)?;
+    renew_leases_of_another_boot(&tx, boot)?;
     tx.commit()
 }
 
@@ -184,5 +194,51 @@ mod tests {
         // Once the holder lets go, opening works.
         drop(holder);
         SqliteStore::open(&path).unwrap();
+    }
+
+    /// Lease deadlines count in the boot clock: a file last used in
+    /// another boot (or by a version counting in wall-clock time) gets its
+    /// leases' whole TTL again, once; the same boot leaves them alone.
+    #[test]
+    fn leases_of_another_boot_get_their_ttl_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let mut conn = Connection::open(&path).unwrap();
+        create_schema_in_boot(&mut conn, Some(42)).unwrap();
+        // A wall-clock deadline from an older version, and one long past.
+        conn.execute_batch(
+            "INSERT INTO leases (ttl_ms, expires_ms) VALUES (60000, 1764000000000), (30000, 1);",
+        )
+        .unwrap();
+        let deadlines = |conn: &Connection| -> Vec<i64> {
+            let mut st = conn
+                .prepare("SELECT expires_ms FROM leases ORDER BY id")
+                .unwrap();
+            st.query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap()
+        };
+        create_schema_in_boot(&mut conn, Some(42)).unwrap();
+        assert_eq!(
+            deadlines(&conn),
+            vec![1_764_000_000_000, 1],
+            "same boot: untouched"
+        );
+
+        let before = super::super::tables::now_ms();
+        create_schema_in_boot(&mut conn, Some(43)).unwrap();
+        let after = super::super::tables::now_ms();
+        let d = deadlines(&conn);
+        assert!(d[0] >= before + 60_000 && d[0] <= after + 60_000, "{d:?}");
+        assert!(d[1] >= before + 30_000 && d[1] <= after + 30_000, "{d:?}");
+        // Once per boot.
+        conn.execute_batch("UPDATE leases SET expires_ms = 7")
+            .unwrap();
+        create_schema_in_boot(&mut conn, Some(43)).unwrap();
+        assert_eq!(deadlines(&conn), vec![7, 7]);
+        // No boot id readable: nothing renewed.
+        create_schema_in_boot(&mut conn, None).unwrap();
+        assert_eq!(deadlines(&conn), vec![7, 7]);
     }
 }

@@ -11,7 +11,7 @@ use crate::{KeyValue, LeaseId, Revision};
 pub(super) const HISTORY: i64 = 100_000;
 pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-INSERT OR IGNORE INTO meta (name, value) VALUES ('revision', 1), ('compacted', 0);
+INSERT OR IGNORE INTO meta (name, value) VALUES ('revision', 1), ('compacted', 0), ('lease_boot', 0);
 CREATE TABLE IF NOT EXISTS kv (
     key BLOB PRIMARY KEY,
     value BLOB NOT NULL,
@@ -41,9 +41,36 @@ CREATE TABLE IF NOT EXISTS log (
 pub(super) const KIND_PUT: i64 = 0;
 pub(super) const KIND_DELETE: i64 = 1;
 
-/// [`weft_sys::time::now_ms`] as SQLite's integer.
+/// The leases' clock as SQLite's integer: the machine's boot clock
+/// ([`weft_sys::time::boot_ms`]), the same for every process sharing the
+/// file, so stepping the wall clock expires no lease. A lease deadline from
+/// an earlier boot is renewed when the file is opened
+/// ([`renew_leases_of_another_boot`]).
 pub(super) fn now_ms() -> i64 {
-    i64::try_from(weft_sys::time::now_ms()).unwrap_or(i64::MAX)
+    i64::try_from(weft_sys::time::boot_ms()).unwrap_or(i64::MAX)
+}
+
+/// Lease deadlines count in [`now_ms`], which starts again at every boot:
+/// when the file was last used in another boot (or by a version that
+/// counted leases in wall-clock time), every lease gets its whole TTL from
+/// now, as etcd gives its leases after a restart. Inside the schema's
+/// transaction, so the first process to open the file after a boot does it
+/// once.
+pub(super) fn renew_leases_of_another_boot(
+    conn: &Connection,
+    boot: Option<i64>,
+) -> rusqlite::Result<()> {
+    let Some(boot) = boot else {
+        return Ok(());
+    };
+    if meta(conn, "lease_boot")? == boot {
+        return Ok(());
+    }
+    conn.execute(
+        "UPDATE leases SET expires_ms = ?1 + ttl_ms",
+        params![now_ms()],
+    )?;
+    set_meta(conn, "lease_boot", boot)
 }
 
 pub(super) fn meta(conn: &Connection, name: &str) -> rusqlite::Result<i64> {
