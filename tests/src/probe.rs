@@ -33,6 +33,7 @@ use weft_model::Protocol;
 use crate::{Error, Result};
 
 mod ping;
+pub use ping::Pinger;
 
 /// How often a connection thread looks at the stop flag.
 const POLL: Duration = Duration::from_millis(100);

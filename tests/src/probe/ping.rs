@@ -13,6 +13,9 @@
 //! per pair of addresses: the hosts' conntrack keeps one entry per pair
 //! instead of one per probe (the tight loops timing a policy change send
 //! thousands, and netd's cut of lost connections lists them all).
+//!
+//! [`Pinger`] is the same socket and rules for one long-running echo flow
+//! (`weft-bench soak`'s pings every 10 ms), the caller numbering requests.
 
 use std::io::{Error, ErrorKind, Result};
 use std::net::Ipv4Addr;
@@ -218,6 +221,43 @@ fn ip_parts(packet: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr, &[u8])> {
         Some(Ipv4Addr::from(b))
     };
     Some((addr(12)?, addr(16)?, packet.get(ihl..)?))
+}
+
+/// A long-running echo flow from this thread's namespace (one `ping -i`
+/// of the soak's probes): requests numbered by the caller, replies read
+/// one at a time, with this process's identifier and a call number of its
+/// own like [`echo_all`]'s, so neither takes the other's replies.
+pub struct Pinger {
+    socket: RawIcmp,
+    call: u32,
+}
+
+impl Pinger {
+    /// Opens the raw socket in this thread's namespace (needs root).
+    pub fn open() -> Result<Self> {
+        Ok(Pinger {
+            socket: RawIcmp::open()?,
+            call: NEXT_CALL.fetch_add(1, Ordering::Relaxed),
+        })
+    }
+
+    /// Sends echo request `seq` to `addr`.
+    pub fn send(&self, addr: Ipv4Addr, seq: u16) -> Result<()> {
+        self.socket.send_to(&request(ident(), seq, self.call), addr)
+    }
+
+    /// Waits up to `timeout` for one packet: `Some((seq, from))` if it is
+    /// a reply to one of this pinger's requests, `None` if it is anything
+    /// else or nothing came.
+    pub fn recv(&self, buf: &mut [u8], timeout: Duration) -> Result<Option<(u16, Ipv4Addr)>> {
+        let Some(n) = self.socket.recv(buf, timeout)? else {
+            return Ok(None);
+        };
+        Ok(match classify(&buf[..n], ident(), self.call) {
+            Reply::Echo { seq, from } => Some((seq, from)),
+            _ => None,
+        })
+    }
 }
 
 /// A raw ICMP socket.
