@@ -12,6 +12,7 @@ pub mod counters;
 pub mod daemon;
 pub mod endpoints;
 pub mod enforce;
+pub mod firewall;
 pub mod health;
 pub mod host;
 pub mod install;
