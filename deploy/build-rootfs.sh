@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
 # Assembles the weft sidecar's root filesystem from built binaries and this
-# (Debian) machine's packages, without pulling any image: netd and the CNI
-# plugin, iptables (legacy and nft) with its extensions, conntrack, nft, the
+# (Debian) machine's packages, without pulling any image: netd, dnsd (the DNS
+# server netd runs beside it) and the CNI plugin, iptables (legacy and nft) with its extensions, conntrack, nft, the
 # reference portmap/tuning plugins if installed, and every shared library
 # they load. The result is what the Containerfile builds; run it with
 #   podman run --rootfs DEST ... /usr/local/bin/netd sidecar
 # (see README.md, "Deploy"), or pack it as an image: tar -C DEST -c . | podman import - weft
 #
 # Usage: deploy/build-rootfs.sh DEST [BIN_DIR]
-#   BIN_DIR holds netd and weft (default: target/release of this repository).
+#   BIN_DIR holds netd, dnsd and weft (default: target/release of this repository).
 # Needs: ldd, iptables, conntrack, nft (scripts/install-deps.sh installs them).
 set -euo pipefail
 
 dest=${1:?usage: $0 DEST [BIN_DIR]}
 bin_dir=${2:-$(cd "$(dirname "$0")/.." && pwd)/target/release}
 
-for b in netd weft; do
+for b in netd dnsd weft; do
   [ -x "$bin_dir/$b" ] || { echo "build-rootfs: $bin_dir/$b is missing (cargo build --release)" >&2; exit 1; }
 done
 
@@ -63,7 +63,7 @@ put_elf() {
   put_libs "$1"
 }
 
-for b in netd weft; do
+for b in netd dnsd weft; do
   install -m 0755 "$bin_dir/$b" "$dest/usr/local/bin/.$b.new"
   mv -f "$dest/usr/local/bin/.$b.new" "$dest/usr/local/bin/$b"
   put_libs "$bin_dir/$b"

@@ -103,11 +103,11 @@ MODE=${1:-up}
 say "system packages (scripts/install-deps.sh; first run about 30 s to 1 min, then instant)"
 scripts/install-deps.sh
 
-say "building netd and the CNI plugin ($PROFILE; first build about 5 min on 2 cores, seconds when nothing changed)"
+say "building netd, dnsd and the CNI plugin ($PROFILE; first build about 5 min on 2 cores, seconds when nothing changed)"
 if [ "$PROFILE" = release ]; then
-  cargo build --release -p weft-netd -p weft-cni
+  cargo build --release -p weft-netd -p weft-dnsd -p weft-cni
 else
-  cargo build -p weft-netd -p weft-cni
+  cargo build -p weft-netd -p weft-dnsd -p weft-cni
 fi
 BIN=$(pwd)/target/$PROFILE
 

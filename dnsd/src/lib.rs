@@ -2,9 +2,9 @@
 //!
 //! dnsd answers, on 169.254.169.250:53 (UDP and TCP), the names of the
 //! containers whose endpoints netd records in the store, and forwards every
-//! other name to the host's upstream resolvers, with a cache. netd runs it
-//! in-process ([`DnsServer::start`] / [`serve`]); the `dnsd` binary runs the
-//! same library standalone.
+//! other name to the host's upstream resolvers, with a cache. The `dnsd`
+//! binary runs it ([`DnsServer::start`] / [`serve`]); netd starts that
+//! binary as its child with the command line [`cli::DnsdArgs`] defines.
 //!
 //! ```no_run
 //! # async fn run(store: weft_store::DynStore) -> Result<(), weft_dnsd::DnsError> {
@@ -26,12 +26,13 @@
 //! * `tcp`: DNS over TCP on hickory-server, answered by the same code.
 //! * [`forward`]: other names to the upstreams, cached, with failover.
 //! * [`resolv`]: the upstreams from the host's resolv.conf, re-read on change.
-//! * [`metrics`]: the counters as OpenMetrics text, for netd's exporter and
-//!   the standalone binary's `/metrics`.
+//! * [`metrics`]: the counters as OpenMetrics text, the binary's `/metrics`.
+//! * [`cli`]: the binary's flags, parsed by it and written by netd.
 //! * `sync`: list-then-watch of the store's endpoints, service records and
 //!   health records, with backoff.
 
 pub mod answer;
+pub mod cli;
 pub mod counters;
 pub mod forward;
 pub mod metrics;
@@ -248,9 +249,10 @@ pub struct DnsServer {
 
 impl DnsServer {
     /// Binds every listen address (UDP and TCP), reads the upstreams, starts
-    /// the store sync and waits (up to `initial_sync_timeout`) for the first
-    /// table. Needs a tokio runtime. If the store is down, dnsd starts with
-    /// an empty table and fills it when the store returns.
+    /// the store sync, waits (up to `initial_sync_timeout`) for the first
+    /// table and only then answers (queries that arrive meanwhile wait in
+    /// the sockets' queues). Needs a tokio runtime. If the store is down,
+    /// dnsd starts with an empty table and fills it when the store returns.
     pub async fn start(cfg: DnsConfig, store: DynStore) -> Result<DnsServer, DnsError> {
         cfg.validate()?;
         let table_cfg = cfg.table_config();
@@ -313,6 +315,18 @@ impl DnsServer {
             table,
         };
         server.tasks.push(tokio::spawn(sync.run(Some(ready_tx))));
+        // Answer only once the first table is in: a dnsd started while
+        // another one serves the same addresses (SO_REUSEPORT, a restart
+        // with overlap) must not answer NXDOMAIN from an empty table. What
+        // reaches the bound sockets meanwhile waits in their queues.
+        if tokio::time::timeout(cfg.initial_sync_timeout, ready_rx)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "no endpoints from the store yet; serving an empty table until it answers"
+            );
+        }
         server
             .tasks
             .push(tokio::spawn(tcp::serve(tcp, ctx.clone())));
@@ -324,14 +338,6 @@ impl DnsServer {
                 .spawn(move || server::udp_loop(sock, ctx))
                 .map_err(DnsError::Thread)?;
             server.threads.push(t);
-        }
-        if tokio::time::timeout(cfg.initial_sync_timeout, ready_rx)
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                "no endpoints from the store yet; serving an empty table until it answers"
-            );
         }
         tracing::info!(listen = ?local_addrs, domain = %cfg.domain, "dnsd serving");
         Ok(server)

@@ -58,10 +58,13 @@ pub(crate) struct Ctx {
 }
 
 /// A UDP socket for `addr` in a SO_REUSEPORT group (no offloads: every
-/// query and answer is its own datagram).
+/// query and answer is its own datagram). A second dnsd binds the same
+/// addresses while the first still serves them (netd replaces its child
+/// with an overlap).
 pub(crate) fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     s.set_reuse_port(true)?;
+    free_bind(&s, addr)?;
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
     }
@@ -70,6 +73,17 @@ pub(crate) fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     s.set_read_timeout(Some(UDP_POLL))?;
     s.bind(&addr.into())?;
     Ok(UdpSocket::new(s.into()))
+}
+
+/// IP_FREEBIND: bind `addr` even when no interface holds it (yet): netd
+/// may (re)start dnsd before, or while, it puts 169.254.169.250 back on
+/// the bridge.
+pub(crate) fn free_bind(s: &Socket, addr: SocketAddr) -> io::Result<()> {
+    if addr.is_ipv6() {
+        s.set_freebind_v6(true)
+    } else {
+        s.set_freebind_v4(true)
+    }
 }
 
 /// Answers written by one UDP thread, each to the client that asked.
@@ -93,9 +107,23 @@ pub(crate) fn udp_loop(sock: Arc<UdpSocket>, ctx: Arc<Ctx>) {
     };
     let mut errors = 0u64;
     let mut counts = BatchCounts::default();
-    while !ctx.stop.load(Ordering::Relaxed) {
-        let n = match rx.recv(&sock, Wait::ForFirst) {
+    // On stop, one last pass answers what is queued without waiting
+    // (`Wait::Never` ends at the first empty read): a dnsd being replaced
+    // drops no query its socket already holds.
+    let mut draining = false;
+    loop {
+        let wait = if draining {
+            Wait::Never
+        } else if ctx.stop.load(Ordering::Relaxed) {
+            draining = true;
+            Wait::Never
+        } else {
+            Wait::ForFirst
+        };
+        let n = match rx.recv(&sock, wait) {
+            Ok(0) if draining => break,
             Ok(n) => n,
+            Err(_) if draining => break,
             Err(e) => {
                 match e.kind() {
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {}

@@ -43,6 +43,9 @@ const RESPONSE_BUFFER: usize = 16;
 pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
+    // Like UDP: a new dnsd listens while the old one still does.
+    s.set_reuse_port(true)?;
+    crate::server::free_bind(&s, addr)?;
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
     }

@@ -26,13 +26,15 @@ use crate::layered::Overrides;
 use crate::nat::Backend;
 pub use settings::{Settings, DEFAULT_CONFIG};
 
-/// The embedded DNS server's settings.
+/// The settings of dnsd, netd's DNS child ([`crate::dns`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DnsSettings {
     pub ttl: Duration,
     pub resolv_conf: PathBuf,
     pub extra_listen: Vec<SocketAddr>,
     pub upstream_timeout: Duration,
+    /// Where dnsd serves its own `/metrics` (`None`: off).
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// How this host joins the mesh.
@@ -77,7 +79,7 @@ pub struct Config {
     pub log_level: String,
     pub iptables: Option<Backend>,
     pub mesh: MeshConfig,
-    /// The embedded DNS server (`None`: off).
+    /// DNS, served by netd's dnsd child (`None`: off).
     pub dns: Option<DnsSettings>,
     pub ipam: IpamConfig,
     pub services: ServicesConfig,
@@ -194,6 +196,7 @@ impl Config {
             resolv_conf: s.dns.resolv_conf,
             extra_listen: s.dns.extra_listen,
             upstream_timeout: Duration::from_millis(s.dns.upstream_timeout_ms),
+            metrics_addr: s.dns.metrics_listen,
         });
         let ipam = IpamConfig {
             cluster_range: s.ipam.cluster_range,

@@ -20,13 +20,6 @@ pub struct KindLabel {
     pub kind: &'static str,
 }
 
-/// The label of the firewall restore counter: `iptables` or `nftables`
-/// ([`crate::firewall`]).
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct WhatLabel {
-    pub what: &'static str,
-}
-
 /// The label of the health check counter: `ok` or `fail`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
@@ -62,10 +55,9 @@ pub struct NetdMetrics {
     /// `nft -f`).
     pub policy_apply_seconds: Histogram,
     pub health: HealthCounters,
-    /// Times weft's firewall state went missing (another program removed
-    /// it) and was restored, by what ([`crate::firewall`]): one per
-    /// incident.
-    pub firewall_restores: Family<WhatLabel, Counter>,
+    /// dnsd children netd started again because the one it supervised
+    /// had died ([`crate::dns`]).
+    pub dnsd_restarts: Counter,
 }
 
 impl Default for NetdMetrics {
@@ -77,7 +69,7 @@ impl Default for NetdMetrics {
             // 1 ms to ~16 s.
             policy_apply_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             health: HealthCounters::default(),
-            firewall_restores: Family::default(),
+            dnsd_restarts: Counter::default(),
         };
         // Both kinds show from the start, at zero.
         for kind in ["host", "mesh"] {
@@ -87,9 +79,6 @@ impl Default for NetdMetrics {
         }
         for result in ["ok", "fail"] {
             drop(m.health.checks.get_or_create(&ResultLabel { result }));
-        }
-        for what in [crate::firewall::IPTABLES, crate::firewall::NFTABLES] {
-            drop(m.firewall_restores.get_or_create(&WhatLabel { what }));
         }
         m
     }
@@ -111,14 +100,6 @@ impl NetdMetrics {
         if let Some(t) = took {
             self.policy_apply_seconds.observe(t.as_secs_f64());
         }
-    }
-
-    /// Counts one incident of weft's firewall state of kind `what` gone
-    /// missing (and restored).
-    pub fn firewall_restored(&self, what: &'static str) {
-        self.firewall_restores
-            .get_or_create(&WhatLabel { what })
-            .inc();
     }
 
     /// Adds the counters to a registry (they stay shared with `self`).
@@ -144,11 +125,6 @@ impl NetdMetrics {
             self.policy_apply_seconds.clone(),
         );
         r.register(
-            "weft_firewall_restores",
-            "Times weft's firewall state went missing (another program removed it) and was restored, by what (iptables, nftables)",
-            self.firewall_restores.clone(),
-        );
-        r.register(
             "weft_service_health_checks",
             "Service health check probes this host ran, by result (ok, fail)",
             self.health.checks.clone(),
@@ -157,6 +133,11 @@ impl NetdMetrics {
             "weft_service_unhealthy_backends",
             "This host's containers whose service health check finds them unhealthy",
             self.health.unhealthy.clone(),
+        );
+        r.register(
+            "weft_dnsd_restarts",
+            "Times netd started dnsd again because the one it supervised had died",
+            self.dnsd_restarts.clone(),
         );
     }
 }
@@ -175,7 +156,7 @@ mod tests {
         m.policy_applied(None);
         m.health.probed(false);
         m.health.unhealthy.inc();
-        m.firewall_restored(crate::firewall::NFTABLES);
+        m.dnsd_restarts.inc();
         let mut r = Registry::default();
         m.register(&mut r);
         let mut text = String::new();
@@ -190,8 +171,7 @@ mod tests {
             r#"weft_service_health_checks_total{result="ok"} 0"#,
             r#"weft_service_health_checks_total{result="fail"} 1"#,
             "weft_service_unhealthy_backends 1",
-            r#"weft_firewall_restores_total{what="iptables"} 0"#,
-            r#"weft_firewall_restores_total{what="nftables"} 1"#,
+            "weft_dnsd_restarts_total 1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }

@@ -10,9 +10,9 @@ pub mod config;
 pub mod conntrack;
 pub mod counters;
 pub mod daemon;
+pub mod dns;
 pub mod endpoints;
 pub mod enforce;
-pub mod firewall;
 pub mod health;
 pub mod host;
 pub mod install;
@@ -31,24 +31,21 @@ use crate::config::Config;
 use crate::daemon::Daemon;
 
 /// Runs the daemon until SIGTERM or SIGINT. Stopping leaves the kernel state
-/// (bridge, routes, iptables, nf_tables) in place, so containers on one host
-/// and across hosts over kernel VXLAN keep working while netd restarts; the
+/// (bridge, routes, iptables, nf_tables) and the DNS server (dnsd, netd's
+/// child, [`dns`]) in place, so containers on one host and across hosts
+/// over kernel VXLAN keep working, and resolving, while netd restarts; the
 /// WireGuard tunnel runs inside netd, so with it cross-host traffic pauses
 /// until netd is back.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let daemon = Daemon::start(cfg).await?;
     // DNS after host setup: 169.254.169.250 is on the bridge now.
-    let dns = match &daemon.config().dns {
-        Some(settings) => Some(start_dns(&daemon, settings).await?),
-        None => None,
-    };
+    let dns = start_dns(&daemon).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // Metrics before the control socket: a metrics address in use stops
     // netd before it takes the socket.
     let metrics = match daemon.config().metrics_addr {
         Some(addr) => {
-            let state =
-                metrics::MetricsState::new(daemon.clone(), dns.as_ref().map(|d| d.stats_handle()));
+            let state = metrics::MetricsState::new(daemon.clone());
             Some(metrics::serve(addr, state, stop_rx.clone()).await?)
         }
         None => None,
@@ -65,6 +62,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let services = tokio::spawn(daemon.clone().run_services(stop_rx.clone()));
     let balancer = tokio::spawn(daemon.clone().run_balancer(stop_rx.clone()));
     let rotation = tokio::spawn(daemon.clone().run_key_rotation(stop_rx.clone()));
+    let dns_watch = dns
+        .as_ref()
+        .map(|d| tokio::spawn(d.clone().watch(stop_rx.clone())));
     let mesh = tokio::spawn(daemon.clone().run_mesh(stop_rx));
     let server = axum::serve(listener, api::router(daemon.clone()))
         .with_graceful_shutdown(weft_sys::signal::shutdown_signal()?);
@@ -80,11 +80,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     if let Some(m) = metrics {
         let _ = m.await;
     }
-    if let Some(dns) = dns {
-        dns.stop().await;
+    if let Some(w) = dns_watch {
+        let _ = w.await;
     }
     let _ = std::fs::remove_file(&socket);
-    tracing::info!("netd stopped; kernel state left in place");
+    match dns {
+        Some(d) => tracing::info!(
+            dnsd = d.pid(),
+            "netd stopped; kernel state and dnsd left in place"
+        ),
+        None => tracing::info!("netd stopped; kernel state left in place"),
+    }
     result
 }
 
@@ -105,37 +111,35 @@ pub fn install_cni(cfg: &Config) -> anyhow::Result<install::Report> {
     Ok(report)
 }
 
-async fn start_dns(
-    daemon: &Daemon,
-    s: &config::DnsSettings,
-) -> anyhow::Result<weft_dnsd::DnsServer> {
+/// Adopts or starts this host's dnsd ([`dns::Dnsd::start`]); with DNS
+/// off, stops one left from before.
+async fn start_dns(daemon: &Daemon) -> anyhow::Result<Option<std::sync::Arc<dns::Dnsd>>> {
     let cfg = daemon.config();
-    let mut listen = vec![std::net::SocketAddr::from((cfg.dns_addr, 53))];
-    listen.extend(s.extra_listen.iter().copied());
-    let dns_cfg = weft_dnsd::DnsConfig {
-        domain: cfg.domain.clone(),
-        ttl: s.ttl,
-        listen,
-        resolv_conf: s.resolv_conf.clone(),
-        keys: cfg.keys.clone(),
-        cluster_range: cfg.ipam.cluster_range,
-        service_range: cfg.ipam.service_range,
-        upstream_timeout: s.upstream_timeout,
-        ..weft_dnsd::DnsConfig::default()
+    let Some(settings) = &cfg.dns else {
+        let stopped = dns::stop_all(&cfg.state_dir).await?;
+        if stopped > 0 {
+            tracing::info!(stopped, "DNS is off: stopped the dnsd left running");
+        }
+        return Ok(None);
     };
-    let server = weft_dnsd::DnsServer::start(dns_cfg, daemon.store().clone())
+    let spec = dns::Spec::new(cfg, settings)?;
+    let dnsd = dns::Dnsd::start(spec, daemon.counters().dnsd_restarts.clone())
         .await
-        .context("starting the DNS server")?;
-    tracing::info!(addrs = ?server.local_addrs(), domain = %cfg.domain, "DNS serving");
-    Ok(server)
+        .context("starting the DNS server (dnsd)")?;
+    tracing::info!(dnsd = dnsd.pid(), domain = %cfg.domain, "DNS serving");
+    Ok(Some(dnsd))
 }
 
-/// Removes everything weft made on this host: the container veths on the
-/// bridge, the bridge (and with it the gateway and DNS addresses), weft's
-/// iptables chains and nf_tables tables, and the control socket. With
+/// Removes everything weft made on this host: dnsd, the container veths on
+/// the bridge, the bridge (and with it the gateway and DNS addresses),
+/// weft's iptables chains and nf_tables tables, and the control socket. With
 /// `release_block`, also this host's endpoint records and block lease in the
 /// store.
 pub async fn teardown(cfg: &Config, release_block: bool) -> anyhow::Result<()> {
+    let stopped = dns::stop_all(&cfg.state_dir).await?;
+    if stopped > 0 {
+        tracing::info!(stopped, "stopped dnsd");
+    }
     let net = host::HostNet::connect()?;
     if let Some(bridge) = net.link(&cfg.bridge).await? {
         for link in net.links().await? {

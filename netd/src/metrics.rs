@@ -3,9 +3,10 @@
 //!
 //! * `GET /metrics`: OpenMetrics text (prometheus-client). The tunnel and
 //!   link counters are read at scrape time from where they live (the
-//!   WireGuard data path, the kernel); dnsd encodes its own
-//!   ([`weft_dnsd::metrics::DnsCollector`]); netd's own counters are in
+//!   WireGuard data path, the kernel); netd's own counters are in
 //!   [`crate::counters`] and the store's health in [`crate::health`].
+//!   DNS is a process of its own (dnsd, [`crate::dns`]) and serves its
+//!   `weft_dns_*` metrics itself (`[dns] metrics_listen`).
 //! * `GET /healthz`: 200 while the process serves.
 //! * `GET /readyz`: 200 when the store answers and the data path (bridge and
 //!   tunnel device) is up; 503 with the reasons otherwise
@@ -54,9 +55,8 @@ pub struct MetricsState {
 }
 
 impl MetricsState {
-    /// The registry with netd's counters and the scrape-time collector
-    /// (with dnsd's counters when DNS runs).
-    pub fn new(daemon: Arc<Daemon>, dns: Option<weft_dnsd::StatsHandle>) -> MetricsState {
+    /// The registry with netd's counters and the scrape-time collector.
+    pub fn new(daemon: Arc<Daemon>) -> MetricsState {
         let snapshot = Arc::new(Mutex::new(Snapshot::default()));
         let mut registry = Registry::default();
         daemon.counters().register(&mut registry);
@@ -64,9 +64,6 @@ impl MetricsState {
             daemon: daemon.clone(),
             snapshot: snapshot.clone(),
         }));
-        if let Some(dns) = dns {
-            registry.register_collector(Box::new(weft_dnsd::metrics::DnsCollector(dns)));
-        }
         MetricsState {
             daemon,
             registry: Arc::new(registry),

@@ -86,6 +86,8 @@ impl Netd {
     }
 
     fn launch(&mut self) -> Result<()> {
+        // netd runs DNS as its child, the dnsd binary beside it.
+        bin("dnsd")?;
         let bin = bin("netd")?;
         let mut argv = vec![bin.display().to_string()];
         argv.extend(self.args.iter().cloned());

@@ -23,6 +23,8 @@ use weft_tests::weft::{bin, Netd};
 use weft_tests::{Container, Lab, LabOptions, MachinePaths, Netns};
 
 const METRICS_PORT: u16 = 9542;
+/// Where the sidecar's dnsd serves its own `weft_dns_*` metrics.
+const DNS_METRICS_PORT: u16 = 9543;
 
 /// GET `url` from inside `ns` (python3's urllib; curl is not a test
 /// dependency): the status code and the body.
@@ -196,6 +198,7 @@ fn sidecar_container_installs_cni_and_serves_health_and_metrics() {
     // The image's root filesystem, from this build's binaries.
     let bin_dir = bin("netd").unwrap().parent().unwrap().to_path_buf();
     bin("weft").unwrap();
+    bin("dnsd").unwrap();
     let rootfs = lab.dir().join("sidecar-rootfs");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/build-rootfs.sh");
     let out = Command::new("bash")
@@ -234,6 +237,7 @@ fn sidecar_container_installs_cni_and_serves_health_and_metrics() {
         mount(&state, "/var/lib/weft"),
     );
     let metrics_env = format!("WEFT_METRICS_ADDR=127.0.0.1:{METRICS_PORT}");
+    let dns_metrics_env = format!("WEFT_DNS_METRICS_ADDR=127.0.0.1:{DNS_METRICS_PORT}");
     let rootfs_arg = rootfs.display().to_string();
     // What the README tells operators to run (with an image instead of
     // --rootfs).
@@ -264,6 +268,8 @@ fn sidecar_container_installs_cni_and_serves_health_and_metrics() {
         "WEFT_HOST_ID=host0",
         "-e",
         &metrics_env,
+        "-e",
+        &dns_metrics_env,
         "--rootfs",
         &rootfs_arg,
         "/usr/local/bin/netd",
@@ -399,22 +405,33 @@ fn sidecar_container_installs_cni_and_serves_health_and_metrics() {
         "DEL released it"
     );
     assert_eq!(metric(&text, "weft_block_capacity_addresses"), Some(253.0));
-    assert!(
-        metric(&text, r#"weft_dns_query_types_total{type="A"}"#).unwrap_or(0.0) >= 1.0,
+    assert_eq!(
+        metric(&text, "weft_dnsd_restarts_total"),
+        Some(0.0),
         "{text}"
     );
+    // DNS counters: dnsd, netd's child, serves them itself.
+    let (_, dns_text) = http_get(
+        host,
+        &format!("http://127.0.0.1:{DNS_METRICS_PORT}/metrics"),
+    )
+    .unwrap();
     assert!(
-        metric(&text, r#"weft_dns_responses_total{rcode="NOERROR"}"#).unwrap_or(0.0) >= 1.0,
-        "{text}"
+        metric(&dns_text, r#"weft_dns_query_types_total{type="A"}"#).unwrap_or(0.0) >= 1.0,
+        "{dns_text}"
+    );
+    assert!(
+        metric(&dns_text, r#"weft_dns_responses_total{rcode="NOERROR"}"#).unwrap_or(0.0) >= 1.0,
+        "{dns_text}"
     );
     assert!(
         metric(
-            &text,
+            &dns_text,
             r#"weft_dns_request_duration_seconds_count{path="local"}"#
         )
         .unwrap_or(0.0)
             >= 1.0,
-        "{text}"
+        "{dns_text}"
     );
     assert!(
         metric(&text, r#"weft_reconcile_runs_total{kind="host"}"#).unwrap_or(0.0) >= 1.0,

@@ -134,8 +134,8 @@ pub struct MeshSection {
     pub vni: u32,
 }
 
-/// `[dns]`: the DNS server netd runs in-process (dnsd's library; the
-/// defaults are dnsd's).
+/// `[dns]`: the DNS server, the `dnsd` binary netd runs as its child
+/// ([`crate::dns`]; the defaults are dnsd's).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, clap::Args)]
 #[cfg_attr(test, derive(serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
@@ -168,6 +168,12 @@ pub struct DnsSection {
     #[arg(long = "dns-upstream-timeout-ms", env = "WEFT_DNS_UPSTREAM_TIMEOUT_MS",
           default_value_t = millis(weft_dnsd::DEFAULT_UPSTREAM_TIMEOUT))]
     pub upstream_timeout_ms: u64,
+    /// Where dnsd serves its Prometheus `weft_dns_*` metrics over plain
+    /// HTTP, e.g. 127.0.0.1:9543 (default: off; dnsd is a process of its
+    /// own, netd's /metrics does not have them).
+    /// (The key is not `metrics_addr`: that is netd's own, top level.)
+    #[arg(long = "dns-metrics-addr", env = "WEFT_DNS_METRICS_ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// `[ipam]`: the cluster's address plan (the defaults are IPAM's).
