@@ -1,7 +1,8 @@
 //! Small, dependency-free SVG charts: horizontal grouped bars with a title,
-//! a legend, gridlines, an axis with its unit, and the value on every bar.
-//! Horizontal bars keep long mode names and values readable without
-//! rotating text.
+//! a legend, gridlines, an axis with its unit, and the value on every bar
+//! ([`hbar`]; horizontal bars keep long mode names and values readable
+//! without rotating text), and values over time as lines or thin bars
+//! ([`time_chart`]).
 
 use std::fmt::Write as _;
 
@@ -190,6 +191,193 @@ pub fn hbar(c: &Chart) -> String {
     s
 }
 
+/// How a series is drawn on a [`TimeChart`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mark {
+    /// A line through the points; a NaN y breaks it (e.g. a process
+    /// restart).
+    Line,
+    /// A thin bar from 0 to y at each x (events: a gap's length, a count
+    /// per window).
+    Bars,
+}
+
+/// One series of a [`TimeChart`]: (x, y) points, x in the chart's unit.
+pub struct TimeSeries<'a> {
+    pub name: &'a str,
+    pub colour: &'a str,
+    pub mark: Mark,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// A chart of values over time (or any x): lines or bars per series, with
+/// a title, a legend, gridlines and both axes labelled.
+pub struct TimeChart<'a> {
+    pub title: &'a str,
+    pub subtitle: &'a str,
+    /// The x axis label, e.g. "seconds since the start".
+    pub x_unit: &'a str,
+    /// The y axis label, e.g. "MB".
+    pub y_unit: &'a str,
+    pub series: &'a [TimeSeries<'a>],
+}
+
+const TC_LEFT: f64 = 70.0;
+const TC_RIGHT: f64 = 24.0;
+const TC_PLOT_H: f64 = 260.0;
+
+pub fn time_chart(c: &TimeChart) -> String {
+    let finite = |p: &&(f64, f64)| p.0.is_finite() && p.1.is_finite();
+    let pts = || c.series.iter().flat_map(|s| s.points.iter().filter(finite));
+    let xmin = pts().map(|p| p.0).fold(f64::INFINITY, f64::min);
+    let xmin = if xmin.is_finite() { xmin.min(0.0) } else { 0.0 };
+    let xmax = pts().map(|p| p.0).fold(xmin, f64::max);
+    let ymax = pts().map(|p| p.1).fold(0.0f64, f64::max);
+    let ystep = nice_step(if ymax > 0.0 { ymax } else { 1.0 });
+    let y_axis = ((ymax / ystep).ceil() * ystep).max(ystep);
+    let xspan = if xmax > xmin { xmax - xmin } else { 1.0 };
+    let xstep = nice_step(xspan);
+    let x_axis = xmin + ((xspan / xstep).ceil() * xstep).max(xstep);
+
+    let mut legend = Vec::new();
+    let (mut lx, mut row) = (TC_LEFT, 0usize);
+    for sr in c.series {
+        let w = 26.0 + 6.6 * sr.name.chars().count() as f64;
+        if lx + w > W - 10.0 && lx > TC_LEFT {
+            lx = TC_LEFT;
+            row += 1;
+        }
+        legend.push((lx, row, sr.name, sr.colour));
+        lx += w + 12.0;
+    }
+    let legend_y = if c.subtitle.is_empty() { 46.0 } else { 62.0 };
+    let top = legend_y + 18.0 * (row as f64 + 1.0) + 8.0;
+    let height = top + TC_PLOT_H + 46.0;
+    let plot_w = W - TC_LEFT - TC_RIGHT;
+    let xs = |x: f64| TC_LEFT + plot_w * ((x - xmin) / (x_axis - xmin)).clamp(0.0, 1.0);
+    let ys = |y: f64| top + TC_PLOT_H * (1.0 - (y / y_axis).clamp(0.0, 1.0));
+
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{height:.0}" viewBox="0 0 {W} {height:.0}" font-family="DejaVu Sans, Verdana, Arial, sans-serif">"#
+    );
+    let _ = writeln!(s, r##"<rect width="100%" height="100%" fill="#ffffff"/>"##);
+    let _ = writeln!(
+        s,
+        r##"<text x="16" y="26" font-size="17" font-weight="bold" fill="#222">{}</text>"##,
+        esc(c.title)
+    );
+    if !c.subtitle.is_empty() {
+        let _ = writeln!(
+            s,
+            r##"<text x="16" y="46" font-size="12" fill="#555">{}</text>"##,
+            esc(c.subtitle)
+        );
+    }
+    for (x, row, name, colour) in &legend {
+        let y = legend_y + 18.0 * *row as f64;
+        let _ = writeln!(
+            s,
+            r##"<rect x="{x:.1}" y="{:.1}" width="14" height="14" fill="{colour}"/><text x="{:.1}" y="{:.1}" font-size="12" fill="#222">{}</text>"##,
+            y - 11.0,
+            x + 19.0,
+            y,
+            esc(name)
+        );
+    }
+    let bottom = top + TC_PLOT_H;
+    for k in 0..=((y_axis / ystep).round() as usize) {
+        let v = k as f64 * ystep;
+        let y = ys(v);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{TC_LEFT}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#e3e3e3"/><text x="{:.1}" y="{:.1}" font-size="11" fill="#444" text-anchor="end" dominant-baseline="middle">{}</text>"##,
+            TC_LEFT + plot_w,
+            TC_LEFT - 6.0,
+            y,
+            fmt_tick(v)
+        );
+    }
+    for k in 0..=(((x_axis - xmin) / xstep).round() as usize) {
+        let v = xmin + k as f64 * xstep;
+        let x = xs(v);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{x:.1}" y1="{top:.1}" x2="{x:.1}" y2="{bottom:.1}" stroke="#f0f0f0"/><text x="{x:.1}" y="{:.1}" font-size="11" fill="#444" text-anchor="middle">{}</text>"##,
+            bottom + 15.0,
+            fmt_tick(v)
+        );
+    }
+    let _ = writeln!(
+        s,
+        r##"<line x1="{TC_LEFT}" y1="{bottom:.1}" x2="{:.1}" y2="{bottom:.1}" stroke="#888"/><line x1="{TC_LEFT}" y1="{top:.1}" x2="{TC_LEFT}" y2="{bottom:.1}" stroke="#888"/>"##,
+        TC_LEFT + plot_w
+    );
+    let _ = writeln!(
+        s,
+        r##"<text x="{:.1}" y="{:.1}" font-size="12" fill="#222" text-anchor="middle">{}</text>"##,
+        TC_LEFT + plot_w / 2.0,
+        bottom + 34.0,
+        esc(c.x_unit)
+    );
+    let _ = writeln!(
+        s,
+        r##"<text x="14" y="{:.1}" font-size="12" fill="#222" text-anchor="middle" transform="rotate(-90 14 {:.1})">{}</text>"##,
+        top + TC_PLOT_H / 2.0,
+        top + TC_PLOT_H / 2.0,
+        esc(c.y_unit)
+    );
+    for sr in c.series {
+        match sr.mark {
+            Mark::Line => {
+                let mut d = String::new();
+                let mut pen_up = true;
+                for &(x, y) in &sr.points {
+                    if !(x.is_finite() && y.is_finite()) {
+                        pen_up = true;
+                        continue;
+                    }
+                    let _ = write!(
+                        d,
+                        "{}{:.1},{:.1} ",
+                        if pen_up { "M" } else { "L" },
+                        xs(x),
+                        ys(y)
+                    );
+                    pen_up = false;
+                }
+                if !d.is_empty() {
+                    let _ = writeln!(
+                        s,
+                        r##"<path d="{}" fill="none" stroke="{}" stroke-width="1.5"><title>{}</title></path>"##,
+                        d.trim_end(),
+                        sr.colour,
+                        esc(sr.name)
+                    );
+                }
+            }
+            Mark::Bars => {
+                for &(x, y) in sr.points.iter().filter(|p| finite(p)) {
+                    let y0 = ys(y.max(0.0));
+                    let _ = writeln!(
+                        s,
+                        r##"<rect x="{:.1}" y="{y0:.1}" width="2" height="{:.1}" fill="{}"><title>{}: {} at {}</title></rect>"##,
+                        xs(x) - 1.0,
+                        (bottom - y0).max(1.0),
+                        sr.colour,
+                        esc(sr.name),
+                        fmt_tick(y),
+                        fmt_tick(x)
+                    );
+                }
+            }
+        }
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,5 +412,47 @@ mod tests {
         assert!(svg.contains(">n/a</text>"));
         assert!(svg.contains("a &lt; b"));
         assert!(svg.trim_end().ends_with("</svg>"));
+    }
+
+    #[test]
+    fn time_charts_draw_lines_with_breaks_and_bars() {
+        let series = [
+            TimeSeries {
+                name: "rss h0",
+                colour: "#123",
+                mark: Mark::Line,
+                points: vec![(0.0, 1.0), (1.0, 2.0), (2.0, f64::NAN), (3.0, 2.5)],
+            },
+            TimeSeries {
+                name: "gaps <netd>",
+                colour: "#456",
+                mark: Mark::Bars,
+                points: vec![(1.5, 0.2)],
+            },
+        ];
+        let svg = time_chart(&TimeChart {
+            title: "t",
+            subtitle: "",
+            x_unit: "s",
+            y_unit: "MB",
+            series: &series,
+        });
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        // Two pen-downs: the NaN breaks the line.
+        let path = svg
+            .lines()
+            .find(|l| l.starts_with("<path"))
+            .expect("a line");
+        assert_eq!(path.matches('M').count(), 2, "{path}");
+        assert!(svg.contains("gaps &lt;netd&gt;: 0.2 at 1.5"));
+        // Nothing to draw is still a chart.
+        let empty = time_chart(&TimeChart {
+            title: "e",
+            subtitle: "s",
+            x_unit: "s",
+            y_unit: "n",
+            series: &[],
+        });
+        assert!(empty.contains("</svg>"));
     }
 }

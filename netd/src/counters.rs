@@ -20,6 +20,13 @@ pub struct KindLabel {
     pub kind: &'static str,
 }
 
+/// The label of the firewall restore counter: `iptables` or `nftables`
+/// ([`crate::firewall`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WhatLabel {
+    pub what: &'static str,
+}
+
 /// The label of the health check counter: `ok` or `fail`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
@@ -55,6 +62,10 @@ pub struct NetdMetrics {
     /// `nft -f`).
     pub policy_apply_seconds: Histogram,
     pub health: HealthCounters,
+    /// Times weft's firewall state went missing (another program removed
+    /// it) and was restored, by what ([`crate::firewall`]): one per
+    /// incident.
+    pub firewall_restores: Family<WhatLabel, Counter>,
     /// dnsd children netd started again because the one it supervised
     /// had died ([`crate::dns`]).
     pub dnsd_restarts: Counter,
@@ -69,6 +80,7 @@ impl Default for NetdMetrics {
             // 1 ms to ~16 s.
             policy_apply_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             health: HealthCounters::default(),
+            firewall_restores: Family::default(),
             dnsd_restarts: Counter::default(),
         };
         // Both kinds show from the start, at zero.
@@ -79,6 +91,9 @@ impl Default for NetdMetrics {
         }
         for result in ["ok", "fail"] {
             drop(m.health.checks.get_or_create(&ResultLabel { result }));
+        }
+        for what in [crate::firewall::IPTABLES, crate::firewall::NFTABLES] {
+            drop(m.firewall_restores.get_or_create(&WhatLabel { what }));
         }
         m
     }
@@ -102,6 +117,14 @@ impl NetdMetrics {
         }
     }
 
+    /// Counts one incident of weft's firewall state of kind `what` gone
+    /// missing (and restored).
+    pub fn firewall_restored(&self, what: &'static str) {
+        self.firewall_restores
+            .get_or_create(&WhatLabel { what })
+            .inc();
+    }
+
     /// Adds the counters to a registry (they stay shared with `self`).
     pub fn register(&self, r: &mut Registry) {
         r.register(
@@ -123,6 +146,11 @@ impl NetdMetrics {
             "weft_policy_apply_seconds",
             "Seconds each apply of weft's nf_tables rules (policy, anti-spoofing) took",
             self.policy_apply_seconds.clone(),
+        );
+        r.register(
+            "weft_firewall_restores",
+            "Times weft's firewall state went missing (another program removed it) and was restored, by what (iptables, nftables)",
+            self.firewall_restores.clone(),
         );
         r.register(
             "weft_service_health_checks",
@@ -156,6 +184,7 @@ mod tests {
         m.policy_applied(None);
         m.health.probed(false);
         m.health.unhealthy.inc();
+        m.firewall_restored(crate::firewall::NFTABLES);
         m.dnsd_restarts.inc();
         let mut r = Registry::default();
         m.register(&mut r);
@@ -171,6 +200,8 @@ mod tests {
             r#"weft_service_health_checks_total{result="ok"} 0"#,
             r#"weft_service_health_checks_total{result="fail"} 1"#,
             "weft_service_unhealthy_backends 1",
+            r#"weft_firewall_restores_total{what="iptables"} 0"#,
+            r#"weft_firewall_restores_total{what="nftables"} 1"#,
             "weft_dnsd_restarts_total 1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");

@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod dns;
 pub mod endpoints;
 pub mod enforce;
+pub mod firewall;
 pub mod health;
 pub mod host;
 pub mod install;

@@ -49,7 +49,7 @@ use weft_tests::weft::Netd;
 use weft_tests::{Lab, LabOptions, Netns};
 
 use crate::sys::CpuMeter;
-pub use results::{ScaleResults, StoreKind};
+pub use results::{slope, ScaleResults, StoreKind};
 use results::{ScaleRow, StoreResults};
 use sim::{SimHost, Writer};
 

@@ -31,6 +31,7 @@ pub mod churn;
 pub mod faults;
 pub mod invariants;
 pub mod report;
+pub mod rng;
 pub mod sample;
 pub mod timeline;
 pub mod traffic;

@@ -1,7 +1,8 @@
 //! The daemon: bootstrap ([`Daemon::start`]: store, block lease, underlay
 //! and MTU, NAT backend, tunnel), the reconcile and maintenance loops
 //! ([`Daemon::maintain`]: block renewal, store probe, underlay changes,
-//! kernel state), the mesh wiring ([`Daemon::run_mesh`]: host records in,
+//! kernel state, weft's firewall state removed by another program:
+//! `daemon/firewall.rs`), the mesh wiring ([`Daemon::run_mesh`]: host records in,
 //! tunnel peers out), and the state the other modules read.
 //!
 //! The concerns themselves live apart: endpoint operations in
@@ -21,6 +22,7 @@
 //! host records to the tunnel, `rotate-key`, the peers for the API) is in
 //! [`mesh`] (`daemon/mesh.rs`).
 
+mod firewall;
 mod mesh;
 
 use std::collections::BTreeMap;
@@ -420,6 +422,9 @@ impl Daemon {
         let mut reconcile = tokio::time::interval(Duration::from_secs(30));
         let mut underlay = tokio::time::interval(Duration::from_secs(2));
         let mut probe = tokio::time::interval(crate::health::PROBE_EVERY);
+        let mut firewall = tokio::time::interval(crate::firewall::CHECK_EVERY);
+        let mut firewall_watch = crate::firewall::Watch::default();
+        firewall.tick().await;
         renew.tick().await;
         reconcile.tick().await;
         underlay.tick().await;
@@ -438,6 +443,7 @@ impl Daemon {
                     }
                 }
                 _ = probe.tick() => self.health.probe(&self.store, &host_key).await,
+                _ = firewall.tick() => self.check_firewall(&mut firewall_watch).await,
                 _ = underlay.tick() => {
                     if let Err(e) = self.check_underlay().await {
                         tracing::warn!(error = %format!("{e:#}"), "checking the underlay address failed");

@@ -6,6 +6,7 @@ use std::sync::{Mutex, PoisonError};
 
 use crate::command::{Hint, Runner};
 
+use super::verify::{missing, Missing};
 use super::{hooks, render, NatError, NatSpec, CHAIN_PREFIX};
 
 /// Seconds to wait for the xtables lock (legacy backend) before failing.
@@ -117,6 +118,9 @@ pub struct Iptables {
     runner: Runner,
     /// The restore input last applied successfully (hooks verified with it).
     last: Mutex<Option<String>>,
+    /// The same, kept through [`Iptables::invalidate`] (cleared by
+    /// [`Iptables::teardown`]): what [`Iptables::verify`] expects.
+    applied: Mutex<Option<String>>,
 }
 
 impl Iptables {
@@ -170,6 +174,7 @@ impl Iptables {
             backend,
             runner,
             last: Mutex::new(None),
+            applied: Mutex::new(None),
         })
     }
 
@@ -179,6 +184,7 @@ impl Iptables {
             backend,
             runner: Runner::default(),
             last: Mutex::new(None),
+            applied: Mutex::new(None),
         }
     }
 
@@ -215,8 +221,26 @@ impl Iptables {
         self.restore(&rules)?;
         self.ensure_hooks()?;
         tracing::debug!(backend = %self.backend, ports = spec.ports.len(), "iptables rules applied");
+        *self.applied.lock().unwrap_or_else(PoisonError::into_inner) = Some(rules.clone());
         *last = Some(rules);
         Ok(ApplyOutcome::Applied)
+    }
+
+    /// What of weft's rules, as last applied, the kernel lacks now (one
+    /// `iptables-save`; [`super::verify`] compares). Empty before the first
+    /// apply and after a teardown. Waits for an apply under way, so it never
+    /// compares the kernel with rules it has not finished writing.
+    pub fn verify(&self) -> Result<Vec<Missing>, NatError> {
+        let _applying = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        let applied = self
+            .applied
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let Some(applied) = applied else {
+            return Ok(Vec::new());
+        };
+        Ok(missing(&applied, &self.save()?))
     }
 
     /// Forgets the last applied rules, so the next [`Iptables::apply`] runs
@@ -231,6 +255,7 @@ impl Iptables {
     pub fn teardown(&self) -> Result<(), NatError> {
         let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
         *last = None;
+        *self.applied.lock().unwrap_or_else(PoisonError::into_inner) = None;
         let saved = self.save()?;
         let tables = parse_save(&saved);
         for t in &tables {

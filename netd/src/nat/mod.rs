@@ -4,7 +4,9 @@
 //! Two halves, kept apart:
 //! * pure: [`NatSpec`] says what this host needs; [`render`] turns it into one
 //!   `iptables-restore --noflush` batch; [`hooks`] lists the jumps from the
-//!   built-in chains; [`required_sysctls`] the kernel settings the rules rely on.
+//!   built-in chains; [`required_sysctls`] the kernel settings the rules rely on;
+//!   [`verify::missing`] what of the applied rules an `iptables-save` lacks
+//!   (another tool flushed or reloaded the tables).
 //! * effects: [`Iptables`] is the only thing that runs iptables (one backend,
 //!   legacy or nft, picked like kube-proxy does), through
 //!   [`crate::command::Runner`]. (`conntrack` is [`crate::conntrack`]'s.)
@@ -45,6 +47,7 @@
 //! br_netfilter the packet is routed and hairpin mode does not matter.
 
 mod exec;
+pub mod verify;
 
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
@@ -54,6 +57,7 @@ use ipnetwork::Ipv4Network;
 use weft_model::{IfName, PortMapping, Protocol};
 
 pub use exec::{ApplyOutcome, Backend, Iptables};
+pub use verify::Missing;
 
 /// nat: hooked from PREROUTING; sends traffic for local addresses to [`DNAT_CHAIN`].
 pub const PREROUTING_CHAIN: &str = "WEFT-PREROUTING";

@@ -41,7 +41,7 @@ pub mod table;
 
 pub use table::{Chain, Set, Table};
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::process::Output;
 use std::sync::{Mutex, PoisonError};
@@ -146,6 +146,9 @@ pub struct Nft {
     /// The tables the kernel has, by family, as this handle last applied
     /// them (forgotten after a failure and by [`Nft::invalidate`]).
     last: Mutex<BTreeMap<(&'static str, &'static str), Table>>,
+    /// Every table this handle applied, kept through invalidation (cleared
+    /// by [`Nft::teardown`]): what [`Nft::missing_tables`] expects.
+    applied: Mutex<BTreeSet<(&'static str, &'static str)>>,
     /// What the counters counted in tables since replaced, by (family, name).
     base: Mutex<BTreeMap<(String, String), (u64, u64)>>,
 }
@@ -214,6 +217,10 @@ impl Nft {
         for t in desired.tables() {
             last.insert((t.family, t.name), t.clone());
         }
+        self.applied
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(desired.tables().map(|t| (t.family, t.name)));
         Ok(ApplyOutcome::Replaced)
     }
 
@@ -243,23 +250,42 @@ impl Nft {
             .retain(|(f, n), _| !(*f == family && *n == name));
     }
 
-    /// Whether the kernel has table `name` in `family` (`nft -j list
-    /// tables`: names only, cheap whatever the tables hold).
+    /// Whether the kernel has table `name` in `family`.
     pub fn has_table(&self, family: &str, name: &str) -> Result<bool, NftError> {
+        Ok(self.tables()?.iter().any(|(f, n)| f == family && n == name))
+    }
+
+    /// The tables the kernel has, as (family, name) (`nft -j list tables`:
+    /// names only, cheap whatever the tables hold).
+    pub fn tables(&self) -> Result<Vec<(String, String)>, NftError> {
         let args = ["-j", "list", "tables"];
         let out = self.check("nft", &args, None, NFT_HINT)?;
-        let list: ListOutput = serde_json::from_str(&out).map_err(|source| NftError::Json {
-            cmd: format!("nft {}", args.join(" ")),
+        parse_tables(&out).map_err(|source| NftError::Json {
+            cmd: self.display("nft", &args),
             source,
-        })?;
-        Ok(list
-            .nftables
-            .iter()
-            .filter_map(|i| i.get("table"))
-            .any(|t| {
-                t.get("family").and_then(|v| v.as_str()) == Some(family)
-                    && t.get("name").and_then(|v| v.as_str()) == Some(name)
-            }))
+        })
+    }
+
+    /// The tables this handle applied that the kernel no longer has
+    /// (deleted, or the ruleset flushed by another tool), as (family,
+    /// name); one `nft -j list tables`. Each is forgotten as well, so the
+    /// next [`Nft::apply`] writes it whole instead of changing elements of
+    /// a table that is not there. Waits for an apply under way.
+    pub fn missing_tables(&self) -> Result<Vec<(&'static str, &'static str)>, NftError> {
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        let applied = self
+            .applied
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if applied.is_empty() {
+            return Ok(Vec::new());
+        }
+        let gone = missing(&applied, &self.tables()?);
+        for key in &gone {
+            last.remove(key);
+        }
+        Ok(gone)
     }
 
     /// The named counters of weft's tables: what the kernel counts now plus
@@ -305,6 +331,10 @@ impl Nft {
     /// Deletes every table of weft's ([`TABLES`]). Idempotent.
     pub fn teardown(&self) -> Result<(), NftError> {
         self.invalidate();
+        self.applied
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
         self.check("nft", &["-f", "-"], Some(&teardown_script()), NFT_HINT)?;
         Ok(())
     }
@@ -363,6 +393,32 @@ fn failure_hint(stderr: &str, default: &'static str) -> String {
 #[derive(Deserialize)]
 struct ListOutput {
     nftables: Vec<serde_json::Value>,
+}
+
+/// The tables in `nft -j list tables` output, as (family, name).
+fn parse_tables(json: &str) -> Result<Vec<(String, String)>, serde_json::Error> {
+    let list: ListOutput = serde_json::from_str(json)?;
+    Ok(list
+        .nftables
+        .iter()
+        .filter_map(|i| i.get("table"))
+        .filter_map(|t| {
+            let field = |k: &str| t.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+            Some((field("family")?, field("name")?))
+        })
+        .collect())
+}
+
+/// Which of the `applied` tables are not among the kernel's `present` ones.
+fn missing(
+    applied: &BTreeSet<(&'static str, &'static str)>,
+    present: &[(String, String)],
+) -> Vec<(&'static str, &'static str)> {
+    applied
+        .iter()
+        .filter(|(f, n)| !present.iter().any(|(pf, pn)| pf == f && pn == n))
+        .copied()
+        .collect()
 }
 
 #[derive(Deserialize)]
@@ -455,6 +511,31 @@ mod tests {
         );
         assert_eq!(c[1].comment, None);
         assert!(parse_counters("not json").is_err());
+    }
+
+    /// `nft -j list tables` (nft 1.0.6) after `nft flush ruleset` and a
+    /// restart of another tool: weft's tables gone, the tool's back.
+    #[test]
+    fn tables_the_kernel_lost_are_missing() {
+        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}},
+            {"table": {"family": "inet", "name": "weft", "handle": 7}},
+            {"table": {"family": "ip", "name": "filter", "handle": 9}},
+            {"table": {"family": "ip", "name": "weft", "handle": 10}}]}"#;
+        let present = parse_tables(json).unwrap();
+        assert_eq!(present.len(), 3);
+        assert_eq!(present[0], ("inet".to_owned(), "weft".to_owned()));
+        let applied: BTreeSet<(&str, &str)> = TABLES.into_iter().collect();
+        // A table of the same name in another family does not count.
+        assert_eq!(
+            missing(&applied, &present),
+            vec![("bridge", TABLE), ("ip", SERVICES_TABLE)]
+        );
+        assert_eq!(missing(&applied, &[]).len(), 3);
+        assert_eq!(missing(&BTreeSet::new(), &[]), vec![]);
+        let empty =
+            r#"{"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}}]}"#;
+        assert_eq!(parse_tables(empty).unwrap(), vec![]);
+        assert!(parse_tables("").is_err());
     }
 
     #[test]
