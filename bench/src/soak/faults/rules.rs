@@ -103,32 +103,42 @@ fn nft_tables(ns: &Netns) -> Result<BTreeSet<String>> {
         .collect())
 }
 
-/// `iptables -D` the jumps, `-F` and `-X` weft's chains; what failed.
-fn flush(ns: &Netns, backend: Backend) -> Result<Vec<String>> {
-    let ipt = backend.iptables();
-    let mut failed = vec![];
+/// The shell script of [`IptablesFlush`](FaultKind::IptablesFlush): `-D`
+/// every jump into weft's chains (each copy), then `-F` and `-X` each
+/// chain; a failed command prints `failed: <command>` after its error.
+/// One script, so the wipe takes milliseconds, not one process spawn per
+/// command (netd may restore between two commands either way: then a `-X`
+/// fails on a chain in use and the script says so).
+pub fn flush_script(iptables: &str) -> String {
+    let mut s = String::new();
     for h in hooks() {
-        // Every copy of the jump (a broken netd might have added two).
-        for _ in 0..4 {
-            let mut argv = vec![ipt, "-w", "-t", h.table, "-D", h.chain];
-            argv.extend_from_slice(h.rule);
-            if !ns.output(&argv)?.status.success() {
-                break;
-            }
-        }
+        let del = format!(
+            "{iptables} -w -t {} -D {} {}",
+            h.table,
+            h.chain,
+            h.rule.join(" ")
+        );
+        s.push_str(&format!(
+            "for i in 1 2 3 4; do {del} 2>/dev/null || break; done\n"
+        ));
     }
     for op in ["-F", "-X"] {
         for (table, chain) in CHAINS {
-            let out = ns.output([ipt, "-w", "-t", table, op, chain])?;
-            if !out.status.success() {
-                failed.push(format!(
-                    "{op} {table} {chain}: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ));
-            }
+            let cmd = format!("{iptables} -w -t {table} {op} {chain}");
+            s.push_str(&format!("{cmd} 2>&1 || echo 'failed: {cmd}'\n"));
         }
     }
-    Ok(failed)
+    s
+}
+
+/// Runs [`flush_script`] in `ns`; what failed (empty: all done).
+fn flush(ns: &Netns, backend: Backend) -> Result<Vec<String>> {
+    let out = ns.output(["sh", "-c", &flush_script(backend.iptables())])?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("failed: "))
+        .map(str::to_owned)
+        .collect())
 }
 
 /// `iptables-restore` of `dump` in `ns` (no `--noflush`: each table in the
@@ -273,6 +283,28 @@ COMMIT
         assert!(weft_items(&out).is_empty());
         // Everything weft had is missing from it.
         assert!(!weft_items(SAVE).is_subset(&weft_items(&out)));
+    }
+
+    #[test]
+    fn flush_script_removes_every_jump_and_chain() {
+        let s = flush_script("iptables-nft");
+        for h in hooks() {
+            let del = format!(
+                "iptables-nft -w -t {} -D {} {}",
+                h.table,
+                h.chain,
+                h.rule.join(" ")
+            );
+            assert!(s.contains(&del), "{del} missing:\n{s}");
+        }
+        for (table, chain) in CHAINS {
+            let f = format!("iptables-nft -w -t {table} -F {chain} ");
+            let x = format!("iptables-nft -w -t {table} -X {chain} ");
+            let (fi, xi) = (s.find(&f).unwrap(), s.find(&x).unwrap());
+            // Every chain is flushed before any is deleted (they jump to
+            // each other).
+            assert!(s.rfind(" -F ").unwrap() < xi && fi < xi);
+        }
     }
 
     #[test]
