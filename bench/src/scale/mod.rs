@@ -32,7 +32,7 @@
 //! the kernel, `/proc` and the log in [`observe`]; the simulated records
 //! and the store writer in [`sim`].
 
-mod observe;
+pub(crate) mod observe;
 mod results;
 mod sim;
 

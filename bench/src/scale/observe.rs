@@ -76,7 +76,8 @@ pub fn rss_mb(pid: u32) -> Result<f64> {
         .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
 }
 
-fn vm_rss_kb(status: &str) -> Option<u64> {
+/// The VmRSS line of a `/proc/PID/status`, KiB.
+pub fn vm_rss_kb(status: &str) -> Option<u64> {
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))?
