@@ -37,9 +37,9 @@ pub use leaks::{
     veth_leaks, Slope,
 };
 
-/// The interface name the soak's containers are attached with (`CNI_IFNAME`):
-/// their host veth is [`host_veth_name`]`(id, CONTAINER_IFNAME)`.
-pub const CONTAINER_IFNAME: &str = "eth0";
+/// The interface name the churn attaches containers with (`CNI_IFNAME`):
+/// their host veth is `weft_model::host_veth_name(id, CONTAINER_IFNAME)`.
+pub use super::churn::IFNAME as CONTAINER_IFNAME;
 
 /// The thresholds of the checks.
 #[derive(Debug, Clone)]
