@@ -1,6 +1,7 @@
 //! The fault scheduler: until the run stops, a fault every so often
-//! (exponential, mean `fault_every`, from the run's seed), one at a time,
-//! each waited on until healed and recorded as a [`Fault`].
+//! (exponential, mean `fault_every`, capped at [`WAIT_CAP`] means, from the
+//! run's seed), one at a time, each waited on until healed and recorded as
+//! a [`Fault`].
 //!
 //! The kind is one of the least injected so far ([`pick`]: a short run
 //! covers many kinds), among those that apply to the store
@@ -44,6 +45,10 @@ pub const OBSERVE_MARGIN: Duration = Duration::from_secs(30);
 /// The clock jump: how far ahead and for how long.
 pub const CLOCK_JUMP: Duration = Duration::from_secs(180);
 const CLOCK_HOLD: Duration = Duration::from_secs(5);
+/// The wait between two faults is capped at this many means: an
+/// exponential draw of 5+ means (1 in 150) would leave half of a 60 s CI
+/// soak without faults.
+const WAIT_CAP: f64 = 4.0;
 /// The fault scheduler's stream of the run's seed (the churn uses 1..=hosts).
 const RNG_STREAM: u64 = 0xFA17;
 
@@ -89,7 +94,8 @@ pub fn run(w: &World) -> Result<()> {
         return Ok(());
     }
     loop {
-        let wait = rng.exp(w.opts.fault_every.as_secs_f64());
+        let mean = w.opts.fault_every.as_secs_f64();
+        let wait = rng.exp(mean).min(WAIT_CAP * mean);
         if !w.sleep(Duration::from_secs_f64(wait)) {
             return Ok(());
         }
