@@ -11,8 +11,9 @@
 //! weft's own state counts: another tool's rules, in its chains or in the
 //! built-in ones, are left alone. [`Watch`] turns the checks into incidents:
 //! one log line and one count (`weft_firewall_restores_total{what}`) when
-//! something goes missing, none while it stays missing, a new one after it
-//! was whole again. The restore itself is the daemon's
+//! something goes missing, none while it stays missing (a restore that
+//! failed is retried silently at each check), a new one once it was whole
+//! again (a check found it so, or the restore succeeded). The restore itself is the daemon's
 //! (`daemon/firewall.rs`): the NAT reconcile and the nf_tables re-applies.
 
 use std::collections::BTreeSet;
@@ -170,6 +171,13 @@ impl Watch {
         self.failing = failing;
         v
     }
+
+    /// The state of `what` was restored: its incident is over, and a loss
+    /// the next check finds is a new one (another removal), even if no
+    /// check saw it whole in between.
+    pub fn restored(&mut self, what: &'static str) {
+        self.lost.remove(what);
+    }
 }
 
 #[cfg(test)]
@@ -217,6 +225,12 @@ mod tests {
         // Lost again: a new incident.
         let v = w.observe(&ok(vec![], vec![("ip", "weft_svc")]));
         assert_eq!(v.new_incidents, vec![NFTABLES]);
+        // Restored, then removed again before any check saw it whole: a
+        // new incident too.
+        w.restored(NFTABLES);
+        let v = w.observe(&ok(vec![], vec![("ip", "weft_svc")]));
+        assert_eq!(v.new_incidents, vec![NFTABLES]);
+        assert!(v.healed.is_empty());
     }
 
     #[test]

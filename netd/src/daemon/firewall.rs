@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use crate::firewall::{Check, Watch};
+use crate::firewall::{Check, Watch, IPTABLES, NFTABLES};
 
 use super::Daemon;
 
@@ -41,35 +41,46 @@ impl Daemon {
                 self.counters.firewall_restored(what);
             }
         }
-        self.restore_firewall(&check, new).await;
+        for what in self.restore_firewall(&check, new).await {
+            watch.restored(what);
+        }
     }
 
-    /// Restores what `check` found missing (nothing when nothing is).
-    /// Failures are warned about when `loud` (the incident's first try),
-    /// else logged at debug: the next check tries again.
-    async fn restore_firewall(&self, check: &Check, loud: bool) {
+    /// Restores what `check` found missing (nothing when nothing is);
+    /// returns the kinds restored. Failures are warned about when `loud`
+    /// (the incident's first try), else logged at debug: the next check
+    /// tries again.
+    async fn restore_firewall(&self, check: &Check, loud: bool) -> Vec<&'static str> {
+        let tables = check.tables_lost();
+        if !check.iptables_lost() && tables.is_empty() {
+            return Vec::new();
+        }
         let started = Instant::now();
         let mut failed = Vec::new();
+        let mut restored = Vec::new();
         if check.iptables_lost() {
             self.nat.invalidate();
-            if let Err(e) = self.reconcile().await {
-                failed.push(format!("iptables: {e:#}"));
+            match self.reconcile().await {
+                Ok(()) => restored.push(IPTABLES),
+                Err(e) => failed.push(format!("iptables: {e:#}")),
             }
         }
-        let tables = check.tables_lost();
-        if tables.iter().any(|(_, n)| *n == crate::nft::TABLE) {
-            match self.enforcer.reapply().await {
-                Ok(took) => self.counters.policy_applied(took),
-                Err(e) => failed.push(format!("policy: {e:#}")),
+        if !tables.is_empty() {
+            let before = failed.len();
+            if tables.iter().any(|(_, n)| *n == crate::nft::TABLE) {
+                match self.enforcer.reapply().await {
+                    Ok(took) => self.counters.policy_applied(took),
+                    Err(e) => failed.push(format!("policy: {e:#}")),
+                }
             }
-        }
-        if tables.iter().any(|(_, n)| *n == crate::nft::SERVICES_TABLE) {
-            if let Err(e) = self.balancer.reapply().await {
-                failed.push(format!("services: {e:#}"));
+            if tables.iter().any(|(_, n)| *n == crate::nft::SERVICES_TABLE) {
+                if let Err(e) = self.balancer.reapply().await {
+                    failed.push(format!("services: {e:#}"));
+                }
             }
-        }
-        if !check.iptables_lost() && tables.is_empty() {
-            return;
+            if failed.len() == before {
+                restored.push(NFTABLES);
+            }
         }
         let took_ms = started.elapsed().as_millis() as u64;
         match (failed.is_empty(), loud) {
@@ -82,5 +93,6 @@ impl Daemon {
                 tracing::debug!(errors = %failed.join("; "), "restoring weft's firewall state failed")
             }
         }
+        restored
     }
 }
