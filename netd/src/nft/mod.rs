@@ -22,9 +22,10 @@
 //!   the tables it applied last, so [`Nft::apply`] sends only what changed
 //!   when the kernel has the same shape, and replaces the tables otherwise
 //!   (first apply, a new shape, after a failure, on the resync). It also reads
-//!   the named counters (`nft -j list counters`), deletes the tables on
-//!   teardown, and [`Nft::cut`] deletes the conntrack entries of address
-//!   pairs that lost reach.
+//!   the named counters (`nft -j list counters`), names the tables it
+//!   applied that the kernel lost ([`Nft::missing_tables`], for
+//!   [`crate::firewall`]), deletes the tables on teardown, and [`Nft::cut`]
+//!   deletes the conntrack entries of address pairs that lost reach.
 //!
 //! Re-creating a table resets its counters, so [`Nft`] adds what the kernel
 //! counted before each replacement to a base it keeps, and [`Nft::counters`]
