@@ -11,9 +11,9 @@
 //!   its sockets are bound and its first table is in) before it SIGTERMs
 //!   the others. dnsd binds with SO_REUSEPORT, so old and new overlap and
 //!   no query goes unanswered.
-//! * While netd runs ([`Dnsd::watch`]): every [`CHECK_EVERY`] the child is
-//!   checked and started again if it died (`weft_dnsd_restarts_total`, one
-//!   log line each).
+//! * While netd runs ([`Dnsd::watch`]): the child is checked when it exits
+//!   (a pidfd) and every [`CHECK_EVERY`], and started again if it died
+//!   (`weft_dnsd_restarts_total`, one log line each).
 //! * netd stopping leaves dnsd running, like the routes and rules;
 //!   `netd teardown` and `[dns] enabled = false` stop it ([`stop_all`]).
 //!
@@ -252,21 +252,23 @@ impl Dnsd {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Checks the child every [`CHECK_EVERY`] until `stop` fires, starting
-    /// it again when it died. dnsd keeps running after.
+    /// Checks the child every [`CHECK_EVERY`], and at once when it exits
+    /// (a pidfd: an adopted dnsd is not netd's child), until `stop` fires,
+    /// starting it again when it died. dnsd keeps running after.
     pub async fn watch(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(CHECK_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let exited = exit_of(self.pid());
             tokio::select! {
                 _ = stop.changed() => return,
-                _ = tick.tick() => {
-                    let me = self.clone();
-                    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || me.check()).await {
-                        tracing::warn!(error = %format!("{e:#}"), log = %self.spec.log.display(),
-                            "starting dnsd again failed; trying again in {CHECK_EVERY:?}");
-                    }
-                }
+                _ = tick.tick() => {}
+                _ = exited => {}
+            }
+            let me = self.clone();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || me.check()).await {
+                tracing::warn!(error = %format!("{e:#}"), log = %self.spec.log.display(),
+                    "starting dnsd again failed; trying again in {CHECK_EVERY:?}");
             }
         }
     }
@@ -289,6 +291,34 @@ impl Dnsd {
         tracing::warn!(pid, exit = %why, log = %self.spec.log.display(), "dnsd died; starting it again");
         *running = ensure(&self.spec)?;
         Ok(())
+    }
+}
+
+/// Resolves when process `pid` exits (its pidfd turns readable), at once
+/// if it is gone already; never where pidfds are missing (Linux < 5.3: the
+/// periodic check remains).
+async fn exit_of(pid: u32) {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let Ok(id) = libc::pid_t::try_from(pid) else {
+        return std::future::pending().await;
+    };
+    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, id, 0) };
+    if fd < 0 {
+        if io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+            return;
+        }
+        return std::future::pending().await;
+    }
+    // SAFETY: the syscall returned a new fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // SAFETY: the AsyncFd owns the OwnedFd, which keeps the same open fd
+    // until it is dropped with it.
+    match unsafe { tokio::io::unix::AsyncFd::register(fd) } {
+        Ok(fd) => {
+            let _ = fd.readable().await;
+        }
+        Err(_) => std::future::pending().await,
     }
 }
 
