@@ -3,12 +3,19 @@
 //!
 //! A [`Follower`] lists the prefix and hands the snapshot to the caller, then
 //! watches from the revision after the snapshot and hands over the changes in
-//! batches. When the watch cannot start or breaks (store down, history
-//! compacted, stream ended) it logs why, waits with a doubling backoff
-//! (jittered: thousands of hosts that lost the store at the same moment do
-//! not all list again at the same moment) and lists again, so the caller gets a fresh [`Update::Snapshot`] to replace
-//! what it holds. The caller keeps serving its last state meanwhile; the
-//! follower never gives up.
+//! batches. When a watch that was following breaks (store down, stream
+//! ended) it resumes from the revision after the last one it handed over:
+//! cheap (one revision read and one watch, no listing), so it is tried
+//! every [`RESUME_BACKOFF`] at most and a store back from an outage is
+//! followed again within about a second (the soak's DNS staleness). The
+//! changes made meanwhile arrive as [`Update::Changes`]; the same when the
+//! watch cannot start after a listing. When the history is gone
+//! (compacted) or the store's revision went back (a new or restored
+//! store), or when listing fails, it waits with a doubling backoff (jittered: thousands of
+//! hosts that lost the store at the same moment do not all list again at
+//! the same moment) and lists again, so the caller gets a fresh
+//! [`Update::Snapshot`] to replace what it holds. The caller keeps serving
+//! its last state meanwhile; the follower never gives up.
 //!
 //! This is the one copy of the loop: the mesh (hosts), dnsd and netd's
 //! policy and service loops use it and only decide what a record means.
@@ -27,6 +34,12 @@ use crate::{jittered, DynStore, Event, EventKind, KeyValue, Range, Revision, Wat
 pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest wait between two attempts to list and watch.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Longest wait between two attempts to resume a broken watch: an attempt
+/// costs a revision read and a watch, not a listing.
+pub const RESUME_BACKOFF: Duration = Duration::from_secs(1);
+/// While the store stays unreachable, one warning per this many failed
+/// attempts (the first always; the rest at debug level).
+const WARN_EVERY: u32 = 30;
 /// After a change, further changes arriving within this window join the
 /// same [`Update::Changes`].
 pub const BATCH_WINDOW: Duration = Duration::from_millis(5);
@@ -127,6 +140,9 @@ enum State {
     List { wait: bool },
     /// A snapshot at this revision was handed over; watch from the next.
     Watch { listed: Revision },
+    /// The watch broke after everything up to this revision was handed
+    /// over: watch again from the next (after waiting when `wait`).
+    Resume { from: Revision, wait: bool },
     /// Watching.
     Following(Watch),
 }
@@ -140,6 +156,10 @@ pub struct Follower {
     /// [`Follower::next`]).
     pending: Vec<Event>,
     backoff: Duration,
+    /// Failed attempts in a row (for the log).
+    failures: u32,
+    /// The revision of the last update handed over.
+    revision: Revision,
 }
 
 impl Follower {
@@ -150,6 +170,8 @@ impl Follower {
             state: State::List { wait: false },
             pending: Vec::new(),
             backoff: MIN_BACKOFF,
+            failures: 0,
+            revision: 0,
         }
     }
 
@@ -174,6 +196,7 @@ impl Follower {
                     match self.store.get_prefix(&self.prefix).await {
                         Ok(range) => {
                             self.pending.clear();
+                            self.revision = range.revision;
                             self.state = State::Watch {
                                 listed: range.revision,
                             };
@@ -185,29 +208,48 @@ impl Follower {
                 State::Watch { listed } => {
                     let start = *listed + 1;
                     match self.store.watch_prefix(&self.prefix, start).await {
-                        Ok(watch) => {
-                            self.backoff = MIN_BACKOFF;
-                            self.state = State::Following(watch);
+                        Ok(watch) => self.following(watch),
+                        // The relist catches up.
+                        Err(e @ crate::StoreError::Compacted { .. }) => self.retry("watching", &e),
+                        Err(e) => {
+                            self.log_failure("watching failed", &e);
+                            self.state = State::Resume {
+                                from: start - 1,
+                                wait: true,
+                            };
                         }
-                        // Compacted lands here too: the relist catches up.
-                        Err(e) => self.retry("watching", &e),
                     }
+                }
+                State::Resume { from, wait } => {
+                    let from = *from;
+                    if *wait {
+                        let pause = self.backoff.min(RESUME_BACKOFF);
+                        tokio::time::sleep(jittered(pause, 500, 1000)).await;
+                        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                        self.state = State::Resume { from, wait: false };
+                    }
+                    self.resume(from).await;
                 }
                 State::Following(watch) => {
                     let ended = receive_batch(watch, &mut self.pending).await;
+                    // Everything received was handed over, or is now.
+                    let upto = self.pending.last().map(Event::revision);
                     if let Some(why) = ended {
                         match why {
                             Ok(()) => tracing::warn!(
                                 store = %self.store.describe(),
                                 prefix = %self.prefix,
-                                "store watch ended; listing again"
+                                "store watch ended; resuming it"
                             ),
-                            Err(e) => self.log_failure("the watch broke", &e),
+                            Err(e) => self.log_failure("the watch broke; resuming it", &e),
                         }
-                        self.state = State::List { wait: true };
+                        self.state = State::Resume {
+                            from: upto.unwrap_or(self.revision),
+                            wait: true,
+                        };
                     }
-                    if let Some(last) = self.pending.last() {
-                        let revision = last.revision();
+                    if let Some(revision) = upto {
+                        self.revision = revision;
                         let events = std::mem::take(&mut self.pending);
                         return Update::Changes { events, revision };
                     }
@@ -216,19 +258,84 @@ impl Follower {
         }
     }
 
+    /// A watch is running: the store answers again.
+    fn following(&mut self, watch: Watch) {
+        if self.failures > 0 {
+            tracing::info!(
+                store = %self.store.describe(),
+                prefix = %self.prefix,
+                attempts = self.failures,
+                "following the store again"
+            );
+        }
+        self.backoff = MIN_BACKOFF;
+        self.failures = 0;
+        self.state = State::Following(watch);
+    }
+
+    /// Watches again from the revision after `from`, unless the history is
+    /// gone or the store went back to an older revision (a new or restored
+    /// store, whose changes a watch from our revision would never show):
+    /// then lists.
+    async fn resume(&mut self, from: Revision) {
+        let current = match self.store.revision().await {
+            Ok(r) => r,
+            Err(e) => {
+                self.log_failure("resuming the watch", &e);
+                self.state = State::Resume { from, wait: true };
+                return;
+            }
+        };
+        if current < from {
+            tracing::warn!(
+                store = %self.store.describe(),
+                prefix = %self.prefix,
+                current,
+                from,
+                "the store's revision went back (a new or restored store); listing again"
+            );
+            self.state = State::List { wait: false };
+            return;
+        }
+        match self.store.watch_prefix(&self.prefix, from + 1).await {
+            Ok(watch) => self.following(watch),
+            Err(crate::StoreError::Compacted { .. }) => {
+                self.state = State::List { wait: false };
+            }
+            Err(e) => {
+                self.log_failure("resuming the watch", &e);
+                self.state = State::Resume { from, wait: true };
+            }
+        }
+    }
+
     fn retry(&mut self, step: &str, e: &crate::StoreError) {
-        self.log_failure(step, e);
+        self.log_failure(&format!("{step} failed; listing again"), e);
         self.state = State::List { wait: true };
     }
 
-    fn log_failure(&self, step: &str, e: &crate::StoreError) {
-        tracing::warn!(
-            store = %self.store.describe(),
-            prefix = %self.prefix,
-            error = %e,
-            retry_within = ?self.backoff,
-            "{step} failed; keeping the last state and listing again"
-        );
+    /// One warning for the first failure in a row and every
+    /// [`WARN_EVERY`]th after it; the others at debug level.
+    fn log_failure(&mut self, what: &str, e: &crate::StoreError) {
+        self.failures = self.failures.saturating_add(1);
+        if self.failures == 1 || self.failures.is_multiple_of(WARN_EVERY) {
+            tracing::warn!(
+                store = %self.store.describe(),
+                prefix = %self.prefix,
+                error = %e,
+                attempts = self.failures,
+                retry_within = ?self.backoff,
+                "{what}; keeping the last state"
+            );
+        } else {
+            tracing::debug!(
+                store = %self.store.describe(),
+                prefix = %self.prefix,
+                error = %e,
+                attempts = self.failures,
+                "{what}; keeping the last state"
+            );
+        }
     }
 }
 

@@ -392,3 +392,45 @@ fn restart_failure_reports_log_tail() {
     assert!(err.contains("address already in use"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+/// A follower whose watch broke when etcd went away resumes it from the
+/// revision after the last update once etcd is back: what was written after
+/// the outage arrives as changes (no relisting), within about a second
+/// (`follow::RESUME_BACKOFF`), whatever the outage's length.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_resumes_its_watch_after_an_outage() {
+    use weft_store::{DynStore, Follower, Update};
+    let Some(mut server) = server() else { return };
+    let store: DynStore = std::sync::Arc::new(EtcdStore::connect(server.config()).await.unwrap());
+    store.put("/fr/a", b"1", None).await.unwrap();
+    let mut follower = Follower::new(store.clone(), "/fr/");
+    let first = tokio::time::timeout(Duration::from_secs(5), follower.next())
+        .await
+        .unwrap();
+    assert!(matches!(first, Update::Snapshot(_)), "{first:?}");
+
+    // The follower waits for changes while etcd goes away for 4 s: its
+    // resume attempts fail and back off meanwhile.
+    let next = tokio::spawn(async move {
+        let update = tokio::time::timeout(Duration::from_secs(30), follower.next())
+            .await
+            .expect("an update within 30 s");
+        (update, Instant::now())
+    });
+    server.stop();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    server.restart().unwrap();
+    let back = Instant::now();
+    store.put("/fr/b", b"2", None).await.unwrap();
+    let (update, at) = next.await.unwrap();
+    let took = at.duration_since(back);
+    eprintln!("change after the outage followed {took:?} after etcd was back: {update:?}");
+    match update {
+        Update::Changes { events, .. } => {
+            assert_eq!(events.len(), 1, "{events:?}");
+            assert_eq!(events[0].kv.key, "/fr/b");
+        }
+        other => panic!("resumed with a relisting instead of the change: {other:?}"),
+    }
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+}

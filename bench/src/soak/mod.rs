@@ -24,9 +24,6 @@
 //! Everything a part sees goes into one [`timeline::Recorder`]; the parts
 //! share the [`World`] (lab, netds, store) and stop when it says so.
 
-// The parts are being built (issue 15); removed when they are.
-#![allow(dead_code)]
-
 pub mod churn;
 pub mod faults;
 pub mod invariants;
@@ -48,6 +45,9 @@ use weft_tests::{Container, Lab, LabOptions};
 
 pub use crate::scale::StoreKind;
 use timeline::{Life, Recorder, Timeline};
+
+/// How long the other parts wait for the sampler's first round.
+const BASELINE_WAIT: Duration = Duration::from_secs(5);
 
 /// Probe containers per host (never churned): DNS clients and flow ends.
 pub const PROBES_PER_HOST: usize = 2;
@@ -222,8 +222,15 @@ fn one_store(o: &Options, store: StoreKind) -> Result<Timeline> {
 /// The parts, each on its own thread, for the duration.
 fn soak(w: &World) -> Result<()> {
     std::thread::scope(|s| {
+        // The sampler first: its first round is the baseline the leak
+        // checks compare the end with (probes only, before any churn).
+        let sampler = s.spawn(|| sample::run(w));
+        let baseline = Instant::now() + BASELINE_WAIT;
+        while Instant::now() < baseline && w.rec.with(|t| t.hosts.len()) < w.hosts() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let parts: Vec<(&str, std::thread::ScopedJoinHandle<Result<()>>)> = vec![
-            ("sampler", s.spawn(|| sample::run(w))),
+            ("sampler", sampler),
             ("churn", s.spawn(|| churn::run(w))),
             ("traffic", s.spawn(|| traffic::run(w))),
             ("faults", s.spawn(|| faults::run(w))),
