@@ -14,7 +14,8 @@
 //! | (a) no address held by two containers | lives, endpoint records |
 //! | (b) every IPAM address has a live holder | store samples |
 //! | (c) no leaked veth, route, rule, conntrack entry, fd or socket | host samples |
-//! | (d) netd's RSS and fds flat (slopes) | host samples per netd pid |
+//! | (c) exactly one dnsd per host (beyond a short handover) | host samples |
+//! | (d) netd's and dnsd's RSS and fds flat (slopes) | host samples per netd / dnsd pid |
 //! | (e) DNS right within 1 s of every change | the probes' counts |
 //! | (f) every fault heals within its limit | faults |
 //! | (g) no TCP stream between live containers broken | stream errors |
@@ -23,6 +24,7 @@
 
 mod dns;
 mod leaks;
+mod procs;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
@@ -32,10 +34,8 @@ use serde::{Deserialize, Serialize};
 use super::timeline::{Fault, FaultKind, Gap, Life, Ms, Timeline};
 use dns::query_label;
 pub use dns::{judge_dns, DNS_INVARIANT};
-pub use leaks::{
-    conntrack_leaks, fd_leaks, firewall_rules, flat_slopes, segments, slopes, tunnel_routes,
-    veth_leaks, Slope,
-};
+pub use leaks::{conntrack_leaks, firewall_rules, tunnel_routes, veth_leaks};
+pub use procs::{fd_leaks, flat_slopes, one_dnsd, segments, slopes, Process, Slope};
 
 /// The interface name the churn attaches containers with (`CNI_IFNAME`):
 /// their host veth is `weft_model::host_veth_name(id, CONTAINER_IFNAME)`.
@@ -59,15 +59,20 @@ pub struct CheckOptions {
     /// A gap or a CNI failure is put down to a fault when it overlaps the
     /// fault from this long before it started to this long after it healed.
     pub fault_margin_ms: Ms,
-    /// The start of each netd process (per pid) left out of the fd and
-    /// socket checks and the slopes: startup opens its fds and grows its
-    /// heap.
+    /// How long a host may run no dnsd, or several, before it is a
+    /// violation: a replacement overlaps the old one until it is ready and
+    /// the old one has answered what it holds, and a dead one is started
+    /// again within ~20 ms (seen as one sample, or none, at 1 s sampling).
+    pub dnsd_handover_ms: Ms,
+    /// The start of each netd and dnsd process (per pid) left out of the
+    /// fd and socket checks and the slopes: startup opens its fds and
+    /// grows its heap.
     pub warmup_ms: Ms,
-    /// A netd may end with this many more fds (or sockets) than it had
-    /// after its warm-up: requests and store calls in flight.
+    /// A netd or dnsd may end with this many more fds (or sockets) than it
+    /// had after its warm-up: requests and store calls in flight.
     pub fd_margin: u64,
-    /// Slopes are computed for netd processes that lived at least this long
-    /// after their warm-up (shorter ones say nothing).
+    /// Slopes are computed for netd and dnsd processes that lived at least
+    /// this long after their warm-up (shorter ones say nothing).
     pub slope_min_ms: Ms,
     /// Slopes are judged only on processes that lived this long (a minute
     /// of growth after a restart is caches filling, not a leak).
@@ -89,6 +94,7 @@ impl Default for CheckOptions {
             conntrack_grace_ms: 3_000,
             gap_limit_ms: 1_000,
             fault_margin_ms: 1_000,
+            dnsd_handover_ms: 3_000,
             warmup_ms: 10_000,
             fd_margin: 16,
             slope_min_ms: 60_000,
@@ -189,6 +195,7 @@ pub fn check(t: &Timeline, o: &CheckOptions) -> Vec<Verdict> {
         tunnel_routes(t, o),
         firewall_rules(t, o),
         conntrack_leaks(t, o),
+        one_dnsd(t, o),
         fd_leaks(t, o),
         flat_slopes(t, o),
         dns(t, o),

@@ -1,10 +1,10 @@
 //! The soak report: `<out>/soak-<tag>.md` (a one-line verdict per
 //! invariant and store at the top, then per store the fault counts, the
-//! longest gap per fault kind, netd's RSS/fd slopes, DNS totals and the
-//! violations), `.json` (the same figures and the timeline, slimmed: host
-//! samples as counts, store samples as counts, no lives or kept DNS
-//! samples) and `-<store>-<chart>.svg` (RSS and fds per host, gaps,
-//! violations per 10 s, DNS answers per second).
+//! longest gap per fault kind, netd's and dnsd's RSS/fd slopes, DNS
+//! totals and the violations), `.json` (the same figures and the timeline,
+//! slimmed: host samples as counts, store samples as counts, no lives or
+//! kept DNS samples) and `-<store>-<chart>.svg` (netd's and dnsd's RSS and
+//! fds per host, gaps, violations per 10 s, DNS answers per second).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -63,6 +63,11 @@ pub struct HostPoint {
     pub rss_kib: Option<u64>,
     pub fds: Option<u64>,
     pub sockets: Option<u64>,
+    /// The dnsd pids (one, two in a handover) and, when one, its figures.
+    pub dnsd_pids: Vec<u32>,
+    pub dnsd_rss_kib: Option<u64>,
+    pub dnsd_fds: Option<u64>,
+    pub dnsd_sockets: Option<u64>,
     pub veths: usize,
     pub tunnel_routes: usize,
     pub iptables_rules: usize,
@@ -195,6 +200,10 @@ fn store_run(store: StoreKind, t: Timeline, verdicts: Vec<Verdict>, o: &CheckOpt
                 rss_kib: s.rss_kib,
                 fds: s.fds,
                 sockets: s.sockets,
+                dnsd_pids: s.dnsd_pids.clone(),
+                dnsd_rss_kib: s.dnsd_rss_kib,
+                dnsd_fds: s.dnsd_fds,
+                dnsd_sockets: s.dnsd_sockets,
                 veths: s.veths.len(),
                 tunnel_routes: s.tunnel_routes,
                 iptables_rules: s.iptables_rules,
@@ -379,21 +388,22 @@ fn store_section(s: &mut String, st: &StoreRun, charts: &[(StoreKind, &'static s
     if st.longest_gaps.is_empty() {
         let _ = writeln!(s, "| (no gaps) | 0 | | | |");
     }
-    let _ = writeln!(s, "\n### netd RSS and fd slopes\n");
+    let _ = writeln!(s, "\n### netd and dnsd RSS and fd slopes\n");
     let _ = writeln!(
         s,
-        "Least squares per netd process (a restart starts a new one), after its warm-up; processes shorter than the judging span are shown, not judged.\n"
+        "Least squares per process (a restart or a replacement starts a new one), after its warm-up; processes shorter than the judging span are shown, not judged.\n"
     );
     let _ = writeln!(
         s,
-        "| host | netd pid | from s | to s | RSS KiB/h | fds/h | judged |"
+        "| host | process | pid | from s | to s | RSS KiB/h | fds/h | judged |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
     for sl in &st.slopes {
         let _ = writeln!(
             s,
-            "| h{} | {} | {} | {} | {} | {} | {} |",
+            "| h{} | {} | {} | {} | {} | {} | {} | {} |",
             sl.host,
+            sl.process.name(),
             sl.pid,
             secs(sl.from_ms),
             secs(sl.to_ms),
@@ -403,7 +413,7 @@ fn store_section(s: &mut String, st: &StoreRun, charts: &[(StoreKind, &'static s
         );
     }
     if st.slopes.is_empty() {
-        let _ = writeln!(s, "| (no process lived long enough) | | | | | | |");
+        let _ = writeln!(s, "| (no process lived long enough) | | | | | | | |");
     }
     let _ = writeln!(s, "\n### Violations and notes\n");
     for v in &st.verdicts {
@@ -462,6 +472,9 @@ mod tests {
                 netd_pid: Some(if i < 10 { 7 } else { 8 }),
                 rss_kib: Some(20_000 + i),
                 fds: Some(30),
+                dnsd_pids: vec![99],
+                dnsd_rss_kib: Some(4_000),
+                dnsd_fds: Some(20),
                 veths: vec![weft_model::host_veth_name(
                     "p0",
                     invariants::CONTAINER_IFNAME,
@@ -534,7 +547,7 @@ mod tests {
         assert!(!json.contains(&veth), "veth names left out");
         assert!(json.contains("\"veths\":1"));
         let charts = charts_of(&r.stores[0]);
-        assert_eq!(charts.len(), 5);
+        assert_eq!(charts.len(), 7);
         for (name, svg) in &charts {
             assert!(svg.starts_with("<svg"), "{name}");
         }
@@ -557,6 +570,12 @@ mod tests {
         );
         assert!(md.contains("| netd SIGKILL + restart | 1 | 1 |"));
         assert!(md.contains("![SQLite (embedded) rss](soak-test-sqlite-rss.svg)"));
+        assert!(md.contains("![SQLite (embedded) dnsd-rss](soak-test-sqlite-dnsd-rss.svg)"));
+        assert!(
+            md.contains("| one dnsd per host | **1 violations** |"),
+            "{md}"
+        );
+        assert!(json.contains("\"dnsd_pids\":[99]"));
     }
 
     #[test]

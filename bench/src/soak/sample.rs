@@ -2,7 +2,9 @@
 //! counts for the invariants ([`HostSample`], [`StoreSample`]).
 //!
 //! * every second, per host: netd's pid (a restart changes it), its RSS,
-//!   fds and sockets (`/proc`), the container veths on weft's bridge and
+//!   fds and sockets (`/proc`), the same of dnsd (every `dnsd` pid in the
+//!   namespace: one, two during a handover; the figures when one), the
+//!   container veths on weft's bridge and
 //!   the routes on the tunnel device (`ip -n`), the rules in weft's
 //!   iptables chains and whether every jump into them is there (one
 //!   `iptables-save` of netd's backend), weft's nf_tables tables
@@ -32,7 +34,7 @@ use weft_netd::nft::TABLES;
 use weft_store::{DynStore, StoreConfig};
 use weft_tests::Netns;
 
-use super::invariants::{CheckOptions, CONTAINER_IFNAME};
+use super::invariants::{CheckOptions, Process, CONTAINER_IFNAME};
 use super::timeline::{HostSample, Life, Ms, StoreSample};
 use super::World;
 use crate::scale::observe;
@@ -182,8 +184,18 @@ fn host_sample(
     iptables: Option<&Iptables>,
     dead: Option<&HashSet<Ipv4Addr>>,
 ) -> HostSample {
-    let pid = observe::netd_pid(ns).ok();
+    let procs = ns.pids().unwrap_or_default();
+    let pid = match named(&procs, Process::Netd.name())[..] {
+        [p] => Some(p),
+        _ => None,
+    };
     let (fds, sockets) = pid.and_then(fd_counts).unzip();
+    let dnsd_pids = named(&procs, Process::Dnsd.name());
+    let dnsd = match dnsd_pids[..] {
+        [p] => Some(p),
+        _ => None,
+    };
+    let (dnsd_fds, dnsd_sockets) = dnsd.and_then(fd_counts).unzip();
     let (iptables_rules, iptables_jumps_ok) = iptables
         .and_then(|i| i.save().ok())
         .map_or((0, false), |s| weft_rules(&s));
@@ -191,12 +203,13 @@ fn host_sample(
         t_ms,
         host,
         netd_pid: pid,
-        rss_kib: pid.and_then(|p| {
-            let status = std::fs::read_to_string(format!("/proc/{p}/status")).ok()?;
-            observe::vm_rss_kb(&status)
-        }),
+        rss_kib: pid.and_then(rss_kib),
         fds,
         sockets,
+        dnsd_pids,
+        dnsd_rss_kib: dnsd.and_then(rss_kib),
+        dnsd_fds,
+        dnsd_sockets,
         veths: bridge_veths(ns),
         tunnel_routes: observe::wg_routes(ns).len(),
         iptables_rules,
@@ -230,7 +243,22 @@ fn host_sample(
     }
 }
 
-/// netd's open fds and, of them, sockets (None: it is gone).
+/// The pids among `pids` whose process is named `comm` (netd is the one
+/// `observe::netd_pid` finds; read here from one listing for both).
+fn named(pids: &[u32], comm: &str) -> Vec<u32> {
+    pids.iter()
+        .copied()
+        .filter(|&p| crate::sys::proc_comm(p).as_deref() == Some(comm))
+        .collect()
+}
+
+/// A process's VmRSS, KiB (None: it is gone).
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    observe::vm_rss_kb(&status)
+}
+
+/// A process's open fds and, of them, sockets (None: it is gone).
 fn fd_counts(pid: u32) -> Option<(u64, u64)> {
     let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
     let (mut fds, mut sockets) = (0, 0);
@@ -516,6 +544,11 @@ mod tests {
         assert!(s.rss_kib.is_some_and(|r| r > 1_000));
         assert!(s.fds.is_some_and(|f| f > 3));
         assert!(s.sockets.is_some_and(|k| k >= 1 && Some(k) <= s.fds));
+        assert_eq!(s.dnsd_pids.len(), 1, "{s:?}");
+        assert!(s.dnsd_rss_kib.is_some_and(|r| r > 500));
+        assert!(s
+            .dnsd_sockets
+            .is_some_and(|k| k >= 1 && Some(k) <= s.dnsd_fds));
         assert_eq!(s.veths, vec![host_veth_name(id, CONTAINER_IFNAME)]);
         assert_eq!(s.tunnel_routes, 1);
         assert!(s.iptables_rules > 0 && s.iptables_jumps_ok, "{s:?}");

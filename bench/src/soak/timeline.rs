@@ -247,6 +247,18 @@ pub struct HostSample {
     pub rss_kib: Option<u64>,
     pub fds: Option<u64>,
     pub sockets: Option<u64>,
+    /// The pids of the processes named `dnsd` in the host's namespace (one;
+    /// two briefly while a replacement takes over, none until a dead one
+    /// is started again), and, when there is exactly one, its RSS in KiB,
+    /// open fds and sockets.
+    #[serde(default)]
+    pub dnsd_pids: Vec<u32>,
+    #[serde(default)]
+    pub dnsd_rss_kib: Option<u64>,
+    #[serde(default)]
+    pub dnsd_fds: Option<u64>,
+    #[serde(default)]
+    pub dnsd_sockets: Option<u64>,
     /// Container veths on the bridge (names).
     pub veths: Vec<String>,
     /// Routes in the main table via the tunnel device (peer blocks).

@@ -47,6 +47,10 @@ fn host(t_ms: Ms, h: usize, pid: u32) -> HostSample {
         rss_kib: Some(10_000),
         fds: Some(40),
         sockets: Some(20),
+        dnsd_pids: vec![pid + 1_000],
+        dnsd_rss_kib: Some(5_000),
+        dnsd_fds: Some(30),
+        dnsd_sockets: Some(12),
         iptables_rules: 7,
         iptables_jumps_ok: true,
         nft_tables: vec!["inet weft".into()],
@@ -288,7 +292,7 @@ fn segments_split_on_restart() {
         host(3_000, 0, 10),
         host(1_500, 1, 9),
     ];
-    let s = segments(&t);
+    let s = segments(&t, Process::Netd);
     assert_eq!(s.len(), 3);
     assert_eq!((s[0].host, s[0].pid, s[0].samples.len()), (0, 9, 1));
     assert_eq!((s[1].host, s[1].pid), (0, 10));
@@ -310,7 +314,9 @@ fn fds_grow_past_the_margin_only_is_a_leak() {
     t.hosts[2].sockets = Some(100);
     let v = fd_leaks(&t, &o());
     assert_eq!(v.violations, 2, "{v:?}");
-    assert_eq!(v.checks, Some(2));
+    // netd's and dnsd's fds and sockets.
+    assert_eq!(v.checks, Some(4));
+    assert!(v.details.iter().all(|d| d.what.contains("netd 9 on h0")));
 }
 
 #[test]
@@ -325,16 +331,23 @@ fn slopes_are_reported_and_judged_on_long_processes() {
         })
         .collect();
     let sl = slopes(&t, &o());
-    assert_eq!(sl.len(), 1);
+    // netd's, then dnsd's (flat).
+    assert_eq!(sl.len(), 2);
+    assert_eq!(
+        (sl[0].process, sl[1].process),
+        (Process::Netd, Process::Dnsd)
+    );
     assert!(
         (sl[0].rss_kib_per_h.unwrap() - 3_600.0).abs() < 1e-6,
         "{sl:?}"
     );
     assert!(sl[0].fds_per_h.unwrap().abs() < 1e-9);
-    assert!(sl[0].judged);
+    assert!(sl[1].rss_kib_per_h.unwrap().abs() < 1e-9);
+    assert!(sl[0].judged && sl[1].judged);
     let v = flat_slopes(&t, &o());
     assert!(v.held());
-    assert_eq!(v.notes.len(), 1);
+    assert_eq!(v.notes.len(), 2);
+    assert!(v.notes[1].starts_with("h0 dnsd 1009 over"), "{:?}", v.notes);
     // 30 KiB a second: 105 MB/h.
     for (i, s) in t.hosts.iter_mut().enumerate() {
         s.rss_kib = Some(10_000 + 30 * i as u64);
@@ -357,9 +370,148 @@ fn short_processes_have_no_slope_or_are_not_judged() {
         })
         .collect();
     let sl = slopes(&t, &o());
-    assert_eq!(sl.len(), 1);
-    assert!(!sl[0].judged);
+    assert_eq!(sl.len(), 2);
+    assert!(!sl[0].judged && !sl[1].judged);
     assert!(flat_slopes(&t, &o()).held());
+}
+
+/// Host 0 sampled every second from 0 to 30 s and once after the run
+/// (at 100.5 s), with the dnsd pids `dnsd(i)` at second `i`.
+fn dnsd_run(dnsd: impl Fn(u64) -> Vec<u32>) -> Timeline {
+    let mut t = tl(100_000);
+    t.hosts = (0..=30)
+        .map(|i| (i * 1_000, dnsd(i)))
+        .chain([(100_500, dnsd(100))])
+        .map(|(at, pids)| {
+            let mut s = host(at, 0, 9);
+            s.dnsd_pids = pids;
+            s
+        })
+        .collect();
+    t
+}
+
+#[test]
+fn one_dnsd_per_host_allows_a_short_handover_or_restart() {
+    // A replacement overlaps the old one (two samples), a restart leaves
+    // one sample with none; 3 processes in all.
+    let t = dnsd_run(|i| match i {
+        0..=9 => vec![50],
+        10..=11 => vec![50, 60],
+        20 => vec![],
+        12..=19 => vec![60],
+        _ => vec![70],
+    });
+    let v = one_dnsd(&t, &o());
+    assert!(v.held(), "{v:?}");
+    assert_eq!(v.checks, Some(32));
+    assert_eq!(
+        v.notes,
+        vec!["h0: 3 dnsd processes over the run; 3 of 32 samples saw other than one"]
+    );
+    // Each dnsd process is a segment of its own; the handover's samples
+    // belong to none.
+    let s = segments(&t, Process::Dnsd);
+    let pids: Vec<(u32, usize)> = s.iter().map(|s| (s.pid, s.samples.len())).collect();
+    assert_eq!(pids, vec![(50, 10), (60, 8), (70, 11)]);
+}
+
+#[test]
+fn no_dnsd_or_two_for_longer_than_the_grace_is_a_violation() {
+    // None from 5 to 9 s (4 s seen), two from 20 to 23 s (3 s: within).
+    let t = dnsd_run(|i| match i {
+        5..=9 => vec![],
+        20..=23 => vec![50, 60],
+        _ => vec![50],
+    });
+    let v = one_dnsd(&t, &o());
+    assert_eq!(v.violations, 1, "{v:?}");
+    assert_eq!(v.details[0].t_ms, Some(5_000));
+    assert!(
+        v.details[0]
+            .what
+            .contains("h0 ran 0 dnsd processes until t=9.0 s (4.0 s"),
+        "{v:?}"
+    );
+    // Two for 4 s, then none: one run, both counts named.
+    let t = dnsd_run(|i| match i {
+        5..=7 => vec![50, 60],
+        8..=9 => vec![],
+        _ => vec![50],
+    });
+    let v = one_dnsd(&t, &o());
+    assert_eq!(v.violations, 1, "{v:?}");
+    assert!(v.details[0].what.contains("ran 0 to 2 dnsd"), "{v:?}");
+}
+
+#[test]
+fn after_the_run_a_host_has_exactly_one_dnsd() {
+    let t = dnsd_run(|i| if i == 100 { vec![50, 60] } else { vec![50] });
+    let v = one_dnsd(&t, &o());
+    assert_eq!(v.violations, 1, "{v:?}");
+    assert!(v.details[0]
+        .what
+        .contains("runs 2 dnsd processes after the run"));
+    let t = dnsd_run(|i| if i == 100 { vec![] } else { vec![50] });
+    assert_eq!(one_dnsd(&t, &o()).violations, 1);
+    // No sample after the run.
+    let mut t = dnsd_run(|_| vec![50]);
+    t.hosts.pop();
+    let v = one_dnsd(&t, &o());
+    assert_eq!(v.violations, 1, "{v:?}");
+    assert!(v.details[0].what.contains("no sample after the run"));
+}
+
+#[test]
+fn dnsd_fds_and_sockets_leak_per_process() {
+    // dnsd 50 grows past the margin; its replacement 60 starts higher
+    // (a new process: its own warm-up and baseline) and stays flat.
+    let mut t = dnsd_run(|i| if i < 15 { vec![50] } else { vec![60] });
+    for s in &mut t.hosts {
+        let i = s.t_ms / 1_000;
+        if i < 15 {
+            s.dnsd_fds = Some(30 + 5 * i);
+        } else {
+            s.dnsd_fds = Some(80);
+            s.dnsd_sockets = Some(40);
+        }
+    }
+    let v = fd_leaks(&t, &o());
+    assert_eq!(v.violations, 1, "{v:?}");
+    assert!(
+        v.details[0]
+            .what
+            .contains("dnsd 50 on h0 has 100 fds, 80 at t=10.0 s"),
+        "{v:?}"
+    );
+    // Below the margin: held.
+    for s in &mut t.hosts {
+        if s.t_ms < 15_000 {
+            s.dnsd_fds = Some(30);
+        }
+    }
+    assert!(fd_leaks(&t, &o()).held());
+}
+
+#[test]
+fn a_growing_dnsd_is_judged_like_netd() {
+    let mut t = tl(10_000_000);
+    // 20 minutes; dnsd's fds grow 1 every 20 s = 180/h, netd flat.
+    t.hosts = (0..=1_200)
+        .map(|i| {
+            let mut s = host(i * 1_000, 0, 9);
+            s.dnsd_fds = Some(30 + i / 20);
+            s
+        })
+        .collect();
+    let v = flat_slopes(&t, &o());
+    assert_eq!(v.violations, 1, "{v:?}");
+    assert!(
+        v.details[0].what.starts_with("h0 dnsd 1009: fds grow"),
+        "{v:?}"
+    );
+    let sl = slopes(&t, &o());
+    assert!((sl[1].fds_per_h.unwrap() - 180.0).abs() < 1.0, "{sl:?}");
 }
 
 fn q(query: DnsQuery, sent: Ms, answer: DnsAnswer) -> DnsSample {
@@ -650,9 +802,9 @@ fn check_gives_one_verdict_per_invariant_and_a_clean_run_holds() {
     }
     t.store = vec![store(60_500, &[("10.42.0.2", "p0"), ("10.42.1.2", "p1")])];
     let v = check(&t, &o());
-    assert_eq!(v.len(), 13);
+    assert_eq!(v.len(), 14);
     let names: BTreeSet<&str> = v.iter().map(|v| v.invariant.as_str()).collect();
-    assert_eq!(names.len(), 13);
+    assert_eq!(names.len(), 14);
     for x in &v {
         assert!(x.held(), "{}", x.line());
         assert!(x.line().starts_with("held: "));

@@ -1,11 +1,11 @@
-//! The soak report's charts, one set per store: netd's RSS and fds per
-//! host over time (a break at each restart), the gaps (a bar each, by the
+//! The soak report's charts, one set per store: netd's and dnsd's RSS and
+//! fds per host over time (a chart each; a break at each new process), the gaps (a bar each, by the
 //! fault they overlap), violations per 10 s, DNS answers per second.
 
 use std::collections::BTreeMap;
 
 use super::StoreRun;
-use crate::soak::invariants::{self, CheckOptions};
+use crate::soak::invariants::{self, CheckOptions, Process};
 use crate::soak::timeline::{DnsSecond, FaultKind, HostSample, Ms};
 use crate::svg::{time_chart, Mark, TimeChart, TimeSeries};
 
@@ -25,10 +25,10 @@ pub fn charts_of(st: &StoreRun) -> Vec<(&'static str, String)> {
     let t = &st.full;
     let o = CheckOptions::default();
     let label = st.store.label();
-    // RSS and fds per host, the line broken where netd restarted.
-    let per_host = |get: &dyn Fn(&HostSample) -> Option<f64>| {
+    // RSS and fds per host, the line broken where a new process started.
+    let per_host = |p: Process, get: &dyn Fn(&HostSample) -> Option<f64>| {
         let mut by_host: BTreeMap<usize, Vec<(f64, f64)>> = BTreeMap::new();
-        for seg in invariants::segments(t) {
+        for seg in invariants::segments(t, p) {
             let pts = by_host.entry(seg.host).or_default();
             if let Some(first) = seg.samples.first() {
                 pts.push((sec(first.t_ms), f64::NAN));
@@ -54,8 +54,12 @@ pub fn charts_of(st: &StoreRun) -> Vec<(&'static str, String)> {
             })
             .collect()
     };
-    let rss = host_series(per_host(&|s| s.rss_kib.map(|k| k as f64 * 1024.0 / 1e6)));
-    let fds = host_series(per_host(&|s| s.fds.map(|f| f as f64)));
+    let rss = |p: Process| {
+        host_series(per_host(p, &|s| {
+            p.rss_kib(s).map(|k| k as f64 * 1024.0 / 1e6)
+        }))
+    };
+    let fds = |p: Process| host_series(per_host(p, &|s| p.fds(s).map(|f| f as f64)));
 
     // Gaps: a bar per gap at its start, by the (first) fault it overlaps.
     let mut gap_bars: BTreeMap<Option<FaultKind>, Vec<(f64, f64)>> = BTreeMap::new();
@@ -162,7 +166,7 @@ pub fn charts_of(st: &StoreRun) -> Vec<(&'static str, String)> {
                 format!("netd RSS per host, {label}"),
                 "VmRSS every second; a break is a restart (a new process)",
                 "MB",
-                &rss,
+                &rss(Process::Netd),
             ),
         ),
         (
@@ -171,7 +175,25 @@ pub fn charts_of(st: &StoreRun) -> Vec<(&'static str, String)> {
                 format!("netd open fds per host, {label}"),
                 "/proc/PID/fd every second; a break is a restart (a new process)",
                 "open file descriptors",
-                &fds,
+                &fds(Process::Netd),
+            ),
+        ),
+        (
+            "dnsd-rss",
+            chart(
+                format!("dnsd RSS per host, {label}"),
+                "VmRSS every second while one dnsd runs; a break is a new process (a replacement or a restart)",
+                "MB",
+                &rss(Process::Dnsd),
+            ),
+        ),
+        (
+            "dnsd-fds",
+            chart(
+                format!("dnsd open fds per host, {label}"),
+                "/proc/PID/fd every second while one dnsd runs; a break is a new process",
+                "open file descriptors",
+                &fds(Process::Dnsd),
             ),
         ),
         (
