@@ -273,11 +273,7 @@ fn attach(netd: &Netd, c: &Container, name: &str, stack: &str) -> Result<Ipv4Add
     if !out.ok() {
         bail!("CNI ADD {name}: {}{}", out.stdout, out.stderr);
     }
-    out.json()["ips"][0]["address"]
-        .as_str()
-        .and_then(|a| a.split('/').next())
-        .and_then(|a| a.parse().ok())
-        .with_context(|| format!("no address in the CNI result: {}", out.stdout))
+    Ok(out.address()?)
 }
 
 /// Probes from `from` to `to`'s probe port until the outcome is `open`;

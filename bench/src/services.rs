@@ -341,11 +341,7 @@ fn attach(netd: &Netd, c: &Container, name: &str, service: &str) -> Result<Ipv4A
     if !out.ok() {
         bail!("CNI ADD {name}: {}{}", out.stdout, out.stderr);
     }
-    out.json()["ips"][0]["address"]
-        .as_str()
-        .and_then(|a| a.split('/').next())
-        .and_then(|a| a.parse().ok())
-        .with_context(|| format!("no address in the CNI result: {}", out.stdout))
+    Ok(out.address()?)
 }
 
 /// The VIP netd gave `service.bench` (waits for its record).

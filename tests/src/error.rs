@@ -57,6 +57,9 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A CNI plugin's result lacks what the caller needed from it.
+    #[error("unexpected CNI result: {0}")]
+    CniResult(String),
     /// Waiting for something took too long.
     #[error("timed out: {0}")]
     Timeout(String),

@@ -2,6 +2,7 @@
 //! invoked as a runtime would.
 
 use std::io::Write;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -211,6 +212,21 @@ impl CniOutput {
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.stdout).unwrap_or(serde_json::Value::Null)
     }
+
+    /// The container's address in an ADD result: the first `ips` entry
+    /// without its prefix length.
+    pub fn address(&self) -> Result<Ipv4Addr> {
+        self.json()["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| {
+                Error::CniResult(format!(
+                    "no IPv4 address in ips[0].address (exit {}): {}{}",
+                    self.code, self.stdout, self.stderr
+                ))
+            })
+    }
 }
 
 /// Invokes the CNI plugin inside `host` as a runtime would.
@@ -408,10 +424,34 @@ impl Netd {
                 out.code, out.stdout, out.stderr
             )));
         }
-        out.json()["ips"][0]["address"]
-            .as_str()
-            .and_then(|a| a.split('/').next())
-            .map(str::to_owned)
-            .ok_or_else(|| Error::Options(format!("no address in the CNI result: {}", out.stdout)))
+        Ok(out.address()?.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn output(stdout: &str) -> CniOutput {
+        CniOutput {
+            code: 0,
+            stdout: stdout.to_owned(),
+            stderr: String::new(),
+        }
+    }
+
+    #[test]
+    fn address_is_the_first_ip_without_its_prefix() {
+        let out = output(
+            r#"{"cniVersion":"1.0.0","ips":[{"address":"10.42.1.7/24","gateway":"10.42.1.1"}]}"#,
+        );
+        assert_eq!(out.address().unwrap(), Ipv4Addr::new(10, 42, 1, 7));
+        for bad in ["{}", "not json", r#"{"ips":[{"address":"fd00::1/64"}]}"#] {
+            let err = output(bad).address().unwrap_err().to_string();
+            assert!(
+                err.contains("no IPv4 address") && err.contains(bad),
+                "{err}"
+            );
+        }
     }
 }

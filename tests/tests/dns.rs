@@ -185,15 +185,7 @@ fn add(
 ) -> (String, serde_json::Value) {
     let out = cni(netd, "ADD", c, id, args, config);
     assert!(out.ok(), "ADD {id}: {} {}", out.stdout, out.stderr);
-    let result = out.json();
-    let ip = result["ips"][0]["address"]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_owned();
-    (ip, result)
+    (out.address().unwrap().to_string(), out.json())
 }
 
 fn config_with_aliases(netd: &Netd, aliases: &[&str]) -> String {

@@ -181,13 +181,7 @@ fn dns_answers_through_netd_restarts() {
     .run()
     .unwrap();
     assert!(out.ok(), "ADD: {} {}", out.stdout, out.stderr);
-    let ip = out.json()["ips"][0]["address"]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_owned();
+    let ip = out.address().unwrap().to_string();
     let deadline = Instant::now() + Duration::from_secs(10);
     while ttl(&c, NAME).is_none() {
         assert!(

@@ -31,13 +31,7 @@ fn attach(netd: &Netd, c: &Container, id: &str, stack: &str, service: &str) -> S
     .run()
     .unwrap();
     assert!(out.ok(), "ADD {id}: {}{}", out.stdout, out.stderr);
-    out.json()["ips"][0]["address"]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_owned()
+    out.address().unwrap().to_string()
 }
 
 fn apply(netd: &Netd, policy: &str) {

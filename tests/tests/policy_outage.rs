@@ -304,11 +304,7 @@ fn attach(netd: &Netd, c: &Container, id: &str, stack: &str, service: &str) -> I
     .run()
     .unwrap();
     assert!(out.ok(), "CNI ADD {id}: {}{}", out.stdout, out.stderr);
-    out.json()["ips"][0]["address"]
-        .as_str()
-        .and_then(|a| a.split('/').next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no address in the CNI result: {}", out.stdout))
+    out.address().unwrap()
 }
 
 /// Writes `policy` as JSON and applies it with `netd policy apply`.

@@ -168,14 +168,7 @@ impl Cluster {
         .run()
         .unwrap();
         assert!(out.ok(), "ADD {id}: {}{}", out.stdout, out.stderr);
-        out.json()["ips"][0]["address"]
-            .as_str()
-            .unwrap()
-            .split('/')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
+        out.address().unwrap()
     }
 
     /// A new member `web-<n>` on host `h` (`extra`: more CNI_ARGS, `;`

@@ -45,9 +45,7 @@ fn add(netd: &Netd, c: &Container, id: &str, args: &str, config: &str) -> String
         out.stdout,
         out.stderr
     );
-    let result = out.json();
-    let ip = result["ips"][0]["address"].as_str().unwrap().to_owned();
-    ip.split('/').next().unwrap().to_owned()
+    out.address().unwrap().to_string()
 }
 
 /// Each `-A WEFT...` rule and each hook into weft's chains appears once.
@@ -84,13 +82,7 @@ fn containers_ping_reach_outside_and_publish_ports() {
     );
     assert!(out.ok(), "{} {}", out.stdout, out.stderr);
     let result = out.json();
-    let ip_a = result["ips"][0]["address"]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_owned();
+    let ip_a = out.address().unwrap().to_string();
     assert_eq!(result["dns"]["nameservers"][0], "169.254.169.250");
     let search: Vec<&str> = result["dns"]["search"]
         .as_array()

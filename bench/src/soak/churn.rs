@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
-use weft_tests::weft::CniCall;
+use weft_tests::weft::{CniCall, CniOutput};
 use weft_tests::Container;
 
 use super::rng::Rng;
@@ -175,7 +175,7 @@ impl Spec {
 }
 
 /// One CNI call for `spec` on its host; `Err` carries the plugin's error.
-fn cni(w: &World, command: &str, spec: &Spec, netns: &Container) -> Result<String, String> {
+fn cni(w: &World, command: &str, spec: &Spec, netns: &Container) -> Result<CniOutput, String> {
     let config = spec
         .cni_config(&w.cni_configs[spec.host])
         .map_err(|e| format!("{e:#}"))?;
@@ -191,7 +191,7 @@ fn cni(w: &World, command: &str, spec: &Spec, netns: &Container) -> Result<Strin
     .run()
     .map_err(|e| format!("running the plugin: {e}"))?;
     if out.ok() {
-        Ok(out.stdout)
+        Ok(out)
     } else {
         Err(format!(
             "exit {}: {} {}",
@@ -200,17 +200,6 @@ fn cni(w: &World, command: &str, spec: &Spec, netns: &Container) -> Result<Strin
             out.stderr.trim()
         ))
     }
-}
-
-/// The container's address in an ADD result.
-pub fn result_addr(stdout: &str) -> Option<Ipv4Addr> {
-    let v: Value = serde_json::from_str(stdout).ok()?;
-    v["ips"][0]["address"]
-        .as_str()?
-        .split('/')
-        .next()?
-        .parse()
-        .ok()
 }
 
 fn record_failure(w: &World, command: &str, spec: &Spec, error: String) {
@@ -230,9 +219,7 @@ fn record_failure(w: &World, command: &str, spec: &Spec, error: String) {
 /// failure (recorded here), the error once the runtime's DEL cleaned up.
 fn add(w: &World, spec: &Spec, netns: &Container, probe: bool) -> Result<Option<Life>> {
     let sent = w.rec.now_ms();
-    let r = cni(w, "ADD", spec, netns).and_then(|out| {
-        result_addr(&out).ok_or_else(|| format!("no address in the ADD result: {out}"))
-    });
+    let r = cni(w, "ADD", spec, netns).and_then(|out| out.address().map_err(|e| e.to_string()));
     let added = w.rec.now_ms();
     match r {
         Ok(addr) => Ok(Some(spec.life(addr, sent, added, probe))),
@@ -485,14 +472,5 @@ mod tests {
             "IgnoreUnknown=1;WEFT_NAME=c0-1;WEFT_SERVICE=svc1;WEFT_STACK=stack-b"
         );
         assert_eq!(Spec::of(&s.life(Ipv4Addr::LOCALHOST, 1, 2, false)), s);
-    }
-
-    #[test]
-    fn result_addr_reads_the_first_ip() {
-        let out =
-            r#"{"cniVersion":"1.0.0","ips":[{"address":"10.42.1.7/24","gateway":"10.42.1.1"}]}"#;
-        assert_eq!(result_addr(out), Some(Ipv4Addr::new(10, 42, 1, 7)));
-        assert_eq!(result_addr("{}"), None);
-        assert_eq!(result_addr("not json"), None);
     }
 }

@@ -339,11 +339,7 @@ fn attach(netd: &Netd, lab: &Lab, host: usize, name: &str) -> Result<(Netns, Str
     if !out.ok() {
         bail!("CNI ADD failed: {} {}", out.stdout, out.stderr);
     }
-    let ip = out.json()["ips"][0]["address"]
-        .as_str()
-        .and_then(|a| a.split('/').next())
-        .context("no address in the CNI result")?
-        .to_owned();
+    let ip = out.address()?.to_string();
     Ok((c.netns().clone(), ip))
 }
 
