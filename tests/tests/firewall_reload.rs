@@ -67,6 +67,17 @@ fn nft_tables(host: &Netns) -> BTreeSet<String> {
         .collect()
 }
 
+/// Adds another tool's rule (`--dport port -m comment --comment foreign -j
+/// ACCEPT`) to a built-in chain of the filter table; `place` is where, e.g.
+/// `["-A", "INPUT"]` or `["-I", "FORWARD", "1"]`.
+fn add_foreign_rule(host: &Netns, ipt: &Ipt, place: &[&str], proto: &str, port: &str) {
+    let mut argv = vec![ipt.iptables, "-w"];
+    argv.extend_from_slice(place);
+    argv.extend(["-p", proto, "--dport", port]);
+    argv.extend(["-m", "comment", "--comment", "foreign", "-j", "ACCEPT"]);
+    host.exec(argv).unwrap();
+}
+
 fn count_foreign(host: &Netns, ipt: &Ipt) -> usize {
     host.exec([ipt.save])
         .unwrap()
@@ -200,23 +211,7 @@ fn heals(backend: &str) {
     assert!(works(), "traffic before any fault");
 
     // Another tool's rule in a built-in chain and its own table.
-    h.exec([
-        ipt.iptables,
-        "-w",
-        "-A",
-        "INPUT",
-        "-p",
-        "tcp",
-        "--dport",
-        "9999",
-        "-m",
-        "comment",
-        "--comment",
-        "foreign",
-        "-j",
-        "ACCEPT",
-    ])
-    .unwrap();
+    add_foreign_rule(h, &ipt, &["-A", "INPUT"], "tcp", "9999");
     h.exec(["nft", "add", "table", "inet", "foreign"]).unwrap();
     h.exec([
         "nft",
@@ -315,24 +310,7 @@ fn heals(backend: &str) {
     // weft's hook in a built-in chain after the restores stays, and no
     // further incident is counted.
     let above = "-A FORWARD -p udp -m udp --dport 9998 -m comment --comment foreign -j ACCEPT";
-    h.exec([
-        ipt.iptables,
-        "-w",
-        "-I",
-        "FORWARD",
-        "1",
-        "-p",
-        "udp",
-        "--dport",
-        "9998",
-        "-m",
-        "comment",
-        "--comment",
-        "foreign",
-        "-j",
-        "ACCEPT",
-    ])
-    .unwrap();
+    add_foreign_rule(h, &ipt, &["-I", "FORWARD", "1"], "udp", "9998");
     std::thread::sleep(Duration::from_secs(5));
     let save = h.exec([ipt.save, "-t", "filter"]).unwrap();
     let forward: Vec<&str> = save
