@@ -64,6 +64,79 @@ fn fmt_tick(v: f64) -> String {
     }
 }
 
+/// The start of a chart `height` high: the `<svg>` element, a white
+/// background, the title and the subtitle (if any).
+fn open(height: f64, title: &str, subtitle: &str) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{height:.0}" viewBox="0 0 {W} {height:.0}" font-family="DejaVu Sans, Verdana, Arial, sans-serif">"#
+    );
+    let _ = writeln!(s, r##"<rect width="100%" height="100%" fill="#ffffff"/>"##);
+    let _ = writeln!(
+        s,
+        r##"<text x="16" y="26" font-size="17" font-weight="bold" fill="#222">{}</text>"##,
+        esc(title)
+    );
+    if !subtitle.is_empty() {
+        let _ = writeln!(
+            s,
+            r##"<text x="16" y="46" font-size="12" fill="#555">{}</text>"##,
+            esc(subtitle)
+        );
+    }
+    s
+}
+
+/// A legend under the title (and subtitle): a swatch and a name per
+/// series, in rows from `left` that wrap before the chart's right edge.
+struct Legend<'a> {
+    /// (x, row, name, colour) per series.
+    items: Vec<(f64, usize, &'a str, &'a str)>,
+    /// The baseline of the first row.
+    y: f64,
+    /// Below the last row: where the plot begins.
+    bottom: f64,
+}
+
+impl<'a> Legend<'a> {
+    /// Lays out (name, colour) per series.
+    fn new(
+        left: f64,
+        subtitle: &str,
+        series: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Self {
+        let mut items = Vec::new();
+        let (mut x, mut row) = (left, 0usize);
+        for (name, colour) in series {
+            let w = 26.0 + 6.6 * name.chars().count() as f64;
+            if x + w > W - 10.0 && x > left {
+                x = left;
+                row += 1;
+            }
+            items.push((x, row, name, colour));
+            x += w + 12.0;
+        }
+        let y = if subtitle.is_empty() { 46.0 } else { 62.0 };
+        let bottom = y + 18.0 * (row as f64 + 1.0) + 8.0;
+        Legend { items, y, bottom }
+    }
+
+    fn draw(&self, s: &mut String) {
+        for (x, row, name, colour) in &self.items {
+            let y = self.y + 18.0 * *row as f64;
+            let _ = writeln!(
+                s,
+                r##"<rect x="{x:.1}" y="{:.1}" width="14" height="14" fill="{colour}"/><text x="{:.1}" y="{:.1}" font-size="12" fill="#222">{}</text>"##,
+                y - 11.0,
+                x + 19.0,
+                y,
+                esc(name)
+            );
+        }
+    }
+}
+
 pub fn hbar(c: &Chart) -> String {
     let n = c.series.len().max(1) as f64;
     let vmax = c
@@ -76,55 +149,16 @@ pub fn hbar(c: &Chart) -> String {
     let step = nice_step(if vmax > 0.0 { vmax } else { 1.0 });
     let axis_max = ((vmax / step).ceil() * step).max(step);
 
-    // Legend rows.
-    let mut legend = Vec::new();
-    let (mut x, mut row) = (LABEL, 0usize);
-    for (name, colour) in c.series {
-        let w = 26.0 + 6.6 * name.chars().count() as f64;
-        if x + w > W - 10.0 && x > LABEL {
-            x = LABEL;
-            row += 1;
-        }
-        legend.push((x, row, *name, *colour));
-        x += w + 12.0;
-    }
-    let legend_y = if c.subtitle.is_empty() { 46.0 } else { 62.0 };
-    let top = legend_y + 18.0 * (row as f64 + 1.0) + 8.0;
+    let legend = Legend::new(LABEL, c.subtitle, c.series.iter().copied());
+    let top = legend.bottom;
     let group_h = n * (BAR + BAR_GAP) - BAR_GAP;
     let plot_h = c.groups.len() as f64 * (group_h + GROUP_GAP);
     let height = top + plot_h + 46.0;
     let plot_w = W - LABEL - RIGHT;
     let xs = |v: f64| LABEL + plot_w * (v / axis_max).clamp(0.0, 1.0);
 
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{height:.0}" viewBox="0 0 {W} {height:.0}" font-family="DejaVu Sans, Verdana, Arial, sans-serif">"#
-    );
-    let _ = writeln!(s, r##"<rect width="100%" height="100%" fill="#ffffff"/>"##);
-    let _ = writeln!(
-        s,
-        r##"<text x="16" y="26" font-size="17" font-weight="bold" fill="#222">{}</text>"##,
-        esc(c.title)
-    );
-    if !c.subtitle.is_empty() {
-        let _ = writeln!(
-            s,
-            r##"<text x="16" y="46" font-size="12" fill="#555">{}</text>"##,
-            esc(c.subtitle)
-        );
-    }
-    for (x, row, name, colour) in &legend {
-        let y = legend_y + 18.0 * *row as f64;
-        let _ = writeln!(
-            s,
-            r##"<rect x="{x:.1}" y="{:.1}" width="14" height="14" fill="{colour}"/><text x="{:.1}" y="{:.1}" font-size="12" fill="#222">{}</text>"##,
-            y - 11.0,
-            x + 19.0,
-            y,
-            esc(name)
-        );
-    }
+    let mut s = open(height, c.title, c.subtitle);
+    legend.draw(&mut s);
     // Gridlines and ticks.
     let ticks = (axis_max / step).round() as usize;
     for k in 0..=ticks {
@@ -239,53 +273,19 @@ pub fn time_chart(c: &TimeChart) -> String {
     let xstep = nice_step(xspan);
     let x_axis = xmin + ((xspan / xstep).ceil() * xstep).max(xstep);
 
-    let mut legend = Vec::new();
-    let (mut lx, mut row) = (TC_LEFT, 0usize);
-    for sr in c.series {
-        let w = 26.0 + 6.6 * sr.name.chars().count() as f64;
-        if lx + w > W - 10.0 && lx > TC_LEFT {
-            lx = TC_LEFT;
-            row += 1;
-        }
-        legend.push((lx, row, sr.name, sr.colour));
-        lx += w + 12.0;
-    }
-    let legend_y = if c.subtitle.is_empty() { 46.0 } else { 62.0 };
-    let top = legend_y + 18.0 * (row as f64 + 1.0) + 8.0;
+    let legend = Legend::new(
+        TC_LEFT,
+        c.subtitle,
+        c.series.iter().map(|sr| (sr.name, sr.colour)),
+    );
+    let top = legend.bottom;
     let height = top + TC_PLOT_H + 46.0;
     let plot_w = W - TC_LEFT - TC_RIGHT;
     let xs = |x: f64| TC_LEFT + plot_w * ((x - xmin) / (x_axis - xmin)).clamp(0.0, 1.0);
     let ys = |y: f64| top + TC_PLOT_H * (1.0 - (y / y_axis).clamp(0.0, 1.0));
 
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{height:.0}" viewBox="0 0 {W} {height:.0}" font-family="DejaVu Sans, Verdana, Arial, sans-serif">"#
-    );
-    let _ = writeln!(s, r##"<rect width="100%" height="100%" fill="#ffffff"/>"##);
-    let _ = writeln!(
-        s,
-        r##"<text x="16" y="26" font-size="17" font-weight="bold" fill="#222">{}</text>"##,
-        esc(c.title)
-    );
-    if !c.subtitle.is_empty() {
-        let _ = writeln!(
-            s,
-            r##"<text x="16" y="46" font-size="12" fill="#555">{}</text>"##,
-            esc(c.subtitle)
-        );
-    }
-    for (x, row, name, colour) in &legend {
-        let y = legend_y + 18.0 * *row as f64;
-        let _ = writeln!(
-            s,
-            r##"<rect x="{x:.1}" y="{:.1}" width="14" height="14" fill="{colour}"/><text x="{:.1}" y="{:.1}" font-size="12" fill="#222">{}</text>"##,
-            y - 11.0,
-            x + 19.0,
-            y,
-            esc(name)
-        );
-    }
+    let mut s = open(height, c.title, c.subtitle);
+    legend.draw(&mut s);
     let bottom = top + TC_PLOT_H;
     for k in 0..=((y_axis / ystep).round() as usize) {
         let v = k as f64 * ystep;
