@@ -202,10 +202,11 @@ fn cni(w: &World, command: &str, spec: &Spec, netns: &Container) -> Result<CniOu
     }
 }
 
-fn record_failure(w: &World, command: &str, spec: &Spec, error: String) {
+fn record_failure(w: &World, command: &str, spec: &Spec, sent_ms: u64, error: String) {
     let t_ms = w.rec.now_ms();
     w.rec.with(|t| {
         t.cni_failures.push(CniFailure {
+            sent_ms,
             t_ms,
             host: spec.host,
             command: command.to_owned(),
@@ -224,7 +225,7 @@ fn add(w: &World, spec: &Spec, netns: &Container, probe: bool) -> Result<Option<
     match r {
         Ok(addr) => Ok(Some(spec.life(addr, sent, added, probe))),
         Err(e) => {
-            record_failure(w, "ADD", spec, e);
+            record_failure(w, "ADD", spec, sent, e);
             del_until_ok(w, spec, netns)?;
             Ok(None)
         }
@@ -235,10 +236,11 @@ fn add(w: &World, spec: &Spec, netns: &Container, probe: bool) -> Result<Option<
 fn del_until_ok(w: &World, spec: &Spec, netns: &Container) -> Result<()> {
     let t0 = Instant::now();
     loop {
+        let sent = w.rec.now_ms();
         match cni(w, "DEL", spec, netns) {
             Ok(_) => return Ok(()),
             Err(e) => {
-                record_failure(w, "DEL", spec, e.clone());
+                record_failure(w, "DEL", spec, sent, e.clone());
                 if t0.elapsed() > DEL_GIVE_UP {
                     bail!(
                         "CNI DEL {} on host {} failed for {:?}: {e}",

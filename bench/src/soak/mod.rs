@@ -148,7 +148,11 @@ pub fn run(o: &Options) -> Result<bool> {
         );
         let t0 = Instant::now();
         let timeline = one_store(o, store).with_context(|| format!("soak on {}", store.label()))?;
-        let verdicts = invariants::check(&timeline, &invariants::CheckOptions::default());
+        let checks = invariants::CheckOptions {
+            store_across_underlay: store == StoreKind::Etcd,
+            ..invariants::CheckOptions::default()
+        };
+        let verdicts = invariants::check(&timeline, &checks);
         for v in &verdicts {
             eprintln!("soak {}: {}", store.label(), v.line());
         }

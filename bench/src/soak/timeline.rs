@@ -47,6 +47,10 @@ pub struct Life {
 /// `invariants.rs`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CniFailure {
+    /// When the call was sent (a call that times out fails seconds later).
+    #[serde(default)]
+    pub sent_ms: Ms,
+    /// When it failed.
     pub t_ms: Ms,
     pub host: usize,
     pub command: String,

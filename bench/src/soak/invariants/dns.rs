@@ -36,22 +36,58 @@ pub(super) fn query_label(s: &DnsSample) -> String {
 /// * a name that never existed: NXDOMAIN;
 /// * no answer or an error rcode: always wrong.
 pub fn judge_dns(s: &DnsSample, lives: &[Life]) -> Option<String> {
-    let head = || format!("{} h{} {}", at(s.sent_ms), s.host, query_label(s));
+    let wrong = wrongs(s, lives);
+    (!wrong.is_empty()).then(|| {
+        let head = format!("{} h{} {}", at(s.sent_ms), s.host, query_label(s));
+        let what: Vec<&str> = wrong.iter().map(|w| w.text.as_str()).collect();
+        format!("{head}: {}", what.join("; "))
+    })
+}
+
+/// What kind of wrong an answer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WrongKind {
+    /// A live container's address is not in the answer.
+    Missing,
+    /// A deleted container's address still is.
+    Stale,
+    /// An address no container of the service ever had (e.g. one whose ADD
+    /// failed and was rolled back: the runtime never saw it).
+    Unexpected(Ipv4Addr),
+    /// No answer, an error rcode, an absent name answered, an unknown id.
+    Failed,
+}
+
+/// One thing wrong with an answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wrong {
+    pub kind: WrongKind,
+    pub text: String,
+}
+
+impl Wrong {
+    fn new(kind: WrongKind, text: String) -> Self {
+        Wrong { kind, text }
+    }
+}
+
+/// Everything wrong with one answer (empty: right); see [`judge_dns`].
+pub fn wrongs(s: &DnsSample, lives: &[Life]) -> Vec<Wrong> {
+    let failed = |text: String| vec![Wrong::new(WrongKind::Failed, text)];
     let addrs: &[Ipv4Addr] = match &s.answer {
-        DnsAnswer::Timeout => return Some(format!("{}: no answer", head())),
-        DnsAnswer::Error(rc) => return Some(format!("{}: rcode {rc}", head())),
+        DnsAnswer::Timeout => return failed("no answer".into()),
+        DnsAnswer::Error(rc) => return failed(format!("rcode {rc}")),
         DnsAnswer::NxDomain => &[],
         DnsAnswer::Addrs(a) => a,
     };
     match &s.query {
         DnsQuery::Absent => match &s.answer {
-            DnsAnswer::NxDomain => None,
-            _ => Some(format!("{}: {addrs:?}, not NXDOMAIN", head())),
+            DnsAnswer::NxDomain => vec![],
+            _ => failed(format!("{addrs:?}, not NXDOMAIN")),
         },
         DnsQuery::Container { id } => match lives.iter().rev().find(|l| &l.id == id) {
-            Some(l) => judge_members(s, std::slice::from_ref(l), addrs, false)
-                .map(|w| format!("{}: {w}", head())),
-            None => Some(format!("{}: no such container recorded", head())),
+            Some(l) => judge_members(s, std::slice::from_ref(l), addrs, false),
+            None => failed("no such container recorded".into()),
         },
         DnsQuery::Tasks { service, stack } => {
             let members: Vec<Life> = lives
@@ -59,18 +95,13 @@ pub fn judge_dns(s: &DnsSample, lives: &[Life]) -> Option<String> {
                 .filter(|l| l.service.as_ref() == Some(service) && &l.stack == stack)
                 .cloned()
                 .collect();
-            judge_members(s, &members, addrs, true).map(|w| format!("{}: {w}", head()))
+            judge_members(s, &members, addrs, true)
         }
     }
 }
 
 /// What is missing, stale or unexpected in `addrs` for `members`.
-fn judge_members(
-    s: &DnsSample,
-    members: &[Life],
-    addrs: &[Ipv4Addr],
-    strict: bool,
-) -> Option<String> {
+fn judge_members(s: &DnsSample, members: &[Life], addrs: &[Ipv4Addr], strict: bool) -> Vec<Wrong> {
     let must = |l: &Life| {
         l.added_ms + DNS_SLACK_MS <= s.sent_ms && l.del_sent_ms.is_none_or(|d| d > s.answered_ms)
     };
@@ -85,30 +116,34 @@ fn judge_members(
         .iter()
         .filter(|l| must(l) && !addrs.contains(&l.addr))
     {
-        wrong.push(format!(
-            "missing {} ({}, added {})",
-            l.addr,
-            l.id,
-            at(l.added_ms)
+        wrong.push(Wrong::new(
+            WrongKind::Missing,
+            format!("missing {} ({}, added {})", l.addr, l.id, at(l.added_ms)),
         ));
     }
     let mut stale = BTreeSet::new();
     for l in members.iter().filter(|l| gone(l)) {
         if addrs.contains(&l.addr) && !may.contains(&l.addr) && stale.insert(l.addr) {
-            wrong.push(format!(
-                "stale {} ({}, deleted {})",
-                l.addr,
-                l.id,
-                at(l.deleted_ms.unwrap_or_default())
+            wrong.push(Wrong::new(
+                WrongKind::Stale,
+                format!(
+                    "stale {} ({}, deleted {})",
+                    l.addr,
+                    l.id,
+                    at(l.deleted_ms.unwrap_or_default())
+                ),
             ));
         }
     }
     if strict {
         for a in addrs {
             if !members.iter().any(|l| l.addr == *a) {
-                wrong.push(format!("unexpected {a}"));
+                wrong.push(Wrong::new(
+                    WrongKind::Unexpected(*a),
+                    format!("unexpected {a}"),
+                ));
             }
         }
     }
-    (!wrong.is_empty()).then(|| wrong.join("; "))
+    wrong
 }

@@ -162,6 +162,7 @@ fn a_leaked_ipam_address_is_one_violation_however_often_seen() {
 fn a_failed_add_may_leave_its_address_for_the_grace() {
     let mut t = tl(100_000);
     t.cni_failures = vec![CniFailure {
+        sent_ms: 1_900,
         t_ms: 2_000,
         host: 0,
         command: "ADD".into(),
@@ -665,6 +666,71 @@ fn dns_verdict_counts_the_probes_totals() {
 }
 
 #[test]
+fn dns_excuses_a_partitioned_host_and_a_rolled_back_add_but_never_a_timeout() {
+    let mut t = tl(60_000);
+    t.lives = vec![
+        life("a", 0, "10.42.0.5", 1_000, Some(10_000)),
+        life("b", 1, "10.42.1.5", 1_000, None),
+    ];
+    // h0 cut off from the store 9-13 s: a's address still answered at 12 s
+    // and 14.5 s (within the catch-up), not at 16 s.
+    t.faults = vec![fault(
+        FaultKind::UnderlayDown,
+        Some(0),
+        9_000,
+        13_000,
+        Some(13_010),
+    )];
+    let stale = |sent| q(c("a"), sent, addrs(&["10.42.0.5"]));
+    t.dns_kept = vec![stale(12_000), stale(14_500), stale(16_000)];
+    t.dns_seconds = vec![DnsSecond {
+        t_s: 12,
+        sent: 3,
+        wrong: 3,
+        ..DnsSecond::default()
+    }];
+    let across = CheckOptions {
+        store_across_underlay: true,
+        ..o()
+    };
+    let v = dns(&t, &across);
+    assert_eq!(v.violations, 1, "{v:?}");
+    assert!(v.details[0].what.contains("t=16.0 s"), "{v:?}");
+    // The embedded store is not across the underlay: nothing excused.
+    assert_eq!(dns(&t, &o()).violations, 3);
+
+    // A timeout is never excused, partition or not.
+    t.dns_kept = vec![q(c("a"), 12_000, DnsAnswer::Timeout)];
+    t.dns_seconds[0].wrong = 0;
+    t.dns_seconds[0].failed = 1;
+    assert_eq!(dns(&t, &across).violations, 1);
+
+    // An address of host 1's block no container had, while an ADD on host
+    // 1 failed: its endpoint was being rolled back.
+    let web = DnsQuery::Tasks {
+        service: "web".into(),
+        stack: None,
+    };
+    let odd = q(web, 20_000, addrs(&["10.42.1.5", "10.42.1.9"]));
+    t.dns_kept = vec![odd.clone()];
+    t.dns_seconds[0].failed = 0;
+    t.dns_seconds[0].wrong = 1;
+    assert_eq!(dns(&t, &o()).violations, 1, "no failed ADD: a violation");
+    t.cni_failures = vec![CniFailure {
+        sent_ms: 19_000,
+        t_ms: 19_500,
+        host: 1,
+        command: "ADD".into(),
+        id: "x".into(),
+        error: "netd went away".into(),
+    }];
+    assert!(dns(&t, &o()).held());
+    // ... but not from another host's block.
+    t.cni_failures[0].host = 0;
+    assert_eq!(dns(&t, &o()).violations, 1);
+}
+
+#[test]
 fn faults_heal_within_their_limit() {
     let mut t = tl(100_000);
     let lim = FaultKind::NetdKill.heal_limit_ms();
@@ -771,6 +837,7 @@ fn cni_failures_need_a_fault_on_their_host() {
         fault(FaultKind::EtcdKill, None, 50_000, 51_000, Some(55_000)),
     ];
     let fail = |t_ms, host| CniFailure {
+        sent_ms: t_ms,
         t_ms,
         host,
         command: "ADD".into(),
@@ -787,6 +854,12 @@ fn cni_failures_need_a_fault_on_their_host() {
     assert_eq!(v.violations, 2, "{v:?}");
     assert!(v.details[0].what.contains("on h1"));
     assert!(v.details[1].what.contains("c70000"));
+    // A call sent during the fault that timed out after it: explained.
+    t.cni_failures = vec![CniFailure {
+        sent_ms: 11_500,
+        ..fail(17_000, 0)
+    }];
+    assert!(cni_failures(&t, &o()).held());
 }
 
 #[test]
