@@ -389,8 +389,7 @@ pub fn dns(t: &Timeline, o: &CheckOptions) -> Verdict {
             rolled_back += 1;
         } else {
             judged += 1;
-            let why = judge_dns(s, &t.lives).unwrap_or_default();
-            v.violate(o, Some(s.sent_ms), why);
+            v.violate(o, Some(s.sent_ms), dns::describe(s, &w));
         }
     }
     // The kept samples are at most DNS_KEPT_MAX: what the probes counted

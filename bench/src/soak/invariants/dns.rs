@@ -37,11 +37,15 @@ pub(super) fn query_label(s: &DnsSample) -> String {
 /// * no answer or an error rcode: always wrong.
 pub fn judge_dns(s: &DnsSample, lives: &[Life]) -> Option<String> {
     let wrong = wrongs(s, lives);
-    (!wrong.is_empty()).then(|| {
-        let head = format!("{} h{} {}", at(s.sent_ms), s.host, query_label(s));
-        let what: Vec<&str> = wrong.iter().map(|w| w.text.as_str()).collect();
-        format!("{head}: {}", what.join("; "))
-    })
+    (!wrong.is_empty()).then(|| describe(s, &wrong))
+}
+
+/// One sentence for a wrong answer: when, where, what was asked, what was
+/// wrong.
+pub fn describe(s: &DnsSample, wrong: &[Wrong]) -> String {
+    let head = format!("{} h{} {}", at(s.sent_ms), s.host, query_label(s));
+    let what: Vec<&str> = wrong.iter().map(|w| w.text.as_str()).collect();
+    format!("{head}: {}", what.join("; "))
 }
 
 /// What kind of wrong an answer is.
