@@ -1,25 +1,56 @@
-//! netd's only user of the `conntrack` program: deleting the kernel's
-//! connection-tracking entries that must not outlive a change.
+//! netd's conntrack work: deleting the kernel's connection-tracking entries
+//! that must not outlive a change.
 //! * [`Conntrack::flush`]: every entry an address takes part in, in either
 //!   direction (a deleted container: the next one to get its address must
 //!   not inherit its UDP or NAT flows); [`Conntrack::flush_all`] for the
 //!   addresses of a batch of deletes, with one listing;
 //! * [`Conntrack::cut`]: the entries of (source, destination) pairs that
-//!   lost reach (a policy change).
+//!   lost reach (a policy change);
+//! * [`Conntrack::delete_where`]: any entries a predicate picks (the
+//!   balancer's UDP flows of a backend that left its VIP).
 //!
-//! Both list the table once (`conntrack -L -f ipv4`, [`parse`]) and run a
-//! `conntrack -D` only for what the listing shows, so the common case (no
-//! entry to delete) costs one process. A `conntrack -D` reads the whole
-//! table itself; one per candidate was four processes per deleted container
-//! (one per selector) and, for a policy change, one per lost pair (two
-//! minutes of spawning at 10,000 endpoints, halving the throughput meanwhile).
+//! Each lists the table once (`conntrack -L -f ipv4`, [`parse`]) and
+//! deletes exactly the entries it picked by their original tuple over
+//! ctnetlink ([`weft_sys::conntrack`]): a hash lookup per entry in the
+//! kernel, no process. `conntrack -D` reads the whole table on every call
+//! (about 50 ms of CPU at 20,000 entries), so one per (pair, port) of a
+//! policy change kept both cores busy for seconds on a host with many
+//! short connections.
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
 
 use weft_model::Protocol;
+use weft_sys::conntrack::{Socket, Tuple, L4};
 
 use crate::command::{CommandError, Hint, Runner};
+
+/// Listing or deleting conntrack entries failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConntrackError {
+    /// `conntrack -L` could not run or failed.
+    #[error(transparent)]
+    List(#[from] CommandError),
+    /// The netlink deletes failed.
+    #[error("deleting {entries} conntrack entries over netlink failed: {source} ({hint})")]
+    Delete {
+        entries: usize,
+        #[source]
+        source: std::io::Error,
+        hint: &'static str,
+    },
+}
+
+/// What to do about a failed netlink delete.
+fn netlink_hint(e: &std::io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) => "netd needs root (CAP_NET_ADMIN)",
+        Some(libc::EPROTONOSUPPORT) | Some(libc::EOPNOTSUPP) => {
+            "the kernel's conntrack netlink interface may be missing (nf_conntrack_netlink): check dmesg"
+        }
+        _ => "see the error; the entries stay until they time out",
+    }
+}
 
 /// (source, destination) of one direction of a connection.
 pub type Pair = (Ipv4Addr, Ipv4Addr);
@@ -54,91 +85,66 @@ pub struct Entry {
     /// TCP or UDP and the original destination port; `None` for other
     /// protocols (ICMP echo and the rest, which have no port).
     pub l4: Option<(Protocol, u16)>,
-}
-
-/// The ways `conntrack -D` selects an entry by one address, in the order
-/// [`Conntrack::flush`] tries them.
-const SELECTORS: [&str; 4] = ["--orig-src", "--orig-dst", "--reply-src", "--reply-dst"];
-
-impl Entry {
-    /// Whether `selector` (one of [`SELECTORS`]) with `addr` matches this entry.
-    fn matches(&self, selector: &str, addr: Ipv4Addr) -> bool {
-        let field = match selector {
-            "--orig-src" => Some(self.original.0),
-            "--orig-dst" => Some(self.original.1),
-            "--reply-src" => self.reply.map(|r| r.0),
-            "--reply-dst" => self.reply.map(|r| r.1),
-            _ => None,
-        };
-        field == Some(addr)
-    }
+    /// The original tuple, which a delete names the entry by.
+    pub tuple: Tuple,
 }
 
 /// The entries of a `conntrack -L` listing; lines without two addresses
 /// are skipped.
 pub fn parse(listing: &str) -> Vec<Entry> {
-    listing
-        .lines()
-        .filter_map(|line| {
-            let values = |key: &str| -> Vec<Ipv4Addr> {
-                line.split_whitespace()
-                    .filter_map(|w| w.strip_prefix(key))
-                    .filter_map(|v| v.parse().ok())
-                    .collect()
-            };
-            let (src, dst) = (values("src="), values("dst="));
-            let mut words = line.split_whitespace();
-            let name = words.next()?;
-            let proto: u8 = words.next()?.parse().ok()?;
-            let dport = line
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("dport="))
-                .and_then(|v| v.parse().ok());
-            let l4 = match (name, dport) {
-                ("tcp", Some(p)) => Some((Protocol::Tcp, p)),
-                ("udp", Some(p)) => Some((Protocol::Udp, p)),
-                _ => None,
-            };
-            Some(Entry {
-                original: (*src.first()?, *dst.first()?),
-                reply: src.get(1).copied().zip(dst.get(1).copied()),
-                proto,
-                l4,
-            })
-        })
-        .collect()
+    listing.lines().filter_map(parse_line).collect()
 }
 
-/// The selectors that delete every entry of `entries` involving `addr`,
-/// fewest first: a selector is picked only for entries the ones before it
-/// leave (a plain flow from `addr` is both `--orig-src` and `--reply-dst`;
-/// one delete takes it).
-fn selectors_for(entries: &[Entry], addr: Ipv4Addr) -> Vec<&'static str> {
-    let mut left: Vec<&Entry> = entries
-        .iter()
-        .filter(|e| SELECTORS.iter().any(|s| e.matches(s, addr)))
-        .collect();
-    let mut picked = Vec::new();
-    for s in SELECTORS {
-        if left.iter().any(|e| e.matches(s, addr)) {
-            picked.push(s);
-            left.retain(|e| !e.matches(s, addr));
-        }
-    }
-    picked
-}
-
-/// `conntrack v1.4.7 (conntrack-tools): 3 flow entries have been deleted.` → 3.
-fn deleted_count(stderr: &str) -> Option<usize> {
-    let words: Vec<&str> = stderr.split_whitespace().collect();
-    words.windows(3).find_map(|w| {
-        (w[1] == "flow" && w[2] == "entries")
-            .then(|| w[0].parse().ok())
-            .flatten()
+fn parse_line(line: &str) -> Option<Entry> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let values =
+        |key: &str| -> Vec<&str> { words.iter().filter_map(|w| w.strip_prefix(key)).collect() };
+    let first = |key: &str| values(key).first().copied();
+    let addrs = |key: &str| -> Vec<Ipv4Addr> {
+        values(key).iter().filter_map(|v| v.parse().ok()).collect()
+    };
+    let (src, dst) = (addrs("src="), addrs("dst="));
+    let name = *words.first()?;
+    let proto: u8 = words.get(1)?.parse().ok()?;
+    let port = |key: &str| first(key).and_then(|v| v.parse::<u16>().ok());
+    let key = |key: &str| {
+        first(key).and_then(|v| u16::from_str_radix(v.trim_start_matches("0x"), 16).ok())
+    };
+    let dport = port("dport=");
+    let l4 = match (name, dport) {
+        ("tcp", Some(p)) => Some((Protocol::Tcp, p)),
+        ("udp", Some(p)) => Some((Protocol::Udp, p)),
+        _ => None,
+    };
+    let tuple_l4 = match (port("sport="), dport, key("srckey="), key("dstkey=")) {
+        (Some(src), Some(dst), _, _) | (_, _, Some(src), Some(dst)) => L4::Ports { src, dst },
+        _ => match (port("id="), first("type="), first("code=")) {
+            (Some(id), Some(kind), Some(code)) => L4::Icmp {
+                id,
+                kind: kind.parse().ok()?,
+                code: code.parse().ok()?,
+            },
+            _ => L4::None,
+        },
+    };
+    let original = (*src.first()?, *dst.first()?);
+    Some(Entry {
+        original,
+        reply: src.get(1).copied().zip(dst.get(1).copied()),
+        proto,
+        l4,
+        tuple: Tuple {
+            src: original.0,
+            dst: original.1,
+            proto,
+            l4: tuple_l4,
+            zone: first("zone=").and_then(|v| v.parse().ok()).unwrap_or(0),
+        },
     })
 }
 
-/// Runs `conntrack` on the host or in a network namespace.
+/// Runs `conntrack -L` and the netlink deletes on the host or in a network
+/// namespace.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Conntrack {
     runner: Runner,
@@ -157,105 +163,94 @@ impl Conntrack {
         Ok(parse(&out))
     }
 
-    /// `conntrack -D -f ipv4 <selection...>`: how many entries went (none
-    /// matching is not an error).
-    pub fn delete(&self, selection: &[&str]) -> Result<usize, CommandError> {
-        let mut args = vec!["-D", "-f", "ipv4"];
-        args.extend_from_slice(selection);
-        let out = self.runner.run("conntrack", &args, None, HINT)?;
-        let deleted = deleted_count(&String::from_utf8_lossy(&out.stderr));
-        match (out.status.code(), deleted) {
-            (Some(0), n) => Ok(n.unwrap_or(0)),
-            // conntrack exits 1 when nothing matched (or the entry expired
-            // since it was listed).
-            (Some(1), Some(0) | None)
-                if deleted.is_some()
-                    || String::from_utf8_lossy(&out.stderr).contains("doesn't exist") =>
-            {
-                Ok(0)
-            }
-            _ => Err(self.runner.failed("conntrack", &args, &out, None, HINT)),
+    /// Deletes `entries` by their original tuples; how many went (one
+    /// gone since the listing is not counted, and not an error).
+    pub fn delete(&self, entries: &[&Entry]) -> Result<usize, ConntrackError> {
+        if entries.is_empty() {
+            return Ok(0);
         }
+        let mut tuples: Vec<Tuple> = entries.iter().map(|e| e.tuple).collect();
+        tuples.sort();
+        tuples.dedup();
+        let failed = |source: std::io::Error| ConntrackError::Delete {
+            entries: tuples.len(),
+            hint: netlink_hint(&source),
+            source,
+        };
+        let mut socket = match &self.runner.netns {
+            Some(ns) => Socket::open_in(&std::path::Path::new("/run/netns").join(ns)),
+            None => Socket::open(),
+        }
+        .map_err(failed)?;
+        socket.delete(&tuples).map_err(failed)
+    }
+
+    /// Deletes the entries `pick` picks, with one listing (no delete when
+    /// it picks none); how many went.
+    pub fn delete_where(&self, pick: impl Fn(&Entry) -> bool) -> Result<usize, ConntrackError> {
+        let entries = self.list()?;
+        let picked: Vec<&Entry> = entries.iter().filter(|e| pick(e)).collect();
+        self.delete(&picked)
     }
 
     /// Deletes the entries whose original source or destination, or reply
-    /// source or destination, is `addr`; returns how many went. One
-    /// listing, then one delete per selector that still has entries (none
-    /// when the listing shows no entry of `addr`).
-    pub fn flush(&self, addr: Ipv4Addr) -> Result<usize, CommandError> {
+    /// source or destination, is `addr`; returns how many went.
+    pub fn flush(&self, addr: Ipv4Addr) -> Result<usize, ConntrackError> {
         self.flush_all(&[addr])
     }
 
     /// [`Conntrack::flush`] for every address of `addrs` (the containers of
-    /// a batch of deletes) with one listing: one process when no entry
-    /// involves any of them.
-    pub fn flush_all(&self, addrs: &[Ipv4Addr]) -> Result<usize, CommandError> {
+    /// a batch of deletes) with one listing.
+    pub fn flush_all(&self, addrs: &[Ipv4Addr]) -> Result<usize, ConntrackError> {
         if addrs.is_empty() {
             return Ok(0);
         }
-        let entries = self.list()?;
-        let mut total = 0;
-        for &addr in addrs {
-            let a = addr.to_string();
-            let mut deleted = 0;
-            for selector in selectors_for(&entries, addr) {
-                deleted += self.delete(&[selector, a.as_str()])?;
-            }
-            if deleted > 0 {
-                tracing::debug!(%addr, deleted, "conntrack entries deleted");
-            }
-            total += deleted;
+        let addrs: HashSet<Ipv4Addr> = addrs.iter().copied().collect();
+        let deleted = self.delete_where(|e| involves(e, &addrs))?;
+        if deleted > 0 {
+            tracing::debug!(
+                addresses = addrs.len(),
+                deleted,
+                "conntrack entries deleted"
+            );
         }
-        Ok(total)
+        Ok(deleted)
     }
 
     /// Deletes the entries of connections from `src` to `dst` (original
     /// direction) of each pair in `pairs` that `keep` no longer allows
     /// (`keep(pair, l4)`: whether the pair may still have a flow of `l4`,
     /// `None` for a protocol without ports); returns how many went.
-    /// Connections of a pair on what is still allowed stay. One listing,
-    /// then one delete per (pair, protocol, port) it shows: a change that
-    /// denies thousands of pairs has a handful of live connections among
-    /// them. An entry that expired since the listing is not an error.
     pub fn cut(
         &self,
         pairs: &[Pair],
         keep: impl Fn(Pair, Option<(Protocol, u16)>) -> bool,
-    ) -> Result<usize, CommandError> {
+    ) -> Result<usize, ConntrackError> {
         if pairs.is_empty() {
             return Ok(0);
         }
         let wanted: HashSet<Pair> = pairs.iter().copied().collect();
-        let mut todo: Vec<(Pair, u8, Option<u16>)> = self
-            .list()?
-            .into_iter()
-            .filter(|e| wanted.contains(&e.original) && !keep(e.original, e.l4))
-            .map(|e| (e.original, e.proto, e.l4.map(|(_, p)| p)))
-            .collect();
-        todo.sort();
-        todo.dedup();
-        let mut total = 0;
-        for ((src, dst), proto, dport) in &todo {
-            let (s, d, p) = (src.to_string(), dst.to_string(), proto.to_string());
-            let mut sel = vec!["-s", s.as_str(), "-d", d.as_str(), "-p", p.as_str()];
-            let port = dport.map(|p| p.to_string());
-            if let Some(port) = &port {
-                sel.extend(["--dport", port.as_str()]);
-            }
-            total += self.delete(&sel)?;
-        }
-        Ok(total)
+        self.delete_where(|e| wanted.contains(&e.original) && !keep(e.original, e.l4))
     }
+}
+
+/// Whether `e` has one of `addrs` as its original or reply source or
+/// destination.
+fn involves(e: &Entry, addrs: &HashSet<Ipv4Addr>) -> bool {
+    let (o, r) = (e.original, e.reply);
+    addrs.contains(&o.0)
+        || addrs.contains(&o.1)
+        || r.is_some_and(|r| addrs.contains(&r.0) || addrs.contains(&r.1))
 }
 
 /// Deletes the conntrack entries `addr` takes part in ([`Conntrack::flush`]),
 /// in network namespace `netns`, or the host's with `None`.
-pub fn flush(netns: Option<&str>, addr: Ipv4Addr) -> Result<usize, CommandError> {
+pub fn flush(netns: Option<&str>, addr: Ipv4Addr) -> Result<usize, ConntrackError> {
     Conntrack::new(Runner::new(netns)).flush(addr)
 }
 
 /// [`flush`] for several addresses with one listing ([`Conntrack::flush_all`]).
-pub fn flush_all(netns: Option<&str>, addrs: &[Ipv4Addr]) -> Result<usize, CommandError> {
+pub fn flush_all(netns: Option<&str>, addrs: &[Ipv4Addr]) -> Result<usize, ConntrackError> {
     Conntrack::new(Runner::new(netns)).flush_all(addrs)
 }
 
@@ -286,6 +281,16 @@ garbage line
                 reply: Some((a("10.42.2.3"), a("10.42.1.2"))),
                 proto: 6,
                 l4: Some((Protocol::Tcp, 80)),
+                tuple: Tuple {
+                    src: a("10.42.1.2"),
+                    dst: a("10.42.2.3"),
+                    proto: 6,
+                    l4: L4::Ports {
+                        src: 40000,
+                        dst: 80
+                    },
+                    zone: 0,
+                },
             }
         );
         assert_eq!(entries[1].l4, Some((Protocol::Udp, 53)));
@@ -303,47 +308,62 @@ garbage line
     }
 
     #[test]
-    fn flush_picks_only_the_selectors_that_have_entries() {
+    fn each_entry_is_named_by_its_original_tuple() {
         let entries = parse(LISTING);
-        // Nothing of this address: no delete at all.
-        assert!(selectors_for(&entries, a("10.42.9.9")).is_empty());
-        // Its own flow: orig-src, so also reply-dst; one delete.
-        assert_eq!(selectors_for(&entries, a("10.42.1.2")), ["--orig-src"]);
-        // Its own flow and one to it.
+        // The original direction's ports, not the reply's.
         assert_eq!(
-            selectors_for(&entries, a("10.42.2.3")),
-            ["--orig-src", "--orig-dst"]
-        );
-        assert_eq!(selectors_for(&entries, a("10.42.1.9")), ["--orig-dst"]);
-        // DNATed to it: only the reply source says so.
-        assert_eq!(selectors_for(&entries, a("10.42.1.7")), ["--reply-src"]);
-        // A host address: the original destination of a DNATed flow, the
-        // reply destination of a masqueraded one.
-        assert_eq!(
-            selectors_for(&entries, a("192.168.1.1")),
-            ["--orig-dst", "--reply-dst"]
-        );
-        // Masqueraded to it and nothing else: only the reply destination.
-        let only_reply_dst = parse(
-            "icmp 1 29 src=10.42.1.8 dst=192.168.1.9 type=8 src=192.168.1.9 dst=192.168.1.1 type=0",
+            entries[2].tuple.l4,
+            L4::Ports {
+                src: 50000,
+                dst: 8080
+            }
         );
         assert_eq!(
-            selectors_for(&only_reply_dst, a("192.168.1.1")),
-            ["--reply-dst"]
+            entries[3].tuple.l4,
+            L4::Icmp {
+                id: 7,
+                kind: 8,
+                code: 0
+            }
         );
+        let other = |line: &str| parse(line)[0].tuple;
+        // GRE with its tracker: keys in place of ports.
+        assert_eq!(
+            other("gre 47 179 src=10.0.0.1 dst=10.0.0.2 srckey=0x0 dstkey=0x1a src=10.0.0.2 dst=10.0.0.1 srckey=0x1a dstkey=0x0").l4,
+            L4::Ports { src: 0, dst: 0x1a }
+        );
+        // Tracked by addresses only; a zone is kept.
+        let t = other(
+            "unknown 41 599 src=10.0.0.1 dst=10.0.0.2 src=10.0.0.2 dst=10.0.0.1 zone=4 use=1",
+        );
+        assert_eq!((t.proto, t.l4, t.zone), (41, L4::None, 4));
     }
 
     #[test]
-    fn deleted_count_and_hints() {
-        assert_eq!(
-            deleted_count(
-                "conntrack v1.4.7 (conntrack-tools): 3 flow entries have been deleted.\n"
-            ),
-            Some(3)
-        );
-        assert_eq!(deleted_count("conntrack: Operation failed"), None);
+    fn a_flush_takes_every_entry_an_address_is_in() {
+        let entries = parse(LISTING);
+        let picked = |addr: &str| -> Vec<usize> {
+            let addrs: HashSet<Ipv4Addr> = [a(addr)].into();
+            (0..entries.len())
+                .filter(|&i| involves(&entries[i], &addrs))
+                .collect()
+        };
+        assert!(picked("10.42.9.9").is_empty());
+        assert_eq!(picked("10.42.1.2"), [0]);
+        assert_eq!(picked("10.42.2.3"), [0, 1]);
+        // DNATed to it: only the reply source says so.
+        assert_eq!(picked("10.42.1.7"), [2]);
+        // A host address: the original destination of a DNATed flow, the
+        // reply destination of a masqueraded one.
+        assert_eq!(picked("192.168.1.1"), [2, 3]);
+    }
+
+    #[test]
+    fn hints() {
         assert!(diagnose("Operation not permitted", HINT.install).contains("root"));
         assert!(diagnose("odd", HINT.install).contains("apt-get install conntrack"));
+        let e = std::io::Error::from_raw_os_error(libc::EPERM);
+        assert!(netlink_hint(&e).contains("root"));
     }
 
     #[test]

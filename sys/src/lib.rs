@@ -8,11 +8,14 @@
 //! - [`signal`]: the future that ends when the process is asked to stop
 //!   (SIGTERM or SIGINT).
 //! - [`time`]: the wall clock in milliseconds, as records store it.
+//! - [`conntrack`]: deleting connection-tracking entries by their
+//!   original tuple over ctnetlink (no table dump per delete).
 //! - [`memory`]: the allocator's free memory handed back to the kernel.
 //!
 //! Plain functions and types; errors are typed (`io::Error` where the caller
 //! decides by its kind, as with `WouldBlock`).
 
+pub mod conntrack;
 pub mod memory;
 pub mod random;
 pub mod signal;

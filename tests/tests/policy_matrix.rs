@@ -58,6 +58,9 @@ const FLIP_TIMEOUT: Duration = Duration::from_millis(25);
 /// fails (the issue asks for 1 s; the margin is for a loaded CI machine,
 /// the figure is printed).
 const CONVERGE_DEADLINE: Duration = Duration::from_secs(5);
+/// After a step failed, how long the matrix is probed again to tell a late
+/// change from one that never arrives.
+const LATE_WINDOW: Duration = Duration::from_secs(20);
 /// Property test size: sequences × changes per sequence.
 const CASES: u32 = 8;
 const STEPS: usize = 3;
@@ -436,17 +439,55 @@ impl Cluster {
                 );
             }
             if t0.elapsed() > deadline {
+                let late = self.late(before, policy, &targets, t0);
                 return Err(format!(
                     "step {step:?}: {} of {} cells differ from the model after {:?} \
-                     ({rounds} rounds); policy:\n{}\ncells:\n  {}",
+                     ({rounds} rounds); {late}\npolicy:\n{}\ncells:\n  {}\n{}",
                     bad.len(),
                     seen.len() * targets.len(),
                     t0.elapsed(),
                     serde_json::to_string_pretty(policy).unwrap(),
-                    bad.join("\n  ")
+                    bad.join("\n  "),
+                    self.tables(),
                 ));
             }
         }
+    }
+
+    /// After a step failed: probes the matrix for up to [`LATE_WINDOW`]
+    /// more, to say whether the kernel caught up late (and when) or not at
+    /// all.
+    fn late(&self, before: &Policy, policy: &Policy, targets: &[Target], t0: Instant) -> String {
+        let until = t0.elapsed() + LATE_WINDOW;
+        let mut rounds = 0;
+        while t0.elapsed() < until {
+            let started = t0.elapsed();
+            let seen = self.observe(targets);
+            rounds += 1;
+            let bad = self.mismatches(before, policy, targets, &seen);
+            if bad.is_empty() {
+                return format!(
+                    "the whole matrix matched late, from {started:.1?} on \
+                     ({rounds} more round(s))"
+                );
+            }
+        }
+        format!("still differing {:.0?} after the change", t0.elapsed())
+    }
+
+    /// Each host's policy table as the kernel has it, for a failure message.
+    fn tables(&self) -> String {
+        (0..self.netds.len())
+            .map(|i| {
+                let listed = self
+                    .lab
+                    .host(i)
+                    .netns()
+                    .exec(["nft", "list", "table", "inet", "weft"])
+                    .unwrap_or_else(|e| format!("(listing failed: {e})"));
+                format!("--- h{i}: table inet weft\n{listed}")
+            })
+            .collect()
     }
 
     fn member(&self, label_prefix: &str) -> &Member {

@@ -73,6 +73,9 @@ pub enum NftError {
     /// `nft` or `conntrack` could not be started, or failed.
     #[error(transparent)]
     Command(#[from] CommandError),
+    /// Listing or deleting conntrack entries failed.
+    #[error(transparent)]
+    Conntrack(#[from] crate::conntrack::ConntrackError),
     #[error("cannot read the JSON of `{cmd}`: {source} (nft 0.9.3 or newer is needed for -j)")]
     Json {
         cmd: String,
@@ -342,8 +345,8 @@ impl Nft {
 
     /// Deletes the conntrack entries of the connections each pair of `lost`
     /// (original direction) may no longer have: those on what it keeps
-    /// stay. Returns how many went ([`Conntrack::cut`]: one listing, a
-    /// delete only for what it shows).
+    /// stay. Returns how many went ([`Conntrack::cut`]: one listing, then a
+    /// netlink delete of each entry it picks).
     pub fn cut(&self, lost: &[policy::Lost]) -> Result<usize, NftError> {
         let keep: std::collections::HashMap<(Ipv4Addr, Ipv4Addr), &weft_model::Reach> =
             lost.iter().map(|l| ((l.src, l.dst), &l.keep)).collect();

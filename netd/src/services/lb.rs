@@ -18,8 +18,8 @@
 //!
 //! When a backend leaves a VIP (deleted, unhealthy, its service gone), the
 //! UDP conntrack entries of flows to that VIP answered by that backend are
-//! deleted in the background (`conntrack -D -p udp --orig-dst VIP
-//! --reply-src BACKEND`, only for pairs the one listing shows), so the
+//! deleted in the background (one listing, then a netlink delete of each
+//! UDP entry to VIP whose reply comes from BACKEND), so the
 //! flow's next packet is balanced again instead of going to a dead
 //! container (Rancher issue 5853). TCP connections are left alone: they
 //! fail by themselves, or finish if the container still lives.
@@ -204,27 +204,21 @@ impl Balancer {
 }
 
 /// Deletes the UDP conntrack entries to each `(vip, backend)` pair's VIP
-/// answered by its backend; returns how many went. One listing; a delete
-/// only for pairs it shows (of any protocol: the delete itself takes only
-/// UDP).
+/// answered by its backend; returns how many went. One listing, then a
+/// netlink delete of each entry it shows ([`Conntrack::delete_where`]).
 pub fn drop_udp_flows(
     conntrack: &Conntrack,
     pairs: &[(Ipv4Addr, Ipv4Addr)],
-) -> Result<usize, crate::command::CommandError> {
+) -> Result<usize, crate::conntrack::ConntrackError> {
     if pairs.is_empty() {
         return Ok(0);
     }
-    let live: HashSet<(Ipv4Addr, Ipv4Addr)> = conntrack
-        .list()?
-        .iter()
-        .filter_map(|e| Some((e.original.1, e.reply?.0)))
-        .collect();
-    let mut total = 0;
-    for (vip, backend) in pairs.iter().filter(|p| live.contains(p)) {
-        let (v, b) = (vip.to_string(), backend.to_string());
-        total += conntrack.delete(&["-p", "udp", "--orig-dst", &v, "--reply-src", &b])?;
-    }
-    Ok(total)
+    let pairs: HashSet<(Ipv4Addr, Ipv4Addr)> = pairs.iter().copied().collect();
+    conntrack.delete_where(|e| {
+        e.proto == libc::IPPROTO_UDP as u8
+            && e.reply
+                .is_some_and(|r| pairs.contains(&(e.original.1, r.0)))
+    })
 }
 
 /// Follows the service, endpoint and health records until `stop` fires,
