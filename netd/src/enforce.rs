@@ -25,7 +25,8 @@
 //! logged and the last good one stays.
 //!
 //! After a change, the conntrack entries of address pairs that lost reach
-//! are deleted in the background ([`crate::nft::policy::lost_reach`]), only
+//! are deleted ([`crate::nft::policy::lost_reach`]; one listing, then
+//! netlink deletes), before the next change is applied, only
 //! those on what the pair may no longer reach (its connections on a port
 //! still allowed stay); their packets are already refused by the new rules.
 
@@ -280,21 +281,24 @@ impl Enforcer {
             known.applied = compiled;
         }
         if !cut.is_empty() {
+            // Under the lock, before any later change is applied: a cut
+            // that ran after a change allowing the pair again would delete
+            // connections the policy allows (and a connection of a one-way
+            // policy between two containers of this host, picked up again
+            // in the other direction, would then be refused).
             let nft = self.nft.clone();
-            tokio::spawn(async move {
-                let n = cut.len();
-                match tokio::task::spawn_blocking(move || nft.cut(&cut)).await {
-                    Ok(Ok(deleted)) => {
-                        tracing::info!(
-                            pairs = n,
-                            deleted,
-                            "cut connections the policy no longer allows"
-                        )
-                    }
-                    Ok(Err(e)) => tracing::warn!(error = %e, "deleting conntrack entries failed"),
-                    Err(e) => tracing::warn!(error = %e, "conntrack task failed"),
+            let n = cut.len();
+            match tokio::task::spawn_blocking(move || nft.cut(&cut)).await {
+                Ok(Ok(deleted)) => {
+                    tracing::info!(
+                        pairs = n,
+                        deleted,
+                        "cut connections the policy no longer allows"
+                    )
                 }
-            });
+                Ok(Err(e)) => tracing::warn!(error = %e, "deleting conntrack entries failed"),
+                Err(e) => tracing::warn!(error = %e, "conntrack task failed"),
+            }
         }
         match outcome {
             ApplyOutcome::Unchanged => Ok(None),
