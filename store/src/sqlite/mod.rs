@@ -39,14 +39,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rusqlite::{params, Connection, TransactionBehavior};
+use rusqlite::{params, Connection};
 
 use crate::{
     prefix_end, CasOutcome, Expect, KeyValue, LeaseId, Range, Result, Revision, Store, StoreError,
     Watch,
 };
 use open::{create_schema, Opening, BUSY_TIMEOUT};
-use tables::{compact, get_kv, meta, now_ms, row_to_kv, settle, Writer, KV_COLUMNS};
+use tables::{get_kv, meta, now_ms, row_to_kv, settle, Writer, KV_COLUMNS};
 use watch::{first_revision, Hub};
 
 /// The embedded store. Cheap to clone; clones share one connection.
@@ -99,9 +99,9 @@ impl SqliteStore {
     pub async fn compact(&self, revision: Revision) -> Result<()> {
         self.write(move |conn, path| {
             let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                 .map_err(|e| sql_err(path, e))?;
-            compact(&tx, revision - 1).map_err(|e| sql_err(path, e))?;
+            tables::compact(&tx, revision - 1).map_err(|e| sql_err(path, e))?;
             tx.commit().map_err(|e| sql_err(path, e))
         })
         .await
