@@ -76,17 +76,30 @@ fn diagnose(stderr: &str, install: &'static str) -> String {
 /// (they differ for NATed connections) and what it carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Entry {
-    /// The first `src=` and `dst=` of the line.
-    pub original: Pair,
-    /// The second ones (what the replies carry), if the line has them.
+    /// The original direction: the first `src=` and `dst=` of the line,
+    /// the protocol number (its second word: 6 tcp, 17 udp, 1 icmp) and the
+    /// ports or ICMP id; a delete names the entry by it.
+    pub tuple: Tuple,
+    /// The second `src=` and `dst=` (what the replies carry), if the line
+    /// has them.
     pub reply: Option<Pair>,
-    /// The IP protocol number (the line's second word: 6 tcp, 17 udp, 1 icmp).
-    pub proto: u8,
+}
+
+impl Entry {
+    /// The original direction's (source, destination).
+    pub fn original(&self) -> Pair {
+        (self.tuple.src, self.tuple.dst)
+    }
+
     /// TCP or UDP and the original destination port; `None` for other
     /// protocols (ICMP echo and the rest, which have no port).
-    pub l4: Option<(Protocol, u16)>,
-    /// The original tuple, which a delete names the entry by.
-    pub tuple: Tuple,
+    pub fn l4(&self) -> Option<(Protocol, u16)> {
+        match (self.tuple.proto, self.tuple.l4) {
+            (6, L4::Ports { dst, .. }) => Some((Protocol::Tcp, dst)),
+            (17, L4::Ports { dst, .. }) => Some((Protocol::Udp, dst)),
+            _ => None,
+        }
+    }
 }
 
 /// The entries of a `conntrack -L` listing; lines without two addresses
@@ -104,19 +117,17 @@ fn parse_line(line: &str) -> Option<Entry> {
         values(key).iter().filter_map(|v| v.parse().ok()).collect()
     };
     let (src, dst) = (addrs("src="), addrs("dst="));
-    let name = *words.first()?;
     let proto: u8 = words.get(1)?.parse().ok()?;
     let port = |key: &str| first(key).and_then(|v| v.parse::<u16>().ok());
     let key = |key: &str| {
         first(key).and_then(|v| u16::from_str_radix(v.trim_start_matches("0x"), 16).ok())
     };
-    let dport = port("dport=");
-    let l4 = match (name, dport) {
-        ("tcp", Some(p)) => Some((Protocol::Tcp, p)),
-        ("udp", Some(p)) => Some((Protocol::Udp, p)),
-        _ => None,
-    };
-    let tuple_l4 = match (port("sport="), dport, key("srckey="), key("dstkey=")) {
+    let l4 = match (
+        port("sport="),
+        port("dport="),
+        key("srckey="),
+        key("dstkey="),
+    ) {
         (Some(src), Some(dst), _, _) | (_, _, Some(src), Some(dst)) => L4::Ports { src, dst },
         _ => match (port("id="), first("type="), first("code=")) {
             (Some(id), Some(kind), Some(code)) => L4::Icmp {
@@ -127,19 +138,15 @@ fn parse_line(line: &str) -> Option<Entry> {
             _ => L4::None,
         },
     };
-    let original = (*src.first()?, *dst.first()?);
     Some(Entry {
-        original,
-        reply: src.get(1).copied().zip(dst.get(1).copied()),
-        proto,
-        l4,
         tuple: Tuple {
-            src: original.0,
-            dst: original.1,
+            src: *src.first()?,
+            dst: *dst.first()?,
             proto,
-            l4: tuple_l4,
+            l4,
             zone: first("zone=").and_then(|v| v.parse().ok()).unwrap_or(0),
         },
+        reply: src.get(1).copied().zip(dst.get(1).copied()),
     })
 }
 
@@ -230,14 +237,14 @@ impl Conntrack {
             return Ok(0);
         }
         let wanted: HashSet<Pair> = pairs.iter().copied().collect();
-        self.delete_where(|e| wanted.contains(&e.original) && !keep(e.original, e.l4))
+        self.delete_where(|e| wanted.contains(&e.original()) && !keep(e.original(), e.l4()))
     }
 }
 
 /// Whether `e` has one of `addrs` as its original or reply source or
 /// destination.
 fn involves(e: &Entry, addrs: &HashSet<Ipv4Addr>) -> bool {
-    let (o, r) = (e.original, e.reply);
+    let (o, r) = (e.original(), e.reply);
     addrs.contains(&o.0)
         || addrs.contains(&o.1)
         || r.is_some_and(|r| addrs.contains(&r.0) || addrs.contains(&r.1))
@@ -277,10 +284,7 @@ garbage line
         assert_eq!(
             entries[0],
             Entry {
-                original: (a("10.42.1.2"), a("10.42.2.3")),
                 reply: Some((a("10.42.2.3"), a("10.42.1.2"))),
-                proto: 6,
-                l4: Some((Protocol::Tcp, 80)),
                 tuple: Tuple {
                     src: a("10.42.1.2"),
                     dst: a("10.42.2.3"),
@@ -293,12 +297,14 @@ garbage line
                 },
             }
         );
-        assert_eq!(entries[1].l4, Some((Protocol::Udp, 53)));
-        assert_eq!((entries[3].proto, entries[3].l4), (1, None));
+        assert_eq!(entries[0].original(), (a("10.42.1.2"), a("10.42.2.3")));
+        assert_eq!(entries[0].l4(), Some((Protocol::Tcp, 80)));
+        assert_eq!(entries[1].l4(), Some((Protocol::Udp, 53)));
+        assert_eq!((entries[3].tuple.proto, entries[3].l4()), (1, None));
         // DNAT to a published port: the container is only in the reply.
-        assert_eq!(entries[2].original, (a("192.168.1.5"), a("192.168.1.1")));
+        assert_eq!(entries[2].original(), (a("192.168.1.5"), a("192.168.1.1")));
         assert_eq!(entries[2].reply, Some((a("10.42.1.7"), a("192.168.1.5"))));
-        let originals: HashSet<Pair> = entries.iter().map(|e| e.original).collect();
+        let originals: HashSet<Pair> = entries.iter().map(|e| e.original()).collect();
         assert!(originals.contains(&(a("10.42.2.3"), a("10.42.1.9"))));
         assert!(!originals.contains(&(a("10.42.2.3"), a("10.42.1.2"))));
         assert_eq!(

@@ -227,7 +227,7 @@ fn host_sample(
                 let mut found: Vec<Ipv4Addr> = entries
                     .iter()
                     .flat_map(|e| {
-                        let mut a = vec![e.original.0, e.original.1];
+                        let mut a = vec![e.tuple.src, e.tuple.dst];
                         if let Some(r) = e.reply {
                             a.extend([r.0, r.1]);
                         }

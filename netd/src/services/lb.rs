@@ -215,9 +215,8 @@ pub fn drop_udp_flows(
     }
     let pairs: HashSet<(Ipv4Addr, Ipv4Addr)> = pairs.iter().copied().collect();
     conntrack.delete_where(|e| {
-        e.proto == libc::IPPROTO_UDP as u8
-            && e.reply
-                .is_some_and(|r| pairs.contains(&(e.original.1, r.0)))
+        e.tuple.proto == libc::IPPROTO_UDP as u8
+            && e.reply.is_some_and(|r| pairs.contains(&(e.tuple.dst, r.0)))
     })
 }
 
